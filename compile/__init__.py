@@ -1,0 +1,3 @@
+"""lmi-compile: ahead-of-time compilation of HuggingFace models for AWS LMI containers."""
+
+__version__ = "0.1.0"

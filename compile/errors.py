@@ -1,0 +1,37 @@
+"""Errors users see: one line, naming the file or input and the fix, with a documented exit code."""
+
+# Exit codes (README "Exit codes"): 0 done, 1 failure, 2 bad input or usage, 130/143 interrupted.
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class LmiCompileError(Exception):
+    """A failure to report as one line; `exit_code` is what the process exits with."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str, *, exit_code: int | None = None):
+        # Newlines would break the one-line contract with batch-job log scrapers.
+        super().__init__(" ".join(str(message).split()))
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class BadInput(LmiCompileError):
+    """The user's model, options or location are wrong; nothing was written."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class Interrupted(LmiCompileError):
+    """SIGINT/SIGTERM arrived; the stage stopped at a file boundary."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        name = signal.Signals(signum).name
+        code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+        super().__init__(f"interrupted by {name}; finished work is kept, rerun the same command to resume",
+                         exit_code=code)

@@ -1,0 +1,95 @@
+"""The fetch stage: a Hub repo, an S3 prefix or a local folder becomes a validated local model folder."""
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import stages
+from .errors import BadInput
+from .hf_config import read_json
+from .validate import ValidatedModel, validate_model_dir
+
+log = logging.getLogger("lmi_compile")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "local" | "hub" | "s3"
+    location: str
+    revision: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.location}@{self.revision}" if self.revision else self.location
+
+
+def parse_source(model: str, revision: str | None = None) -> ModelSource:
+    """Classify MODEL: s3://..., an existing (or path-looking) local folder, else a Hub repo id."""
+    if model.startswith("s3://"):
+        from .s3 import parse_s3_uri
+
+        return ModelSource("s3", str(parse_s3_uri(model)))
+    if "://" in model:
+        raise BadInput(f"{model}: unsupported URI scheme; use a Hub repo id, s3://bucket/prefix/ or a local folder")
+    p = Path(model).expanduser()
+    if p.exists() or model.startswith((".", "/", "~")):
+        return ModelSource("local", str(p))
+    from .hub import check_repo_id
+
+    check_repo_id(model)
+    return ModelSource("hub", model, revision)
+
+
+def fetch(source: ModelSource, output: Path | None, *, token: str | None = None,
+          trust_remote_code: bool = False, overwrite: bool = False) -> ValidatedModel:
+    """Run the fetch stage and validate the result. Local folders are used in place, never copied."""
+    if source.kind == "local":
+        return validate_model_dir(Path(source.location), trust_remote_code=trust_remote_code)
+    if output is None:
+        raise BadInput(f"{source.describe()}: remote models need --output (or --work-dir) to download into")
+    output = Path(output)
+    fp = stages.fingerprint(source=source.kind, location=source.location, revision=source.revision,
+                            trust_remote_code=trust_remote_code)
+    if stages.is_done(output, "fetch", fp):
+        log.info("fetch: %s already in %s, skipping", source.describe(), output)
+        return validate_model_dir(output, trust_remote_code=trust_remote_code)
+    stages.claim_output(output, "fetch", overwrite=overwrite)
+    staging = stages.staging_dir(output)
+    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        if source.kind == "hub":
+            from .hub import fetch_hub
+
+            resolved = fetch_hub(source.location, staging, revision=source.revision, token=token,
+                                 trust_remote_code=trust_remote_code)
+            shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's resume metadata
+        else:
+            resolved = _fetch_s3(source.location, staging, trust_remote_code=trust_remote_code)
+        validate_model_dir(staging, trust_remote_code=trust_remote_code).checkpoint.close()
+    except BadInput:
+        # Bad input will not get better on a rerun: leave nothing behind. Other failures keep the
+        # partial folder so a rerun resumes the download.
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    stages.finish(staging, output, "fetch", fp, source=source.describe(), resolved=resolved)
+    log.info("fetch: %s -> %s", source.describe(), output)
+    return validate_model_dir(output, trust_remote_code=trust_remote_code)
+
+
+def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool) -> str:
+    from .model_files import preferred_index, small_files, weight_files
+    from .s3 import download_files, list_objects, make_client, parse_s3_uri
+
+    uri = parse_s3_uri(location)
+    client = make_client()
+    objects = list_objects(client, uri)
+    if not objects:
+        raise BadInput(f"{uri}: no objects under this prefix; check the bucket and prefix (it needs a trailing "
+                       f"model folder, e.g. s3://bucket/models/llama/)")
+    small = small_files(objects, trust_remote_code=trust_remote_code, source=str(uri))
+    download_files(client, uri, small, dest, objects, desc="fetch small files")
+    index_name = preferred_index(objects)
+    index = read_json(dest / index_name) if index_name else None
+    weights = weight_files(objects, index, index_name, source=str(uri))
+    download_files(client, uri, weights, dest, objects, desc="fetch weights")
+    return str(uri)

@@ -1,0 +1,98 @@
+"""Stage bookkeeping: each stage writes a folder next to its final name, records what it did, and renames.
+
+A folder without its record is never taken as finished, so a crash at any moment leaves nothing that
+looks complete; a rerun with the same fingerprint skips the stage.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import BadInput
+
+STAGE_RECORD = ".lmi-compile-stage.json"
+
+
+def fingerprint(**facts) -> str:
+    """A stable digest of a stage's inputs and options (never include secrets)."""
+    blob = json.dumps(facts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def read_record(folder: Path) -> dict | None:
+    try:
+        data = json.loads((Path(folder) / STAGE_RECORD).read_text())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def is_done(folder: Path, stage: str, fp: str) -> bool:
+    rec = read_record(folder)
+    return bool(rec) and rec.get("stage") == stage and rec.get("fingerprint") == fp
+
+
+def write_json_atomic(path: Path, data, *, indent: int | None = 2) -> None:
+    """Write JSON to a temporary name, fsync, rename: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=indent, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def staging_dir(final: Path) -> Path:
+    """Where a stage builds its folder before the rename; stable so an interrupted run can resume."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.partial")
+
+
+def claim_output(final: Path, stage: str, *, overwrite: bool) -> None:
+    """Refuse to replace a non-empty folder that is not this tool's output of the same stage."""
+    final = Path(final)
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise BadInput(f"{final}: exists and is not a folder; choose another path or remove it")
+    if not any(final.iterdir()):
+        return
+    rec = read_record(final)
+    if rec and rec.get("stage") == stage:
+        return  # an earlier run of ours: replacing it is what a rerun means
+    if not overwrite:
+        raise BadInput(f"{final}: folder is not empty and is not an lmi-compile {stage} output; "
+                       f"choose an empty path or pass --overwrite to replace it")
+
+
+def finish(staging: Path, final: Path, stage: str, fp: str, **info) -> Path:
+    """Record the stage in `staging`, then move it to `final` (replacing an earlier output)."""
+    staging, final = Path(staging), Path(final)
+    write_json_atomic(staging / STAGE_RECORD, {"stage": stage, "fingerprint": fp, "tool_version": __version__,
+                                                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                                **info})
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, final)
+    return final

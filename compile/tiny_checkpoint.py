@@ -1,0 +1,177 @@
+"""Write small HuggingFace checkpoints with random weights: for tests, the bundled example and benchmarks.
+
+Configs are written by hand in the transformers 4.x Hub style (rope_theta, rope_scaling, torch_dtype),
+tokenizers are trained for real with the `tokenizers` library, and weights stream tensor by tensor,
+so the same code writes an 8B-shaped checkpoint in bounded memory.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# What differs between the families this tool supports, as they appear in Hub configs.
+FAMILIES = {
+    "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+              "mlp_bias": False},
+    "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": None},
+    "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False,
+              "sliding_window": None, "max_window_layers": 28},
+}
+QKV_BIAS = {"qwen2"}
+
+CORPUS = [
+    "lmi-compile turns a HuggingFace checkpoint into engines that LMI loads in seconds.",
+    "Tensor parallel ranks each hold a slice of every attention and MLP weight.",
+    "The quick brown fox jumps over the lazy dog while the model compiles.",
+    "Neuron split weights live in a folder called pytorch_model.bin, which is not a typo.",
+    "Serving properties name the model id, tensor parallel degree and rolling batch size.",
+]
+
+
+@dataclass
+class TinySpec:
+    family: str = "llama"
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    vocab_size: int = 250  # deliberately not a multiple of tp: exercises vocab padding
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = False
+    rope_scaling: dict | None = None
+    dtype: str = "float32"
+    seed: int = 0
+    extra_config: dict = field(default_factory=dict)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def hf_config(spec: TinySpec) -> dict:
+    cfg = {
+        **{k: v for k, v in FAMILIES[spec.family].items()},
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rms_norm_eps": 1e-6 if spec.family == "qwen2" else 1e-5,
+        "rope_theta": 1000000.0 if spec.family == "qwen2" else 10000.0,
+        "rope_scaling": spec.rope_scaling,
+        "vocab_size": spec.vocab_size,
+        "tie_word_embeddings": spec.tie_word_embeddings,
+        "initializer_range": 0.02,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": spec.dtype,
+        "transformers_version": "4.46.0",
+        "use_cache": True,
+        **spec.extra_config,
+    }
+    return cfg
+
+
+def tensor_plan(spec: TinySpec) -> list[tuple[str, tuple[int, ...]]]:
+    """HF parameter names and shapes in the model's state-dict order."""
+    h, kv = spec.hidden_size, spec.num_kv_heads * spec.head_dim
+    plan = [("model.embed_tokens.weight", (spec.vocab_size, h))]
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        plan += [(p + "self_attn.q_proj.weight", (spec.num_heads * spec.head_dim, h))]
+        if spec.family in QKV_BIAS:
+            plan += [(p + "self_attn.q_proj.bias", (spec.num_heads * spec.head_dim,))]
+        plan += [(p + "self_attn.k_proj.weight", (kv, h))]
+        if spec.family in QKV_BIAS:
+            plan += [(p + "self_attn.k_proj.bias", (kv,))]
+        plan += [(p + "self_attn.v_proj.weight", (kv, h))]
+        if spec.family in QKV_BIAS:
+            plan += [(p + "self_attn.v_proj.bias", (kv,))]
+        plan += [
+            (p + "self_attn.o_proj.weight", (h, spec.num_heads * spec.head_dim)),
+            (p + "mlp.gate_proj.weight", (spec.intermediate_size, h)),
+            (p + "mlp.up_proj.weight", (spec.intermediate_size, h)),
+            (p + "mlp.down_proj.weight", (h, spec.intermediate_size)),
+            (p + "input_layernorm.weight", (h,)),
+            (p + "post_attention_layernorm.weight", (h,)),
+        ]
+    plan.append(("model.norm.weight", (h,)))
+    if not spec.tie_word_embeddings:
+        plan.append(("lm_head.weight", (spec.vocab_size, h)))
+    return plan
+
+
+def _random_tensor(name: str, shape, dtype: str, gen):
+    import torch
+
+    if name.endswith("norm.weight"):
+        t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    else:
+        t = 0.02 * torch.randn(shape, generator=gen) * (5.0 if name.endswith(".bias") else 1.0)
+    return t.to(getattr(torch, dtype))
+
+
+def write_tokenizer(out: Path, vocab_size: int) -> None:
+    """Train a byte-level BPE tokenizer on a tiny corpus and save it in the transformers layout."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:vocab_size // 2],
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tok.save(str(out / "tokenizer.json"))
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512, "clean_up_tokenization_spaces": False,
+         **specials}, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+
+
+def write_checkpoint(out: Path, spec: TinySpec | None = None, *, fmt: str = "safetensors", shards: int = 1,
+                     tokenizer: bool = True) -> Path:
+    """Write a model folder. fmt: "safetensors" or "bin"; shards > 1 adds the HF index file."""
+    import torch
+
+    from lmi_compile.converters.safetensors_writer import SafetensorsWriter
+
+    spec = spec or TinySpec()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(hf_config(spec), indent=2))
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2, "transformers_version": "4.46.0"}, indent=2))
+    if tokenizer:
+        write_tokenizer(out, min(spec.vocab_size, 400))
+    plan = tensor_plan(spec)
+    # Shard by contiguous runs, as save_pretrained does.
+    per = -(-len(plan) // max(1, shards))
+    groups = [plan[i:i + per] for i in range(0, len(plan), per)]
+    ext = "safetensors" if fmt == "safetensors" else "bin"
+    base = "model" if fmt == "safetensors" else "pytorch_model"
+    gen = torch.Generator().manual_seed(spec.seed)
+    weight_map, total = {}, 0
+    for k, group in enumerate(groups):
+        name = f"{base}.{ext}" if len(groups) == 1 else f"{base}-{k + 1:05d}-of-{len(groups):05d}.{ext}"
+        if fmt == "safetensors":
+            with SafetensorsWriter(out / name, [(n, spec.dtype, s) for n, s in group],
+                                   metadata={"format": "pt"}) as w:
+                for n, s in group:
+                    w.write(n, _random_tensor(n, s, spec.dtype, gen))
+        else:
+            torch.save({n: _random_tensor(n, s, spec.dtype, gen) for n, s in group}, out / name)
+        for n, s in group:
+            weight_map[n] = name
+            numel = 1
+            for d in s:
+                numel *= d
+            total += numel * torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
+    if len(groups) > 1:
+        index = f"{base}.{ext}.index.json"
+        (out / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return out

@@ -1,0 +1,1 @@
+"""Format converters: HuggingFace checkpoints into TensorRT-LLM rank files and Neuron split weights."""

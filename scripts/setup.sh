@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up lmi-compile on a fresh machine and run the main job on a generated tiny example.
+# Usage: bash scripts/setup.sh [--no-example]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# LMI containers bring their own torch; on a bare machine install a CPU build (TORCH_SPEC) rather than
+# letting pip pull a multi-GB CUDA build through a dependency.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+[ "${1:-}" = "--no-example" ] && exit 0
+
+.venv/bin/python scripts/make_tiny_model.py examples/tiny-llama
+.venv/bin/lmi-compile fetch examples/tiny-llama

@@ -1,0 +1,142 @@
+"""Fixtures: tiny checkpoints written on the fly, a real S3 server (SeaweedFS) and a local Hub server."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from lmi_compile.tiny_checkpoint import TinySpec, write_checkpoint  # noqa: E402
+from servers.hub import HubServer  # noqa: E402
+from servers.seaweedfs import BUCKET, SeaweedFS  # noqa: E402
+
+# No test may reach a real AWS endpoint, instance metadata or the real Hub.
+ISOLATED_ENV = {
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_OFFLINE": "0",
+    "HF_ENDPOINT": "http://127.0.0.1:9",  # discard port: a test that forgets the Hub fixture fails fast
+    "PYTHONUNBUFFERED": "1",
+}
+STRIPPED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+@pytest.fixture(autouse=True)
+def _isolate(monkeypatch, tmp_path):
+    for k in STRIPPED_ENV:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in ISOLATED_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory):
+    """make(family=..., fmt=..., shards=..., **TinySpec fields) -> a cached, read-only-by-convention folder."""
+    cache: dict = {}
+    root = tmp_path_factory.mktemp("models")
+
+    def make(family: str = "llama", fmt: str = "safetensors", shards: int = 1, **spec) -> Path:
+        key = (family, fmt, shards, tuple(sorted((k, repr(v)) for k, v in spec.items())))
+        if key not in cache:
+            out = root / f"m{len(cache)}-{family}-{fmt}-{shards}"
+            cache[key] = write_checkpoint(out, TinySpec(family=family, **spec), fmt=fmt, shards=shards)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def model_copy(model_factory, tmp_path):
+    """A private, writable copy of a tiny model, for tests that break it on purpose."""
+    import shutil
+
+    def make(**kw) -> Path:
+        dst = tmp_path / "model"
+        shutil.copytree(model_factory(**kw), dst)
+        return dst
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    import boto3
+    from botocore.config import Config
+
+    server = SeaweedFS().start()
+    client = boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id=server.env()["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=server.env()["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
+                          config=Config(s3={"addressing_style": "path"}))
+    try:
+        client.create_bucket(Bucket=BUCKET)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Credentials and endpoint for the SeaweedFS server, in this process's environment."""
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    return s3_server
+
+
+@pytest.fixture
+def s3_client(s3_env):
+    from lmi_compile.s3 import make_client
+
+    return make_client()
+
+
+@pytest.fixture
+def s3_prefix(request):
+    """A fresh prefix in the test bucket for each test."""
+    import re
+
+    safe = re.sub(r"[^a-zA-Z0-9_-]", "-", request.node.name)[:60]
+    return f"s3://{BUCKET}/{safe}-{os.getpid()}/"
+
+
+def upload_folder(client, folder: Path, uri: str) -> None:
+    from lmi_compile.s3 import parse_s3_uri
+
+    u = parse_s3_uri(uri)
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            client.upload_file(str(p), u.bucket, u.key(str(p.relative_to(folder))))
+
+
+@pytest.fixture(scope="session")
+def hub_server():
+    server = HubServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub_env(hub_server, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.endpoint)
+    return hub_server
+
+
+def run_cli(*args, env: dict | None = None, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the installed CLI as a user would: a new process, the current (isolated) environment."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "lmi_compile", *map(str, args)], env=full_env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one `error:` line a failed run prints (asserting there is exactly one)."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, f"expected one error line, got: {proc.stderr[-2000:]}"
+    return lines[0]

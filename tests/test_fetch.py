@@ -1,0 +1,122 @@
+"""The fetch stage: local folders in place, the Hub through huggingface_hub, S3 through boto3."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import error_line, run_cli, upload_folder
+
+
+def digest_tree(folder: Path, names=None) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())
+            if p.is_file() and not p.name.startswith(".") and (names is None or p.name in names)}
+
+
+@pytest.mark.parametrize("fmt,shards", [("safetensors", 1), ("safetensors", 3), ("bin", 1), ("bin", 2)])
+def test_local_folder_is_validated_in_place(model_factory, fmt, shards):
+    model = model_factory(fmt=fmt, shards=shards)
+    before = {p.name: p.stat().st_mtime_ns for p in model.iterdir()}
+    proc = run_cli("fetch", model)
+    assert proc.returncode == 0, proc.stderr
+    assert "LlamaForCausalLM" in proc.stdout and f"in {shards} " in proc.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in model.iterdir()} == before  # untouched, not copied
+
+
+def test_hub_fetch_downloads_one_weight_format(hub_env, model_factory, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(model_factory(shards=2), repo)
+    # A repo carrying both formats plus files LMI never needs.
+    for p in model_factory(fmt="bin", shards=1).glob("pytorch_model*"):
+        shutil.copy(p, repo / p.name)
+    (repo / "README.md").write_text("card")
+    (repo / "original").mkdir()
+    (repo / "original" / "consolidated.00.pth").write_bytes(b"x" * 100)
+    hub_env.add("org/tiny-llama", repo)
+    out = tmp_path / "out"
+    proc = run_cli("fetch", "org/tiny-llama", "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    got = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert got == ["config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+                   "model-00002-of-00002.safetensors", "model.safetensors.index.json", "special_tokens_map.json",
+                   "tokenizer.json", "tokenizer_config.json"]
+    assert digest_tree(out) == digest_tree(repo, set(got))
+    assert not (out / ".cache").exists()
+    record = json.loads((out / ".lmi-compile-stage.json").read_text())
+    assert record["stage"] == "fetch" and record["source"] == "org/tiny-llama"
+    # A rerun finds the finished stage and downloads nothing.
+    n = len(hub_env.requests)
+    again = run_cli("fetch", "org/tiny-llama", "--output", out)
+    assert again.returncode == 0
+    assert not [r for r in hub_env.requests[n:] if "/resolve/" in r[1]]
+
+
+def test_hub_fetch_revision_and_token(hub_env, model_factory, tmp_path):
+    hub_env.add("org/private", model_factory(), token="hf_secret_token_123")
+    hub_env.add("org/private", model_factory(fmt="bin"), revision="v1", token="hf_secret_token_123")
+    out = tmp_path / "out"
+    proc = run_cli("fetch", "org/private", "--revision", "v1", "--output", out, env={"HF_TOKEN": "hf_secret_token_123"})
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "pytorch_model.bin").is_file() and not list(out.glob("*.safetensors"))
+    assert "hf_secret_token_123" not in proc.stdout + proc.stderr
+    out2 = tmp_path / "out2"
+    proc = run_cli("fetch", "org/private", "--token", "hf_secret_token_123", "--output", out2)
+    assert proc.returncode == 0, proc.stderr
+    assert (out2 / "model.safetensors").is_file()
+
+
+def test_s3_fetch_round_trip(s3_client, s3_prefix, model_factory, tmp_path):
+    model = model_factory(shards=3)
+    upload_folder(s3_client, model, s3_prefix)
+    out = tmp_path / "out"
+    proc = run_cli("fetch", s3_prefix, "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    assert digest_tree(out) == digest_tree(model)
+
+
+def test_remote_fetch_refuses_foreign_output(hub_env, model_factory, tmp_path):
+    hub_env.add("org/tiny", model_factory())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    proc = run_cli("fetch", "org/tiny", "--output", out)
+    assert proc.returncode == 2
+    assert "not empty" in error_line(proc) and "--overwrite" in error_line(proc)
+    assert (out / "notes.txt").read_text() == "mine"
+    proc = run_cli("fetch", "org/tiny", "--output", out, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert not (out / "notes.txt").exists() and (out / "config.json").is_file()
+
+
+def test_custom_code_needs_trust(hub_env, model_copy, tmp_path):
+    model = model_copy()
+    (model / "modeling_custom.py").write_text("raise SystemExit('custom code ran')\n")
+    hub_env.add("org/custom", model)
+    proc = run_cli("fetch", "org/custom", "--output", tmp_path / "o1")
+    assert proc.returncode == 2
+    assert "--trust-remote-code" in error_line(proc) and "modeling_custom.py" in error_line(proc)
+    assert not (tmp_path / "o1").exists()
+    proc = run_cli("fetch", "org/custom", "--output", tmp_path / "o2", "--trust-remote-code")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "o2" / "modeling_custom.py").is_file()
+
+
+def test_config_styles_4x_and_5x(model_copy):
+    from lmi_compile.hf_config import ModelConfig
+
+    model = model_copy()
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 8192}
+    cfg["rope_theta"] = 500000.0
+    (model / "config.json").write_text(json.dumps(cfg))
+    v4 = ModelConfig.load(model / "config.json")
+    cfg5 = {k: v for k, v in cfg.items() if k not in ("rope_theta", "rope_scaling", "torch_dtype")}
+    cfg5["rope_parameters"] = {"rope_theta": 500000.0, **cfg["rope_scaling"]}
+    cfg5["dtype"] = "bfloat16"
+    (model / "config.json").write_text(json.dumps(cfg5))
+    v5 = ModelConfig.load(model / "config.json")
+    assert v4.rope_theta == v5.rope_theta == 500000.0
+    assert v4.rope_scaling == v5.rope_scaling and v4.rope_scaling["type"] == "llama3"
+    assert (v4.dtype, v5.dtype) == ("float32", "bfloat16")

@@ -1,0 +1,196 @@
+"""Every bad input to fetch/validation: one error line naming the file and the fix, exit 2, nothing left."""
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+from conftest import error_line, run_cli, upload_folder
+
+
+def assert_bad(proc, *needles, code=2):
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-1500:])
+    line = error_line(proc)
+    for n in needles:
+        assert n in line, line
+    assert "Traceback" not in proc.stderr
+    return line
+
+
+def break_index(model: Path, name: str, mutate) -> None:
+    idx = json.loads((model / name).read_text())
+    mutate(idx["weight_map"])
+    (model / name).write_text(json.dumps(idx))
+
+
+def test_missing_config(model_copy):
+    m = model_copy()
+    (m / "config.json").unlink()
+    assert_bad(run_cli("fetch", m), str(m / "config.json"), "missing", "save_pretrained")
+
+
+def test_missing_tokenizer_config(model_copy):
+    m = model_copy()
+    (m / "tokenizer_config.json").unlink()
+    assert_bad(run_cli("fetch", m), "tokenizer_config.json", "missing")
+
+
+def test_no_weights(model_copy):
+    m = model_copy()
+    (m / "model.safetensors").unlink()
+    assert_bad(run_cli("fetch", m), str(m), "no weights")
+
+
+def test_index_names_missing_shard(model_copy):
+    m = model_copy(shards=2)
+    (m / "model-00002-of-00002.safetensors").unlink()
+    assert_bad(run_cli("fetch", m), "model.safetensors.index.json", "model-00002-of-00002.safetensors")
+
+
+@pytest.mark.parametrize("bad", ["../x.safetensors", "/etc/passwd", "sub/../../x.safetensors"])
+def test_index_path_outside_model_folder(model_copy, bad):
+    m = model_copy(shards=2)
+    break_index(m, "model.safetensors.index.json", lambda wm: wm.update({next(iter(wm)): bad}))
+    assert_bad(run_cli("fetch", m), "model.safetensors.index.json", "outside")
+
+
+def test_index_symlink_out_of_folder(model_copy, tmp_path):
+    m = model_copy(shards=2)
+    outside = tmp_path / "elsewhere.safetensors"
+    (m / "model-00002-of-00002.safetensors").rename(outside)
+    (m / "model-00002-of-00002.safetensors").symlink_to(outside)
+    assert_bad(run_cli("fetch", m), "outside", "symlink")
+
+
+def test_truncated_safetensors(model_copy):
+    m = model_copy()
+    f = m / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert_bad(run_cli("fetch", m), str(f), "truncated")
+
+
+def test_header_offsets_overrun_file(model_copy):
+    m = model_copy()
+    f = m / "model.safetensors"
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    b, e = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [b + 10**9, e + 10**9]
+    blob = json.dumps(header).encode()
+    f.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    assert_bad(run_cli("fetch", m), str(f), name)
+
+
+def test_header_length_overruns_file(model_copy):
+    m = model_copy()
+    f = m / "model.safetensors"
+    raw = f.read_bytes()
+    f.write_bytes(struct.pack("<Q", 10**12) + raw[8:])
+    assert_bad(run_cli("fetch", m), str(f), "header length")
+
+
+def test_index_and_shard_disagree(model_copy):
+    m = model_copy(shards=2)
+
+    def swap(wm):
+        k = next(iter(wm))
+        wm[k] = "model-00002-of-00002.safetensors" if wm[k].endswith("1-of-00002.safetensors") else \
+            "model-00001-of-00002.safetensors"
+
+    break_index(m, "model.safetensors.index.json", swap)
+    assert_bad(run_cli("fetch", m), "does not hold it")
+
+
+@pytest.mark.parametrize("repo_id", ["bad repo id", "org/na me", "a/b/c/d--", "org//x"])
+def test_malformed_repo_id(repo_id, tmp_path):
+    assert_bad(run_cli("fetch", repo_id, "--output", tmp_path / "o"), "not a valid Hub repo id")
+    assert not (tmp_path / "o").exists()
+
+
+def test_revision_does_not_exist(hub_env, model_factory, tmp_path):
+    hub_env.add("org/rev", model_factory())
+    assert_bad(run_cli("fetch", "org/rev", "--revision", "no-such-branch", "--output", tmp_path / "o"),
+               "no-such-branch", "--revision")
+    assert not (tmp_path / "o").exists()
+
+
+def test_hub_404_and_401(hub_env, model_factory, tmp_path):
+    hub_env.add("org/secret", model_factory(), token="right-token")
+    hub_env.add("org/gated", model_factory(), token="right-token", gated=True)
+    assert_bad(run_cli("fetch", "org/missing", "--output", tmp_path / "o"), "org/missing", "not found")
+    line = assert_bad(run_cli("fetch", "org/secret", "--token", "wrong-token", "--output", tmp_path / "o"),
+                      "org/secret", "--token")
+    assert "wrong-token" not in line
+    assert_bad(run_cli("fetch", "org/gated", "--output", tmp_path / "o"), "gated", "HF_TOKEN")
+    assert not (tmp_path / "o").exists()
+
+
+def test_hub_index_names_missing_shard(hub_env, model_copy, tmp_path):
+    m = model_copy(shards=2)
+    (m / "model-00001-of-00002.safetensors").unlink()
+    hub_env.add("org/broken", m)
+    assert_bad(run_cli("fetch", "org/broken", "--output", tmp_path / "o"), "model-00001-of-00002.safetensors")
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.partial"))
+
+
+def test_s3_prefix_without_objects(s3_env, s3_prefix, tmp_path):
+    assert_bad(run_cli("fetch", s3_prefix, "--output", tmp_path / "o"), s3_prefix, "no objects")
+    assert not (tmp_path / "o").exists()
+
+
+def test_s3_bucket_does_not_exist(s3_env, tmp_path):
+    assert_bad(run_cli("fetch", "s3://no-such-bucket-here/m/", "--output", tmp_path / "o"), "no-such-bucket-here",
+               "bucket does not exist")
+
+
+def test_s3_no_credentials(s3_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint)
+    assert_bad(run_cli("fetch", "s3://models/x/", "--output", tmp_path / "o"), "no AWS credentials")
+
+
+def test_s3_bad_credentials(s3_env, s3_client, s3_prefix, model_factory, tmp_path, monkeypatch):
+    upload_folder(s3_client, model_factory(), s3_prefix)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    line = assert_bad(run_cli("fetch", s3_prefix, "--output", tmp_path / "o"), "credentials were rejected")
+    assert "not-the-secret" not in line
+
+
+@pytest.mark.parametrize("uri", ["s3://", "s3://UPPER/x/", "s3://b/../x/", "gs://bucket/x/"])
+def test_malformed_uris(uri, tmp_path):
+    assert_bad(run_cli("fetch", uri, "--output", tmp_path / "o"), uri.split("/")[0])
+
+
+def test_s3_model_without_tokenizer_config(s3_client, s3_prefix, model_copy, tmp_path):
+    m = model_copy()
+    (m / "tokenizer_config.json").unlink()
+    upload_folder(s3_client, m, s3_prefix)
+    assert_bad(run_cli("fetch", s3_prefix, "--output", tmp_path / "o"), "tokenizer_config.json is missing")
+    assert not (tmp_path / "o").exists()
+
+
+def test_pickle_with_code_is_refused(model_copy, tmp_path):
+    import pickle
+
+    m = model_copy(fmt="bin")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    import torch
+
+    torch.save({"model.embed_tokens.weight": Evil()}, m / "pytorch_model.bin", pickle_module=pickle)
+    assert_bad(run_cli("fetch", m), "pytorch_model.bin", "refused", "safetensors")
+    assert not marker.exists()
+
+
+def test_custom_code_via_auto_map(model_copy):
+    m = model_copy()
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (m / "config.json").write_text(json.dumps(cfg))
+    assert_bad(run_cli("fetch", m), "auto_map", "--trust-remote-code")
