@@ -42,6 +42,7 @@ class TensorInfo:
     dtype: str  # torch dtype name
     shape: tuple[int, ...]
     nbytes: int
+    offset: int | None = None  # absolute byte offset in a safetensors file; None for pickles
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -87,7 +88,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise BadInput(f"{path}: tensor {name!r} ends at byte {end} but the file holds {data_len} data bytes; "
                            f"the file is truncated, download it again")
         spans.append((begin, end, name))
-        out[name] = TensorInfo(name, path, ST_TO_TORCH.get(dtype, dtype), shape, expected)
+        out[name] = TensorInfo(name, path, ST_TO_TORCH.get(dtype, dtype), shape, expected, 8 + n + begin)
     spans.sort()
     for (b1, e1, n1), (b2, e2, n2) in zip(spans, spans[1:]):
         if b2 < e1:
@@ -221,8 +222,10 @@ class Checkpoint:
     def __exit__(self, *exc):
         self.close()
 
-
-def file_digest_hint(path: Path) -> str:
-    """A cheap identity for a file (size and mtime), for stage fingerprints of local inputs."""
-    st = os.stat(path)
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    def identity(self) -> list:
+        """What identifies these weights for stage fingerprints: names, sizes and mtimes of the files."""
+        out = []
+        for f in self.files:
+            st = os.stat(f)
+            out.append([f.name, st.st_size, st.st_mtime_ns])
+        return out

@@ -69,6 +69,35 @@ def fetch(
                f"{len(ck.tensors)} tensors in {len(ck.files)} {ck.format} file(s), {ck.total_bytes / 2**20:.1f} MiB")
 
 
+@app.command()
+def trtllm(
+    model: Model,
+    tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel degree (LMI: option.tensor_parallel_degree).")] = 1,
+    pp: Annotated[int, typer.Option("--pp", help="Pipeline-parallel degree.")] = 1,
+    dtype: Annotated[str, typer.Option(help="auto (the checkpoint's), float16, bfloat16 or float32.")] = "auto",
+    work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Stage folders (default ./lmi-compile-work/NAME).")] = None,
+    until: Annotated[str, typer.Option(help="Stop after this stage: fetch, convert, build or layout.")] = "layout",
+    workers: Annotated[Optional[int], typer.Option(help="Parallel rank writers (default: CPU count, at most 8).")] = None,
+    parallel_embedding: Annotated[bool, typer.Option("--parallel-embedding", help="Split the embedding table across tp ranks.")] = False,
+    embedding_sharding_dim: Annotated[int, typer.Option(help="0: split the vocab, 1: split the hidden dim.")] = 0,
+    revision: Revision = None,
+    token: Token = None,
+    trust_remote_code: TrustRemoteCode = False,
+    force: Annotated[bool, typer.Option("--force", help="Redo every stage.")] = False,
+):
+    """Compile MODEL for TensorRT-LLM: fetch, convert to a rank-sharded TRT-LLM checkpoint, build, lay out."""
+    from .pipeline import WorkDir, default_work_dir
+    from .trtllm import TrtllmJob, run
+
+    job = TrtllmJob(model=model, work=WorkDir(work_dir or default_work_dir(model)), tp=tp, pp=pp, dtype=dtype,
+                    parallel_embedding=parallel_embedding, embedding_sharding_dim=embedding_sharding_dim,
+                    revision=revision, token=token, trust_remote_code=trust_remote_code, force=force)
+    if workers:
+        job.workers = workers
+    out = run(job, until)
+    typer.echo(f"{until}: {out}")
+
+
 def main() -> None:
     try:
         app()

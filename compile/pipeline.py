@@ -1,0 +1,54 @@
+"""Wiring shared by the backends: the work directory and the fetch stage as every pipeline runs it."""
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .fetch import fetch, parse_source
+from .validate import ValidatedModel
+
+log = logging.getLogger("lmi_compile")
+
+
+def default_work_dir(model: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model.rstrip("/").split("/")[-1] or "model")
+    return Path("lmi-compile-work") / slug
+
+
+@dataclass
+class WorkDir:
+    """The row of stage folders a pipeline writes; its layout shows the pipeline."""
+
+    root: Path
+
+    @property
+    def source(self) -> Path:
+        return self.root / "source"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint"
+
+    @property
+    def engines(self) -> Path:
+        return self.root / "engines"
+
+    @property
+    def split(self) -> Path:
+        return self.root / "split"
+
+    @property
+    def compiled(self) -> Path:
+        return self.root / "compiled"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+
+def fetch_stage(model: str, work: WorkDir, *, revision, token, trust_remote_code) -> ValidatedModel:
+    """Local folders are used in place; remote models land in work/source."""
+    source = parse_source(model, revision)
+    return fetch(source, work.source if source.kind != "local" else None, token=token,
+                 trust_remote_code=trust_remote_code)

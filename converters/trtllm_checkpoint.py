@@ -1,0 +1,271 @@
+"""HuggingFace checkpoint -> TensorRT-LLM unified checkpoint (config.json + rank{N}.safetensors).
+
+Each rank file is planned from source shapes alone, its header written first, then filled one output
+tensor at a time; ranks are written in parallel. Memory follows the few tensors in flight, not the model.
+"""
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmi_compile.architectures import Architecture
+from lmi_compile.checkpoint import Checkpoint
+from lmi_compile.errors import BadInput
+from lmi_compile.hf_config import ModelConfig
+from lmi_compile.progress import bytes_bar
+from lmi_compile.stages import fingerprint, write_json_atomic
+
+from .safetensors_writer import SafetensorsWriter
+from .shard_rules import RankContext, padded, produce, shape_for
+from .tensor_reader import TensorReader
+
+log = logging.getLogger("lmi_compile")
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    tp: int = 1
+    pp: int = 1
+    dtype: str = "auto"
+    parallel_embedding: bool = False
+    embedding_sharding_dim: int = 0
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    target: str
+    rule: str
+    sources: tuple[str, ...]
+    shape: tuple[int, ...]
+
+
+def resolve_dtype(opts: ConvertOptions, config: ModelConfig, ck: Checkpoint) -> str:
+    if opts.dtype != "auto":
+        return opts.dtype
+    dtype = config.dtype or next(iter(ck.tensors.values())).dtype
+    return dtype if dtype in FLOAT_DTYPES else "float16"
+
+
+def check_parallelism(arch: Architecture, opts: ConvertOptions, where: Path) -> None:
+    """Reject tp/pp values the model's shapes cannot honour, before any heavy work."""
+    d, tp, pp = arch.dims, opts.tp, opts.pp
+    if tp < 1 or pp < 1:
+        raise BadInput(f"--tp and --pp must be at least 1 (got tp={tp}, pp={pp})")
+    if tp > d.num_heads:
+        raise BadInput(f"{where}: --tp {tp} is larger than num_attention_heads {d.num_heads}; use a tp that "
+                       f"divides {d.num_heads}")
+    if d.num_heads % tp:
+        raise BadInput(f"{where}: num_attention_heads {d.num_heads} is not divisible by --tp {tp}; use a tp that "
+                       f"divides it")
+    if d.num_kv_heads >= tp and d.num_kv_heads % tp or d.num_kv_heads < tp and tp % d.num_kv_heads:
+        raise BadInput(f"{where}: num_key_value_heads {d.num_kv_heads} and --tp {tp} do not divide one another")
+    if d.intermediate_size % tp:
+        raise BadInput(f"{where}: intermediate_size {d.intermediate_size} is not divisible by --tp {tp}")
+    if pp > d.num_layers:
+        raise BadInput(f"{where}: --pp {pp} is larger than num_hidden_layers {d.num_layers}")
+    if d.num_layers % pp:
+        raise BadInput(f"{where}: num_hidden_layers {d.num_layers} is not divisible by --pp {pp}")
+    if opts.parallel_embedding and opts.embedding_sharding_dim == 1 and d.hidden_size % tp:
+        raise BadInput(f"{where}: hidden_size {d.hidden_size} is not divisible by --tp {tp} for embedding "
+                       f"sharding along dim 1")
+    if opts.dtype not in ("auto", *FLOAT_DTYPES):
+        raise BadInput(f"--dtype {opts.dtype!r} is not supported; use auto, float16, bfloat16 or float32")
+
+
+def _entries(arch: Architecture, ck: Checkpoint, pp_rank: int, pp: int):
+    """(target, rule, sources) for one pipeline stage, layer indices renumbered from 0."""
+    d, lay = arch.dims, arch.layout
+    per = d.num_layers // pp
+    out = []
+    if pp_rank == 0:
+        out += [(e, None) for e in lay["first_stage"]]
+    for local in range(per):
+        out += [(e, (local, pp_rank * per + local)) for e in lay["layer"]]
+    if pp_rank == pp - 1:
+        out += [(e, None) for e in lay["last_stage"]]
+    for e, idx in out:
+        local, src_i = idx if idx else (None, None)
+        target = e["target"].format(i=local)
+        sources = [s.format(i=src_i) for s in e["sources"]]
+        if not all(s in ck for s in sources) and e.get("tied_sources") and d.tie_word_embeddings:
+            sources = list(e["tied_sources"])
+        missing = [s for s in sources if s not in ck]
+        if missing:
+            if e.get("optional") and len(missing) == len(sources):
+                continue
+            raise BadInput(f"{ck.root}: tensor {missing[0]!r} is missing from the checkpoint "
+                           f"({arch.name} needs it for {target}); the checkpoint is incomplete")
+        yield target, e["rule"], tuple(sources)
+
+
+def _expected_shapes(arch: Architecture) -> dict[str, int]:
+    d = arch.dims
+    return {"hidden": d.hidden_size, "vocab": d.vocab_size, "inter": d.intermediate_size,
+            "q": d.num_heads * d.head_dim, "kv": d.num_kv_heads * d.head_dim}
+
+
+def plan_rank(arch: Architecture, ck: Checkpoint, opts: ConvertOptions, tp_rank: int, pp_rank: int) -> list[PlanEntry]:
+    ctx = rank_context(arch, opts, tp_rank)
+    dims = _expected_shapes(arch)
+    shapes_by_target = {}
+    for lay_key in ("first_stage", "layer", "last_stage"):
+        for e in arch.layout[lay_key]:
+            shapes_by_target[e["target"]] = e["shape"]
+    plan = []
+    for target, rule, sources in _entries(arch, ck, pp_rank, opts.pp):
+        src_shapes = [ck.tensors[s].shape for s in sources]
+        spec = shapes_by_target.get(_template_of(target, arch))
+        if spec is not None:
+            specs = spec if isinstance(spec[0], list) else [spec]
+            for s, shp, want in zip(sources, src_shapes, specs):
+                expect = tuple(dims[w] for w in want)
+                if tuple(shp) != expect:
+                    raise BadInput(f"{ck.tensors[s].file}: tensor {s!r} has shape {list(shp)}, but config.json "
+                                   f"implies {list(expect)}; config and weights disagree")
+        for s in sources:
+            if ck.tensors[s].dtype not in FLOAT_DTYPES:
+                raise BadInput(f"{ck.tensors[s].file}: tensor {s!r} has dtype {ck.tensors[s].dtype}, not supported "
+                               f"(float16, bfloat16, float32); quantized checkpoints need their own converter")
+        plan.append(PlanEntry(target, rule, sources, shape_for(rule, src_shapes, ctx)))
+    return plan
+
+
+def _template_of(target: str, arch: Architecture) -> str:
+    import re
+
+    return re.sub(r"\.layers\.\d+\.", ".layers.{i}.", target)
+
+
+def rank_context(arch: Architecture, opts: ConvertOptions, tp_rank: int) -> RankContext:
+    d = arch.dims
+    return RankContext(tp=opts.tp, rank=tp_rank, num_heads=d.num_heads, num_kv_heads=d.num_kv_heads,
+                       head_dim=d.head_dim, parallel_embedding=opts.parallel_embedding,
+                       embedding_sharding_dim=opts.embedding_sharding_dim)
+
+
+def trtllm_config(arch: Architecture, config: ModelConfig, opts: ConvertOptions, dtype: str, attn_bias: bool) -> dict:
+    """The checkpoint config.json TRT-LLM's PretrainedConfig.from_dict reads (formats.md section 2)."""
+    d = arch.dims
+    cfg = {
+        "architecture": arch.trtllm_architecture,
+        "dtype": dtype,
+        "logits_dtype": "float32",
+        "vocab_size": d.vocab_size,
+        "max_position_embeddings": d.max_position_embeddings,
+        "hidden_size": d.hidden_size,
+        "num_hidden_layers": d.num_layers,
+        "num_attention_heads": d.num_heads,
+        "num_key_value_heads": d.num_kv_heads,
+        "head_size": d.head_dim,
+        "intermediate_size": d.intermediate_size,
+        "hidden_act": d.hidden_act,
+        "norm_epsilon": d.norm_epsilon,
+        "position_embedding_type": "rope_gpt_neox",
+        "rotary_base": config.rope_theta if config.rope_theta is not None else 10000.0,
+        "rotary_scaling": config.rope_scaling,
+        "use_parallel_embedding": opts.parallel_embedding,
+        "embedding_sharding_dim": opts.embedding_sharding_dim,
+        "share_embedding_table": False,
+        "tie_word_embeddings": d.tie_word_embeddings,
+        "attn_bias": attn_bias,
+        "mlp_bias": False,
+        "mapping": {"world_size": opts.tp * opts.pp, "tp_size": opts.tp, "pp_size": opts.pp},
+        "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+        **arch.entry.get("trtllm_config", {}),
+    }
+    return cfg
+
+
+def rank_id(tp_rank: int, pp_rank: int, tp: int) -> int:
+    return pp_rank * tp + tp_rank
+
+
+def _rank_done(path: Path, plan_fp: str) -> bool:
+    from lmi_compile.checkpoint import read_safetensors_header
+
+    if not path.is_file():
+        return False
+    try:
+        import json
+        import struct
+
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            meta = json.loads(f.read(n)).get("__metadata__", {})
+        read_safetensors_header(path)
+        return meta.get("lmi_compile_plan") == plan_fp
+    except Exception:
+        return False
+
+
+def write_rank(ck: Checkpoint, plan: list[PlanEntry], ctx: RankContext, dtype: str, path: Path, plan_fp: str,
+               bar=None) -> Path:
+    reader = TensorReader(ck)
+    target_dtype = getattr(torch, dtype)
+    try:
+        with SafetensorsWriter(path, [(p.target, dtype, p.shape) for p in plan],
+                               metadata={"format": "pt", "lmi_compile_plan": plan_fp}) as w:
+            for p in plan:
+                t = produce(p.rule, reader, list(p.sources), ctx)
+                if t.dtype != target_dtype:
+                    t = t.to(target_dtype)
+                w.write(p.target, t)
+                if bar is not None:
+                    bar.update(t.numel() * t.element_size())
+                del t
+    finally:
+        reader.close()
+    return path
+
+
+def convert(arch: Architecture, config: ModelConfig, ck: Checkpoint, out: Path, opts: ConvertOptions) -> dict:
+    """Write config.json and every rank file into `out`; ranks already complete there are kept."""
+    check_parallelism(arch, opts, config.path)
+    dtype = resolve_dtype(opts, config, ck)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for pp_rank in range(opts.pp):
+        for tp_rank in range(opts.tp):
+            plan = plan_rank(arch, ck, opts, tp_rank, pp_rank)
+            jobs.append((rank_id(tp_rank, pp_rank, opts.tp), tp_rank, plan))
+    attn_bias = any(p.target.endswith("attention.qkv.bias") for _, _, plan in jobs for p in plan)
+    cfg = trtllm_config(arch, config, opts, dtype, attn_bias)
+    itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    todo, total = [], 0
+    for r, tp_rank, plan in jobs:
+        plan_fp = fingerprint(plan=[(p.target, p.rule, p.sources, p.shape) for p in plan], dtype=dtype,
+                              files=ck.identity(), opts=opts.__dict__ | {"workers": None})
+        path = out / f"rank{r}.safetensors"
+        if _rank_done(path, plan_fp):
+            log.info("convert: rank %d already written, kept", r)
+            continue
+        nbytes = sum(_numel(p.shape) for p in plan) * itemsize
+        total += nbytes
+        todo.append((r, tp_rank, plan, path, plan_fp))
+    bar = bytes_bar(total, f"convert tp={opts.tp} pp={opts.pp}")
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(opts.workers, len(todo) or 1))) as pool:
+            futures = [pool.submit(write_rank, ck, plan, rank_context(arch, opts, tp_rank), dtype, path, plan_fp, bar)
+                       for r, tp_rank, plan, path, plan_fp in todo]
+            for f in futures:
+                f.result()
+    finally:
+        bar.close()
+    write_json_atomic(out / "config.json", cfg)
+    return cfg
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+__all__ = ["ConvertOptions", "convert", "check_parallelism", "trtllm_config", "plan_rank", "padded"]
