@@ -114,6 +114,18 @@ def _random_tensor(name: str, shape, dtype: str, gen):
     return t.to(getattr(torch, dtype))
 
 
+def _tiled_tensor(shape, dtype: str, block):
+    """Random-looking values at memcpy speed: a 16M-element random block tiled over the tensor (benchmarks)."""
+    import torch
+
+    out = torch.empty(shape, dtype=getattr(torch, dtype))
+    flat = out.view(-1)
+    for i in range(0, flat.numel(), block.numel()):
+        n = min(block.numel(), flat.numel() - i)
+        flat[i:i + n] = block[:n]
+    return out
+
+
 def write_tokenizer(out: Path, vocab_size: int) -> None:
     """Train a byte-level BPE tokenizer on a tiny corpus and save it in the transformers layout."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -134,8 +146,11 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
 
 
 def write_checkpoint(out: Path, spec: TinySpec | None = None, *, fmt: str = "safetensors", shards: int = 1,
-                     tokenizer: bool = True) -> Path:
-    """Write a model folder. fmt: "safetensors" or "bin"; shards > 1 adds the HF index file."""
+                     tokenizer: bool = True, fast_fill: bool = False) -> Path:
+    """Write a model folder. fmt: "safetensors" or "bin"; shards > 1 adds the HF index file.
+
+    fast_fill tiles one random block over every tensor: for multi-GB benchmark checkpoints, not numerics.
+    """
     import torch
 
     from lmi_compile.converters.safetensors_writer import SafetensorsWriter
@@ -155,6 +170,10 @@ def write_checkpoint(out: Path, spec: TinySpec | None = None, *, fmt: str = "saf
     ext = "safetensors" if fmt == "safetensors" else "bin"
     base = "model" if fmt == "safetensors" else "pytorch_model"
     gen = torch.Generator().manual_seed(spec.seed)
+    block = (0.02 * torch.randn(1 << 24, generator=gen)).to(getattr(torch, spec.dtype)) if fast_fill else None
+
+    def make(n, s):
+        return _tiled_tensor(s, spec.dtype, block) if fast_fill else _random_tensor(n, s, spec.dtype, gen)
     weight_map, total = {}, 0
     for k, group in enumerate(groups):
         name = f"{base}.{ext}" if len(groups) == 1 else f"{base}-{k + 1:05d}-of-{len(groups):05d}.{ext}"
@@ -162,9 +181,9 @@ def write_checkpoint(out: Path, spec: TinySpec | None = None, *, fmt: str = "saf
             with SafetensorsWriter(out / name, [(n, spec.dtype, s) for n, s in group],
                                    metadata={"format": "pt"}) as w:
                 for n, s in group:
-                    w.write(n, _random_tensor(n, s, spec.dtype, gen))
+                    w.write(n, make(n, s))
         else:
-            torch.save({n: _random_tensor(n, s, spec.dtype, gen) for n, s in group}, out / name)
+            torch.save({n: make(n, s) for n, s in group}, out / name)
         for n, s in group:
             weight_map[n] = name
             numel = 1

@@ -1,18 +1,16 @@
 """Tensor-parallel split rules, by layer kind (not by model): replicate, column, row, fused QKV, vocab.
 
 Each rule answers two questions for one rank: the output shape (from source shapes alone, so rank
-files can be planned before any data is read) and the output tensor (reading only what that rank
-needs where the layout allows: column slices are contiguous rows on disk).
+files can be planned before any data is read) and the output's bytes, in order, as pieces: byte
+ranges of source files (copied in the kernel), zero padding, or small tensors (row-parallel slices,
+one row block at a time). No piece is larger than a row block unless it is a file range.
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from .tensor_reader import TensorReader
-
-# Row-split tensors are read in row blocks of about this many bytes, so a rank holds its slice plus one block.
-ROW_BLOCK_BYTES = 64 * 1024 * 1024
+from .tensor_reader import FileRange, TensorReader, Zeros
 
 
 @dataclass(frozen=True)
@@ -53,8 +51,6 @@ def effective_rule(rule: str, ctx: RankContext) -> str:
     return "vocab" if ctx.embedding_sharding_dim == 0 else "row"
 
 
-# -- shapes ---------------------------------------------------------------------------------------
-
 def shape_for(rule: str, src_shapes: list[tuple], ctx: RankContext) -> tuple:
     s = src_shapes[0]
     rule = effective_rule(rule, ctx)
@@ -73,53 +69,47 @@ def shape_for(rule: str, src_shapes: list[tuple], ctx: RankContext) -> tuple:
     raise ValueError(f"unknown split rule {rule!r}")
 
 
-# -- data -----------------------------------------------------------------------------------------
-
-def _row_split(reader: TensorReader, name: str, ctx: RankContext) -> torch.Tensor:
-    info = reader.info(name)
-    rows, cols = info.shape
+def _row_split(reader: TensorReader, name: str, ctx: RankContext):
+    rows, cols = reader.info(name).shape
     c0, c1 = _even(cols, ctx)
-    out = torch.empty((rows, c1 - c0), dtype=getattr(torch, info.dtype))
-    block = max(1, ROW_BLOCK_BYTES // max(1, info.nbytes // max(rows, 1)))
+    per_row = max(1, reader.row_elems(name) * torch.empty((), dtype=getattr(torch, reader.info(name).dtype))
+                  .element_size())
+    block = max(1, reader.block_bytes // per_row)
     for r0 in range(0, rows, block):
         r1 = min(rows, r0 + block)
-        out[r0:r1] = reader.rows(name, r0, r1)[:, c0:c1]
-    return out
+        yield reader.rows(name, r0, r1)[:, c0:c1].contiguous()
 
 
-def _vocab_split(reader: TensorReader, name: str, ctx: RankContext) -> torch.Tensor:
-    info = reader.info(name)
-    vocab = info.shape[0]
+def _vocab_split(reader: TensorReader, name: str, ctx: RankContext):
+    vocab = reader.info(name).shape[0]
     part = padded(vocab, ctx.tp) // ctx.tp
     r0, r1 = ctx.rank * part, (ctx.rank + 1) * part
-    got = reader.rows(name, min(r0, vocab), min(r1, vocab))
-    if got.shape[0] == part:
-        return got
-    # Padding rows are zeros, as TRT-LLM's converter writes them.
-    out = torch.zeros((part, *info.shape[1:]), dtype=got.dtype)
-    out[: got.shape[0]] = got
-    return out
+    if min(r1, vocab) > r0:
+        yield reader.row_range(name, r0, min(r1, vocab))
+    missing = r1 - max(r0, min(r1, vocab))
+    if missing:
+        yield Zeros(missing * reader.row_elems(name))  # TRT-LLM pads the vocab with zero rows
 
 
-def _fused_qkv(reader: TensorReader, names: list[str], ctx: RankContext) -> torch.Tensor:
+def _fused_qkv(reader: TensorReader, names: list[str], ctx: RankContext):
     q, k, v = names
     hd = ctx.head_dim
     q0, q1 = _even(ctx.num_heads, ctx)
-    parts = [reader.rows(q, q0 * hd, q1 * hd)]
+    yield reader.row_range(q, q0 * hd, q1 * hd)
     heads = kv_heads_for_rank(ctx)
     for src in (k, v):
-        parts += [reader.rows(src, h * hd, (h + 1) * hd) for h in heads]
-    return torch.cat(parts, dim=0)
+        # consecutive heads are one contiguous range
+        yield reader.row_range(src, heads[0] * hd, (heads[-1] + 1) * hd)
 
 
-def produce(rule: str, reader: TensorReader, names: list[str], ctx: RankContext) -> torch.Tensor:
-    """The tensor this rank holds for one output, read from its sources."""
+def pieces(rule: str, reader: TensorReader, names: list[str], ctx: RankContext):
+    """The bytes of one rank's output tensor, in order, as FileRange / Zeros / tensor pieces."""
     rule = effective_rule(rule, ctx)
     if rule == "replicate":
-        return reader.full(names[0])
+        info = reader.info(names[0])
+        return [reader.row_range(names[0], 0, info.shape[0] if info.shape else 1)]
     if rule == "column":
-        n = reader.info(names[0]).shape[0]
-        return reader.rows(names[0], *_even(n, ctx))
+        return [reader.row_range(names[0], *_even(reader.info(names[0]).shape[0], ctx))]
     if rule == "row":
         return _row_split(reader, names[0], ctx)
     if rule == "vocab":

@@ -1,64 +1,104 @@
-"""Read whole tensors or row ranges of a checkpoint with plain positional reads.
+"""Where a checkpoint's bytes are, and reads of them that do not grow resident memory.
 
-Safetensors files are not mmapped here: touched mmap pages count against the process's resident
-memory for as long as the mapping lives, which for a full pass over a model is the whole model.
-Positional reads into a fresh buffer keep resident memory to the tensors in hand. PyTorch pickles
-go through torch's own mmap loader (they have no offsets we could read).
+Safetensors tensors are described as byte ranges of their files, so row slices can be copied
+file-to-file in the kernel (copy_file_range) without passing through this process. Anything that must
+pass through memory (row-parallel slices, dtype casts) is read with positional reads into one reused
+block buffer. Nothing is mmapped: touched mmap pages stay resident for the life of the mapping, which
+for a full pass is the whole model. PyTorch pickles have no offsets, so they go through torch's own
+mmap loader.
 """
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from lmi_compile.checkpoint import Checkpoint, TensorInfo
 
+BLOCK_BYTES = 64 * 1024 * 1024
+
+
+def itemsize(dtype: str) -> int:
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """`numel` elements of `dtype` stored contiguously at `offset` in `path`."""
+
+    path: Path
+    offset: int
+    numel: int
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class Zeros:
+    numel: int
+
 
 class TensorReader:
-    def __init__(self, checkpoint: Checkpoint):
+    def __init__(self, checkpoint: Checkpoint, block_bytes: int = BLOCK_BYTES):
         self.ck = checkpoint
+        self.block_bytes = block_bytes
         self._fds: dict = {}
+        self._scratch: torch.Tensor | None = None
 
     def info(self, name: str) -> TensorInfo:
         return self.ck.tensors[name]
 
-    def _fd(self, info: TensorInfo) -> int:
-        fd = self._fds.get(info.file)
+    def fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) along dim 0 (the whole tensor for 0-d)."""
+    def row_elems(self, name: str) -> int:
+        n = 1
+        for d in self.info(name).shape[1:]:
+            n *= d
+        return n
+
+    def row_range(self, name: str, start: int, stop: int):
+        """Rows [start, stop) as a FileRange (safetensors) or a tensor view (pickles)."""
         info = self.info(name)
         if info.offset is None:
             t = self.ck.get(name)
-            return t[start:stop].clone() if t.dim() else t.clone()
-        shape = list(info.shape)
-        dtype = getattr(torch, info.dtype)
-        elsize = torch.empty((), dtype=dtype).element_size()
-        row_elems = 1
-        for d in shape[1:]:
-            row_elems *= d
-        if not shape:
-            start, stop, shape = 0, 1, [1]
-        n = (stop - start) * row_elems * elsize
-        buf = torch.empty(n, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
-        pos, off = 0, info.offset + start * row_elems * elsize
-        fd = self._fd(info)
-        while pos < n:
-            got = os.preadv(fd, [view[pos:]], off + pos)
-            if got <= 0:
-                raise OSError(f"{info.file}: unexpected end of file reading {name}")
-            pos += got
-        out = buf.view(dtype).reshape([stop - start, *shape[1:]])
-        return out.reshape(info.shape) if not info.shape else out
+            return t[start:stop] if t.dim() else t
+        per_row = self.row_elems(name)
+        if not info.shape:
+            return FileRange(info.file, info.offset, 1, info.dtype)
+        return FileRange(info.file, info.offset + start * per_row * itemsize(info.dtype), (stop - start) * per_row,
+                         info.dtype)
 
-    def full(self, name: str) -> torch.Tensor:
-        info = self.info(name)
-        return self.rows(name, 0, info.shape[0] if info.shape else 1)
+    def read(self, rng: FileRange) -> torch.Tensor:
+        """Read a range into the reused scratch buffer; the result is valid until the next read."""
+        n = rng.nbytes
+        if self._scratch is None or self._scratch.numel() < n:
+            self._scratch = torch.empty(max(n, self.block_bytes), dtype=torch.uint8)
+        view = memoryview(self._scratch.numpy())[:n]
+        fd, pos = self.fd(rng.path), 0
+        while pos < n:
+            got = os.preadv(fd, [view[pos:]], rng.offset + pos)
+            if got <= 0:
+                raise OSError(f"{rng.path}: unexpected end of file at byte {rng.offset + pos}")
+            pos += got
+        return self._scratch[:n].view(getattr(torch, rng.dtype))
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) as a tensor (scratch-backed for safetensors: use before the next read)."""
+        r = self.row_range(name, start, stop)
+        if isinstance(r, torch.Tensor):
+            return r
+        return self.read(r).reshape([stop - start, *self.info(name).shape[1:]])
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._scratch = None

@@ -4,7 +4,9 @@ Each rank file is planned from source shapes alone, its header written first, th
 tensor at a time; ranks are written in parallel. Memory follows the few tensors in flight, not the model.
 """
 
+import json
 import logging
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +21,8 @@ from lmi_compile.progress import bytes_bar
 from lmi_compile.stages import fingerprint, write_json_atomic
 
 from .safetensors_writer import SafetensorsWriter
-from .shard_rules import RankContext, padded, produce, shape_for
-from .tensor_reader import TensorReader
+from .shard_rules import RankContext, pieces, shape_for
+from .tensor_reader import TensorReader, itemsize
 
 log = logging.getLogger("lmi_compile")
 
@@ -192,9 +194,6 @@ def _rank_done(path: Path, plan_fp: str) -> bool:
     if not path.is_file():
         return False
     try:
-        import json
-        import struct
-
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             meta = json.loads(f.read(n)).get("__metadata__", {})
@@ -206,19 +205,15 @@ def _rank_done(path: Path, plan_fp: str) -> bool:
 
 def write_rank(ck: Checkpoint, plan: list[PlanEntry], ctx: RankContext, dtype: str, path: Path, plan_fp: str,
                bar=None) -> Path:
+    """Write one rank file; memory held is one row block (file ranges are copied by the kernel)."""
     reader = TensorReader(ck)
-    target_dtype = getattr(torch, dtype)
     try:
         with SafetensorsWriter(path, [(p.target, dtype, p.shape) for p in plan],
                                metadata={"format": "pt", "lmi_compile_plan": plan_fp}) as w:
             for p in plan:
-                t = produce(p.rule, reader, list(p.sources), ctx)
-                if t.dtype != target_dtype:
-                    t = t.to(target_dtype)
-                w.write(p.target, t)
+                w.write_pieces(p.target, pieces(p.rule, reader, list(p.sources), ctx), reader.read)
                 if bar is not None:
-                    bar.update(t.numel() * t.element_size())
-                del t
+                    bar.update(_numel(p.shape) * itemsize(dtype))
     finally:
         reader.close()
     return path
@@ -267,5 +262,3 @@ def _numel(shape) -> int:
         n *= d
     return n
 
-
-__all__ = ["ConvertOptions", "convert", "check_parallelism", "trtllm_config", "plan_rank", "padded"]
