@@ -69,29 +69,71 @@ def fetch(
                f"{len(ck.tensors)} tensors in {len(ck.files)} {ck.format} file(s), {ck.total_bytes / 2**20:.1f} MiB")
 
 
+def _pick(cli, settings: dict, key: str, default):
+    """An explicit command-line value wins, then serving.properties / OPTION_* settings, then the default."""
+    if cli is not None:
+        return cli
+    return settings.get(key, default)
+
+
 @app.command()
 def trtllm(
-    model: Model,
-    tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel degree (LMI: option.tensor_parallel_degree).")] = 1,
-    pp: Annotated[int, typer.Option("--pp", help="Pipeline-parallel degree.")] = 1,
-    dtype: Annotated[str, typer.Option(help="auto (the checkpoint's), float16, bfloat16 or float32.")] = "auto",
+    model: Annotated[Optional[str], typer.Argument(help="Hub repo id, s3:// prefix or local folder (or "
+                                                       "option.model_id from --properties).", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where the LMI artifact tree is written.")] = None,
+    tp: Annotated[Optional[int], typer.Option("--tp", help="Tensor-parallel degree (option.tensor_parallel_degree). [default: 1]")] = None,
+    pp: Annotated[Optional[int], typer.Option("--pp", help="Pipeline-parallel degree. [default: 1]")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto (the checkpoint's), float16, bfloat16 or float32. [default: auto]")] = None,
+    max_batch_size: Annotated[Optional[int], typer.Option("--max-batch-size", help="Engine batch size (LMI's option.max_rolling_batch_size). [default: 32]")] = None,
+    max_input_len: Annotated[Optional[int], typer.Option("--max-input-len", help="Longest prompt (option.max_input_len). [default: 1024]")] = None,
+    max_output_len: Annotated[Optional[int], typer.Option("--max-output-len", help="Longest output (option.max_output_len). [default: 512]")] = None,
+    max_seq_len: Annotated[Optional[int], typer.Option("--max-seq-len", help="Prompt plus output; default max-input-len + max-output-len.")] = None,
+    max_num_tokens: Annotated[Optional[int], typer.Option("--max-num-tokens", help="Tokens per engine step (option.max_num_tokens). [default: 16384]")] = None,
+    gemm_plugin: Annotated[str, typer.Option("--gemm-plugin", help="trtllm-build --gemm_plugin value.")] = "auto",
+    trtllm_build_args: Annotated[Optional[str], typer.Option("--trtllm-build-args", help="More trtllm-build flags, passed through (quoted).")] = None,
+    trtllm_build_path: Annotated[Optional[str], typer.Option("--trtllm-build", help="The trtllm-build executable (default: from PATH).")] = None,
+    build_workers: Annotated[Optional[int], typer.Option("--build-workers", help="trtllm-build --workers (default: min(GPUs, ranks)).")] = None,
+    layout: Annotated[str, typer.Option(help="triton (LMI <= 0.32) or engine-dir (LMI >= 0.33).")] = "triton",
+    engine_path: Annotated[str, typer.Option("--engine-path", help="gpt_model_path in config.pbtxt (triton layout): where the engines are inside the serving container.")] = "/opt/ml/model/tensorrt_llm/1",
+    properties: Annotated[Optional[Path], typer.Option("--properties", help="Read settings from an existing serving.properties (OPTION_* env vars also apply).")] = None,
+    upload: Annotated[Optional[str], typer.Option("--upload", help="S3 prefix the output will be published to (goes into option.model_id).")] = None,
     work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Stage folders (default ./lmi-compile-work/NAME).")] = None,
     until: Annotated[str, typer.Option(help="Stop after this stage: fetch, convert, build or layout.")] = "layout",
-    workers: Annotated[Optional[int], typer.Option(help="Parallel rank writers (default: CPU count, at most 8).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Parallel rank writers in convert (default: CPU count, at most 8).")] = None,
     parallel_embedding: Annotated[bool, typer.Option("--parallel-embedding", help="Split the embedding table across tp ranks.")] = False,
     embedding_sharding_dim: Annotated[int, typer.Option(help="0: split the vocab, 1: split the hidden dim.")] = 0,
     revision: Revision = None,
     token: Token = None,
     trust_remote_code: TrustRemoteCode = False,
+    overwrite: Overwrite = False,
     force: Annotated[bool, typer.Option("--force", help="Redo every stage.")] = False,
 ):
-    """Compile MODEL for TensorRT-LLM: fetch, convert to a rank-sharded TRT-LLM checkpoint, build, lay out."""
+    """Compile MODEL for TensorRT-LLM: fetch, convert to a rank-sharded TRT-LLM checkpoint, build engines
+    with trtllm-build, and lay out the tree LMI loads with its serving.properties."""
+    from .errors import BadInput
     from .pipeline import WorkDir, default_work_dir
+    from .serving_properties import lmi_settings
     from .trtllm import TrtllmJob, run
+    from .trtllm_build import BuildOptions, parse_extra_args
 
-    job = TrtllmJob(model=model, work=WorkDir(work_dir or default_work_dir(model)), tp=tp, pp=pp, dtype=dtype,
-                    parallel_embedding=parallel_embedding, embedding_sharding_dim=embedding_sharding_dim,
-                    revision=revision, token=token, trust_remote_code=trust_remote_code, force=force)
+    settings = lmi_settings(properties)
+    model = model or settings.get("model")
+    if not model:
+        raise BadInput("no MODEL given (as an argument, option.model_id in --properties, or HF_MODEL_ID)")
+    build = BuildOptions(max_batch_size=_pick(max_batch_size, settings, "max_batch_size", 32),
+                         max_input_len=_pick(max_input_len, settings, "max_input_len", 1024),
+                         max_output_len=_pick(max_output_len, settings, "max_output_len", 512),
+                         max_seq_len=max_seq_len,
+                         max_num_tokens=_pick(max_num_tokens, settings, "max_num_tokens", 16384),
+                         gemm_plugin=gemm_plugin, workers=build_workers, extra_args=parse_extra_args(trtllm_build_args))
+    job = TrtllmJob(model=model, work=WorkDir(work_dir or default_work_dir(model)), output=output,
+                    tp=_pick(tp, settings, "tp", 1), pp=_pick(pp, settings, "pp", 1),
+                    dtype=_pick(dtype, settings, "dtype", "auto"), parallel_embedding=parallel_embedding,
+                    embedding_sharding_dim=embedding_sharding_dim, build=build, trtllm_build=trtllm_build_path,
+                    layout=layout, engine_path=engine_path, upload=upload,
+                    revision=_pick(revision, settings, "revision", None), token=token,
+                    trust_remote_code=trust_remote_code or settings.get("trust_remote_code", False),
+                    overwrite=overwrite, force=force)
     if workers:
         job.workers = workers
     out = run(job, until)

@@ -1,17 +1,20 @@
 """The TensorRT-LLM backend: stages fetch -> convert -> build -> layout (-> push).
 
-Compiler boundary: the `trtllm-build` executable (see build_engines); everything else runs anywhere.
+Compiler boundary: the `trtllm-build` executable (compile/trtllm_build.py); everything else runs anywhere.
 """
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import stages
+from . import __version__, stages
 from .architectures import resolve
 from .errors import BadInput
+from .layout_trtllm import DEFAULT_ENGINE_PATH, LAYOUTS, serving_properties, write_layout
 from .pipeline import WorkDir, fetch_stage
+from .trtllm_build import BuildOptions, build_engines, find_trtllm_build
 
 log = logging.getLogger("lmi_compile")
 
@@ -22,19 +25,26 @@ STAGES = ("fetch", "convert", "build", "layout")
 class TrtllmJob:
     model: str
     work: WorkDir
+    output: Path | None = None
     tp: int = 1
     pp: int = 1
     dtype: str = "auto"
     parallel_embedding: bool = False
     embedding_sharding_dim: int = 0
     workers: int = field(default_factory=lambda: max(1, min(8, os.cpu_count() or 1)))
+    build: BuildOptions = field(default_factory=BuildOptions)
+    trtllm_build: str | None = None
+    layout: str = "triton"
+    engine_path: str = DEFAULT_ENGINE_PATH
+    upload: str | None = None
     revision: str | None = None
     token: str | None = None
     trust_remote_code: bool = False
+    overwrite: bool = False
     force: bool = False
 
 
-def convert_stage(job: TrtllmJob, model) -> Path:
+def convert_stage(job: TrtllmJob, model) -> tuple[Path, str]:
     from .converters.trtllm_checkpoint import ConvertOptions, check_parallelism, convert
 
     arch = resolve(model.config)
@@ -47,23 +57,76 @@ def convert_stage(job: TrtllmJob, model) -> Path:
     final = job.work.checkpoint
     if not job.force and stages.is_done(final, "convert", fp):
         log.info("convert: %s is up to date, skipping", final)
-        return final
+        return final, fp
     staging = stages.staging_dir(final)
     cfg = convert(arch, model.config, model.checkpoint, staging, opts)
     stages.finish(staging, final, "convert", fp, tp=job.tp, pp=job.pp, dtype=cfg["dtype"])
     log.info("convert: wrote %d rank file(s) to %s", job.tp * job.pp, final)
-    return final
+    return final, fp
+
+
+def build_stage(job: TrtllmJob, tool, ckpt: Path, ckpt_fp: str) -> tuple[Path, dict]:
+    fp = stages.fingerprint(checkpoint=ckpt_fp, build=job.build.__dict__ | {"workers": None},
+                            tool=str(tool.executable))
+    final = job.work.engines
+    rec = stages.read_record(final)
+    if not job.force and stages.is_done(final, "build", fp):
+        log.info("build: %s is up to date, skipping", final)
+        return final, rec["build"]
+    staging = stages.staging_dir(final)
+    shutil.rmtree(staging, ignore_errors=True)  # a half-built engine folder is never reused
+    facts = build_engines(tool, ckpt, staging, job.build, job.work.logs)
+    stages.finish(staging, final, "build", fp, build=facts)
+    return final, facts
+
+
+def layout_stage(job: TrtllmJob, model, engines: Path, build: dict, dtype: str) -> Path:
+    out = job.output
+    stages.claim_output(out, "layout", overwrite=job.overwrite)
+    staging = stages.staging_dir(out)
+    shutil.rmtree(staging, ignore_errors=True)
+    manifest = {
+        "tool": "lmi-compile", "tool_version": __version__, "backend": "tensorrt-llm", "layout": job.layout,
+        "model": job.model, "revision": job.revision, "tensor_parallel_degree": job.tp,
+        "pipeline_parallel_degree": job.pp, "dtype": dtype, **build,
+    }
+    props = serving_properties(job, build, dtype, job.upload)
+    write_layout(job.layout, staging, engines, model.root, props, manifest, batch_size=job.build.max_batch_size,
+                 engine_path=job.engine_path)
+    stages.finish(staging, out, "layout", stages.fingerprint(**manifest))
+    if build.get("stand_in"):
+        log.warning("layout: %s holds STAND-IN engines, not a compiled model; do not deploy it", out)
+    return out
 
 
 def run(job: TrtllmJob, until: str = "layout") -> Path:
     if until not in STAGES:
         raise BadInput(f"--until {until!r} is not a stage; use one of {', '.join(STAGES)}")
+    if job.layout not in LAYOUTS:
+        raise BadInput(f"--layout {job.layout!r}; use one of {', '.join(LAYOUTS)}")
+    wants_build = STAGES.index(until) >= STAGES.index("build")
+    if until == "layout" and job.output is None:
+        raise BadInput("--output is required to lay out the artifacts (or stop earlier with --until build)")
+    b = job.build
+    if min(b.max_batch_size, b.max_input_len, b.max_output_len, b.max_num_tokens) < 1:
+        raise BadInput("--max-batch-size, --max-input-len, --max-output-len and --max-num-tokens must be positive")
+    if b.seq_len <= b.max_input_len:
+        raise BadInput(f"--max-seq-len {b.seq_len} must exceed --max-input-len {b.max_input_len} (it counts the "
+                       f"prompt and the output)")
+    # Pre-flight before any heavy work: the toolchain is there, or we stop now, not after the download.
+    tool = find_trtllm_build(job.trtllm_build) if wants_build else None
+    if tool and not tool.gpus:
+        log.warning("build: nvidia-smi sees no GPU; trtllm-build needs one of the architecture you will serve on")
     model = fetch_stage(job.model, job.work, revision=job.revision, token=job.token,
                         trust_remote_code=job.trust_remote_code)
-    resolve(model.config)  # unsupported architectures fail here, before any heavy work
+    resolve(model.config)  # unsupported architectures fail here
     if until == "fetch":
         return model.root
-    ckpt = convert_stage(job, model)
+    ckpt, ckpt_fp = convert_stage(job, model)
     if until == "convert":
         return ckpt
-    raise BadInput(f"--until {until}: the {until} stage needs the TensorRT-LLM build stage, not available yet")
+    engines, build = build_stage(job, tool, ckpt, ckpt_fp)
+    if until == "build":
+        return engines
+    dtype = stages.read_record(ckpt).get("dtype", job.dtype)
+    return layout_stage(job, model, engines, build, dtype)

@@ -1,0 +1,82 @@
+"""serving.properties: read LMI settings users already have, and write the one a layout needs."""
+
+import os
+import re
+from pathlib import Path
+
+from .errors import BadInput
+
+# LMI option name -> (lmi-compile setting, converter). The table is the whole mapping.
+LMI_OPTIONS = {
+    "model_id": ("model", str),
+    "tensor_parallel_degree": ("tp", int),
+    "pipeline_parallel_degree": ("pp", int),
+    "max_rolling_batch_size": ("max_batch_size", int),
+    "max_input_len": ("max_input_len", int),
+    "max_output_len": ("max_output_len", int),
+    "max_num_tokens": ("max_num_tokens", int),
+    "dtype": ("dtype", str),
+    "trust_remote_code": ("trust_remote_code", lambda v: v.strip().lower() == "true"),
+    "n_positions": ("n_positions", int),
+    "revision": ("revision", str),
+}
+LMI_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "auto": "auto",
+              "float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
+TO_LMI_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+def parse(text: str, where: str) -> dict[str, str]:
+    """key=value lines (Java properties subset: # and ! comments, = or : separators)."""
+    out = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line[0] in "#!":
+            continue
+        m = re.match(r"^([^=:\s]+)\s*[=:]\s*(.*)$", line)
+        if not m:
+            raise BadInput(f"{where}:{n}: cannot parse {line[:60]!r}; expected option.name=value")
+        out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def lmi_settings(properties: Path | None, environ=os.environ) -> dict:
+    """Settings from a serving.properties file, overridden by OPTION_* / HF_MODEL_ID environment variables."""
+    raw: dict[str, str] = {}
+    if properties is not None:
+        try:
+            text = Path(properties).read_text()
+        except OSError as e:
+            raise BadInput(f"{properties}: cannot read ({e.strerror})") from None
+        raw.update({k[len("option."):]: v for k, v in parse(text, str(properties)).items() if k.startswith("option.")})
+    for k, v in environ.items():
+        if k.startswith("OPTION_"):
+            raw[k[len("OPTION_"):].lower()] = v
+    if environ.get("HF_MODEL_ID"):
+        raw["model_id"] = environ["HF_MODEL_ID"]
+    out = {}
+    for name, value in raw.items():
+        if name not in LMI_OPTIONS:
+            continue
+        key, conv = LMI_OPTIONS[name]
+        try:
+            out[key] = conv(value)
+        except ValueError:
+            raise BadInput(f"{properties or 'environment'}: option.{name}={value!r} is not valid") from None
+    if "dtype" in out:
+        if out["dtype"] not in LMI_DTYPES:
+            raise BadInput(f"{properties or 'environment'}: option.dtype={out['dtype']!r}; use fp16, bf16 or fp32")
+        out["dtype"] = LMI_DTYPES[out["dtype"]]
+    return out
+
+
+def render(options: dict, *, engine: str | None = None, comments: list[str] = ()) -> str:
+    lines = [f"# {c}" for c in comments]
+    if engine:
+        lines.append(f"engine={engine}")
+    for k, v in options.items():
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            v = str(v).lower()
+        lines.append(f"option.{k}={v}")
+    return "\n".join(lines) + "\n"

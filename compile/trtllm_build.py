@@ -1,0 +1,144 @@
+"""The TensorRT-LLM compiler boundary: running the `trtllm-build` executable.
+
+This is the only place lmi-compile touches TensorRT-LLM. It needs TensorRT-LLM on a host with an NVIDIA
+GPU of the architecture the endpoint will use (engines run only on that GPU architecture and that
+TensorRT-LLM version), e.g. inside the LMI TensorRT-LLM container.
+"""
+
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import LmiCompileError
+from .progress import Progress
+
+log = logging.getLogger("lmi_compile")
+
+INSTALL_HINT = ("run inside the LMI TensorRT-LLM container (deepjavalibrary/djl-serving:*-tensorrt-llm), or "
+                "pip install 'lmi-compile[trtllm]' on a CUDA host, or pass --trtllm-build PATH")
+# Flags lmi-compile sets itself; a pass-through may not override them.
+MANAGED_FLAGS = {"--checkpoint_dir", "--output_dir", "--output_timing_cache", "--workers", "--max_batch_size",
+                 "--max_input_len", "--max_seq_len", "--max_num_tokens", "--gemm_plugin"}
+STANDIN_MARK = "standin"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    max_batch_size: int = 32
+    max_input_len: int = 1024
+    max_output_len: int = 512
+    max_seq_len: int | None = None  # default: max_input_len + max_output_len
+    max_num_tokens: int = 16384
+    gemm_plugin: str = "auto"
+    workers: int | None = None  # default: min(visible GPUs, ranks)
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def seq_len(self) -> int:
+        return self.max_seq_len or self.max_input_len + self.max_output_len
+
+
+@dataclass
+class Toolchain:
+    executable: Path
+    gpus: list[dict] = field(default_factory=list)
+
+    def facts(self) -> dict:
+        return {"trtllm_build": str(self.executable), "gpus": self.gpus}
+
+
+def find_trtllm_build(explicit: str | None) -> Toolchain:
+    """Pre-flight: the executable exists and runs; GPUs read with nvidia-smi where present."""
+    exe = explicit or shutil.which("trtllm-build")
+    if not exe or not Path(exe).is_file() or not os.access(exe, os.X_OK):
+        where = f"{explicit} is not an executable file" if explicit else "trtllm-build is not on PATH"
+        raise LmiCompileError(f"{where}; building engines needs TensorRT-LLM: {INSTALL_HINT}")
+    return Toolchain(Path(exe).resolve(), read_gpus())
+
+
+def read_gpus() -> list[dict]:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run([smi, "--query-gpu=name,compute_cap,memory.total,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 4:
+            gpus.append({"name": parts[0], "compute_capability": parts[1], "memory": parts[2], "driver": parts[3]})
+    return gpus
+
+
+def parse_extra_args(text: str | None) -> tuple[str, ...]:
+    args = tuple(shlex.split(text or ""))
+    for a in args:
+        if a.split("=")[0] in MANAGED_FLAGS:
+            raise LmiCompileError(f"--trtllm-build-args: {a.split('=')[0]} is set by lmi-compile; use its own "
+                                  f"option instead", exit_code=2)
+    return args
+
+
+def build_command(tool: Toolchain, ckpt: Path, out: Path, opts: BuildOptions, world: int) -> list[str]:
+    workers = opts.workers or max(1, min(len(tool.gpus) or 1, world))
+    return [str(tool.executable), "--checkpoint_dir", str(ckpt), "--output_dir", str(out),
+            "--max_batch_size", str(opts.max_batch_size), "--max_input_len", str(opts.max_input_len),
+            "--max_seq_len", str(opts.seq_len), "--max_num_tokens", str(opts.max_num_tokens),
+            "--gemm_plugin", opts.gemm_plugin, "--workers", str(min(workers, world)),
+            "--output_timing_cache", str(out / "model.cache"), *opts.extra_args]
+
+
+def build_engines(tool: Toolchain, ckpt: Path, out: Path, opts: BuildOptions, log_dir: Path) -> dict:
+    """Run trtllm-build; show per-rank progress; check every rank engine and the engine config exist."""
+    world = json.loads((ckpt / "config.json").read_text())["mapping"]["world_size"]
+    out.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / "trtllm-build.log"
+    cmd = build_command(tool, ckpt, out, opts, world)
+    log.info("build: %s", " ".join(shlex.quote(c) for c in cmd))
+    bar = Progress(total=world, desc="build engines", unit="rank")
+    with open(log_path, "w") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=out)
+        try:
+            while proc.poll() is None:
+                time.sleep(0.5)
+                bar.update(len(list(out.glob("rank*.engine"))) - bar.n)
+        except BaseException:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+        finally:
+            bar.update(len(list(out.glob("rank*.engine"))) - bar.n)
+            bar.close()
+    if proc.returncode != 0:
+        tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-1:] or ["(no output)"]
+        raise LmiCompileError(f"trtllm-build failed with exit code {proc.returncode}; see {log_path}: {tail[0][:300]}")
+    missing = [f"rank{r}.engine" for r in range(world) if not (out / f"rank{r}.engine").is_file()]
+    engine_cfg_path = out / "config.json"
+    if missing or not engine_cfg_path.is_file():
+        raise LmiCompileError(f"{out}: trtllm-build exited 0 but wrote no {', '.join(missing) or 'config.json'}; "
+                              f"see {log_path}")
+    engine_cfg = json.loads(engine_cfg_path.read_text())
+    if "build_config" not in engine_cfg or "pretrained_config" not in engine_cfg:
+        raise LmiCompileError(f"{engine_cfg_path}: lacks build_config/pretrained_config; not a trtllm-build output")
+    version = str(engine_cfg.get("version", "unknown"))
+    if STANDIN_MARK in version:
+        log.warning("build: engines came from a STAND-IN trtllm-build (%s): they are placeholders, not a "
+                    "compiled model", version)
+    return {"tensorrt_llm_version": version, "stand_in": STANDIN_MARK in version, "world_size": world,
+            "build_options": {"max_batch_size": opts.max_batch_size, "max_input_len": opts.max_input_len,
+                              "max_seq_len": opts.seq_len, "max_num_tokens": opts.max_num_tokens,
+                              "gemm_plugin": opts.gemm_plugin, "extra_args": list(opts.extra_args)},
+            **tool.facts()}

@@ -1,0 +1,202 @@
+"""The whole `lmi-compile trtllm` pipeline, through the trtllm-build STAND-IN (and the real one where installed)."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import error_line, run_cli
+
+STANDIN = Path(__file__).parent / "standins" / "trtllm-build"
+HF_FILES = ["config.json", "generation_config.json", "special_tokens_map.json", "tokenizer.json",
+            "tokenizer_config.json"]
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def props(path: Path) -> dict:
+    return dict(ln.split("=", 1) for ln in path.read_text().splitlines() if ln and not ln.startswith("#"))
+
+
+def compile_trtllm(model, tmp_path, *args, env=None):
+    return run_cli("trtllm", model, "--work-dir", tmp_path / "work", "--output", tmp_path / "out",
+                   "--trtllm-build", STANDIN, *args, env=env)
+
+
+def test_triton_layout_tree(model_factory, tmp_path):
+    model = model_factory(shards=2)
+    proc = compile_trtllm(model, tmp_path, "--tp", "2", "--pp", "2", "--max-batch-size", "8",
+                          "--upload", "s3://models/llama-trt/")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    assert tree(out) == sorted([
+        ".lmi-compile-stage.json", "lmi-compile.json", "serving.properties",
+        "tensorrt_llm/config.pbtxt", *[f"tensorrt_llm/{f}" for f in HF_FILES],
+        "tensorrt_llm/1/config.json", "tensorrt_llm/1/model.cache",
+        *[f"tensorrt_llm/1/rank{r}.engine" for r in range(4)]])
+    repo = out / "tensorrt_llm"
+    for f in HF_FILES:
+        assert sha(repo / f) == sha(model / f)
+    pbtxt = (repo / "config.pbtxt").read_text()
+    assert "${" not in pbtxt and 'backend: "tensorrtllm"' in pbtxt and "decoupled: True" in pbtxt
+    assert "max_batch_size: 8" in pbtxt and '"/opt/ml/model/tensorrt_llm/1"' in pbtxt
+    engine_cfg = json.loads((repo / "1" / "config.json").read_text())
+    assert engine_cfg["pretrained_config"]["mapping"]["world_size"] == 4
+    assert engine_cfg["build_config"]["max_batch_size"] == 8 and engine_cfg["build_config"]["max_seq_len"] == 1536
+    assert props(out / "serving.properties") == {
+        "engine": "MPI", "option.model_id": "s3://models/llama-trt/", "option.tensor_parallel_degree": "2",
+        "option.pipeline_parallel_degree": "2", "option.rolling_batch": "trtllm",
+        "option.max_rolling_batch_size": "8", "option.max_input_len": "1024", "option.max_output_len": "512",
+        "option.max_num_tokens": "16384", "option.dtype": "fp32"}
+    manifest = json.loads((out / "lmi-compile.json").read_text())
+    assert manifest["stand_in"] is True and "standin" in manifest["tensorrt_llm_version"]
+    assert manifest["layout"] == "triton" and manifest["world_size"] == 4
+    assert "STAND-IN" in proc.stderr  # never presented as a compiled model
+    # LMI's own check: a direct sub-folder holding config.pbtxt and tokenizer_config.json
+    assert [d.name for d in out.iterdir() if (d / "config.pbtxt").is_file() and (d / "tokenizer_config.json").is_file()] \
+        == ["tensorrt_llm"]
+
+
+def test_engine_dir_layout_tree(model_factory, tmp_path):
+    model = model_factory(family="qwen2")
+    proc = compile_trtllm(model, tmp_path, "--tp", "2", "--layout", "engine-dir", "--dtype", "bfloat16")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    assert tree(out) == sorted([".lmi-compile-stage.json", "lmi-compile.json", "serving.properties", "config.json",
+                                "rank0.engine", "rank1.engine", "generation_config.json", "special_tokens_map.json",
+                                "tokenizer.json", "tokenizer_config.json"])
+    top = json.loads((out / "config.json").read_text())
+    assert "build_config" in top and top["pretrained_config"]["architecture"] == "Qwen2ForCausalLM"
+    assert top["pretrained_config"]["dtype"] == "bfloat16"
+    p = props(out / "serving.properties")
+    assert p["option.dtype"] == "bf16" and "option.model_id" not in p
+    assert "option.model_id" in (out / "serving.properties").read_text()  # as a comment telling what to set
+
+
+def test_rerun_skips_and_option_change_invalidates_only_later_stages(model_factory, tmp_path):
+    model = model_factory()
+    assert compile_trtllm(model, tmp_path, "--tp", "2").returncode == 0
+    work = tmp_path / "work"
+    ck_mtime = (work / "checkpoint" / "rank0.safetensors").stat().st_mtime_ns
+    eng_mtime = (work / "engines" / "rank0.engine").stat().st_mtime_ns
+    again = compile_trtllm(model, tmp_path, "--tp", "2")
+    assert again.returncode == 0, again.stderr
+    assert "convert: " in again.stderr and "skipping" in again.stderr
+    assert (work / "engines" / "rank0.engine").stat().st_mtime_ns == eng_mtime
+    changed = compile_trtllm(model, tmp_path, "--tp", "2", "--max-batch-size", "4")
+    assert changed.returncode == 0, changed.stderr
+    assert (work / "checkpoint" / "rank0.safetensors").stat().st_mtime_ns == ck_mtime
+    assert (work / "engines" / "rank0.engine").stat().st_mtime_ns != eng_mtime
+    assert props(tmp_path / "out" / "serving.properties")["option.max_rolling_batch_size"] == "4"
+
+
+def test_settings_from_serving_properties_and_env(model_factory, tmp_path):
+    model = model_factory()
+    sp = tmp_path / "serving.properties"
+    sp.write_text(f"engine=MPI\noption.model_id={model}\noption.tensor_parallel_degree=4\n"
+                  "option.max_rolling_batch_size=16\noption.dtype=bf16\n")
+    proc = run_cli("trtllm", "--properties", sp, "--work-dir", tmp_path / "work", "--output", tmp_path / "out",
+                   "--trtllm-build", STANDIN, env={"OPTION_MAX_INPUT_LEN": "2048"})
+    assert proc.returncode == 0, proc.stderr
+    p = props(tmp_path / "out" / "serving.properties")
+    assert p["option.tensor_parallel_degree"] == "4" and p["option.max_rolling_batch_size"] == "16"
+    assert p["option.max_input_len"] == "2048" and p["option.dtype"] == "bf16"
+    # an explicit flag wins over the file
+    proc = run_cli("trtllm", "--properties", sp, "--tp", "2", "--work-dir", tmp_path / "work", "--output",
+                   tmp_path / "out", "--trtllm-build", STANDIN)
+    assert proc.returncode == 0, proc.stderr
+    assert props(tmp_path / "out" / "serving.properties")["option.tensor_parallel_degree"] == "2"
+
+
+def test_pass_through_flags_reach_trtllm_build(model_factory, tmp_path):
+    proc = compile_trtllm(model_factory(), tmp_path, "--trtllm-build-args", "--use_paged_context_fmha enable")
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads((tmp_path / "out" / "tensorrt_llm" / "1" / "config.json").read_text())
+    assert cfg["build_config"]["plugin_config"]["use_paged_context_fmha"] == "enable"
+    log = (tmp_path / "work" / "logs" / "trtllm-build.log").read_text()
+    assert "STAND-IN" in log
+
+
+def test_pass_through_cannot_override_managed_flags(model_factory, tmp_path):
+    proc = compile_trtllm(model_factory(), tmp_path, "--trtllm-build-args", "--output_dir /elsewhere")
+    assert proc.returncode == 2 and "--output_dir is set by lmi-compile" in error_line(proc)
+
+
+def test_standin_rejects_flags_the_real_tool_lacks(model_factory, tmp_path):
+    proc = compile_trtllm(model_factory(), tmp_path, "--trtllm-build-args", "--no_such_flag 1")
+    assert proc.returncode == 1
+    line = error_line(proc)
+    assert "trtllm-build failed with exit code 2" in line and "trtllm-build.log" in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work" / "engines").exists()
+
+
+def test_failed_build_leaves_no_output(model_factory, tmp_path):
+    broken = tmp_path / "trtllm-build"
+    broken.write_text("#!/bin/sh\necho 'building rank 0'\necho 'CUDA error: out of memory' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    proc = run_cli("trtllm", model_factory(), "--work-dir", tmp_path / "work", "--output", tmp_path / "out",
+                   "--trtllm-build", broken)
+    assert proc.returncode == 1
+    assert "exit code 3" in error_line(proc) and "out of memory" in error_line(proc)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work" / "engines").exists()
+
+
+def test_missing_toolchain_fails_before_heavy_work(model_factory, tmp_path):
+    env = {"PATH": "/usr/bin:/bin"}
+    proc = run_cli("trtllm", model_factory(), "--work-dir", tmp_path / "work", "--output", tmp_path / "out", env=env)
+    assert proc.returncode == 1
+    line = error_line(proc)
+    assert "trtllm-build is not on PATH" in line and "tensorrt-llm" in line.lower() and "container" in line
+    assert not (tmp_path / "work" / "checkpoint").exists()
+
+
+def test_output_safety(model_factory, tmp_path):
+    model = model_factory()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("user data")
+    proc = compile_trtllm(model, tmp_path)
+    assert proc.returncode == 2 and "--overwrite" in error_line(proc)
+    assert (out / "precious.txt").read_text() == "user data" and tree(out) == ["precious.txt"]
+    proc = compile_trtllm(model, tmp_path, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert not (out / "precious.txt").exists() and (out / "tensorrt_llm" / "config.pbtxt").is_file()
+    # a rerun of the same job may replace its own output without --overwrite
+    assert compile_trtllm(model, tmp_path, "--tp", "2").returncode == 0
+
+
+def test_until_stops_early(model_factory, tmp_path):
+    proc = compile_trtllm(model_factory(), tmp_path, "--until", "build")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "work" / "engines" / "rank0.engine").is_file() and not (tmp_path / "out").exists()
+
+
+def _real_toolchain() -> bool:
+    try:
+        import tensorrt_llm  # noqa: F401
+    except Exception:
+        return False
+    return shutil.which("trtllm-build") is not None and shutil.which("nvidia-smi") is not None and \
+        subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+@pytest.mark.real_trtllm
+@pytest.mark.skipif(not _real_toolchain(), reason="needs TensorRT-LLM (trtllm-build) and an NVIDIA GPU")
+def test_real_trtllm_build(model_factory, tmp_path):
+    model = model_factory()
+    proc = run_cli("trtllm", model, "--tp", "1", "--dtype", "float16", "--max-batch-size", "2", "--max-input-len",
+                   "64", "--max-output-len", "64", "--max-num-tokens", "128", "--work-dir", tmp_path / "work",
+                   "--output", tmp_path / "out", timeout=3600)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "out" / "lmi-compile.json").read_text())
+    assert manifest["stand_in"] is False and manifest["gpus"]
+    assert (tmp_path / "out" / "tensorrt_llm" / "1" / "rank0.engine").stat().st_size > 1_000_000
