@@ -69,6 +69,23 @@ def fetch(
                f"{len(ck.tensors)} tensors in {len(ck.files)} {ck.format} file(s), {ck.total_bytes / 2**20:.1f} MiB")
 
 
+@app.command()
+def push(
+    folder: Annotated[Path, typer.Argument(help="The artifact folder to publish.", show_default=False)],
+    uri: Annotated[str, typer.Argument(help="s3://bucket/prefix/ to publish to.", show_default=False)],
+    overwrite: Overwrite = False,
+    delete_local: Annotated[bool, typer.Option("--delete-local", help="Delete FOLDER after the upload is verified.")] = False,
+    concurrency: Annotated[Optional[int], typer.Option(help="Parallel requests (default from CPU count).")] = None,
+    part_size_mb: Annotated[Optional[int], typer.Option("--part-size-mb", help="Multipart part size in MiB (default 32).")] = None,
+):
+    """Publish FOLDER to S3: checksummed, verified with HEAD, resumable, manifest written last."""
+    from .publish import push as run_push
+
+    manifest = run_push(folder, uri, overwrite=overwrite, delete_local=delete_local, concurrency=concurrency,
+                        part_size=part_size_mb * 1024 * 1024 if part_size_mb else None)
+    typer.echo(f"published {len(manifest['objects'])} objects to {uri}")
+
+
 def _pick(cli, settings: dict, key: str, default):
     """An explicit command-line value wins, then serving.properties / OPTION_* settings, then the default."""
     if cli is not None:
@@ -137,6 +154,11 @@ def trtllm(
     if workers:
         job.workers = workers
     out = run(job, until)
+    if upload and until == "layout":
+        from .publish import push as run_push
+
+        run_push(out, upload, overwrite=overwrite)
+        typer.echo(f"published: {upload}")
     typer.echo(f"{until}: {out}")
 
 

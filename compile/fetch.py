@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import stages
-from .errors import BadInput
+from .errors import BadInput, LmiCompileError
 from .hf_config import read_json
 from .validate import ValidatedModel, validate_model_dir
 
@@ -82,7 +82,12 @@ def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool) -> str:
 
     uri = parse_s3_uri(location)
     client = make_client()
+    from .publish import MANIFEST_KEY, MARKER_KEY
+
     objects = list_objects(client, uri)
+    if MARKER_KEY in objects and MANIFEST_KEY not in objects:
+        raise BadInput(f"{uri}: incomplete upload (an lmi-compile push started but never wrote its manifest); "
+                       f"rerun the push before using this prefix")
     if not objects:
         raise BadInput(f"{uri}: no objects under this prefix; check the bucket and prefix (it needs a trailing "
                        f"model folder, e.g. s3://bucket/models/llama/)")
@@ -92,4 +97,25 @@ def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool) -> str:
     index = read_json(dest / index_name) if index_name else None
     weights = weight_files(objects, index, index_name, source=str(uri))
     download_files(client, uri, weights, dest, objects, desc="fetch weights")
+    if MANIFEST_KEY in objects:
+        _check_against_manifest(client, uri, dest, small + weights)
     return str(uri)
+
+
+def _check_against_manifest(client, uri, dest: Path, rels: list[str]) -> None:
+    """A prefix published by lmi-compile: every fetched file must match the manifest's size and checksum."""
+    import json
+
+    from .publish import MANIFEST_KEY, s3_checksum
+
+    body = client.get_object(Bucket=uri.bucket, Key=uri.key(MANIFEST_KEY))["Body"].read()
+    objects = json.loads(body).get("objects", {})
+    for rel in rels:
+        want = objects.get(rel)
+        if want is None:
+            continue
+        path = dest / rel
+        size = path.stat().st_size
+        if size != want["size"] or s3_checksum(path, size, want["part_size"]) != want["checksum_sha256"]:
+            raise LmiCompileError(f"{uri}{rel}: downloaded file does not match the upload manifest (size or "
+                                  f"checksum); download again")

@@ -114,6 +114,10 @@ def run(job: TrtllmJob, until: str = "layout") -> Path:
         raise BadInput(f"--max-seq-len {b.seq_len} must exceed --max-input-len {b.max_input_len} (it counts the "
                        f"prompt and the output)")
     # Pre-flight before any heavy work: the toolchain is there, or we stop now, not after the download.
+    if job.upload:
+        from .publish import preflight
+
+        preflight(job.upload)
     tool = find_trtllm_build(job.trtllm_build) if wants_build else None
     if tool and not tool.gpus:
         log.warning("build: nvidia-smi sees no GPU; trtllm-build needs one of the architecture you will serve on")

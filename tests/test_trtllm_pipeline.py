@@ -32,10 +32,10 @@ def compile_trtllm(model, tmp_path, *args, env=None):
                    "--trtllm-build", STANDIN, *args, env=env)
 
 
-def test_triton_layout_tree(model_factory, tmp_path):
+def test_triton_layout_tree(model_factory, tmp_path, s3_env, s3_prefix):
     model = model_factory(shards=2)
     proc = compile_trtllm(model, tmp_path, "--tp", "2", "--pp", "2", "--max-batch-size", "8",
-                          "--upload", "s3://models/llama-trt/")
+                          "--upload", s3_prefix)
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
     assert tree(out) == sorted([
@@ -53,7 +53,7 @@ def test_triton_layout_tree(model_factory, tmp_path):
     assert engine_cfg["pretrained_config"]["mapping"]["world_size"] == 4
     assert engine_cfg["build_config"]["max_batch_size"] == 8 and engine_cfg["build_config"]["max_seq_len"] == 1536
     assert props(out / "serving.properties") == {
-        "engine": "MPI", "option.model_id": "s3://models/llama-trt/", "option.tensor_parallel_degree": "2",
+        "engine": "MPI", "option.model_id": s3_prefix, "option.tensor_parallel_degree": "2",
         "option.pipeline_parallel_degree": "2", "option.rolling_batch": "trtllm",
         "option.max_rolling_batch_size": "8", "option.max_input_len": "1024", "option.max_output_len": "512",
         "option.max_num_tokens": "16384", "option.dtype": "fp32"}

@@ -1,0 +1,366 @@
+"""The push stage: publish a local artifact tree to an S3 prefix, verified, resumable and atomic.
+
+- Every object goes up with a SHA256 checksum the server verifies (per part for multipart uploads);
+  afterwards every key is confirmed with HEAD (size and S3's checksum, composite for multipart).
+- A marker object is written first and the manifest (every key, size, checksum, build facts) last, then
+  the marker is removed: a prefix with the marker and no manifest is an incomplete upload.
+- A rerun skips objects whose size AND checksum already match, and uploads the rest.
+- A prefix holding anything else is refused unless --overwrite; multipart uploads started by a failed
+  run are aborted; local files are deleted only with --delete-local, after verification.
+"""
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__, stages
+from .errors import BadInput, LmiCompileError
+from .paths import resolve_inside
+from .progress import bytes_bar
+from .s3 import S3Uri, default_concurrency, list_objects, make_client, parse_s3_uri, translate
+
+log = logging.getLogger("lmi_compile")
+
+MANIFEST_KEY = "lmi-compile-manifest.json"
+MARKER_KEY = "lmi-compile-upload-in-progress.json"
+MIB = 1024 * 1024
+DEFAULT_PART = 32 * MIB
+MAX_PARTS = 10000
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    rel: str
+    path: Path
+    size: int
+
+
+def local_files(root: Path) -> list[LocalFile]:
+    """Every regular file under root (hidden bookkeeping files excluded), none escaping root."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BadInput(f"{root}: not a folder; push takes the folder to publish")
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in p.relative_to(root).parts):
+            continue
+        if p.is_dir():
+            continue
+        real = resolve_inside(root, rel, what=str(p))
+        if not real.is_file():
+            raise BadInput(f"{p}: not a regular file; push uploads files only")
+        out.append(LocalFile(rel, real, real.stat().st_size))
+    if not out:
+        raise BadInput(f"{root}: nothing to publish (empty folder)")
+    return out
+
+
+def part_size_for(size: int, configured: int = DEFAULT_PART) -> int:
+    """Parts of `configured` bytes, grown (in MiB steps) to stay within S3's 10,000 parts."""
+    need = -(-size // MAX_PARTS)
+    return max(configured, -(-need // MIB) * MIB)
+
+
+def b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+_buffers = threading.local()
+
+
+def _read(path: Path, offset: int, n: int) -> memoryview:
+    """Read into a per-thread reused buffer (no fresh allocation, no page faults per part)."""
+    buf = getattr(_buffers, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = _buffers.buf = bytearray(max(n, DEFAULT_PART))
+    view = memoryview(buf)[:n]
+    with open(path, "rb", buffering=0) as f:
+        got = 0
+        while got < n:
+            k = os.preadv(f.fileno(), [view[got:]], offset + got)
+            if k <= 0:
+                raise LmiCompileError(f"{path}: file shrank during upload; do not modify artifacts while pushing")
+            got += k
+    return view
+
+
+def s3_checksum(path: Path, size: int, part_size: int) -> str:
+    """The ChecksumSHA256 S3 reports for this file uploaded with this part size (composite if multipart)."""
+    if size <= part_size:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(8 * MIB):
+                h.update(chunk)
+        return b64(h.digest())
+    digests = []
+    with open(path, "rb") as f:
+        for _ in range(-(-size // part_size)):
+            h = hashlib.sha256()
+            left = part_size
+            while left and (chunk := f.read(min(8 * MIB, left))):
+                h.update(chunk)
+                left -= len(chunk)
+            digests.append(h.digest())
+    return f"{b64(hashlib.sha256(b''.join(digests)).digest())}-{len(digests)}"
+
+
+class Publisher:
+    def __init__(self, client, uri: S3Uri, *, concurrency: int, part_size: int):
+        self.client, self.uri = client, uri
+        self.concurrency, self.part_size = concurrency, part_size
+        self.parts = ThreadPoolExecutor(concurrency, thread_name_prefix="part")
+        self.open_uploads: dict[str, str] = {}  # key -> UploadId, until completed
+        self._lock = threading.Lock()
+        self.bar = None
+
+    def _call(self, op: str, **kw):
+        try:
+            return getattr(self.client, op)(Bucket=self.uri.bucket, **kw)
+        except Exception as e:
+            raise translate(e, f"{self.uri}{kw.get('Key', '')[len(self.uri.prefix):]}") from None
+
+    def head(self, rel: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.uri.bucket, Key=self.uri.key(rel), ChecksumMode="ENABLED")
+        except ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise translate(e, f"{self.uri}{rel}") from None
+
+    def get_json(self, rel: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.uri.bucket, Key=self.uri.key(rel))["Body"].read()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise translate(e, f"{self.uri}{rel}") from None
+        try:
+            return json.loads(body)
+        except ValueError:
+            return None
+
+    def put_json(self, rel: str, data: dict) -> None:
+        body = (json.dumps(data, indent=2) + "\n").encode()
+        self._call("put_object", Key=self.uri.key(rel), Body=body, ChecksumSHA256=b64(hashlib.sha256(body).digest()),
+                   ContentType="application/json")
+
+    def upload(self, f: LocalFile) -> str:
+        """Upload one file; return the checksum S3 now reports for it."""
+        if f.size <= self.part_size:
+            data = _read(f.path, 0, f.size)
+            digest = b64(hashlib.sha256(data).digest())
+            self._call("put_object", Key=self.uri.key(f.rel), Body=bytes(data), ChecksumSHA256=digest)
+            self.bar.update(f.size)
+            return digest
+        key = self.uri.key(f.rel)
+        upload_id = self._call("create_multipart_upload", Key=key, ChecksumAlgorithm="SHA256")["UploadId"]
+        with self._lock:
+            self.open_uploads[key] = upload_id
+        n = -(-f.size // self.part_size)
+
+        def part(i: int):
+            off = i * self.part_size
+            size = min(self.part_size, f.size - off)
+            data = _read(f.path, off, size)
+            raw = hashlib.sha256(data).digest()
+            r = self._call("upload_part", Key=key, UploadId=upload_id, PartNumber=i + 1, Body=bytes(data),
+                           ChecksumSHA256=b64(raw))
+            self.bar.update(size)
+            return {"PartNumber": i + 1, "ETag": r["ETag"], "ChecksumSHA256": b64(raw)}, raw
+
+        futures = [self.parts.submit(part, i) for i in range(n)]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for fut in futures:
+            if fut.done() and fut.exception():
+                for other in futures:
+                    other.cancel()
+                raise fut.exception()
+        results = [fut.result() for fut in futures]
+        self._call("complete_multipart_upload", Key=key, UploadId=upload_id,
+                   MultipartUpload={"Parts": [p for p, _ in results]})
+        with self._lock:
+            self.open_uploads.pop(key, None)
+        return f"{b64(hashlib.sha256(b''.join(raw for _, raw in results)).digest())}-{n}"
+
+    def abort_open_uploads(self) -> list[str]:
+        aborted = []
+        with self._lock:
+            pending = dict(self.open_uploads)
+            self.open_uploads.clear()
+        for key, upload_id in pending.items():
+            try:
+                self.client.abort_multipart_upload(Bucket=self.uri.bucket, Key=key, UploadId=upload_id)
+                aborted.append(key)
+            except Exception as e:  # best effort: report, the lifecycle rule is the user's last resort
+                log.warning("push: could not abort multipart upload of %s (%s)", key, type(e).__name__)
+        return aborted
+
+
+def preflight(uri_text: str) -> S3Uri:
+    """Before hours of compile: the URI parses, credentials work and the bucket exists."""
+    uri = parse_s3_uri(uri_text)
+    if not uri.prefix:
+        raise BadInput(f"{uri}: give a prefix (s3://bucket/models/NAME/), not a whole bucket")
+    client = make_client()
+    try:
+        client.list_objects_v2(Bucket=uri.bucket, Prefix=uri.prefix, MaxKeys=1)
+    except Exception as e:
+        raise translate(e, str(uri)) from None
+    return uri
+
+
+def content_id(root: Path, files: list[LocalFile]) -> str:
+    """Identity of what is being published: our stage record when present, else names, sizes, mtimes."""
+    rec = stages.read_record(root)
+    if rec and rec.get("fingerprint"):
+        return rec["fingerprint"]
+    return stages.fingerprint(files=[(f.rel, f.size, f.path.stat().st_mtime_ns) for f in files])
+
+
+def push(root: Path, uri_text: str, *, overwrite: bool = False, delete_local: bool = False,
+         concurrency: int | None = None, part_size: int | None = None, client=None) -> dict:
+    """Publish `root` to `uri_text`; return the manifest written."""
+    root = Path(root)
+    uri = parse_s3_uri(uri_text)
+    if not uri.prefix:
+        raise BadInput(f"{uri}: give a prefix (s3://bucket/models/NAME/), not a whole bucket")
+    files = local_files(root)
+    cid = content_id(root, files)
+    client = client or make_client(max_pool=max(64, 2 * (concurrency or default_concurrency())))
+    pub = Publisher(client, uri, concurrency=concurrency or default_concurrency(),
+                    part_size=part_size or DEFAULT_PART)
+    existing = list_objects(client, uri)
+    manifest = pub.get_json(MANIFEST_KEY) if MANIFEST_KEY in existing else None
+    marker = pub.get_json(MARKER_KEY) if MARKER_KEY in existing else None
+    ours = {f.rel for f in files}
+    if manifest and manifest.get("content_id") == cid and all(
+            existing.get(f.rel) == f.size for f in files):
+        log.info("push: %s already holds this exact upload (manifest matches); nothing to do", uri)
+        return manifest
+    foreign = {k for k in existing if k not in (MANIFEST_KEY, MARKER_KEY)}
+    resuming = bool(marker) and marker.get("content_id") == cid
+    if foreign and not resuming and not overwrite:
+        raise BadInput(f"{uri}: prefix already holds {len(foreign)} object(s) of another upload (e.g. "
+                       f"{sorted(foreign)[0]}); choose an empty prefix or pass --overwrite to replace them")
+    if manifest:
+        pub._call("delete_object", Key=uri.key(MANIFEST_KEY))  # the prefix reads incomplete while it changes
+    if resuming or overwrite:
+        # A run killed with SIGKILL could not abort its multipart uploads; they are ours, so end them now.
+        stale = pub._call("list_multipart_uploads", Prefix=uri.prefix).get("Uploads", [])
+        for up in stale:
+            pub._call("abort_multipart_upload", Key=up["Key"], UploadId=up["UploadId"])
+        if stale:
+            log.info("push: aborted %d multipart upload(s) left by an interrupted run", len(stale))
+    pub.put_json(MARKER_KEY, {"content_id": cid, "tool_version": __version__,
+                              "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+    entries: dict[str, dict] = {}
+    todo = []
+    for f in files:
+        ps = part_size_for(f.size, pub.part_size)
+        if existing.get(f.rel) == f.size:
+            head = pub.head(f.rel)
+            remote = (head or {}).get("ChecksumSHA256")
+            if remote and remote == s3_checksum(f.path, f.size, ps):
+                entries[f.rel] = {"size": f.size, "checksum_sha256": remote, "part_size": ps}
+                continue
+        todo.append((f, ps))
+    skipped = len(files) - len(todo)
+    if skipped:
+        log.info("push: %d object(s) already uploaded with matching checksums, kept", skipped)
+    pub.bar = bytes_bar(sum(f.size for f, _ in todo), f"push to {uri}")
+    done_rels: list[str] = []
+    try:
+        with ThreadPoolExecutor(pub.concurrency, thread_name_prefix="file") as files_pool:
+            todo.sort(key=lambda t: -t[0].size)  # big files first: their parts keep the pool busy
+
+            def one(item):
+                f, ps = item
+                file_pub = pub if ps == pub.part_size else _with_part_size(pub, ps)
+                checksum = file_pub.upload(f)
+                entries[f.rel] = {"size": f.size, "checksum_sha256": checksum, "part_size": ps}
+                done_rels.append(f.rel)
+
+            futures = [files_pool.submit(one, item) for item in todo]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [fut for fut in futures if fut.done() and fut.exception()]
+            if failed:
+                for fut in futures:
+                    fut.cancel()
+                raise failed[0].exception()
+        verify(pub, files, entries)
+        if overwrite:
+            for stale in sorted(foreign - ours):
+                pub._call("delete_object", Key=uri.key(stale))
+        manifest = {"tool": "lmi-compile", "tool_version": __version__, "content_id": cid,
+                    "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "objects": {rel: entries[rel] for rel in sorted(entries)}, "build": _build_facts(root)}
+        pub.put_json(MANIFEST_KEY, manifest)
+        pub._call("delete_object", Key=uri.key(MARKER_KEY))
+    except BaseException as e:
+        pub.parts.shutdown(wait=True, cancel_futures=True)
+        aborted = pub.abort_open_uploads()
+        missing = sorted(ours - set(entries))
+        summary = (f"{len(entries)} of {len(files)} objects are uploaded; not uploaded: "
+                   f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if aborted:
+            summary += f"; aborted {len(aborted)} unfinished multipart upload(s)"
+        if isinstance(e, LmiCompileError):
+            raise type(e)(f"{e}; push incomplete: {summary}; rerun to resume", exit_code=e.exit_code) from None
+        if isinstance(e, Exception):
+            raise LmiCompileError(f"push to {uri} failed ({type(e).__name__}: {str(e)[:200]}); {summary}; "
+                                  f"rerun to resume") from None
+        raise
+    finally:
+        pub.bar.close()
+        pub.parts.shutdown(wait=False)
+    log.info("push: %d object(s), %.1f MiB at %s, verified; manifest written last", len(files),
+             sum(f.size for f in files) / MIB, uri)
+    if delete_local:
+        shutil.rmtree(root)
+        log.info("push: deleted local %s after verification (--delete-local)", root)
+    return manifest
+
+
+def _with_part_size(pub: Publisher, part_size: int) -> Publisher:
+    """A view of the publisher with a larger part size (very large files), sharing pools and state."""
+    clone = object.__new__(Publisher)
+    clone.__dict__.update(pub.__dict__)
+    clone.part_size = part_size
+    return clone
+
+
+def verify(pub: Publisher, files: list[LocalFile], entries: dict) -> None:
+    """HEAD every key: its size and S3's checksum must be what was sent."""
+    with ThreadPoolExecutor(min(32, pub.concurrency)) as pool:
+        heads = dict(zip([f.rel for f in files], pool.map(pub.head, [f.rel for f in files])))
+    for f in files:
+        head = heads[f.rel]
+        if head is None:
+            raise LmiCompileError(f"{pub.uri}{f.rel}: missing after upload")
+        if head["ContentLength"] != f.size:
+            raise LmiCompileError(f"{pub.uri}{f.rel}: size {head['ContentLength']} after upload, expected {f.size}")
+        if head.get("ChecksumSHA256") != entries[f.rel]["checksum_sha256"]:
+            raise LmiCompileError(f"{pub.uri}{f.rel}: checksum {head.get('ChecksumSHA256')} after upload, "
+                                  f"expected {entries[f.rel]['checksum_sha256']}")
+
+
+def _build_facts(root: Path) -> dict:
+    p = root / "lmi-compile.json"
+    try:
+        return json.loads(p.read_text()) if p.is_file() else {}
+    except ValueError:
+        return {}
