@@ -33,6 +33,9 @@ TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code",
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output that is not ours.")]
 
 
+_VERBOSE = False
+
+
 def _version(value: bool):
     if value:
         typer.echo(f"lmi-compile {__version__}")
@@ -47,6 +50,8 @@ def _root(
 ):
     from .progress import setup_logging
 
+    global _VERBOSE
+    _VERBOSE = verbose
     setup_logging(verbose)
 
 
@@ -162,6 +167,64 @@ def trtllm(
     typer.echo(f"{until}: {out}")
 
 
+@app.command()
+def neuron(
+    model: Annotated[Optional[str], typer.Argument(help="Hub repo id, s3:// prefix or local folder (or "
+                                                       "option.model_id from --properties).", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where the LMI artifact tree is written.")] = None,
+    n_positions: Annotated[Optional[int], typer.Option("--n-positions", help="Longest sequence (option.n_positions). [default: the model's max_position_embeddings, at most 4096]")] = None,
+    tp: Annotated[Optional[int], typer.Option("--tp", help="NeuronCores to shard over (option.tensor_parallel_degree). [default: 2]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Batch size compiled in (LMI's option.max_rolling_batch_size). [default: 4]")] = None,
+    amp: Annotated[Optional[str], typer.Option("--amp", help="f16, bf16 or f32 (option.dtype fp16/bf16/fp32). [default: bf16]")] = None,
+    context_length_estimate: Annotated[Optional[str], typer.Option("--context-length-estimate", help="Context buckets, e.g. 1024,2048.")] = None,
+    format: Annotated[str, typer.Option("--format", help="optimum (checkpoint/ + compiled/) or split (split model + compiled graph).")] = "optimum",
+    allow_longer: Annotated[bool, typer.Option("--allow-longer", help="Allow --n-positions above max_position_embeddings when rope scaling covers it.")] = False,
+    neuron_cache: Annotated[Optional[Path], typer.Option("--neuron-cache", help="Compile cache to keep or reuse (NEURON_COMPILE_CACHE_URL).")] = None,
+    compile_entry: Annotated[Optional[str], typer.Option("--compile-entry", help="Command that compiles (default: python -m lmi_compile.neuron_entry).")] = None,
+    properties: Annotated[Optional[Path], typer.Option("--properties", help="Read settings from an existing serving.properties (OPTION_* env vars also apply).")] = None,
+    upload: Annotated[Optional[str], typer.Option("--upload", help="S3 prefix to publish the output to (goes into option.model_id).")] = None,
+    work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Stage folders (default ./lmi-compile-work/NAME).")] = None,
+    until: Annotated[str, typer.Option(help="Stop after this stage: fetch, split, compile or layout.")] = "layout",
+    revision: Revision = None,
+    token: Token = None,
+    trust_remote_code: TrustRemoteCode = False,
+    overwrite: Overwrite = False,
+    force: Annotated[bool, typer.Option("--force", help="Redo every stage.")] = False,
+):
+    """Compile MODEL for AWS Neuron (inf2/trn1): fetch, write split weights, compile NEFF graphs with
+    transformers-neuronx, and lay out the tree LMI loads with its serving.properties."""
+    from .errors import BadInput
+    from .fetch import parse_source
+    from .neuron import NeuronJob, run
+    from .pipeline import WorkDir, default_work_dir
+    from .serving_properties import lmi_settings
+
+    settings = lmi_settings(properties)
+    model = model or settings.get("model")
+    if not model:
+        raise BadInput("no MODEL given (as an argument, option.model_id in --properties, or HF_MODEL_ID)")
+    lmi_amp = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}.get(settings.get("dtype", ""))
+    try:
+        buckets = [int(x) for x in context_length_estimate.split(",")] if context_length_estimate else []
+    except ValueError:
+        raise BadInput(f"--context-length-estimate {context_length_estimate!r}: use integers like 1024,2048") from None
+    job = NeuronJob(model=model, work=WorkDir(work_dir or default_work_dir(model)), output=output,
+                    n_positions=_pick(n_positions, settings, "n_positions", None), tp=_pick(tp, settings, "tp", 2),
+                    batch_size=_pick(batch_size, settings, "max_batch_size", 4), amp=amp or lmi_amp or "bf16",
+                    context_length_estimate=buckets, format=format, allow_longer=allow_longer,
+                    neuron_cache=neuron_cache, compile_entry=compile_entry, upload=upload,
+                    revision=_pick(revision, settings, "revision", None), token=token,
+                    trust_remote_code=trust_remote_code or settings.get("trust_remote_code", False),
+                    overwrite=overwrite, force=force, source_kind=parse_source(model, revision).kind)
+    out = run(job, until)
+    if upload and until == "layout":
+        from .publish import push as run_push
+
+        run_push(out, upload, overwrite=overwrite)
+        typer.echo(f"published: {upload}")
+    typer.echo(f"{until}: {out}")
+
+
 def main() -> None:
     try:
         app()
@@ -171,3 +234,16 @@ def main() -> None:
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(EXIT_SIGINT)
+    except OSError as e:
+        # Disk full, permissions, vanished files: name the file, keep it to one line.
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"error: {where}{e.strerror or e}; finished stages are kept, rerun to resume", file=sys.stderr)
+        sys.exit(1)
+    except Exception as e:
+        if _VERBOSE:
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''} "
+              f"(a bug in lmi-compile; rerun with --verbose for the traceback and report it)", file=sys.stderr)
+        sys.exit(1)

@@ -64,6 +64,24 @@ def staging_dir(final: Path) -> Path:
     return final.with_name(f".{final.name}.partial")
 
 
+PARTIAL_RECORD = ".lmi-compile-partial.json"
+
+
+def open_staging(final: Path, fp: str) -> Path:
+    """The staging folder for `final`, emptied first when it holds work for other inputs or options,
+    so an interrupted run resumes and a changed run starts clean."""
+    staging = staging_dir(final)
+    try:
+        same = json.loads((staging / PARTIAL_RECORD).read_text()).get("fingerprint") == fp
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        write_json_atomic(staging / PARTIAL_RECORD, {"fingerprint": fp})
+    return staging
+
+
 def claim_output(final: Path, stage: str, *, overwrite: bool) -> None:
     """Refuse to replace a non-empty folder that is not this tool's output of the same stage."""
     final = Path(final)
@@ -84,6 +102,7 @@ def claim_output(final: Path, stage: str, *, overwrite: bool) -> None:
 def finish(staging: Path, final: Path, stage: str, fp: str, **info) -> Path:
     """Record the stage in `staging`, then move it to `final` (replacing an earlier output)."""
     staging, final = Path(staging), Path(final)
+    (staging / PARTIAL_RECORD).unlink(missing_ok=True)
     write_json_atomic(staging / STAGE_RECORD, {"stage": stage, "fingerprint": fp, "tool_version": __version__,
                                                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                                 **info})

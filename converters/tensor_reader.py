@@ -76,19 +76,32 @@ class TensorReader:
         return FileRange(info.file, info.offset + start * per_row * itemsize(info.dtype), (stop - start) * per_row,
                          info.dtype)
 
-    def read(self, rng: FileRange) -> torch.Tensor:
-        """Read a range into the reused scratch buffer; the result is valid until the next read."""
-        n = rng.nbytes
-        if self._scratch is None or self._scratch.numel() < n:
-            self._scratch = torch.empty(max(n, self.block_bytes), dtype=torch.uint8)
-        view = memoryview(self._scratch.numpy())[:n]
-        fd, pos = self.fd(rng.path), 0
+    def _fill(self, rng: FileRange, buf: torch.Tensor) -> None:
+        view = memoryview(buf.view(torch.uint8).numpy())
+        fd, pos, n = self.fd(rng.path), 0, rng.nbytes
         while pos < n:
             got = os.preadv(fd, [view[pos:]], rng.offset + pos)
             if got <= 0:
                 raise OSError(f"{rng.path}: unexpected end of file at byte {rng.offset + pos}")
             pos += got
+
+    def read(self, rng: FileRange) -> torch.Tensor:
+        """Read a range into the reused scratch buffer; the result is valid until the next read."""
+        n = rng.nbytes
+        if self._scratch is None or self._scratch.numel() < n:
+            self._scratch = torch.empty(max(n, self.block_bytes), dtype=torch.uint8)
+        self._fill(rng, self._scratch[:n])
         return self._scratch[:n].view(getattr(torch, rng.dtype))
+
+    def read_owned(self, name: str) -> torch.Tensor:
+        """The whole tensor in its own exact-size storage (for torch.save, which writes whole storages)."""
+        info = self.info(name)
+        if info.offset is None:
+            return self.ck.get(name).clone()
+        out = torch.empty(info.shape, dtype=getattr(torch, info.dtype))
+        if out.numel():
+            self._fill(FileRange(info.file, info.offset, out.numel(), info.dtype), out.view(-1))
+        return out
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) as a tensor (scratch-backed for safetensors: use before the next read)."""
@@ -96,6 +109,13 @@ class TensorReader:
         if isinstance(r, torch.Tensor):
             return r
         return self.read(r).reshape([stop - start, *self.info(name).shape[1:]])
+
+    def full(self, name: str) -> torch.Tensor:
+        """The whole tensor (scratch-backed for safetensors: clone it to keep it past the next read)."""
+        info = self.info(name)
+        if not info.shape:
+            return self.rows(name, 0, 1).reshape(())
+        return self.rows(name, 0, info.shape[0])
 
     def close(self) -> None:
         for fd in self._fds.values():

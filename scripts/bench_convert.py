@@ -15,34 +15,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-SHAPES = {
-    "llama2-7b": dict(family="llama", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
-                      intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096),
-    "llama3-8b": dict(family="llama", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-                      intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import SHAPES, make_model, measure, peak_rss_mib, read_all  # noqa: E402
+
 CHUNK = 64 * 1024 * 1024
-
-
-def make_model(dst: Path, shape: str, layers: int | None) -> Path:
-    from lmi_compile.tiny_checkpoint import TinySpec, tensor_plan, write_checkpoint
-
-    spec = TinySpec(**{**SHAPES[shape], **({"num_layers": layers} if layers else {})}, dtype="bfloat16")
-    if (dst / "config.json").exists():
-        return dst
-    total = sum(__import__("math").prod(s) for _, s in tensor_plan(spec)) * 2
-    shards = max(1, round(total / (4.5 * 2**30)))  # ~4.5 GB shards, like Hub checkpoints
-    print(f"writing {total / 2**30:.1f} GiB {shape} checkpoint ({spec.num_layers} layers) to {dst}", flush=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_checkpoint(tmp, spec, shards=shards, fast_fill=True)
-    tmp.rename(dst)
-    return dst
 
 
 def input_files(model: Path) -> list[Path]:
@@ -52,12 +32,8 @@ def input_files(model: Path) -> list[Path]:
 # -- the three contenders, each run in a child process ------------------------------------------------
 
 def child_floor(model: Path, out: Path, out_bytes: int) -> None:
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    for f in input_files(model):
-        with open(f, "rb", buffering=0) as fh:
-            while fh.readinto(view):
-                pass
+    view = memoryview(bytearray(CHUNK))
+    read_all(input_files(model), CHUNK)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "floor.bin", "wb", buffering=0) as fh:
         left = out_bytes
@@ -116,32 +92,6 @@ def child_baseline(model: Path, out: Path, tp: int) -> None:
         del w
 
 
-def peak_rss_mib() -> float:
-    """This process's own high-water RSS (VmHWM). ru_maxrss from wait4 is no good here: Linux carries the
-    parent's high-water mark into a child across fork and exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def measure(args: list[str], repeat: int) -> tuple[float, float]:
-    """Run this script as a child `repeat` times; return (best wall seconds, its peak RSS MiB)."""
-    best = (float("inf"), float("nan"))
-    out = Path(args[3])
-    for _ in range(repeat):
-        shutil.rmtree(out, ignore_errors=True)
-        os.sync()  # earlier runs' dirty pages must not be flushed on this run's time
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise SystemExit(f"child {args[:2]} failed: {proc.stderr[-2000:]}")
-        rss = float(proc.stdout.strip().splitlines()[-1])
-        best = min(best, (wall, rss))
-    return best
-
-
 def dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.iterdir() if p.is_file())
 
@@ -168,14 +118,13 @@ def main() -> None:
     for tp in a.tp:
         out = a.dir / f"out-tp{tp}"
         shutil.rmtree(out, ignore_errors=True)
-        # Warm the page cache the same way for every contender.
-        child_floor(model, a.dir / "warm", 0)
-        ours = measure(["--child", "ours", str(model), str(out), str(tp)], a.repeat)
+        read_all(input_files(model))  # warm the page cache the same way for every contender
+        ours = measure(__file__, ["--child", "ours", str(model), str(out), str(tp)], out, a.repeat)
         out_bytes = dir_bytes(out)
-        floor = measure(["--child", "floor", str(model), str(out), str(out_bytes)], a.repeat)
+        floor = measure(__file__, ["--child", "floor", str(model), str(out), str(out_bytes)], out, a.repeat)
         base = (float("nan"), float("nan"))
         if not a.skip_baseline:
-            base = measure(["--child", "baseline", str(model), str(out), str(tp)], a.repeat)
+            base = measure(__file__, ["--child", "baseline", str(model), str(out), str(tp)], out, a.repeat)
         shutil.rmtree(out)
         rows.append((tp, in_bytes, out_bytes, floor, ours, base))
     print(f"\n{a.shape} ({a.layers or 'all'} layers), bf16, input {in_bytes / 2**30:.2f} GiB, "

@@ -1,0 +1,84 @@
+"""HuggingFace checkpoint -> transformers-neuronx split weights (the `pytorch_model.bin/` directory).
+
+Format (transformers_neuronx.module.save_split): key_to_filename.json maps each state-dict key, in the
+model's state-dict order, to "p{idx}.{sanitized key}", and each file is one torch.save()d tensor.
+Tied weights get a file of their own (lm_head.weight is written even when tied). One tensor is in
+memory at a time; each file is written to a temporary name and renamed.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from lmi_compile.architectures import Architecture
+from lmi_compile.checkpoint import Checkpoint
+from lmi_compile.errors import BadInput
+from lmi_compile.progress import bytes_bar
+
+from .tensor_reader import TensorReader
+
+SPLIT_DIR = "pytorch_model.bin"
+KEY_TO_FILENAME = "key_to_filename.json"
+AMP_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}
+
+
+def sanitize_file_name(name: str) -> str:
+    """The same rule transformers-neuronx applies: spaces to _, keep letters, digits, '-', '_', '.'."""
+    s = re.sub(r"(?u)[^-\w.]", "", name.strip().replace(" ", "_"))
+    if s in {"", ".", ".."}:
+        raise BadInput(f"tensor name {name!r} cannot be turned into a file name")
+    return s
+
+
+def split_plan(arch: Architecture, ck: Checkpoint) -> list[tuple[str, str]]:
+    """(key to write, source tensor) in state-dict order, from the architecture's neuron_order table."""
+    order = arch.layout["neuron_order"]
+    layer = [t for t in order if "{i}" in t]
+    first = order.index(layer[0])
+    # state-dict order is module order: what precedes the layers, each layer whole, what follows
+    keys = order[:first] + [t.format(i=i) for i in range(arch.dims.num_layers) for t in layer] + \
+        [t for t in order[first:] if "{i}" not in t]
+    plan = []
+    for key in keys:
+        if key in ck:
+            plan.append((key, key))
+        elif key == "lm_head.weight" and arch.dims.tie_word_embeddings:
+            plan.append((key, "model.embed_tokens.weight"))
+    extra = set(ck.tensors) - {src for _, src in plan}
+    extra = {k for k in extra if not k.endswith("rotary_emb.inv_freq")}
+    if extra:
+        raise BadInput(f"{ck.root}: tensors {sorted(extra)[:3]} are not part of {arch.name}'s layout; "
+                       f"the checkpoint does not match its config.json")
+    return plan
+
+
+def write_split(arch: Architecture, ck: Checkpoint, out: Path, amp: str | None) -> dict:
+    """Write out/pytorch_model.bin/ (files kept when already complete from an interrupted run)."""
+    target = AMP_DTYPES[amp] if amp else None
+    plan = split_plan(arch, ck)
+    split = out / SPLIT_DIR
+    split.mkdir(parents=True, exist_ok=True)
+    mapping = {key: f"p{idx}.{sanitize_file_name(key)}" for idx, (key, _) in enumerate(plan)}
+    reader = TensorReader(ck)
+    bar = bytes_bar(sum(ck.tensors[src].nbytes for _, src in plan), "split weights")
+    try:
+        for key, src in plan:
+            path = split / mapping[key]
+            if not path.exists():
+                # own exact-size storage: torch.save writes the whole storage behind a tensor
+                t = reader.read_owned(src)
+                if target and str(t.dtype) != f"torch.{target}":
+                    t = t.to(getattr(torch, target))
+                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+                torch.save(t, tmp)
+                os.replace(tmp, path)
+                del t
+            bar.update(ck.tensors[src].nbytes)
+    finally:
+        bar.close()
+        reader.close()
+    (split / KEY_TO_FILENAME).write_text(json.dumps(mapping, indent=2))
+    return mapping

@@ -1,0 +1,66 @@
+"""Helpers shared by the benchmark scripts: real-shape random checkpoints and per-process measurement."""
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {
+    "llama2-7b": dict(family="llama", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+                      intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096),
+    "llama3-8b": dict(family="llama", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                      intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192),
+}
+
+
+def make_model(dst: Path, shape: str, layers: int | None) -> Path:
+    """A bf16 checkpoint of a real model's tensor shapes (optionally fewer layers), ~4.5 GB shards."""
+    from lmi_compile.tiny_checkpoint import TinySpec, tensor_plan, write_checkpoint
+
+    spec = TinySpec(**{**SHAPES[shape], **({"num_layers": layers} if layers else {})}, dtype="bfloat16")
+    if (dst / "config.json").exists():
+        return dst
+    total = sum(math.prod(s) for _, s in tensor_plan(spec)) * 2
+    shards = max(1, round(total / (4.5 * 2**30)))
+    print(f"writing {total / 2**30:.1f} GiB {shape} checkpoint ({spec.num_layers} layers) to {dst}", flush=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_checkpoint(tmp, spec, shards=shards, fast_fill=True)
+    tmp.rename(dst)
+    return dst
+
+
+def peak_rss_mib() -> float:
+    """This process's own high-water RSS (VmHWM). ru_maxrss from wait4 is no good here: Linux carries the
+    parent's high-water mark into a child across fork and exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(script: str, args: list[str], out: Path, repeat: int) -> tuple[float, float]:
+    """Run `script args` as a child `repeat` times (it prints its peak RSS last); (best wall s, its RSS MiB)."""
+    best = (float("inf"), float("nan"))
+    for _ in range(repeat):
+        shutil.rmtree(out, ignore_errors=True)
+        os.sync()  # earlier runs' dirty pages must not be flushed on this run's time
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"child {args[:2]} failed: {proc.stderr[-2000:]}")
+        best = min(best, (wall, float(proc.stdout.strip().splitlines()[-1])))
+    return best
+
+
+def read_all(files, chunk: int = 64 * 1024 * 1024) -> None:
+    """Read every byte once (warms the page cache equally for every contender)."""
+    buf = memoryview(bytearray(chunk))
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass

@@ -1,0 +1,206 @@
+"""The Neuron pipeline: split weights checked tensor by tensor, layouts file by file, through the
+compile STAND-IN (and the real transformers-neuronx where installed)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import error_line, run_cli
+
+from lmi_compile.architectures import resolve
+from lmi_compile.converters.neuron_split import write_split
+from lmi_compile.validate import validate_model_dir
+
+STANDIN = f"{sys.executable} {Path(__file__).parent / 'standins' / 'neuron_compile_standin.py'}"
+TOKENIZER = ["generation_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def props(path: Path) -> dict:
+    return dict(ln.split("=", 1) for ln in path.read_text().splitlines() if ln and not ln.startswith("#"))
+
+
+def hf_state_dict(model_dir: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+
+
+def load_like_transformers_neuronx(split: Path, names) -> dict:
+    """What transformers_neuronx.module.load_state_dict_dir does: look each parameter up, torch.load it."""
+    mapping = json.loads((split / "key_to_filename.json").read_text())
+    return {n: torch.load(split / mapping[n], weights_only=True) for n in names}
+
+
+@pytest.mark.parametrize("case", [
+    dict(family="llama", fmt="safetensors", shards=2),
+    dict(family="qwen2", fmt="safetensors", shards=1),
+    dict(family="mistral", fmt="bin", shards=2),
+    dict(family="llama", fmt="safetensors", shards=1, tie_word_embeddings=True),
+], ids=["llama-st-sharded", "qwen2-bias", "mistral-bin", "tied"])
+def test_split_matches_hf_state_dict(model_factory, tmp_path, case):
+    model = model_factory(**case)
+    m = validate_model_dir(model)
+    write_split(resolve(m.config), m.checkpoint, tmp_path, amp=None)
+    split = tmp_path / "pytorch_model.bin"
+    sd = hf_state_dict(model)
+    mapping = json.loads((split / "key_to_filename.json").read_text())
+    # same keys, same (state-dict) order, file names as save_split names them
+    assert list(mapping) == list(sd)
+    assert list(mapping.values()) == [f"p{i}.{k}" for i, k in enumerate(sd)]
+    loaded = load_like_transformers_neuronx(split, sd)
+    for k, v in sd.items():
+        assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k
+        # each file holds just its tensor, not a larger shared storage
+        assert loaded[k].untyped_storage().nbytes() == v.numel() * v.element_size()
+    assert sorted(p.name for p in split.iterdir()) == sorted([*mapping.values(), "key_to_filename.json"])
+
+
+def test_split_casts_to_amp(model_factory, tmp_path):
+    model = model_factory()
+    m = validate_model_dir(model)
+    write_split(resolve(m.config), m.checkpoint, tmp_path, amp="bf16")
+    sd = hf_state_dict(model)
+    loaded = load_like_transformers_neuronx(tmp_path / "pytorch_model.bin", sd)
+    for k, v in sd.items():
+        assert loaded[k].dtype == torch.bfloat16 and torch.equal(loaded[k], v.bfloat16()), k
+
+
+def compile_neuron(model, tmp_path, *args, env=None):
+    return run_cli("neuron", model, "--work-dir", tmp_path / "work", "--output", tmp_path / "out",
+                   "--compile-entry", STANDIN, *args, env=env)
+
+
+def test_optimum_layout(model_factory, tmp_path):
+    model = model_factory(shards=2)
+    proc = compile_neuron(model, tmp_path, "--n-positions", "256", "--tp", "2", "--batch-size", "4",
+                          "--amp", "f16", "--context-length-estimate", "64,128")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    files = tree(out)
+    mapping = json.loads((out / "checkpoint" / "pytorch_model.bin" / "key_to_filename.json").read_text())
+    neffs = [f for f in files if f.startswith("compiled/")]
+    assert len(neffs) == 3 and all(f.endswith(".neff") for f in neffs)  # two context buckets + token generation
+    assert files == sorted([".lmi-compile-stage.json", "config.json", "lmi-compile.json", "serving.properties",
+                            *TOKENIZER, "checkpoint/config.json", "checkpoint/pytorch_model.bin/key_to_filename.json",
+                            *[f"checkpoint/pytorch_model.bin/{v}" for v in mapping.values()], *neffs])
+    cfg = json.loads((out / "config.json").read_text())
+    src = json.loads((model / "config.json").read_text())
+    assert {k: v for k, v in cfg.items() if k != "neuron"} == src
+    assert json.loads((out / "checkpoint" / "config.json").read_text()) == src
+    assert cfg["neuron"] == {"task": "text-generation", "batch_size": 4, "num_cores": 2, "auto_cast_type": "fp16",
+                             "sequence_length": 256, "compiler_type": "neuronx-cc",
+                             "compiler_version": "0.0.0+lmi-compile-standin", "checkpoint_id": None,
+                             "checkpoint_revision": None}
+    assert props(out / "serving.properties") == {
+        "option.tensor_parallel_degree": "2", "option.n_positions": "256", "option.max_rolling_batch_size": "4",
+        "option.rolling_batch": "auto", "option.dtype": "fp16", "option.context_length_estimate": "64,128"}
+    manifest = json.loads((out / "lmi-compile.json").read_text())
+    assert manifest["stand_in"] is True and manifest["settings"]["n_positions"] == 256
+    assert "STAND-IN" in proc.stderr
+
+
+def test_split_layout_with_upload_uri(model_factory, tmp_path, s3_env, s3_prefix):
+    model = model_factory(family="qwen2")
+    proc = compile_neuron(model, tmp_path, "--n-positions", "128", "--tp", "4", "--format", "split",
+                          "--upload", s3_prefix)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    files = tree(out)
+    assert "pytorch_model.bin/key_to_filename.json" in files and "config.json" in files
+    assert not any(f.startswith("checkpoint/") for f in files)
+    assert "neuron" not in json.loads((out / "config.json").read_text())
+    p = props(out / "serving.properties")
+    assert p["option.load_split_model"] == "true" and p["option.model_id"] == s3_prefix
+    assert p["option.compiled_graph_path"] == f"{s3_prefix}compiled/"  # LMI resolves relative paths against its cwd
+
+
+def test_split_layout_default_graph_path_is_absolute(model_factory, tmp_path):
+    proc = compile_neuron(model_factory(), tmp_path, "--n-positions", "128", "--format", "split")
+    assert proc.returncode == 0, proc.stderr
+    assert props(tmp_path / "out" / "serving.properties")["option.compiled_graph_path"] == "/opt/ml/model/compiled"
+
+
+def test_hub_model_records_checkpoint_id_and_revision(hub_env, model_factory, tmp_path):
+    hub_env.add("org/tiny-neuron", model_factory())
+    proc = compile_neuron("org/tiny-neuron", tmp_path, "--n-positions", "128")
+    assert proc.returncode == 0, proc.stderr
+    neuron = json.loads((tmp_path / "out" / "config.json").read_text())["neuron"]
+    assert neuron["checkpoint_id"] == "org/tiny-neuron" and len(neuron["checkpoint_revision"]) == 40
+
+
+def test_rerun_skips_and_changed_settings_recompile(model_factory, tmp_path):
+    model = model_factory()
+    assert compile_neuron(model, tmp_path, "--n-positions", "128").returncode == 0
+    split_file = next((tmp_path / "work" / "split" / "pytorch_model.bin").glob("p0.*"))
+    mtime = split_file.stat().st_mtime_ns
+    again = compile_neuron(model, tmp_path, "--n-positions", "256")
+    assert again.returncode == 0, again.stderr
+    assert "split: " in again.stderr and "skipping" in again.stderr
+    assert split_file.stat().st_mtime_ns == mtime
+    assert props(tmp_path / "out" / "serving.properties")["option.n_positions"] == "256"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--n-positions", "4096"], "exceeds max_position_embeddings 512"),
+    (["--n-positions", "4096", "--allow-longer"], "--allow-longer needs rope scaling"),
+    (["--tp", "3"], "not a NeuronCore count"),
+    (["--tp", "16"], "not divisible by --tp 16"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--amp", "fp8"], "--amp 'fp8'"),
+    (["--n-positions", "256", "--context-length-estimate", "64,9999"], "--context-length-estimate 9999"),
+])
+def test_bad_settings(model_factory, tmp_path, args, needle):
+    proc = compile_neuron(model_factory(), tmp_path, *args)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in error_line(proc)
+    assert not (tmp_path / "work" / "split").exists() and not (tmp_path / "out").exists()
+
+
+def test_allow_longer_with_rope_scaling(model_factory, tmp_path):
+    model = model_factory(rope_scaling={"type": "linear", "factor": 4.0})
+    proc = compile_neuron(model, tmp_path, "--n-positions", "1024", "--allow-longer")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_compile_failure_leaves_no_output(model_factory, tmp_path):
+    failing = tmp_path / "fail.py"
+    failing.write_text("import sys\nprint('neuronx-cc: internal compiler error: OOM')\nsys.exit(70)\n")
+    proc = run_cli("neuron", model_factory(), "--work-dir", tmp_path / "work", "--output", tmp_path / "out",
+                   "--compile-entry", f"{sys.executable} {failing}")
+    assert proc.returncode == 1
+    line = error_line(proc)
+    assert "exit code 70" in line and "neuron-compile.log" in line and "internal compiler error" in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work" / "compiled").exists()
+
+
+def _has_sdk() -> bool:
+    try:
+        import transformers_neuronx  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(_has_sdk(), reason="checks the message shown where the Neuron SDK is absent")
+def test_missing_sdk_message(model_factory, tmp_path):
+    proc = run_cli("neuron", model_factory(), "--work-dir", tmp_path / "work", "--output", tmp_path / "out")
+    assert proc.returncode == 1
+    line = error_line(proc)
+    assert "Neuron SDK is not installed" in line and "neuronx" in line
+    assert (tmp_path / "work" / "split").is_dir()  # the split stage is kept for a rerun on a Neuron host
+
+
+@pytest.mark.real_neuron
+@pytest.mark.skipif(not _has_sdk(), reason="needs the Neuron SDK (transformers-neuronx, neuronx-cc)")
+def test_real_neuron_compile(model_factory, tmp_path):
+    proc = run_cli("neuron", model_factory(), "--n-positions", "128", "--tp", "2", "--batch-size", "1",
+                   "--work-dir", tmp_path / "work", "--output", tmp_path / "out", timeout=7200)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "out" / "lmi-compile.json").read_text())
+    assert manifest["stand_in"] is False and manifest["versions"]["neuronx_cc"]
