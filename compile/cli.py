@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__
-from .errors import EXIT_SIGINT, LmiCompileError
+from .errors import EXIT_SIGINT, Interrupted, LmiCompileError
 
 log = logging.getLogger("lmi_compile")
 
@@ -226,9 +226,12 @@ def neuron(
 
 
 def main() -> None:
+    from .interrupts import install
+
+    install()
     try:
         app()
-    except LmiCompileError as e:
+    except (LmiCompileError, Interrupted) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:

@@ -25,13 +25,16 @@ class BadInput(LmiCompileError):
     exit_code = EXIT_BAD_INPUT
 
 
-class Interrupted(LmiCompileError):
-    """SIGINT/SIGTERM arrived; the stage stopped at a file boundary."""
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM arrived; the stage stopped at a tensor, file or part boundary.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it.
+    """
 
     def __init__(self, signum: int):
         import signal
 
-        name = signal.Signals(signum).name
-        code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
-        super().__init__(f"interrupted by {name}; finished work is kept, rerun the same command to resume",
-                         exit_code=code)
+        self.signum = signum
+        self.exit_code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; finished work is kept, rerun the same "
+                         f"command to resume")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import stages
+from .diskspace import ensure_room
 from .errors import BadInput, LmiCompileError
 from .hf_config import read_json
 from .validate import ValidatedModel, validate_model_dir
@@ -96,6 +97,7 @@ def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool) -> str:
     index_name = preferred_index(objects)
     index = read_json(dest / index_name) if index_name else None
     weights = weight_files(objects, index, index_name, source=str(uri))
+    ensure_room(dest, sum(objects[w] for w in weights), "fetch")
     download_files(client, uri, weights, dest, objects, desc="fetch weights")
     if MANIFEST_KEY in objects:
         _check_against_manifest(client, uri, dest, small + weights)

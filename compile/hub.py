@@ -3,6 +3,7 @@
 import logging
 from pathlib import Path
 
+from .diskspace import ensure_room
 from .errors import BadInput, LmiCompileError
 from .hf_config import read_json
 from .model_files import preferred_index, small_files, weight_files
@@ -69,7 +70,8 @@ def fetch_hub(repo_id: str, dest: Path, *, revision: str | None, token: str | No
     index_name = preferred_index(files)
     index = read_json(dest / index_name) if index_name else None
     weights = weight_files(files, index, index_name, source=source)
-    log.info("fetching %d weight file(s), %.1f MiB, from %s", len(weights),
-             sum(files[w] or 0 for w in weights) / 2**20, source)
+    needed = sum(files[w] or 0 for w in weights)
+    ensure_room(dest, needed, "fetch")
+    log.info("fetching %d weight file(s), %.1f MiB, from %s", len(weights), needed / 2**20, source)
     download(weights)
     return sha

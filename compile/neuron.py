@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import __version__, stages
 from .architectures import resolve
+from .diskspace import ensure_room
 from .errors import BadInput, LmiCompileError
 from .layout_neuron import FORMATS, write_layout
 from .pipeline import WorkDir, fetch_stage
@@ -86,6 +87,7 @@ def split_stage(job: NeuronJob, model, arch) -> tuple[Path, str]:
         log.info("split: %s is up to date, skipping", final)
         return final, fp
     staging = stages.open_staging(final, fp)
+    ensure_room(final, model.checkpoint.total_bytes * (2 if job.amp == "f32" else 1), "split")
     write_split(arch, model.checkpoint, staging, job.amp)
     shutil.copy2(model.root / "config.json", staging / "config.json")
     stages.finish(staging, final, "split", fp, amp=job.amp)

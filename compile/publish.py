@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__, stages
-from .errors import BadInput, LmiCompileError
+from .errors import BadInput, Interrupted, LmiCompileError
+from .interrupts import check
 from .paths import resolve_inside
 from .progress import bytes_bar
 from .s3 import S3Uri, default_concurrency, list_objects, make_client, parse_s3_uri, translate
@@ -162,6 +163,7 @@ class Publisher:
 
     def upload(self, f: LocalFile) -> str:
         """Upload one file; return the checksum S3 now reports for it."""
+        check()
         if f.size <= self.part_size:
             data = _read(f.path, 0, f.size)
             digest = b64(hashlib.sha256(data).digest())
@@ -175,6 +177,7 @@ class Publisher:
         n = -(-f.size // self.part_size)
 
         def part(i: int):
+            check()
             off = i * self.part_size
             size = min(self.part_size, f.size - off)
             data = _read(f.path, off, size)
@@ -321,6 +324,8 @@ def push(root: Path, uri_text: str, *, overwrite: bool = False, delete_local: bo
                    f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         if aborted:
             summary += f"; aborted {len(aborted)} unfinished multipart upload(s)"
+        if isinstance(e, Interrupted):
+            raise
         if isinstance(e, LmiCompileError):
             raise type(e)(f"{e}; push incomplete: {summary}; rerun to resume", exit_code=e.exit_code) from None
         if isinstance(e, Exception):

@@ -58,6 +58,13 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def existing_parent(path: Path) -> Path:
+    p = Path(path).resolve()
+    while not p.exists():
+        p = p.parent
+    return p
+
+
 def staging_dir(final: Path) -> Path:
     """Where a stage builds its folder before the rename; stable so an interrupted run can resume."""
     final = Path(final)

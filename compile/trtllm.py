@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import __version__, stages
 from .architectures import resolve
+from .diskspace import ensure_room, tree_bytes
 from .errors import BadInput
 from .layout_trtllm import DEFAULT_ENGINE_PATH, LAYOUTS, serving_properties, write_layout
 from .pipeline import WorkDir, fetch_stage
@@ -59,6 +60,9 @@ def convert_stage(job: TrtllmJob, model) -> tuple[Path, str]:
         log.info("convert: %s is up to date, skipping", final)
         return final, fp
     staging = stages.staging_dir(final)
+    # rank files hold the model once, plus replicated embeddings and vocab padding: bounded by tp copies of them
+    emb = model.checkpoint.tensors.get("model.embed_tokens.weight")
+    ensure_room(final, model.checkpoint.total_bytes + (emb.nbytes * job.tp * job.pp if emb else 0), "convert")
     cfg = convert(arch, model.config, model.checkpoint, staging, opts)
     stages.finish(staging, final, "convert", fp, tp=job.tp, pp=job.pp, dtype=cfg["dtype"])
     log.info("convert: wrote %d rank file(s) to %s", job.tp * job.pp, final)
@@ -75,6 +79,7 @@ def build_stage(job: TrtllmJob, tool, ckpt: Path, ckpt_fp: str) -> tuple[Path, d
         return final, rec["build"]
     staging = stages.staging_dir(final)
     shutil.rmtree(staging, ignore_errors=True)  # a half-built engine folder is never reused
+    ensure_room(final, tree_bytes(ckpt), "build")  # engines are about the size of the checkpoint
     facts = build_engines(tool, ckpt, staging, job.build, job.work.logs)
     stages.finish(staging, final, "build", fp, build=facts)
     return final, facts
@@ -85,6 +90,8 @@ def layout_stage(job: TrtllmJob, model, engines: Path, build: dict, dtype: str) 
     stages.claim_output(out, "layout", overwrite=job.overwrite)
     staging = stages.staging_dir(out)
     shutil.rmtree(staging, ignore_errors=True)
+    if os.stat(engines).st_dev != os.stat(stages.existing_parent(out)).st_dev:  # hard links need one filesystem
+        ensure_room(out, tree_bytes(engines), "layout")
     manifest = {
         "tool": "lmi-compile", "tool_version": __version__, "backend": "tensorrt-llm", "layout": job.layout,
         "model": job.model, "revision": job.revision, "tensor_parallel_degree": job.tp,

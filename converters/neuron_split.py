@@ -16,6 +16,7 @@ import torch
 from lmi_compile.architectures import Architecture
 from lmi_compile.checkpoint import Checkpoint
 from lmi_compile.errors import BadInput
+from lmi_compile.interrupts import check
 from lmi_compile.progress import bytes_bar
 
 from .tensor_reader import TensorReader
@@ -66,6 +67,7 @@ def write_split(arch: Architecture, ck: Checkpoint, out: Path, amp: str | None) 
     bar = bytes_bar(sum(ck.tensors[src].nbytes for _, src in plan), "split weights")
     try:
         for key, src in plan:
+            check()
             path = split / mapping[key]
             if not path.exists():
                 # own exact-size storage: torch.save writes the whole storage behind a tensor

@@ -17,6 +17,7 @@ from lmi_compile.architectures import Architecture
 from lmi_compile.checkpoint import Checkpoint
 from lmi_compile.errors import BadInput
 from lmi_compile.hf_config import ModelConfig
+from lmi_compile.interrupts import check
 from lmi_compile.progress import bytes_bar
 from lmi_compile.stages import fingerprint, write_json_atomic
 
@@ -211,6 +212,7 @@ def write_rank(ck: Checkpoint, plan: list[PlanEntry], ctx: RankContext, dtype: s
         with SafetensorsWriter(path, [(p.target, dtype, p.shape) for p in plan],
                                metadata={"format": "pt", "lmi_compile_plan": plan_fp}) as w:
             for p in plan:
+                check()
                 w.write_pieces(p.target, pieces(p.rule, reader, list(p.sources), ctx), reader.read)
                 if bar is not None:
                     bar.update(_numel(p.shape) * itemsize(dtype))

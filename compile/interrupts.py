@@ -1,0 +1,31 @@
+"""SIGINT/SIGTERM (Ctrl-C, spot interruption, batch job stop) end the run at the next tensor, file or
+part boundary: workers check `check()` there, temporaries are removed by the writers' abort paths,
+finished stages and files stay for the rerun, and the process exits 130/143 with one line."""
+
+import signal
+import threading
+
+from .errors import Interrupted
+
+STOP = threading.Event()
+_received: list[int] = []
+
+
+def _handler(signum, frame):
+    first = not STOP.is_set()
+    STOP.set()
+    _received.append(signum)
+    if first:
+        raise Interrupted(signum)  # in the main thread: leaves whatever wait it is in
+
+
+def install() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _handler)
+        signal.signal(signal.SIGTERM, _handler)
+
+
+def check() -> None:
+    """Raise Interrupted in a worker once a stop was asked for."""
+    if STOP.is_set():
+        raise Interrupted(_received[0] if _received else signal.SIGTERM)
