@@ -86,6 +86,10 @@ def open_staging(final: Path, fp: str) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         write_json_atomic(staging / PARTIAL_RECORD, {"fingerprint": fp})
+    else:
+        # A run killed with SIGKILL leaves its temporaries; finished files were renamed and are kept.
+        for tmp in staging.rglob(".*.tmp-*"):
+            tmp.unlink(missing_ok=True)
     return staging
 
 

@@ -59,7 +59,7 @@ def convert_stage(job: TrtllmJob, model) -> tuple[Path, str]:
     if not job.force and stages.is_done(final, "convert", fp):
         log.info("convert: %s is up to date, skipping", final)
         return final, fp
-    staging = stages.staging_dir(final)
+    staging = stages.open_staging(final, fp)
     # rank files hold the model once, plus replicated embeddings and vocab padding: bounded by tp copies of them
     emb = model.checkpoint.tensors.get("model.embed_tokens.weight")
     ensure_room(final, model.checkpoint.total_bytes + (emb.nbytes * job.tp * job.pp if emb else 0), "convert")

@@ -57,7 +57,15 @@ class SeaweedFS:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> "SeaweedFS":
-        (self.port, master, volume, filer, admin, g1, g2, g3, g4, g5) = free_ports(10)
+        self._ports = free_ports(10)
+        return self._launch(timeout)
+
+    def restart(self, timeout: float = 30.0) -> "SeaweedFS":
+        """Start again on the same ports and data folder (after stop())."""
+        return self._launch(timeout)
+
+    def _launch(self, timeout: float) -> "SeaweedFS":
+        (self.port, master, volume, filer, admin, g1, g2, g3, g4, g5) = self._ports
         env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
                "TMPDIR": str(self.dir)}
         cmd = [weed_binary(), f"-logdir={self.dir}", "mini", f"-dir={self.dir / 'data'}", "-ip=127.0.0.1",
@@ -66,7 +74,7 @@ class SeaweedFS:
                f"-volume.port={volume}", f"-filer.port={filer}", f"-admin.port={admin}",
                f"-master.port.grpc={g1}", f"-volume.port.grpc={g2}", f"-filer.port.grpc={g3}",
                f"-s3.port.grpc={g4}", f"-admin.port.grpc={g5}", f"-bucket={BUCKET}"]
-        self._log = open(self.dir / "weed.out", "wb")
+        self._log = open(self.dir / "weed.out", "ab")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout

@@ -1,0 +1,221 @@
+"""Crash and kill safety, signals, disk space: a run stopped at any moment leaves nothing that looks
+complete, and the rerun finishes with output byte-identical to an uninterrupted run."""
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import error_line, run_cli
+
+MIB = 1024 * 1024
+MID_SIZE = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1536,
+                vocab_size=8000)
+
+
+def digests(root: Path) -> dict[str, str]:
+    """Artifact bytes, without the stage record (it holds a timestamp)."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lmi-compile-stage.json"}
+
+
+def start_cli(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lmi_compile", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(pred, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def convert_args(model, work):
+    return ("trtllm", model, "--tp", "2", "--pp", "2", "--work-dir", work, "--until", "convert", "--workers", "2")
+
+
+@pytest.fixture(scope="module")
+def reference_convert(model_factory, tmp_path_factory):
+    model = model_factory(shards=3, **MID_SIZE)
+    work = tmp_path_factory.mktemp("ref")
+    proc = run_cli(*convert_args(model, work))
+    assert proc.returncode == 0, proc.stderr
+    return model, digests(work / "checkpoint")
+
+
+def test_sigkill_at_random_points_then_resume(reference_convert, tmp_path):
+    model, want = reference_convert
+    rnd = random.Random(1234)
+    for attempt in range(3):
+        work = tmp_path / f"w{attempt}"
+        proc = start_cli(*convert_args(model, work))
+        staging = work / ".checkpoint.partial"
+        # wait until rank files are being written, then kill at a seeded random moment within the write
+        assert wait_for(lambda: staging.is_dir() and any(staging.iterdir()))
+        time.sleep(rnd.uniform(0.0, 0.4))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        final = work / "checkpoint"
+        if final.exists():  # it finished before the kill: still must be complete and correct
+            assert digests(final) == want
+        else:
+            assert not any(p.name.startswith("rank") and p.suffix == ".safetensors" and p.parent == final
+                           for p in work.rglob("*"))
+        again = run_cli(*convert_args(model, work))
+        assert again.returncode == 0, again.stderr
+        assert digests(final) == want
+        assert not list(work.rglob("*.tmp-*"))
+
+
+def test_sigterm_stops_cleanly_and_resumes(reference_convert, tmp_path):
+    model, want = reference_convert
+    work = tmp_path / "w"
+    proc = start_cli(*convert_args(model, work))
+    staging = work / ".checkpoint.partial"
+    assert wait_for(lambda: staging.is_dir() and any(p.name.startswith(".rank") for p in staging.iterdir()))
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("conversion finished before the signal landed")
+    assert proc.returncode == 143, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert lines == ["error: interrupted by SIGTERM; finished work is kept, rerun the same command to resume"]
+    assert "Traceback" not in err
+    assert not list(work.rglob("*.tmp-*")), "temporaries must be cleaned on SIGTERM"
+    assert not (work / "checkpoint").exists()
+    again = run_cli(*convert_args(model, work))
+    assert again.returncode == 0, again.stderr
+    assert digests(work / "checkpoint") == want
+
+
+def _tree(root: Path, n: int, mib: int) -> Path:
+    rnd = random.Random(7)
+    root.mkdir(parents=True)
+    for i in range(n):
+        (root / f"rank{i}.engine").write_bytes(rnd.randbytes(mib * MIB))
+    (root / "config.json").write_text('{"a": 1}')
+    return root
+
+
+def test_push_sigkill_at_random_points_then_resume(s3_env, s3_client, s3_prefix, tmp_path):
+    from lmi_compile.publish import MANIFEST_KEY
+    from lmi_compile.s3 import parse_s3_uri
+
+    tree = _tree(tmp_path / "art", 10, 12)
+    u = parse_s3_uri(s3_prefix)
+    rnd = random.Random(99)
+    for attempt in range(3):
+        proc = start_cli("push", tree, s3_prefix, "--concurrency", "2", "--part-size-mb", "5")
+        wait_for(lambda: s3_client.list_objects_v2(Bucket=u.bucket, Prefix=u.prefix).get("KeyCount", 0) >= 1)
+        time.sleep(rnd.uniform(0.0, 0.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    again = run_cli("push", tree, s3_prefix, "--part-size-mb", "5")
+    assert again.returncode == 0, again.stderr
+    remote = {}
+    for o in s3_client.list_objects_v2(Bucket=u.bucket, Prefix=u.prefix)["Contents"]:
+        rel = o["Key"][len(u.prefix):]
+        if rel != MANIFEST_KEY:
+            remote[rel] = hashlib.sha256(s3_client.get_object(Bucket=u.bucket, Key=o["Key"])["Body"].read()).hexdigest()
+    assert remote == digests(tree)
+    assert s3_client.list_multipart_uploads(Bucket=u.bucket, Prefix=u.prefix).get("Uploads", []) == []
+
+
+def test_push_sigint_aborts_multipart_and_exits_130(s3_env, s3_client, s3_prefix, tmp_path):
+    from lmi_compile.publish import MANIFEST_KEY
+    from lmi_compile.s3 import parse_s3_uri
+
+    tree = _tree(tmp_path / "art", 8, 24)
+    u = parse_s3_uri(s3_prefix)
+    proc = start_cli("push", tree, s3_prefix, "--concurrency", "2", "--part-size-mb", "5")
+    assert wait_for(lambda: s3_client.list_multipart_uploads(Bucket=u.bucket, Prefix=u.prefix).get("Uploads"))
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("push finished before the signal landed")
+    assert proc.returncode == 130, err
+    assert "interrupted by SIGINT" in err and "Traceback" not in err
+    assert s3_client.list_multipart_uploads(Bucket=u.bucket, Prefix=u.prefix).get("Uploads", []) == []
+    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=u.bucket, Prefix=u.prefix).get("Contents", [])]
+    assert u.key(MANIFEST_KEY) not in keys
+
+
+def test_push_survives_server_restart_or_fails_cleanly(tmp_path):
+    """A dedicated server is stopped mid-upload and restarted: the push retries to success or fails with
+    one line; either way nothing is half-published and a rerun completes."""
+    import boto3
+    from botocore.config import Config
+
+    from servers.seaweedfs import SeaweedFS
+
+    server = SeaweedFS().start()
+    try:
+        env = {**server.env()}
+        client = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
+                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                              config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 10}))
+        client.create_bucket(Bucket="models")
+        tree = _tree(tmp_path / "art", 8, 16)
+        proc = subprocess.Popen([sys.executable, "-m", "lmi_compile", "push", str(tree), "s3://models/fault/",
+                                 "--concurrency", "2", "--part-size-mb", "5"], env={**os.environ, **env},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert wait_for(lambda: client.list_objects_v2(Bucket="models", Prefix="fault/").get("KeyCount", 0) >= 2)
+        server.stop()
+        time.sleep(1.0)
+        server.restart()
+        _, err = proc.communicate(timeout=240)
+        objs = {o["Key"] for o in client.list_objects_v2(Bucket="models", Prefix="fault/").get("Contents", [])}
+        if proc.returncode != 0:
+            assert proc.returncode == 1 and len([ln for ln in err.splitlines() if ln.startswith("error: ")]) == 1
+            assert "rerun to resume" in err
+            assert "fault/lmi-compile-manifest.json" not in objs  # nothing half-published looks complete
+        again = subprocess.run([sys.executable, "-m", "lmi_compile", "push", str(tree), "s3://models/fault/",
+                                "--part-size-mb", "5"], env={**os.environ, **env}, capture_output=True, text=True)
+        assert again.returncode == 0, again.stderr
+        for p in tree.iterdir():
+            body = client.get_object(Bucket="models", Key=f"fault/{p.name}")["Body"].read()
+            assert hashlib.sha256(body).hexdigest() == hashlib.sha256(p.read_bytes()).hexdigest()
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real, nearly full filesystem: a 4 MiB tmpfs (needs root, as CI has)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_disk_preflight_refuses_with_numbers(model_factory, small_fs):
+    proc = run_cli("trtllm", model_factory(), "--work-dir", small_fs / "w", "--until", "convert")
+    assert proc.returncode == 1
+    line = error_line(proc)
+    assert "convert stage needs about" in line and "GiB free" in line and "--work-dir" in line
+    assert not (small_fs / "w" / "checkpoint").exists()
+
+
+def test_enospc_mid_write_leaves_no_file(small_fs):
+    import torch
+
+    from lmi_compile.converters.safetensors_writer import SafetensorsWriter
+
+    target = small_fs / "rank0.safetensors"
+    with pytest.raises(OSError) as e:
+        with SafetensorsWriter(target, [("a", "float32", (2 * MIB,))]) as w:  # 8 MiB into a 4 MiB filesystem
+            w.write("a", torch.zeros(2 * MIB))
+    assert e.value.errno == 28  # ENOSPC
+    assert list(small_fs.iterdir()) == []  # neither the file nor its temporary remains
