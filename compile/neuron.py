@@ -165,6 +165,8 @@ def layout_stage(job: NeuronJob, model, split: Path, compiled: Path, facts: dict
 def run(job: NeuronJob, until: str = "layout") -> Path:
     if until not in STAGES:
         raise BadInput(f"--until {until!r} is not a stage; use one of {', '.join(STAGES)}")
+    if job.format not in FORMATS:
+        raise BadInput(f"--format {job.format!r}; use one of {', '.join(FORMATS)}")
     if until == "layout" and job.output is None:
         raise BadInput("--output is required to lay out the artifacts (or stop earlier with --until compile)")
     if job.upload:

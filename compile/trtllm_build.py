@@ -80,7 +80,11 @@ def read_gpus() -> list[dict]:
 
 
 def parse_extra_args(text: str | None) -> tuple[str, ...]:
-    args = tuple(shlex.split(text or ""))
+    try:
+        args = tuple(shlex.split(text or ""))
+    except ValueError as e:
+        raise LmiCompileError(f"--trtllm-build-args {text!r}: {e}; quote it as you would in a shell",
+                              exit_code=2) from None
     for a in args:
         if a.split("=")[0] in MANAGED_FLAGS:
             raise LmiCompileError(f"--trtllm-build-args: {a.split('=')[0]} is set by lmi-compile; use its own "

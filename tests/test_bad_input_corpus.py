@@ -1,0 +1,133 @@
+"""Bad-input corpus across commands, table-driven. Each case: one `error:` line with the expected words,
+the documented exit code, and no output that looks complete. (More cases, by stage, live in
+test_fetch_bad_input.py, test_trtllm_convert.py, test_trtllm_pipeline.py, test_neuron.py, test_publish.py.)"""
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+from conftest import error_line, run_cli
+
+STANDIN = str(Path(__file__).parent / "standins" / "trtllm-build")
+
+
+def edit_config(m: Path, **changes):
+    cfg = json.loads((m / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (m / "config.json").write_text(json.dumps(cfg))
+
+
+def dup_across_shards(m: Path):
+    from safetensors.torch import load_file, save_file
+
+    a = load_file(str(m / "model-00001-of-00002.safetensors"))
+    b = load_file(str(m / "model-00002-of-00002.safetensors"))
+    b.update({k: v for k, v in list(a.items())[:1]})
+    save_file(b, str(m / "model-00002-of-00002.safetensors"))
+    (m / "model.safetensors.index.json").unlink()
+
+
+def int8_weights(m: Path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(m / "model.safetensors"))
+    sd["model.layers.0.mlp.up_proj.weight"] = sd["model.layers.0.mlp.up_proj.weight"].to(torch.int8)
+    save_file(sd, str(m / "model.safetensors"))
+
+
+def garbage_safetensors(m: Path):
+    (m / "model.safetensors").write_bytes(struct.pack("<Q", 20) + b"this is not json!!!!" + b"\0" * 64)
+
+
+def empty_folder(m: Path):
+    for p in m.iterdir():
+        p.unlink()
+
+
+def bad_properties(m: Path):
+    (m.parent / "bad.properties").write_text("option.tensor_parallel_degree=two\n")
+
+
+def junk_properties(m: Path):
+    (m.parent / "junk.properties").write_text("this line has no separator\n")
+
+
+CASES = [
+    # (id, model kwargs, breaker, command args (M = model path, P = parent), exit code, words)
+    ("duplicate-tensor-across-shards", dict(shards=2), dup_across_shards, ["fetch", "M"], 2, ["also appears in"]),
+    ("int8-dtype", {}, int8_weights, ["trtllm", "M", "--until", "convert"], 2, ["int8", "not supported"]),
+    ("garbage-safetensors", {}, garbage_safetensors, ["fetch", "M"], 2, ["model.safetensors", "not valid JSON"]),
+    ("empty-folder", {}, empty_folder, ["fetch", "M"], 2, ["config.json", "missing"]),
+    ("config-not-json", {}, lambda m: (m / "config.json").write_text("{oops"), ["fetch", "M"], 2,
+     ["config.json", "not valid JSON"]),
+    ("config-is-a-list", {}, lambda m: (m / "config.json").write_text("[1, 2]"), ["fetch", "M"], 2,
+     ["expected a JSON object"]),
+    ("tokenizer-config-not-json", {}, lambda m: (m / "tokenizer_config.json").write_text("nope"), ["fetch", "M"], 2,
+     ["tokenizer_config.json", "not valid JSON"]),
+    ("index-without-weight-map", dict(shards=2),
+     lambda m: (m / "model.safetensors.index.json").write_text('{"metadata": {}}'), ["fetch", "M"], 2,
+     ["no weight_map"]),
+    ("config-missing-heads", {}, lambda m: edit_config(m, num_attention_heads=None),
+     ["trtllm", "M", "--until", "convert"], 2, ["num_attention_heads", "missing"]),
+    ("contradictory-kv-heads", {}, lambda m: edit_config(m, num_key_value_heads=3),
+     ["trtllm", "M", "--until", "convert"], 2, ["not a multiple of num_key_value_heads"]),
+    ("negative-layers", {}, lambda m: edit_config(m, num_hidden_layers=-2),
+     ["trtllm", "M", "--until", "convert"], 2, ["num_hidden_layers", "positive"]),
+    ("no-architectures", {}, lambda m: edit_config(m, architectures=None),
+     ["neuron", "M", "--until", "split"], 2, ["architecture None is not supported"]),
+    ("unknown-stage", {}, None, ["trtllm", "M", "--until", "deploy"], 2, ["--until 'deploy' is not a stage"]),
+    ("unknown-layout", {}, None, ["trtllm", "M", "--layout", "zip", "--output", "P/out"], 2, ["--layout 'zip'"]),
+    ("unknown-neuron-format", {}, None, ["neuron", "M", "--format", "zip", "--n-positions", "128"], 2,
+     ["--format 'zip'"]),
+    ("layout-without-output", {}, None, ["trtllm", "M", "--trtllm-build", STANDIN], 2, ["--output is required"]),
+    ("seq-len-not-above-input", {}, None, ["trtllm", "M", "--max-input-len", "2048", "--max-seq-len", "1024",
+                                           "--until", "convert"], 2, ["--max-seq-len 1024 must exceed"]),
+    ("properties-bad-value", {}, bad_properties, ["trtllm", "M", "--properties", "P/bad.properties",
+                                                  "--until", "convert"], 2, ["option.tensor_parallel_degree='two'"]),
+    ("properties-unparsable", {}, junk_properties, ["trtllm", "M", "--properties", "P/junk.properties",
+                                                    "--until", "convert"], 2, ["junk.properties:1", "cannot parse"]),
+    ("properties-missing-file", {}, None, ["trtllm", "--properties", "P/none.properties"], 2, ["cannot read"]),
+    ("no-model-at-all", {}, None, ["trtllm", "--until", "convert"], 2, ["no MODEL given"]),
+    ("unbalanced-build-args", {}, None, ["trtllm", "M", "--trtllm-build-args", "--foo 'bar", "--until", "convert"],
+     2, ["--trtllm-build-args", "quotation"]),
+    ("push-empty-folder", {}, lambda m: (m.parent / "emptydir").mkdir(), ["push", "P/emptydir", "s3://models/x/"],
+     2, ["nothing to publish"]),
+    ("push-whole-bucket", {}, None, ["push", "M", "s3://models"], 2, ["give a prefix"]),
+    ("push-not-s3", {}, None, ["push", "M", "gs://models/x/"], 2, ["not an S3 URI"]),
+    ("upload-malformed-uri", {}, None, ["trtllm", "M", "--upload", "s3://Bad_Bucket/x/", "--until", "convert"], 2,
+     ["not a valid S3 bucket name"]),
+    ("local-path-missing", {}, None, ["fetch", "./does/not/exist"], 2, ["no such folder"]),
+    ("model-is-a-file", {}, None, ["fetch", "M/config.json"], 2, ["not a folder"]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, model_copy, tmp_path):
+    _, kwargs, breaker, args, code, words = case
+    m = model_copy(**kwargs)
+    if breaker:
+        breaker(m)
+    argv = [a.replace("M", str(m), 1) if a.startswith("M") else a.replace("P", str(m.parent), 1)
+            if a.startswith("P") else a for a in args]
+    if argv[0] in ("trtllm", "neuron"):
+        argv += ["--work-dir", str(tmp_path / "work")]
+    proc = run_cli(*argv)
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-1500:])
+    line = error_line(proc)
+    for w in words:
+        assert w in line, line
+    assert "Traceback" not in proc.stderr
+    # nothing that looks complete: no finished stage beyond fetch, no output tree
+    for stage in ("checkpoint", "engines", "split", "compiled"):
+        assert not (tmp_path / "work" / stage).exists()
+    assert not (tmp_path / "out").exists() and not (m.parent / "out").exists()
+
+
+def test_corpus_is_large_enough():
+    assert len(CASES) >= 25  # plus the per-stage cases in the other files: well over 30 in all
