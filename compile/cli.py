@@ -225,6 +225,29 @@ def neuron(
     typer.echo(f"{until}: {out}")
 
 
+@app.command()
+def plan(
+    model: Model,
+    tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel degree.")] = 1,
+    pp: Annotated[int, typer.Option("--pp", help="Pipeline-parallel degree.")] = 1,
+    dtype: Annotated[str, typer.Option(help="auto, float16, bfloat16 or float32.")] = "auto",
+    instance: Annotated[Optional[str], typer.Option(help="SageMaker instance type, e.g. ml.g5.12xlarge.")] = None,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Concurrent sequences.")] = 32,
+    max_seq_len: Annotated[int, typer.Option("--max-seq-len", help="Prompt plus output tokens.")] = 1536,
+    revision: Revision = None,
+    token: Token = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+):
+    """Size a compile before running it: parameters, bytes per rank, KV cache, fit on an instance, disk per stage.
+    Reads only config.json (and the weight index); downloads no weights."""
+    from .plan import as_json, make_plan, read_remote_config, render
+
+    config, total = read_remote_config(model, revision, token)
+    p = make_plan(config, tp=tp, pp=pp, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                  instance=instance, index_total=total)
+    typer.echo(as_json(p) if json_out else render(p))
+
+
 def main() -> None:
     from .interrupts import install
 

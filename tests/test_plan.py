@@ -1,0 +1,107 @@
+"""`lmi-compile plan` against hand-computed numbers for real model shapes (configs as on the Hub)."""
+
+import json
+
+import pytest
+from conftest import error_line, run_cli
+
+from lmi_compile.hf_config import ModelConfig
+from lmi_compile.plan import GiB, make_plan
+
+SHAPES = {
+    # name: (architecture, hidden, inter, layers, heads, kv heads, vocab, dtype, tied)
+    "llama-2-7b": ("LlamaForCausalLM", 4096, 11008, 32, 32, 32, 32000, "float16", False),
+    "llama-2-13b": ("LlamaForCausalLM", 5120, 13824, 40, 40, 40, 32000, "float16", False),
+    "llama-2-70b": ("LlamaForCausalLM", 8192, 28672, 80, 64, 8, 32000, "float16", False),
+    "llama-3-8b": ("LlamaForCausalLM", 4096, 14336, 32, 32, 8, 128256, "bfloat16", False),
+    "mistral-7b": ("MistralForCausalLM", 4096, 14336, 32, 32, 8, 32000, "bfloat16", False),
+    "qwen2.5-7b": ("Qwen2ForCausalLM", 3584, 18944, 28, 28, 4, 152064, "bfloat16", False),
+}
+# Published parameter counts (and each is the sum of its tensor shapes, worked by hand in the note).
+PARAMS = {"llama-2-7b": 6_738_415_616, "llama-2-13b": 13_015_864_320, "llama-2-70b": 68_976_648_192,
+          "llama-3-8b": 8_030_261_248, "mistral-7b": 7_241_732_096, "qwen2.5-7b": 7_615_616_512}
+# 2 (K and V) x layers x kv heads x head_dim x 2 bytes
+KV_PER_TOKEN = {"llama-2-7b": 2 * 32 * 32 * 128 * 2, "llama-2-13b": 2 * 40 * 40 * 128 * 2,
+                "llama-2-70b": 2 * 80 * 8 * 128 * 2, "llama-3-8b": 2 * 32 * 8 * 128 * 2,
+                "mistral-7b": 2 * 32 * 8 * 128 * 2, "qwen2.5-7b": 2 * 28 * 4 * 128 * 2}
+
+
+def write_config(tmp_path, name):
+    arch, h, inter, layers, heads, kv, vocab, dtype, tied = SHAPES[name]
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "architectures": [arch], "hidden_size": h, "intermediate_size": inter, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab, "torch_dtype": dtype,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": tied, "hidden_act": "silu"}))
+    return d
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_parameters_and_kv_cache(tmp_path, name):
+    p = make_plan(ModelConfig.load(write_config(tmp_path, name) / "config.json"))
+    assert p.parameters == PARAMS[name]
+    assert p.weight_bytes == PARAMS[name] * 2
+    assert p.kv_bytes_per_token == KV_PER_TOKEN[name]
+    assert p.kv_bytes_for_batch == KV_PER_TOKEN[name] * 32 * 1536
+
+
+def test_llama2_7b_tp2_on_g5_12xlarge_by_hand(tmp_path):
+    p = make_plan(ModelConfig.load(write_config(tmp_path, "llama-2-7b") / "config.json"), tp=2,
+                  instance="ml.g5.12xlarge")
+    # embedding 32000*4096 (replicated) + 32 layers * 202,383,360 / 2 + norm 4096 + lm_head 16000*4096, x 2 bytes
+    assert p.weight_bytes_per_rank == (131_072_000 + 32 * 202_383_360 // 2 + 4096 + 16_000 * 4096) * 2
+    assert p.kv_bytes_per_token_per_rank == 2 * 32 * 16 * 128 * 2
+    assert p.fits is True and p.fitting_tp == [2, 4]  # tp=1 needs 12.6 GiB weights + 24 GiB KV > 24 GiB
+    assert p.memory_per_accelerator == 24 * GiB
+
+
+def test_llama2_70b_on_g5_48xlarge_depends_on_batch(tmp_path):
+    cfg = ModelConfig.load(write_config(tmp_path, "llama-2-70b") / "config.json")
+    # per rank: (embedding 262,144,000 + 80 * 855,654,400 / 8 + norm 8192 + lm_head 4000 * 8192) * 2 bytes
+    weights = (262_144_000 + 80 * 855_654_400 // 8 + 8192 + 4000 * 8192) * 2
+    kv_token = 2 * 80 * 1 * 128 * 2  # 8 kv heads over 8 ranks: one each
+    p = make_plan(cfg, tp=8, instance="ml.g5.48xlarge", max_batch_size=8, max_seq_len=4096)
+    assert p.weight_bytes_per_rank == weights
+    assert p.needed_per_accelerator == int((weights + kv_token * 8 * 4096) * 1.1) + GiB  # 21.3 GiB of 24
+    assert p.fits is True and p.fitting_tp == [8]
+    p = make_plan(cfg, tp=8, instance="ml.g5.48xlarge", max_batch_size=32, max_seq_len=4096)  # 24.6 GiB
+    assert p.fits is False and p.fitting_tp == []
+    p = make_plan(cfg, tp=8, instance="ml.p4de.24xlarge", max_batch_size=32, max_seq_len=4096)
+    assert p.fits is True and p.fitting_tp == [4, 8]  # tp=2: 64.5 GiB weights + 20 GiB KV per GPU > 80
+
+
+def test_kv_replication_and_divisibility_warnings(tmp_path):
+    cfg = ModelConfig.load(write_config(tmp_path, "llama-3-8b") / "config.json")
+    p = make_plan(cfg, tp=16)
+    assert any("repeated 2x" in w for w in p.warnings)
+    assert p.kv_bytes_per_token_per_rank == 2 * 32 * 1 * 128 * 2  # one (repeated) kv head per rank
+    p = make_plan(ModelConfig.load(write_config(tmp_path, "qwen2.5-7b") / "config.json"), tp=8)
+    assert any("does not divide num_attention_heads 28" in w for w in p.warnings)
+
+
+def test_disk_needs_count_replicated_embeddings(tmp_path):
+    p = make_plan(ModelConfig.load(write_config(tmp_path, "llama-3-8b") / "config.json"), tp=4)
+    emb = 128256 * 4096 * 2
+    assert p.disk_bytes["convert"] == PARAMS["llama-3-8b"] * 2 + 3 * emb
+    assert p.disk_bytes["fetch"] == PARAMS["llama-3-8b"] * 2
+
+
+def test_cli_plan_reads_only_config_from_hub(hub_env, tmp_path):
+    d = write_config(tmp_path, "mistral-7b")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 14_483_464_192},
+                                                                "weight_map": {}}))
+    hub_env.add("mistralai/Mistral-7B-v0.1", d)
+    n = len(hub_env.requests)
+    proc = run_cli("plan", "mistralai/Mistral-7B-v0.1", "--tp", "2", "--instance", "ml.g5.12xlarge", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["parameters"] == PARAMS["mistral-7b"] and out["weight_bytes"] == 14_483_464_192
+    assert out["fits"] is True
+    fetched = {r[1].rsplit("/", 1)[-1] for r in hub_env.requests[n:] if "/resolve/" in r[1]}
+    assert fetched <= {"config.json", "model.safetensors.index.json"}
+
+
+def test_cli_plan_unknown_instance(tmp_path):
+    proc = run_cli("plan", write_config(tmp_path, "llama-2-7b"), "--instance", "ml.x9.huge")
+    assert proc.returncode == 2 and "ml.x9.huge" in error_line(proc) and "ml.g5.12xlarge" in error_line(proc)
