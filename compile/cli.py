@@ -226,6 +226,23 @@ def neuron(
 
 
 @app.command()
+def check(
+    location: Annotated[str, typer.Argument(help="A local folder or s3://bucket/prefix/.", show_default=False)],
+    container_trtllm: Annotated[Optional[str], typer.Option("--container-trtllm", help="TensorRT-LLM version of the serving container.")] = None,
+    container_neuronx_cc: Annotated[Optional[str], typer.Option("--container-neuronx-cc", help="neuronx-cc version of the serving container.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+):
+    """Say which LMI loading path LOCATION fits and what would stop it loading; exit 0 loadable, 1 not.
+    Reads listings and small files only, never weights."""
+    from .check import as_json, check as run_check, render
+
+    report = run_check(location, container_trtllm=container_trtllm, container_neuronx_cc=container_neuronx_cc)
+    typer.echo(as_json(report) if json_out else render(report))
+    if not report.loadable:
+        raise typer.Exit(1)
+
+
+@app.command()
 def plan(
     model: Model,
     tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel degree.")] = 1,

@@ -1,0 +1,280 @@
+"""`lmi-compile check`: which LMI loading path a model location fits, and what stops it loading.
+
+It reads listings and small files only (configs, indexes, manifests), never weights, for a local folder
+or an S3 prefix, and applies the rules LMI applies (shared/spec formats.md sections 3 and 4).
+"""
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+
+from .errors import BadInput
+from .serving_properties import parse as parse_properties
+
+LAYOUT_NAMES = {
+    "trtllm-triton": "TensorRT-LLM triton repository (LMI up to 0.32)",
+    "trtllm-engine-dir": "TensorRT-LLM engine directory (LMI 0.33+)",
+    "neuron-optimum": "Neuron optimum layout (checkpoint/ + compiled/)",
+    "neuron-split": "Neuron split model + compiled graph",
+    "hf-pretrained": "HuggingFace pretrained (compiled just in time at startup)",
+}
+NEURON_KEYS = ("task", "batch_size", "num_cores", "auto_cast_type", "sequence_length", "compiler_type",
+               "compiler_version", "checkpoint_id", "checkpoint_revision")
+STANDIN = "standin"
+
+
+class Location:
+    """A folder or an S3 prefix: relative file names with sizes, and small reads."""
+
+    def __init__(self, text: str):
+        self.text = text
+        if text.startswith("s3://"):
+            from .s3 import list_objects, make_client, parse_s3_uri
+
+            self.uri = parse_s3_uri(text)
+            self.client = make_client()
+            self.files = list_objects(self.client, self.uri)
+            self.root = None
+        else:
+            self.uri, self.root = None, Path(text)
+            if not self.root.is_dir():
+                raise BadInput(f"{text}: no such folder; give a local folder or an s3:// prefix")
+            self.files = {p.relative_to(self.root).as_posix(): p.stat().st_size
+                          for p in self.root.rglob("*") if p.is_file()}
+
+    def read(self, rel: str) -> bytes:
+        if self.root is not None:
+            return (self.root / rel).read_bytes()
+        from .s3 import translate
+
+        try:
+            return self.client.get_object(Bucket=self.uri.bucket, Key=self.uri.key(rel))["Body"].read()
+        except Exception as e:
+            raise translate(e, f"{self.uri}{rel}") from None
+
+    def json(self, rel: str, problems: list) -> dict | None:
+        if rel not in self.files:
+            return None
+        try:
+            data = json.loads(self.read(rel))
+            return data if isinstance(data, dict) else None
+        except ValueError:
+            problems.append(f"{rel}: not valid JSON")
+            return None
+
+    def model_id(self) -> str:
+        return str(self.uri) if self.uri else str(self.root.resolve())
+
+
+@dataclass
+class Report:
+    location: str
+    layout: str | None
+    loadable: bool
+    problems: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    upload_complete: bool | None = None
+    versions: dict = field(default_factory=dict)
+    properties: dict = field(default_factory=dict)
+
+
+def _ranks(files: dict, folder: str) -> set[int]:
+    pre = f"{folder}/" if folder else ""
+    out = set()
+    for rel in files:
+        m = re.fullmatch(re.escape(pre) + r"rank(\d+)\.engine", rel)
+        if m:
+            out.add(int(m.group(1)))
+    return out
+
+
+def _check_engines(loc: Location, folder: str, report: Report, container: str | None) -> None:
+    pre = f"{folder}/" if folder else ""
+    cfg = loc.json(f"{pre}config.json", report.problems)
+    if not cfg or "build_config" not in cfg:
+        report.problems.append(f"{pre}config.json: missing or without build_config (not a trtllm-build output)")
+        return
+    mapping = cfg.get("pretrained_config", {}).get("mapping", {})
+    world = mapping.get("world_size") or mapping.get("tp_size", 1) * mapping.get("pp_size", 1)
+    have = _ranks(loc.files, folder)
+    missing = sorted(set(range(world)) - have)
+    if missing:
+        report.problems.append(f"{pre}: engine config says {world} ranks but rank{missing[0]}.engine"
+                               f"{' and others are' if len(missing) > 1 else ' is'} missing")
+    extra = sorted(have - set(range(world)))
+    if extra:
+        report.problems.append(f"{pre}: rank{extra[0]}.engine is beyond the engine config's {world} ranks")
+    version = str(cfg.get("version", "unknown"))
+    report.versions["tensorrt_llm"] = version
+    if STANDIN in version:
+        report.problems.append(f"{pre}config.json: engines were made by a stand-in trtllm-build; they are "
+                               f"placeholders, not compiled engines")
+    if container and version != container:
+        report.problems.append(f"engines were built with TensorRT-LLM {version}, the container has {container}: "
+                               f"rebuild them in the serving container")
+    report.properties.setdefault("option.tensor_parallel_degree", str(mapping.get("tp_size", world)))
+    report.properties.setdefault("option.rolling_batch", "trtllm")
+
+
+def _check_split(loc: Location, folder: str, report: Report) -> None:
+    pre = f"{folder}/" if folder else ""
+    k2f = loc.json(f"{pre}pytorch_model.bin/key_to_filename.json", report.problems)
+    if k2f is None:
+        report.problems.append(f"{pre}pytorch_model.bin/key_to_filename.json: missing")
+        return
+    missing = [f for f in k2f.values() if f"{pre}pytorch_model.bin/{f}" not in loc.files]
+    if missing:
+        report.problems.append(f"{pre}pytorch_model.bin/: {len(missing)} tensor file(s) named by "
+                               f"key_to_filename.json are missing (e.g. {missing[0]})")
+    if "lm_head.weight" not in k2f:
+        report.problems.append(f"{pre}pytorch_model.bin/key_to_filename.json: no lm_head.weight (write it even "
+                               f"when tied)")
+
+
+def _check_neffs(loc: Location, report: Report, container: str | None, version: str | None) -> None:
+    if not [f for f in loc.files if re.fullmatch(r"compiled/[^/]+\.neff", f)]:
+        report.problems.append("compiled/: no .neff graphs")
+    if version is not None:
+        report.versions["neuronx_cc"] = version
+        if STANDIN in str(version):
+            report.problems.append("compiled graphs were made by a stand-in compiler; they are placeholders")
+        if container and str(version) != container:
+            report.problems.append(f"graphs were compiled with neuronx-cc {version}, the container has {container}: "
+                                   f"recompile in the serving container")
+
+
+def _check_hf(loc: Location, report: Report) -> None:
+    from .model_files import preferred_index, small_files, weight_files
+
+    try:
+        small_files(loc.files, trust_remote_code=True, source=loc.text)
+        name = preferred_index(loc.files)
+        index = loc.json(name, report.problems) if name else None
+        weight_files(loc.files, index, name, source=loc.text)
+    except BadInput as e:
+        report.problems.append(str(e).removeprefix(f"{loc.text}: ").removeprefix(f"{loc.text}/"))
+    if any(f.endswith(".py") and "/" not in f for f in loc.files):
+        report.notes.append("custom code present: deploy with option.trust_remote_code=true")
+
+
+def detect(loc: Location) -> tuple[str | None, str]:
+    """(layout, folder) by LMI's own rules."""
+    top = {f for f in loc.files if "/" not in f}
+    for d in sorted({PurePosixPath(f).parts[0] for f in loc.files if "/" in f}):
+        if f"{d}/config.pbtxt" in loc.files and f"{d}/tokenizer_config.json" in loc.files:
+            return "trtllm-triton", d
+    cfg = loc.json("config.json", []) if "config.json" in top else None
+    if cfg and "build_config" in cfg:
+        return "trtllm-engine-dir", ""
+    if cfg and "neuron" in cfg and not any(f.endswith(".safetensors") for f in top):
+        return "neuron-optimum", ""
+    if "pytorch_model.bin/key_to_filename.json" in loc.files:
+        return "neuron-split", ""
+    if cfg is not None:
+        return "hf-pretrained", ""
+    return None, ""
+
+
+def check(text: str, *, container_trtllm: str | None = None, container_neuronx_cc: str | None = None) -> Report:
+    from .publish import MANIFEST_KEY, MARKER_KEY
+
+    loc = Location(text)
+    report = Report(location=text, layout=None, loadable=False)
+    if not loc.files:
+        report.problems.append("empty: no files at this location")
+        return report
+    if loc.uri is not None:
+        manifest = loc.json(MANIFEST_KEY, report.problems)
+        if MARKER_KEY in loc.files and manifest is None:
+            report.upload_complete = False
+            report.problems.append("incomplete upload: an lmi-compile push started here and never wrote its manifest")
+        elif manifest is not None:
+            bad = [k for k, v in manifest.get("objects", {}).items() if loc.files.get(k) != v.get("size")]
+            report.upload_complete = not bad
+            if bad:
+                report.problems.append(f"upload manifest lists {len(bad)} object(s) missing or of another size "
+                                       f"(e.g. {bad[0]})")
+    props_rel = "serving.properties"
+    if props_rel in loc.files:
+        report.properties.update(parse_properties(loc.read(props_rel).decode("utf-8", "replace"), props_rel))
+    layout, folder = detect(loc)
+    report.layout = layout
+    if layout is None:
+        report.problems.append("no LMI layout recognized: no config.json, no <dir>/config.pbtxt with "
+                               "tokenizer_config.json, no pytorch_model.bin/ split directory")
+    elif layout == "trtllm-triton":
+        _check_engines(loc, f"{folder}/1", report, container_trtllm)
+        pbtxt = loc.read(f"{folder}/config.pbtxt").decode("utf-8", "replace")
+        if "${" in pbtxt:
+            report.problems.append(f"{folder}/config.pbtxt: unfilled template fields ({re.findall(r'[$][{][^}]+[}]', pbtxt)[0]})")
+        if 'backend: "tensorrtllm"' not in pbtxt:
+            report.problems.append(f"{folder}/config.pbtxt: backend is not tensorrtllm")
+        m = re.search(r'key: "gpt_model_path"\s*value: \{\s*string_value: "([^"]*)"', pbtxt)
+        if m:
+            report.notes.append(f"config.pbtxt gpt_model_path = {m.group(1)} (must be where the engines are in "
+                                f"the container)")
+        if f"{folder}/config.json" not in loc.files:
+            report.problems.append(f"{folder}/config.json: the HuggingFace config is missing")
+        report.notes.append(f"option.model_id is this prefix, the one ABOVE {folder}/")
+    elif layout == "trtllm-engine-dir":
+        _check_engines(loc, "", report, container_trtllm)
+        if "tokenizer_config.json" not in loc.files:
+            report.problems.append("tokenizer_config.json: missing")
+    elif layout == "neuron-optimum":
+        neuron = loc.json("config.json", report.problems).get("neuron", {})
+        missing = [k for k in NEURON_KEYS if k not in neuron]
+        if missing:
+            report.problems.append(f"config.json: the neuron section lacks {', '.join(missing)}")
+        if "tokenizer_config.json" not in loc.files:
+            report.problems.append("tokenizer_config.json: missing")
+        if "checkpoint/config.json" not in loc.files:
+            report.problems.append("checkpoint/config.json: missing")
+        if "checkpoint/pytorch_model.bin/key_to_filename.json" in loc.files:
+            _check_split(loc, "checkpoint", report)
+        elif not any(f.startswith("checkpoint/") and f.endswith(".safetensors") for f in loc.files):
+            report.problems.append("checkpoint/: no split weights and no safetensors")
+        _check_neffs(loc, report, container_neuronx_cc, neuron.get("compiler_version"))
+        for key, opt in (("num_cores", "tensor_parallel_degree"), ("sequence_length", "n_positions"),
+                         ("batch_size", "max_rolling_batch_size")):
+            want, have = str(neuron.get(key)), report.properties.get(f"option.{opt}")
+            if have is not None and have != want:
+                report.problems.append(f"serving.properties: option.{opt}={have} but the graphs were compiled "
+                                       f"with {key}={want}")
+    elif layout == "neuron-split":
+        _check_split(loc, "", report)
+        manifest = loc.json("lmi-compile.json", []) or {}
+        version = (manifest.get("versions") or {}).get("neuronx_cc")
+        graph = report.properties.get("option.compiled_graph_path")
+        if graph is None:
+            report.problems.append("serving.properties: option.compiled_graph_path is not set")
+        elif not (graph.startswith("s3://") or graph.startswith("/")):
+            report.problems.append(f"option.compiled_graph_path={graph} is relative: LMI resolves it against its "
+                                   f"working directory; use an absolute path or an s3:// URI")
+        if report.properties.get("option.load_split_model") != "true":
+            report.problems.append("serving.properties: set option.load_split_model=true")
+        _check_neffs(loc, report, container_neuronx_cc, version)
+    else:
+        _check_hf(loc, report)
+    report.properties.setdefault("option.model_id", loc.model_id())
+    report.loadable = not report.problems
+    return report
+
+
+def render(r: Report) -> str:
+    head = f"{r.location}: {LAYOUT_NAMES.get(r.layout, 'unrecognized')}: " + \
+        ("loadable" if r.loadable else "NOT loadable")
+    lines = [head]
+    if r.upload_complete is not None:
+        lines.append(f"  upload: {'complete (manifest verified)' if r.upload_complete else 'INCOMPLETE'}")
+    for k, v in r.versions.items():
+        lines.append(f"  {k}: {v}")
+    lines += [f"  problem: {p}" for p in r.problems]
+    lines += [f"  note: {n}" for n in r.notes]
+    lines.append("  deploy with:")
+    lines += [f"    {k}={v}" for k, v in r.properties.items()]
+    return "\n".join(lines)
+
+
+def as_json(r: Report) -> str:
+    return json.dumps(asdict(r), indent=2)

@@ -1,0 +1,148 @@
+"""`lmi-compile check`: the layout LMI would see, and each thing that would stop it loading."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, upload_folder
+
+STANDIN = Path(__file__).parent / "standins" / "trtllm-build"
+NEURON_STANDIN = f"{sys.executable} {Path(__file__).parent / 'standins' / 'neuron_compile_standin.py'}"
+
+
+def as_if_compiled_by(path: Path, version: str) -> None:
+    """Give stand-in output the version a real toolchain would have written (to test check's other rules)."""
+    cfg = json.loads(path.read_text())
+    if "neuron" in cfg:
+        cfg["neuron"]["compiler_version"] = version
+    else:
+        cfg["version"] = version
+    path.unlink()  # the layout hard-linked it from the work dir: never edit through the link
+    path.write_text(json.dumps(cfg))
+
+
+def check_json(*args):
+    proc = run_cli("check", *args, "--json")
+    assert proc.returncode in (0, 1), proc.stderr
+    report = json.loads(proc.stdout)
+    assert (proc.returncode == 0) == report["loadable"]
+    return report
+
+
+@pytest.fixture
+def triton_out(model_factory, tmp_path):
+    proc = run_cli("trtllm", model_factory(), "--tp", "2", "--work-dir", tmp_path / "w", "--output", tmp_path / "out",
+                   "--trtllm-build", STANDIN)
+    assert proc.returncode == 0, proc.stderr
+    return tmp_path / "out"
+
+
+def test_standin_output_is_never_called_loadable(triton_out):
+    r = check_json(triton_out)
+    assert r["layout"] == "trtllm-triton" and r["loadable"] is False
+    assert any("stand-in" in p for p in r["problems"])
+
+
+def test_triton_repository_rules(triton_out):
+    as_if_compiled_by(triton_out / "tensorrt_llm" / "1" / "config.json", "0.12.0")
+    r = check_json(triton_out)
+    assert r["loadable"] is True and r["versions"]["tensorrt_llm"] == "0.12.0"
+    assert r["properties"]["option.tensor_parallel_degree"] == "2" and r["properties"]["engine"] == "MPI"
+    assert check_json(triton_out, "--container-trtllm", "0.13.0")["problems"] == [
+        "engines were built with TensorRT-LLM 0.12.0, the container has 0.13.0: rebuild them in the serving container"]
+    (triton_out / "tensorrt_llm" / "1" / "rank1.engine").unlink()
+    r = check_json(triton_out)
+    assert r["loadable"] is False and any("rank1.engine is missing" in p for p in r["problems"])
+
+
+def test_unfilled_pbtxt_and_missing_tokenizer(triton_out):
+    as_if_compiled_by(triton_out / "tensorrt_llm" / "1" / "config.json", "0.12.0")
+    pbtxt = triton_out / "tensorrt_llm" / "config.pbtxt"
+    text = pbtxt.read_text().replace("max_batch_size: 32", "max_batch_size: ${max_batch_size}")
+    pbtxt.unlink()
+    pbtxt.write_text(text)
+    assert any("unfilled template" in p for p in check_json(triton_out)["problems"])
+    (triton_out / "tensorrt_llm" / "tokenizer_config.json").unlink()
+    r = check_json(triton_out)  # without the tokenizer LMI no longer sees a triton repository at all
+    assert r["layout"] != "trtllm-triton" and r["loadable"] is False
+
+
+def test_engine_dir_layout(model_factory, tmp_path):
+    proc = run_cli("trtllm", model_factory(), "--tp", "2", "--layout", "engine-dir", "--work-dir", tmp_path / "w",
+                   "--output", tmp_path / "out", "--trtllm-build", STANDIN)
+    assert proc.returncode == 0, proc.stderr
+    as_if_compiled_by(tmp_path / "out" / "config.json", "0.21.0")
+    r = check_json(tmp_path / "out")
+    assert r["layout"] == "trtllm-engine-dir" and r["loadable"] is True
+
+
+def test_neuron_optimum_rules(model_factory, tmp_path):
+    proc = run_cli("neuron", model_factory(), "--n-positions", "256", "--work-dir", tmp_path / "w", "--output",
+                   tmp_path / "out", "--compile-entry", NEURON_STANDIN)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    assert check_json(out)["loadable"] is False  # stand-in graphs
+    as_if_compiled_by(out / "config.json", "2.16.372.0")
+    r = check_json(out)
+    assert r["layout"] == "neuron-optimum" and r["loadable"] is True, r["problems"]
+    assert "2.12.54.0" in check_json(out, "--container-neuronx-cc", "2.12.54.0")["problems"][0]
+    props = (out / "serving.properties").read_text().replace("option.n_positions=256", "option.n_positions=512")
+    (out / "serving.properties").unlink()
+    (out / "serving.properties").write_text(props)
+    assert any("option.n_positions=512" in p for p in check_json(out)["problems"])
+    victim = next((out / "checkpoint" / "pytorch_model.bin").glob("p3.*"))
+    victim.unlink()
+    assert any("tensor file(s) named by key_to_filename.json are missing" in p for p in check_json(out)["problems"])
+
+
+def test_neuron_split_rules(model_factory, tmp_path):
+    proc = run_cli("neuron", model_factory(), "--n-positions", "128", "--format", "split", "--work-dir",
+                   tmp_path / "w", "--output", tmp_path / "out", "--compile-entry", NEURON_STANDIN)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    r = check_json(out)
+    assert r["layout"] == "neuron-split" and any("stand-in" in p for p in r["problems"])
+    props = (out / "serving.properties").read_text().replace("/opt/ml/model/compiled", "compiled")
+    (out / "serving.properties").unlink()
+    (out / "serving.properties").write_text(props)
+    assert any("is relative" in p for p in check_json(out)["problems"])
+
+
+def test_hf_pretrained(model_copy):
+    m = model_copy(shards=2)
+    r = check_json(m)
+    assert r["layout"] == "hf-pretrained" and r["loadable"] is True
+    assert r["properties"] == {"option.model_id": str(m.resolve())}
+    (m / "model-00002-of-00002.safetensors").unlink()
+    r = check_json(m)
+    assert r["loadable"] is False and any("model-00002-of-00002.safetensors" in p for p in r["problems"])
+
+
+def test_s3_upload_complete_and_incomplete(s3_env, s3_client, s3_prefix, triton_out):
+    as_if_compiled_by(triton_out / "tensorrt_llm" / "1" / "config.json", "0.12.0")
+    assert run_cli("push", triton_out, s3_prefix).returncode == 0
+    r = check_json(s3_prefix)
+    assert r["loadable"] is True and r["upload_complete"] is True and r["properties"]["option.model_id"] == s3_prefix
+    bucket, prefix = "models", s3_prefix.split("models/", 1)[1]
+    s3_client.delete_object(Bucket=bucket, Key=prefix + "tensorrt_llm/1/rank0.engine")
+    r = check_json(s3_prefix)
+    assert r["upload_complete"] is False and r["loadable"] is False
+    s3_client.delete_object(Bucket=bucket, Key=prefix + "lmi-compile-manifest.json")
+    s3_client.put_object(Bucket=bucket, Key=prefix + "lmi-compile-upload-in-progress.json", Body=b"{}")
+    r = check_json(s3_prefix)
+    assert any("incomplete upload" in p for p in r["problems"])
+
+
+def test_s3_hf_model_without_weights_downloads_nothing_big(s3_client, s3_prefix, model_factory):
+    upload_folder(s3_client, model_factory(shards=2), s3_prefix)
+    proc = run_cli("check", s3_prefix)
+    assert proc.returncode == 0, proc.stderr
+    assert "HuggingFace pretrained" in proc.stdout and "loadable" in proc.stdout
+
+
+def test_unrecognized_folder(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("hi")
+    proc = run_cli("check", tmp_path / "x")
+    assert proc.returncode == 1 and "no LMI layout recognized" in proc.stdout
