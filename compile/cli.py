@@ -159,12 +159,7 @@ def trtllm(
     if workers:
         job.workers = workers
     out = run(job, until)
-    if upload and until == "layout":
-        from .publish import push as run_push
-
-        run_push(out, upload, overwrite=overwrite)
-        typer.echo(f"published: {upload}")
-    typer.echo(f"{until}: {out}")
+    typer.echo(f"{until}: {out}" + (f" (published to {upload})" if upload and until == "layout" else ""))
 
 
 @app.command()
@@ -217,12 +212,7 @@ def neuron(
                     trust_remote_code=trust_remote_code or settings.get("trust_remote_code", False),
                     overwrite=overwrite, force=force, source_kind=parse_source(model, revision).kind)
     out = run(job, until)
-    if upload and until == "layout":
-        from .publish import push as run_push
-
-        run_push(out, upload, overwrite=overwrite)
-        typer.echo(f"published: {upload}")
-    typer.echo(f"{until}: {out}")
+    typer.echo(f"{until}: {out}" + (f" (published to {upload})" if upload and until == "layout" else ""))
 
 
 @app.command()

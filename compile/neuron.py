@@ -18,7 +18,7 @@ from .architectures import resolve
 from .diskspace import ensure_room
 from .errors import BadInput, LmiCompileError
 from .layout_neuron import FORMATS, write_layout
-from .pipeline import WorkDir, fetch_stage
+from .pipeline import WorkDir, fetch_stage, fresh_layout_staging, preflight_upload, push_stage
 
 log = logging.getLogger("lmi_compile")
 
@@ -148,9 +148,7 @@ def compile_stage(job: NeuronJob, arch, split: Path, split_fp: str) -> tuple[Pat
 
 def layout_stage(job: NeuronJob, model, split: Path, compiled: Path, facts: dict) -> Path:
     out = job.output
-    stages.claim_output(out, "layout", overwrite=job.overwrite)
-    staging = stages.staging_dir(out)
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = fresh_layout_staging(out, overwrite=job.overwrite)
     rec = stages.read_record(model.root) or {}
     revision = rec.get("resolved") if job.source_kind == "hub" else None
     manifest = {"tool": "lmi-compile", "tool_version": __version__, "backend": "neuron", "format": job.format,
@@ -169,10 +167,7 @@ def run(job: NeuronJob, until: str = "layout") -> Path:
         raise BadInput(f"--format {job.format!r}; use one of {', '.join(FORMATS)}")
     if until == "layout" and job.output is None:
         raise BadInput("--output is required to lay out the artifacts (or stop earlier with --until compile)")
-    if job.upload:
-        from .publish import preflight
-
-        preflight(job.upload)
+    preflight_upload(job.upload)
     model = fetch_stage(job.model, job.work, revision=job.revision, token=job.token,
                         trust_remote_code=job.trust_remote_code)
     arch = resolve(model.config)
@@ -187,4 +182,6 @@ def run(job: NeuronJob, until: str = "layout") -> Path:
     compiled, facts = compile_stage(job, arch, split, split_fp)
     if until == "compile":
         return compiled
-    return layout_stage(job, model, split, compiled, facts)
+    out = layout_stage(job, model, split, compiled, facts)
+    push_stage(out, job.upload, overwrite=job.overwrite)
+    return out

@@ -52,3 +52,32 @@ def fetch_stage(model: str, work: WorkDir, *, revision, token, trust_remote_code
     source = parse_source(model, revision)
     return fetch(source, work.source if source.kind != "local" else None, token=token,
                  trust_remote_code=trust_remote_code)
+
+
+def preflight_upload(upload: str | None) -> None:
+    """Before any heavy work: the upload URI parses, credentials work, the bucket exists."""
+    if upload:
+        from .publish import preflight
+
+        preflight(upload)
+
+
+def push_stage(out: Path, upload: str | None, *, overwrite: bool) -> None:
+    """The last stage of every pipeline: publish the laid-out tree, verified, when --upload was given."""
+    if upload:
+        from .publish import push
+
+        push(out, upload, overwrite=overwrite)
+        log.info("published: %s", upload)
+
+
+def fresh_layout_staging(out: Path, *, overwrite: bool) -> Path:
+    """Refuse a foreign non-empty output, then give an empty staging folder beside it."""
+    import shutil
+
+    from . import stages
+
+    stages.claim_output(out, "layout", overwrite=overwrite)
+    staging = stages.staging_dir(out)
+    shutil.rmtree(staging, ignore_errors=True)
+    return staging

@@ -14,7 +14,7 @@ from .architectures import resolve
 from .diskspace import ensure_room, tree_bytes
 from .errors import BadInput
 from .layout_trtllm import DEFAULT_ENGINE_PATH, LAYOUTS, serving_properties, write_layout
-from .pipeline import WorkDir, fetch_stage
+from .pipeline import WorkDir, fetch_stage, fresh_layout_staging, preflight_upload, push_stage
 from .trtllm_build import BuildOptions, build_engines, find_trtllm_build
 
 log = logging.getLogger("lmi_compile")
@@ -87,9 +87,7 @@ def build_stage(job: TrtllmJob, tool, ckpt: Path, ckpt_fp: str) -> tuple[Path, d
 
 def layout_stage(job: TrtllmJob, model, engines: Path, build: dict, dtype: str) -> Path:
     out = job.output
-    stages.claim_output(out, "layout", overwrite=job.overwrite)
-    staging = stages.staging_dir(out)
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = fresh_layout_staging(out, overwrite=job.overwrite)
     if os.stat(engines).st_dev != os.stat(stages.existing_parent(out)).st_dev:  # hard links need one filesystem
         ensure_room(out, tree_bytes(engines), "layout")
     manifest = {
@@ -121,10 +119,7 @@ def run(job: TrtllmJob, until: str = "layout") -> Path:
         raise BadInput(f"--max-seq-len {b.seq_len} must exceed --max-input-len {b.max_input_len} (it counts the "
                        f"prompt and the output)")
     # Pre-flight before any heavy work: the toolchain is there, or we stop now, not after the download.
-    if job.upload:
-        from .publish import preflight
-
-        preflight(job.upload)
+    preflight_upload(job.upload)
     tool = find_trtllm_build(job.trtllm_build) if wants_build else None
     if tool and not tool.gpus:
         log.warning("build: nvidia-smi sees no GPU; trtllm-build needs one of the architecture you will serve on")
@@ -140,4 +135,6 @@ def run(job: TrtllmJob, until: str = "layout") -> Path:
     if until == "build":
         return engines
     dtype = stages.read_record(ckpt).get("dtype", job.dtype)
-    return layout_stage(job, model, engines, build, dtype)
+    out = layout_stage(job, model, engines, build, dtype)
+    push_stage(out, job.upload, overwrite=job.overwrite)
+    return out

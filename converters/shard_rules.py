@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tensor_reader import FileRange, TensorReader, Zeros
+from .tensor_reader import TensorReader, Zeros
 
 
 @dataclass(frozen=True)
