@@ -88,7 +88,7 @@ def split_stage(job: NeuronJob, model, arch) -> tuple[Path, str]:
         return final, fp
     staging = stages.open_staging(final, fp)
     ensure_room(final, model.checkpoint.total_bytes * (2 if job.amp == "f32" else 1), "split")
-    write_split(arch, model.checkpoint, staging, job.amp)
+    write_split(arch, model.checkpoint, staging, job.amp, workers=max(1, min(4, os.cpu_count() or 1)))
     shutil.copy2(model.root / "config.json", staging / "config.json")
     stages.finish(staging, final, "split", fp, amp=job.amp)
     log.info("split: wrote %s", final)

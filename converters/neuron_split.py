@@ -9,6 +9,8 @@ memory at a time; each file is written to a temporary name and renamed.
 import json
 import os
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ from lmi_compile.errors import BadInput
 from lmi_compile.interrupts import check
 from lmi_compile.progress import bytes_bar
 
-from .tensor_reader import TensorReader
+from .tensor_reader import ByteBudget, TensorReader
 
 SPLIT_DIR = "pytorch_model.bin"
 KEY_TO_FILENAME = "key_to_filename.json"
@@ -56,31 +58,50 @@ def split_plan(arch: Architecture, ck: Checkpoint) -> list[tuple[str, str]]:
     return plan
 
 
-def write_split(arch: Architecture, ck: Checkpoint, out: Path, amp: str | None) -> dict:
-    """Write out/pytorch_model.bin/ (files kept when already complete from an interrupted run)."""
+def write_split(arch: Architecture, ck: Checkpoint, out: Path, amp: str | None, workers: int = 4) -> dict:
+    """Write out/pytorch_model.bin/ (files kept when already complete from an interrupted run).
+
+    Up to `workers` tensors are written at once, but the bytes in flight never exceed the largest
+    tensor (or 512 MiB, when larger): the embedding and lm_head, 1 GB each for Llama 3, never overlap.
+    """
     target = AMP_DTYPES[amp] if amp else None
     plan = split_plan(arch, ck)
     split = out / SPLIT_DIR
     split.mkdir(parents=True, exist_ok=True)
     mapping = {key: f"p{idx}.{sanitize_file_name(key)}" for idx, (key, _) in enumerate(plan)}
-    reader = TensorReader(ck)
+    budget = ByteBudget(max(max(ck.tensors[src].nbytes for _, src in plan), 512 * 1024 * 1024))
+    readers = threading.local()
+    opened: list[TensorReader] = []
     bar = bytes_bar(sum(ck.tensors[src].nbytes for _, src in plan), "split weights")
-    try:
-        for key, src in plan:
-            check()
-            path = split / mapping[key]
-            if not path.exists():
-                # own exact-size storage: torch.save writes the whole storage behind a tensor
-                t = reader.read_owned(src)
-                if target and str(t.dtype) != f"torch.{target}":
-                    t = t.to(getattr(torch, target))
-                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-                torch.save(t, tmp)
-                os.replace(tmp, path)
-                del t
+
+    def one(key: str, src: str) -> None:
+        check()
+        path = split / mapping[key]
+        if path.exists():
             bar.update(ck.tensors[src].nbytes)
+            return
+        with budget.hold(ck.tensors[src].nbytes * (2 if target else 1)):  # a cast holds source and result
+            reader = getattr(readers, "r", None)
+            if reader is None:
+                reader = readers.r = TensorReader(ck)
+                opened.append(reader)
+            # own exact-size storage: torch.save writes the whole storage behind a tensor
+            t = reader.read_owned(src)
+            if target and str(t.dtype) != f"torch.{target}":
+                t = t.to(getattr(torch, target))
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            torch.save(t, tmp)
+            os.replace(tmp, path)
+            del t
+        bar.update(ck.tensors[src].nbytes)
+
+    try:
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for f in [pool.submit(one, key, src) for key, src in plan]:
+                f.result()
     finally:
         bar.close()
-        reader.close()
+        for r in opened:
+            r.close()
     (split / KEY_TO_FILENAME).write_text(json.dumps(mapping, indent=2))
     return mapping

@@ -9,6 +9,8 @@ mmap loader.
 """
 
 import os
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,27 @@ class FileRange:
 @dataclass(frozen=True)
 class Zeros:
     numel: int
+
+
+class ByteBudget:
+    """Bytes of tensors parallel workers may hold at once; a request above the limit waits to run alone."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = max(1, limit), 0
+        self._cv = threading.Condition()
+
+    @contextmanager
+    def hold(self, n: int):
+        n = min(n, self.limit)
+        with self._cv:
+            self._cv.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            with self._cv:
+                self.used -= n
+                self._cv.notify_all()
 
 
 class TensorReader:
