@@ -19,12 +19,16 @@ from .tensor_reader import BLOCK_BYTES, FileRange, Zeros, itemsize
 
 
 class SafetensorsWriter:
+    """One safetensors file. Tensor i lives at a fixed offset known from the plan, so tensors may be written
+    in any order and from several threads at once (positional writes only)."""
+
     def __init__(self, path: Path, plan: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None):
-        """`plan`: (name, torch dtype name, shape) in the order tensors will be written."""
+        """`plan`: (name, torch dtype name, shape) in file order."""
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self._plan = list(plan)
-        self._sizes = []
+        self._sizes, self._begins = [], []
+        self._written = [False] * len(self._plan)
         self._next = 0
         header: dict = {}
         if metadata:
@@ -36,81 +40,90 @@ class SafetensorsWriter:
                 n *= d
             header[name] = {"dtype": TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
             self._sizes.append(n)
+            self._begins.append(offset)
             offset += n
         self.data_bytes = offset
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned, as the safetensors library does
-        self._f = open(self.tmp, "wb", buffering=0)
-        self._write(struct.pack("<Q", len(blob)) + blob)
+        self._data_start = 8 + len(blob)
+        self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._pwrite(struct.pack("<Q", len(blob)) + blob, 0)
+        os.ftruncate(self._fd, self._data_start + self.data_bytes)
 
-    def _write(self, data) -> int:
+    def _pwrite(self, data, pos: int) -> int:
         view = memoryview(data).cast("B")
         done = 0
         while done < len(view):
-            done += self._f.write(view[done:])
+            done += os.pwrite(self._fd, view[done:], pos + done)
         return done
 
-    def _copy_range(self, rng: FileRange, read_range) -> int:
-        """Copy a source byte range into the file, in the kernel when the platform allows."""
-        left, off = rng.nbytes, rng.offset
+    def _copy_range(self, rng: FileRange, pos: int, read_range) -> int:
+        """Copy a source byte range to `pos`, in the kernel when the platform allows."""
+        left, off, dst = rng.nbytes, rng.offset, pos
         if hasattr(os, "copy_file_range"):
             src = os.open(rng.path, os.O_RDONLY)
             try:
                 while left:
-                    n = os.copy_file_range(src, self._f.fileno(), min(left, 1 << 30), off)
+                    n = os.copy_file_range(src, self._fd, min(left, 1 << 30), off, dst)
                     if n <= 0:
                         break
-                    left -= n
-                    off += n
-            except OSError:
-                pass  # e.g. EXDEV or unsupported filesystem: finish below through memory
+                    left, off, dst = left - n, off + n, dst + n
+            except OSError as e:
+                if e.errno == 28:  # ENOSPC is real; other errors mean "not supported here"
+                    raise
             finally:
                 os.close(src)
         while left:
             chunk = min(left, BLOCK_BYTES)
-            self._write(read_range(FileRange(rng.path, off, chunk, "uint8")).numpy())
-            left -= chunk
-            off += chunk
+            self._pwrite(read_range(FileRange(rng.path, off, chunk, "uint8")).numpy(), dst)
+            left, off, dst = left - chunk, off + chunk, dst + chunk
         return rng.nbytes
 
-    def _write_tensor(self, t: torch.Tensor, dtype: torch.dtype) -> int:
+    def _write_tensor(self, t: torch.Tensor, dtype: torch.dtype, pos: int) -> int:
         t = t.to(dtype).contiguous()
-        return self._write(t.view(-1).view(torch.uint8).numpy()) if t.numel() else 0
+        return self._pwrite(t.view(-1).view(torch.uint8).numpy(), pos) if t.numel() else 0
 
-    def write_pieces(self, name: str, pieces, read_range) -> None:
-        """Append the next planned tensor from its pieces (FileRange, Zeros or tensors), casting as needed.
+    def write_pieces_at(self, i: int, pieces, read_range) -> None:
+        """Write planned tensor i from its pieces (FileRange, Zeros or tensors), casting as needed.
 
-        `read_range(FileRange) -> tensor` reads a range into memory (used only when a cast is needed).
+        `read_range(FileRange) -> tensor` reads a range into memory (only when a cast is needed).
+        Safe to call from several threads for different i.
         """
-        pname, pdtype, _ = self._plan[self._next]
-        if name != pname:
-            raise ValueError(f"{self.path.name}: expected tensor {pname}, got {name}")
+        _, pdtype, _ = self._plan[i]
         dtype = getattr(torch, pdtype)
         size = itemsize(pdtype)
-        written = 0
+        start = pos = self._data_start + self._begins[i]
         for piece in pieces:
             if isinstance(piece, FileRange) and piece.dtype == pdtype:
-                written += self._copy_range(piece, read_range)
+                pos += self._copy_range(piece, pos, read_range)
             elif isinstance(piece, FileRange):
                 per_block = max(1, BLOCK_BYTES // itemsize(piece.dtype))
-                for start in range(0, piece.numel, per_block):
-                    n = min(per_block, piece.numel - start)
-                    sub = FileRange(piece.path, piece.offset + start * itemsize(piece.dtype), n, piece.dtype)
-                    written += self._write_tensor(read_range(sub), dtype)
+                for first in range(0, piece.numel, per_block):
+                    n = min(per_block, piece.numel - first)
+                    sub = FileRange(piece.path, piece.offset + first * itemsize(piece.dtype), n, piece.dtype)
+                    pos += self._write_tensor(read_range(sub), dtype, pos)
             elif isinstance(piece, Zeros):
-                zeros = bytes(min(piece.numel * size, BLOCK_BYTES))
                 left = piece.numel * size
+                zeros = bytes(min(left, BLOCK_BYTES))
                 while left:
-                    written += self._write(zeros[:min(left, len(zeros))])
+                    pos += self._pwrite(zeros[:min(left, len(zeros))], pos)
                     left -= min(left, len(zeros))
             else:
-                written += self._write_tensor(piece, dtype)
-        if written != self._sizes[self._next]:
-            raise ValueError(f"{self.path.name}: tensor {name} got {written} bytes, planned {self._sizes[self._next]}")
+                pos += self._write_tensor(piece, dtype, pos)
+        if pos - start != self._sizes[i]:
+            raise ValueError(f"{self.path.name}: tensor {self._plan[i][0]} got {pos - start} bytes, "
+                             f"planned {self._sizes[i]}")
+        self._written[i] = True
+
+    def write_pieces(self, name: str, pieces, read_range) -> None:
+        """Write the next planned tensor, in file order."""
+        if name != self._plan[self._next][0]:
+            raise ValueError(f"{self.path.name}: expected tensor {self._plan[self._next][0]}, got {name}")
+        self.write_pieces_at(self._next, pieces, read_range)
         self._next += 1
 
     def write(self, name: str, tensor) -> None:
-        """Append the next planned tensor from one in-memory tensor (dtype and shape must match the plan)."""
+        """Write the next planned tensor from one in-memory tensor (dtype and shape must match the plan)."""
         pname, pdtype, pshape = self._plan[self._next]
         got_dtype = str(tensor.dtype).replace("torch.", "")
         if name != pname or got_dtype != pdtype or tuple(tensor.shape) != tuple(pshape):
@@ -119,18 +132,20 @@ class SafetensorsWriter:
         self.write_pieces(name, [tensor], None)
 
     def close(self) -> Path:
-        if self._next != len(self._plan):
-            raise ValueError(f"{self.path.name}: {len(self._plan) - self._next} planned tensors were not written")
-        os.fsync(self._f.fileno())
-        self._f.close()
+        missing = self._written.count(False)
+        if missing:
+            raise ValueError(f"{self.path.name}: {missing} planned tensors were not written")
+        os.fsync(self._fd)
+        os.close(self._fd)
         os.replace(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:
         try:
-            self._f.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
+            os.close(self._fd)
+        except OSError:
+            pass
+        self.tmp.unlink(missing_ok=True)
 
     def __enter__(self):
         return self

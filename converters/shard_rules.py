@@ -110,8 +110,10 @@ def pieces(rule: str, reader: TensorReader, names: list[str], ctx: RankContext):
         return [reader.row_range(names[0], 0, info.shape[0] if info.shape else 1)]
     if rule == "column":
         return [reader.row_range(names[0], *_even(reader.info(names[0]).shape[0], ctx))]
-    if rule == "row":
+    if rule == "row" and ctx.tp > 1:
         return _row_split(reader, names[0], ctx)
+    if rule == "row":  # one rank holds every column: the whole tensor is one contiguous range
+        return [reader.row_range(names[0], 0, reader.info(names[0]).shape[0])]
     if rule == "vocab":
         return _vocab_split(reader, names[0], ctx)
     if rule == "fused_qkv":

@@ -7,11 +7,11 @@ tensor at a time; ranks are written in parallel. Memory follows the few tensors 
 import json
 import logging
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from lmi_compile.architectures import Architecture
 from lmi_compile.checkpoint import Checkpoint
@@ -204,21 +204,51 @@ def _rank_done(path: Path, plan_fp: str) -> bool:
         return False
 
 
-def write_rank(ck: Checkpoint, plan: list[PlanEntry], ctx: RankContext, dtype: str, path: Path, plan_fp: str,
-               bar=None) -> Path:
-    """Write one rank file; memory held is one row block (file ranges are copied by the kernel)."""
-    reader = TensorReader(ck)
+def write_ranks(ck: Checkpoint, todo: list, contexts: dict, dtype: str, workers: int, bar) -> None:
+    """Write every planned rank file with one pool over (rank, tensor) tasks, so even a single rank uses
+    every worker: each tensor has a fixed offset in its file. Memory: one row block per worker (byte
+    ranges are copied by the kernel)."""
+    writers = {}
+    left = {}
+    lock = threading.Lock()
+    readers = threading.local()
+    opened: list[TensorReader] = []
+
+    def task(r: int, i: int, p: PlanEntry, ctx: RankContext) -> None:
+        check()
+        reader = getattr(readers, "r", None)
+        if reader is None:
+            reader = readers.r = TensorReader(ck)
+            with lock:
+                opened.append(reader)
+        writers[r].write_pieces_at(i, pieces(p.rule, reader, list(p.sources), ctx), reader.read)
+        bar.update(_numel(p.shape) * itemsize(dtype))
+        with lock:
+            left[r] -= 1
+            last = left[r] == 0
+        if last:
+            writers[r].close()  # fsync and rename: this rank file is complete
+
     try:
-        with SafetensorsWriter(path, [(p.target, dtype, p.shape) for p in plan],
-                               metadata={"format": "pt", "lmi_compile_plan": plan_fp}) as w:
-            for p in plan:
-                check()
-                w.write_pieces(p.target, pieces(p.rule, reader, list(p.sources), ctx), reader.read)
-                if bar is not None:
-                    bar.update(_numel(p.shape) * itemsize(dtype))
+        for r, tp_rank, plan, path, plan_fp in todo:
+            writers[r] = SafetensorsWriter(path, [(p.target, dtype, p.shape) for p in plan],
+                                           metadata={"format": "pt", "lmi_compile_plan": plan_fp})
+            left[r] = len(plan)
+        # interleave ranks so parallel workers spread over files and sources
+        tasks = [(r, i, plan[i], contexts[tp_rank]) for i in range(max((len(t[2]) for t in todo), default=0))
+                 for r, tp_rank, plan, _, _ in todo if i < len(plan)]
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for f in [pool.submit(task, *t) for t in tasks]:
+                f.result()
+    except BaseException:
+        for r, w in writers.items():
+            if left.get(r):
+                w.abort()
+        raise
     finally:
-        reader.close()
-    return path
+        bar.close()
+        for reader in opened:
+            reader.close()
 
 
 def convert(arch: Architecture, config: ModelConfig, ck: Checkpoint, out: Path, opts: ConvertOptions) -> dict:
@@ -233,7 +263,7 @@ def convert(arch: Architecture, config: ModelConfig, ck: Checkpoint, out: Path, 
             jobs.append((rank_id(tp_rank, pp_rank, opts.tp), tp_rank, plan))
     attn_bias = any(p.target.endswith("attention.qkv.bias") for _, _, plan in jobs for p in plan)
     cfg = trtllm_config(arch, config, opts, dtype, attn_bias)
-    itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    elsize = itemsize(dtype)
     todo, total = [], 0
     for r, tp_rank, plan in jobs:
         plan_fp = fingerprint(plan=[(p.target, p.rule, p.sources, p.shape) for p in plan], dtype=dtype,
@@ -242,18 +272,11 @@ def convert(arch: Architecture, config: ModelConfig, ck: Checkpoint, out: Path, 
         if _rank_done(path, plan_fp):
             log.info("convert: rank %d already written, kept", r)
             continue
-        nbytes = sum(_numel(p.shape) for p in plan) * itemsize
+        nbytes = sum(_numel(p.shape) for p in plan) * elsize
         total += nbytes
         todo.append((r, tp_rank, plan, path, plan_fp))
-    bar = bytes_bar(total, f"convert tp={opts.tp} pp={opts.pp}")
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, min(opts.workers, len(todo) or 1))) as pool:
-            futures = [pool.submit(write_rank, ck, plan, rank_context(arch, opts, tp_rank), dtype, path, plan_fp, bar)
-                       for r, tp_rank, plan, path, plan_fp in todo]
-            for f in futures:
-                f.result()
-    finally:
-        bar.close()
+    write_ranks(ck, todo, {tp_rank: rank_context(arch, opts, tp_rank) for tp_rank in range(opts.tp)}, dtype,
+                opts.workers, bytes_bar(total, f"convert tp={opts.tp} pp={opts.pp}"))
     write_json_atomic(out / "config.json", cfg)
     return cfg
 
