@@ -18,7 +18,7 @@ from .architectures import resolve
 from .diskspace import ensure_room
 from .errors import BadInput, LmiCompileError
 from .layout_neuron import FORMATS, write_layout
-from .pipeline import WorkDir, fetch_stage, fresh_layout_staging, preflight_upload, push_stage
+from .pipeline import WorkDir, check_until, fetch_stage, fresh_layout_staging, preflight_upload, push_stage
 
 log = logging.getLogger("lmi_compile")
 
@@ -161,12 +161,9 @@ def layout_stage(job: NeuronJob, model, split: Path, compiled: Path, facts: dict
 
 
 def run(job: NeuronJob, until: str = "layout") -> Path:
-    if until not in STAGES:
-        raise BadInput(f"--until {until!r} is not a stage; use one of {', '.join(STAGES)}")
     if job.format not in FORMATS:
         raise BadInput(f"--format {job.format!r}; use one of {', '.join(FORMATS)}")
-    if until == "layout" and job.output is None:
-        raise BadInput("--output is required to lay out the artifacts (or stop earlier with --until compile)")
+    check_until(until, STAGES, job.output)
     preflight_upload(job.upload)
     model = fetch_stage(job.model, job.work, revision=job.revision, token=job.token,
                         trust_remote_code=job.trust_remote_code)

@@ -54,6 +54,16 @@ def fetch_stage(model: str, work: WorkDir, *, revision, token, trust_remote_code
                  trust_remote_code=trust_remote_code)
 
 
+def check_until(until: str, stages: tuple[str, ...], output) -> None:
+    """--until names one of the backend's stages; the last stage (layout) needs --output."""
+    from .errors import BadInput
+
+    if until not in stages:
+        raise BadInput(f"--until {until!r} is not a stage; use one of {', '.join(stages)}")
+    if until == stages[-1] and output is None:
+        raise BadInput(f"--output is required to lay out the artifacts (or stop earlier with --until {stages[-2]})")
+
+
 def preflight_upload(upload: str | None) -> None:
     """Before any heavy work: the upload URI parses, credentials work, the bucket exists."""
     if upload:

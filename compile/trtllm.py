@@ -14,7 +14,7 @@ from .architectures import resolve
 from .diskspace import ensure_room, tree_bytes
 from .errors import BadInput
 from .layout_trtllm import DEFAULT_ENGINE_PATH, LAYOUTS, serving_properties, write_layout
-from .pipeline import WorkDir, fetch_stage, fresh_layout_staging, preflight_upload, push_stage
+from .pipeline import WorkDir, check_until, fetch_stage, fresh_layout_staging, preflight_upload, push_stage
 from .trtllm_build import BuildOptions, build_engines, find_trtllm_build
 
 log = logging.getLogger("lmi_compile")
@@ -105,13 +105,10 @@ def layout_stage(job: TrtllmJob, model, engines: Path, build: dict, dtype: str) 
 
 
 def run(job: TrtllmJob, until: str = "layout") -> Path:
-    if until not in STAGES:
-        raise BadInput(f"--until {until!r} is not a stage; use one of {', '.join(STAGES)}")
     if job.layout not in LAYOUTS:
         raise BadInput(f"--layout {job.layout!r}; use one of {', '.join(LAYOUTS)}")
+    check_until(until, STAGES, job.output)
     wants_build = STAGES.index(until) >= STAGES.index("build")
-    if until == "layout" and job.output is None:
-        raise BadInput("--output is required to lay out the artifacts (or stop earlier with --until build)")
     b = job.build
     if min(b.max_batch_size, b.max_input_len, b.max_output_len, b.max_num_tokens) < 1:
         raise BadInput("--max-batch-size, --max-input-len, --max-output-len and --max-num-tokens must be positive")
