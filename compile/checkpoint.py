@@ -200,15 +200,9 @@ class Checkpoint:
         return name in self.tensors
 
     def get(self, name: str):
-        """One tensor as a torch.Tensor (mmapped: it costs memory only once touched)."""
+        """One tensor of a PyTorch pickle checkpoint (mmapped; safetensors are read by offset instead)."""
         info = self.tensors[name]
         h = self._handles.get(info.file)
-        if self.format == "safetensors":
-            if h is None:
-                from safetensors import safe_open
-
-                h = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-            return h.get_tensor(name)
         if h is None:
             h = self._handles[info.file] = load_pickle(info.file)
         return h[name]
