@@ -9,7 +9,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .errors import BadInput
+from .errors import STANDIN_MARK, BadInput
 from .serving_properties import parse as parse_properties
 
 LAYOUT_NAMES = {
@@ -21,7 +21,6 @@ LAYOUT_NAMES = {
 }
 NEURON_KEYS = ("task", "batch_size", "num_cores", "auto_cast_type", "sequence_length", "compiler_type",
                "compiler_version", "checkpoint_id", "checkpoint_revision")
-STANDIN = "standin"
 
 
 class Location:
@@ -107,7 +106,7 @@ def _check_engines(loc: Location, folder: str, report: Report, container: str | 
         report.problems.append(f"{pre}: rank{extra[0]}.engine is beyond the engine config's {world} ranks")
     version = str(cfg.get("version", "unknown"))
     report.versions["tensorrt_llm"] = version
-    if STANDIN in version:
+    if STANDIN_MARK in version:
         report.problems.append(f"{pre}config.json: engines were made by a stand-in trtllm-build; they are "
                                f"placeholders, not compiled engines")
     if container and version != container:
@@ -137,7 +136,7 @@ def _check_neffs(loc: Location, report: Report, container: str | None, version: 
         report.problems.append("compiled/: no .neff graphs")
     if version is not None:
         report.versions["neuronx_cc"] = version
-        if STANDIN in str(version):
+        if STANDIN_MARK in str(version):
             report.problems.append("compiled graphs were made by a stand-in compiler; they are placeholders")
         if container and str(version) != container:
             report.problems.append(f"graphs were compiled with neuronx-cc {version}, the container has {container}: "

@@ -6,6 +6,9 @@ EXIT_BAD_INPUT = 2
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
+# Version strings of the test stand-ins carry this, so their output is never taken for a compiled model.
+STANDIN_MARK = "standin"
+
 
 class LmiCompileError(Exception):
     """A failure to report as one line; `exit_code` is what the process exits with."""

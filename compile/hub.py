@@ -22,7 +22,7 @@ def check_repo_id(repo_id: str) -> None:
                        f"use namespace/name, an s3:// prefix, or an existing local folder") from None
 
 
-def _translate(e: Exception, repo_id: str, revision: str | None) -> LmiCompileError:
+def translate_error(e: Exception, repo_id: str, revision: str | None) -> LmiCompileError:
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
@@ -56,14 +56,14 @@ def fetch_hub(repo_id: str, dest: Path, *, revision: str | None, token: str | No
         files = {f.path: f.size for f in api.list_repo_tree(repo_id, revision=sha, recursive=True)
                  if isinstance(f, RepoFile)}
     except Exception as e:
-        raise _translate(e, repo_id, revision) from None
+        raise translate_error(e, repo_id, revision) from None
 
     def download(patterns: list[str]) -> None:
         try:
             snapshot_download(repo_id, revision=sha, local_dir=dest, allow_patterns=patterns, token=token,
                               tqdm_class=Progress, max_workers=8)
         except Exception as e:
-            raise _translate(e, repo_id, revision) from None
+            raise translate_error(e, repo_id, revision) from None
 
     small = small_files(files, trust_remote_code=trust_remote_code, source=source)
     download(small)

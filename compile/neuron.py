@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__, stages
 from .architectures import resolve
 from .diskspace import ensure_room
-from .errors import BadInput, LmiCompileError
+from .errors import BadInput, STANDIN_MARK, LmiCompileError
 from .layout_neuron import FORMATS, write_layout
 from .pipeline import WorkDir, check_until, fetch_stage, fresh_layout_staging, preflight_upload, push_stage
 
@@ -25,7 +25,6 @@ log = logging.getLogger("lmi_compile")
 STAGES = ("fetch", "split", "compile", "layout")
 # NeuronCore counts transformers-neuronx shards over (inf2: 2 per chip, up to 24; trn1: up to 32).
 VALID_TP = (1, 2, 4, 8, 16, 24, 32)
-STANDIN_MARK = "standin"
 DEFAULT_MAX_N_POSITIONS = 4096
 
 

@@ -165,7 +165,7 @@ def read_remote_config(model: str, revision: str | None, token: str | None) -> t
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
 
-        from .hub import _translate
+        from .hub import translate_error
 
         root = tmp
         for name in ("config.json", "model.safetensors.index.json"):
@@ -175,7 +175,7 @@ def read_remote_config(model: str, revision: str | None, token: str | None) -> t
                 if name == "config.json":
                     raise BadInput(f"{model}: config.json is missing") from None
             except Exception as e:
-                raise _translate(e, model, revision) from None
+                raise translate_error(e, model, revision) from None
     else:
         from .s3 import make_client, parse_s3_uri, translate
 

@@ -161,10 +161,10 @@ class Publisher:
         self._call("put_object", Key=self.uri.key(rel), Body=body, ChecksumSHA256=b64(hashlib.sha256(body).digest()),
                    ContentType="application/json")
 
-    def upload(self, f: LocalFile) -> str:
-        """Upload one file; return the checksum S3 now reports for it."""
+    def upload(self, f: LocalFile, part_size: int) -> str:
+        """Upload one file in parts of `part_size`; return the checksum S3 now reports for it."""
         check()
-        if f.size <= self.part_size:
+        if f.size <= part_size:
             data = _read(f.path, 0, f.size)
             digest = b64(hashlib.sha256(data).digest())
             self._call("put_object", Key=self.uri.key(f.rel), Body=data, ChecksumSHA256=digest)
@@ -174,12 +174,12 @@ class Publisher:
         upload_id = self._call("create_multipart_upload", Key=key, ChecksumAlgorithm="SHA256")["UploadId"]
         with self._lock:
             self.open_uploads[key] = upload_id
-        n = -(-f.size // self.part_size)
+        n = -(-f.size // part_size)
 
         def part(i: int):
             check()
-            off = i * self.part_size
-            size = min(self.part_size, f.size - off)
+            off = i * part_size
+            size = min(part_size, f.size - off)
             data = _read(f.path, off, size)
             raw = hashlib.sha256(data).digest()
             r = self._call("upload_part", Key=key, UploadId=upload_id, PartNumber=i + 1, Body=data,
@@ -295,8 +295,7 @@ def push(root: Path, uri_text: str, *, overwrite: bool = False, delete_local: bo
 
             def one(item):
                 f, ps = item
-                file_pub = pub if ps == pub.part_size else _with_part_size(pub, ps)
-                checksum = file_pub.upload(f)
+                checksum = pub.upload(f, ps)
                 entries[f.rel] = {"size": f.size, "checksum_sha256": checksum, "part_size": ps}
                 done_rels.append(f.rel)
 
@@ -341,14 +340,6 @@ def push(root: Path, uri_text: str, *, overwrite: bool = False, delete_local: bo
         shutil.rmtree(root)
         log.info("push: deleted local %s after verification (--delete-local)", root)
     return manifest
-
-
-def _with_part_size(pub: Publisher, part_size: int) -> Publisher:
-    """A view of the publisher with a larger part size (very large files), sharing pools and state."""
-    clone = object.__new__(Publisher)
-    clone.__dict__.update(pub.__dict__)
-    clone.part_size = part_size
-    return clone
 
 
 def verify(pub: Publisher, files: list[LocalFile], entries: dict) -> None:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import LmiCompileError
+from .errors import STANDIN_MARK, LmiCompileError
 from .progress import Progress
 
 log = logging.getLogger("lmi_compile")
@@ -25,7 +25,6 @@ INSTALL_HINT = ("run inside the LMI TensorRT-LLM container (deepjavalibrary/djl-
 # Flags lmi-compile sets itself; a pass-through may not override them.
 MANAGED_FLAGS = {"--checkpoint_dir", "--output_dir", "--output_timing_cache", "--workers", "--max_batch_size",
                  "--max_input_len", "--max_seq_len", "--max_num_tokens", "--gemm_plugin"}
-STANDIN_MARK = "standin"
 
 
 @dataclass(frozen=True)
