@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from .errors import LmiCompileError
-from .layout_trtllm import MANIFEST, model_files, place
+from .pipeline import MANIFEST, model_files, place
 from .serving_properties import render
 
 FORMATS = ("optimum", "split")

@@ -6,33 +6,17 @@ engine-dir (LMI 0.33+):    OUT/{rank*.engine, config.json (with build_config), t
 """
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 from .configs import read_text
 from .errors import LmiCompileError
-from .model_files import CONFIG_FILES, TOKENIZER_FILES
+from .pipeline import MANIFEST, model_files, place
 from .serving_properties import TO_LMI_DTYPE, render
 
 LAYOUTS = ("triton", "engine-dir")
-MANIFEST = "lmi-compile.json"
 # Where SageMaker mounts model data; LMI's TensorRT-LLM tutorial points gpt_model_path here.
 DEFAULT_ENGINE_PATH = "/opt/ml/model/tensorrt_llm/1"
-
-
-def place(src: Path, dst: Path) -> None:
-    """Hard-link when possible (engines are GBs), else copy."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def model_files(model_root: Path) -> list[Path]:
-    return [model_root / n for n in (*CONFIG_FILES, *TOKENIZER_FILES) if (model_root / n).is_file()]
 
 
 def render_pbtxt(values: dict) -> str:

@@ -18,7 +18,7 @@ from .architectures import resolve
 from .diskspace import ensure_room
 from .errors import BadInput, STANDIN_MARK, LmiCompileError
 from .layout_neuron import FORMATS, write_layout
-from .pipeline import WorkDir, check_until, fetch_stage, fresh_layout_staging, preflight_upload, push_stage
+from .pipeline import WorkDir, check_until, fetch_stage, finish_layout, fresh_layout_staging, preflight_upload, push_stage
 
 log = logging.getLogger("lmi_compile")
 
@@ -153,10 +153,8 @@ def layout_stage(job: NeuronJob, model, split: Path, compiled: Path, facts: dict
     manifest = {"tool": "lmi-compile", "tool_version": __version__, "backend": "neuron", "format": job.format,
                 "model": job.model, "revision": revision, **facts}
     write_layout(job, staging, split, compiled, model.root, manifest, facts["versions"], revision)
-    stages.finish(staging, out, "layout", stages.fingerprint(**manifest, upload=job.upload))
-    if facts.get("stand_in"):
-        log.warning("layout: %s holds STAND-IN graphs, not a compiled model; do not deploy it", out)
-    return out
+    return finish_layout(staging, out, stages.fingerprint(**manifest, upload=job.upload),
+                         stand_in=bool(facts.get("stand_in")), what="graphs")
 
 
 def run(job: NeuronJob, until: str = "layout") -> Path:

@@ -1,14 +1,19 @@
 """Wiring shared by the backends: the work directory and the fetch stage as every pipeline runs it."""
 
 import logging
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from .fetch import fetch, parse_source
+from .model_files import CONFIG_FILES, TOKENIZER_FILES
 from .validate import ValidatedModel
 
 log = logging.getLogger("lmi_compile")
+
+MANIFEST = "lmi-compile.json"  # build facts every layout carries beside serving.properties
 
 
 def default_work_dir(model: str) -> Path:
@@ -81,10 +86,32 @@ def push_stage(out: Path, upload: str | None, *, overwrite: bool) -> None:
         log.info("published: %s", upload)
 
 
+def place(src: Path, dst: Path) -> None:
+    """Hard-link when possible (engines are GBs), else copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def model_files(model_root: Path) -> list[Path]:
+    """The HF config, generation and tokenizer files every layout carries."""
+    return [model_root / n for n in (*CONFIG_FILES, *TOKENIZER_FILES) if (model_root / n).is_file()]
+
+
+def finish_layout(staging: Path, out: Path, fp: str, *, stand_in: bool, what: str) -> Path:
+    """Rename the laid-out tree into place; say loudly when it holds stand-in output."""
+    from . import stages
+
+    stages.finish(staging, out, "layout", fp)
+    if stand_in:
+        log.warning("layout: %s holds STAND-IN %s, not a compiled model; do not deploy it", out, what)
+    return out
+
+
 def fresh_layout_staging(out: Path, *, overwrite: bool) -> Path:
     """Refuse a foreign non-empty output, then give an empty staging folder beside it."""
-    import shutil
-
     from . import stages
 
     stages.claim_output(out, "layout", overwrite=overwrite)

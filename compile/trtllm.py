@@ -14,7 +14,7 @@ from .architectures import resolve
 from .diskspace import ensure_room, tree_bytes
 from .errors import BadInput
 from .layout_trtllm import DEFAULT_ENGINE_PATH, LAYOUTS, serving_properties, write_layout
-from .pipeline import WorkDir, check_until, fetch_stage, fresh_layout_staging, preflight_upload, push_stage
+from .pipeline import WorkDir, check_until, fetch_stage, finish_layout, fresh_layout_staging, preflight_upload, push_stage
 from .trtllm_build import BuildOptions, build_engines, find_trtllm_build
 
 log = logging.getLogger("lmi_compile")
@@ -98,10 +98,8 @@ def layout_stage(job: TrtllmJob, model, engines: Path, build: dict, dtype: str) 
     props = serving_properties(job, build, dtype, job.upload)
     write_layout(job.layout, staging, engines, model.root, props, manifest, batch_size=job.build.max_batch_size,
                  engine_path=job.engine_path)
-    stages.finish(staging, out, "layout", stages.fingerprint(**manifest))
-    if build.get("stand_in"):
-        log.warning("layout: %s holds STAND-IN engines, not a compiled model; do not deploy it", out)
-    return out
+    return finish_layout(staging, out, stages.fingerprint(**manifest, upload=job.upload),
+                         stand_in=bool(build.get("stand_in")), what="engines")
 
 
 def run(job: TrtllmJob, until: str = "layout") -> Path:
