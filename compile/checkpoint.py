@@ -45,8 +45,14 @@ class TensorInfo:
     offset: int | None = None  # absolute byte offset in a safetensors file; None for pickles
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and check a safetensors header: JSON valid, offsets contiguous, inside the file, sizes match."""
+def read_safetensors_metadata(path: Path) -> dict:
+    """The header's __metadata__ of a safetensors file that passes read_safetensors_header's checks."""
+    meta = _raw_header(path)[0].get("__metadata__")
+    return meta if isinstance(meta, dict) else {}
+
+
+def _raw_header(path: Path) -> tuple[dict, int, int]:
+    """(header JSON, file size, header length), with the checks that need no tensor bookkeeping."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -62,6 +68,12 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise BadInput(f"{path}: safetensors header is not valid JSON; the file is corrupt, download it again") from None
     if not isinstance(header, dict):
         raise BadInput(f"{path}: safetensors header is not a JSON object; the file is corrupt")
+    return header, size, n
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header: JSON valid, offsets contiguous, inside the file, sizes match."""
+    header, size, n = _raw_header(path)
     data_len = size - 8 - n
     out: dict[str, TensorInfo] = {}
     spans = []

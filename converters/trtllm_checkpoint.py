@@ -4,9 +4,7 @@ Each rank file is planned from source shapes alone, its header written first, th
 tensor at a time; ranks are written in parallel. Memory follows the few tensors in flight, not the model.
 """
 
-import json
 import logging
-import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -190,17 +188,15 @@ def rank_id(tp_rank: int, pp_rank: int, tp: int) -> int:
 
 
 def _rank_done(path: Path, plan_fp: str) -> bool:
-    from lmi_compile.checkpoint import read_safetensors_header
+    """A rank file from an earlier run counts only if its header is sound and records the same plan."""
+    from lmi_compile.checkpoint import read_safetensors_header, read_safetensors_metadata
 
     if not path.is_file():
         return False
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            meta = json.loads(f.read(n)).get("__metadata__", {})
         read_safetensors_header(path)
-        return meta.get("lmi_compile_plan") == plan_fp
-    except Exception:
+        return read_safetensors_metadata(path).get("lmi_compile_plan") == plan_fp
+    except (BadInput, OSError):
         return False
 
 
