@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import __version__
-from .errors import EXIT_SIGINT, Interrupted, LmiCompileError
+from lmi_compile import __version__
+from lmi_compile.errors import EXIT_SIGINT, Interrupted, LmiCompileError
 
 log = logging.getLogger("lmi_compile")
 
@@ -48,7 +48,7 @@ def _root(
                                           help="Print the version and exit.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ):
-    from .progress import setup_logging
+    from lmi_compile.pipeline.progress import setup_logging
 
     global _VERBOSE
     _VERBOSE = verbose
@@ -65,7 +65,7 @@ def fetch(
     overwrite: Overwrite = False,
 ):
     """Download a model (Hub or S3) and check it against the LMI artifact rules; local folders are only checked."""
-    from .fetch import fetch as run_fetch, parse_source
+    from lmi_compile.remote.fetch import fetch as run_fetch, parse_source
 
     source = parse_source(model, revision)
     validated = run_fetch(source, output, token=token, trust_remote_code=trust_remote_code, overwrite=overwrite)
@@ -84,7 +84,7 @@ def push(
     part_size_mb: Annotated[Optional[int], typer.Option("--part-size-mb", help="Multipart part size in MiB (default 32).")] = None,
 ):
     """Publish FOLDER to S3: checksummed, verified with HEAD, resumable, manifest written last."""
-    from .publish import push as run_push
+    from lmi_compile.remote.publish import push as run_push
 
     manifest = run_push(folder, uri, overwrite=overwrite, delete_local=delete_local, concurrency=concurrency,
                         part_size=part_size_mb * 1024 * 1024 if part_size_mb else None)
@@ -132,11 +132,11 @@ def trtllm(
 ):
     """Compile MODEL for TensorRT-LLM: fetch, convert to a rank-sharded TRT-LLM checkpoint, build engines
     with trtllm-build, and lay out the tree LMI loads with its serving.properties."""
-    from .errors import BadInput
-    from .pipeline import WorkDir, default_work_dir
-    from .serving_properties import lmi_settings
-    from .trtllm import TrtllmJob, run
-    from .trtllm_build import BuildOptions, parse_extra_args
+    from lmi_compile.errors import BadInput
+    from lmi_compile.pipeline.workdir import WorkDir, default_work_dir
+    from lmi_compile.lmi.properties import lmi_settings
+    from lmi_compile.trtllm.backend import TrtllmJob, run
+    from lmi_compile.trtllm.build import BuildOptions, parse_extra_args
 
     settings = lmi_settings(properties)
     model = model or settings.get("model")
@@ -188,11 +188,11 @@ def neuron(
 ):
     """Compile MODEL for AWS Neuron (inf2/trn1): fetch, write split weights, compile NEFF graphs with
     transformers-neuronx, and lay out the tree LMI loads with its serving.properties."""
-    from .errors import BadInput
-    from .fetch import parse_source
-    from .neuron import NeuronJob, run
-    from .pipeline import WorkDir, default_work_dir
-    from .serving_properties import lmi_settings
+    from lmi_compile.errors import BadInput
+    from lmi_compile.remote.fetch import parse_source
+    from lmi_compile.neuron.backend import NeuronJob, run
+    from lmi_compile.pipeline.workdir import WorkDir, default_work_dir
+    from lmi_compile.lmi.properties import lmi_settings
 
     settings = lmi_settings(properties)
     model = model or settings.get("model")
@@ -224,7 +224,7 @@ def check(
 ):
     """Say which LMI loading path LOCATION fits and what would stop it loading; exit 0 loadable, 1 not.
     Reads listings and small files only, never weights."""
-    from .check import as_json, check as run_check, render
+    from lmi_compile.lmi.check import as_json, check as run_check, render
 
     report = run_check(location, container_trtllm=container_trtllm, container_neuronx_cc=container_neuronx_cc)
     typer.echo(as_json(report) if json_out else render(report))
@@ -247,7 +247,7 @@ def plan(
 ):
     """Size a compile before running it: parameters, bytes per rank, KV cache, fit on an instance, disk per stage.
     Reads only config.json (and the weight index); downloads no weights."""
-    from .plan import as_json, make_plan, read_remote_config, render
+    from lmi_compile.lmi.plan import as_json, make_plan, read_remote_config, render
 
     config, total = read_remote_config(model, revision, token)
     p = make_plan(config, tp=tp, pp=pp, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
@@ -256,7 +256,7 @@ def plan(
 
 
 def main() -> None:
-    from .interrupts import install
+    from lmi_compile.pipeline.interrupts import install
 
     install()
     try:

@@ -3,7 +3,7 @@
 import os
 from pathlib import Path, PurePosixPath
 
-from .errors import BadInput
+from lmi_compile.errors import BadInput
 
 
 def safe_relpath(name: str, *, what: str) -> PurePosixPath:

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from lmi_compile.architectures import Architecture
-from lmi_compile.checkpoint import Checkpoint
+from lmi_compile.model.architectures import Architecture
+from lmi_compile.model.checkpoint import Checkpoint
 from lmi_compile.errors import BadInput
-from lmi_compile.interrupts import check
-from lmi_compile.progress import bytes_bar
+from lmi_compile.pipeline.interrupts import check
+from lmi_compile.pipeline.progress import bytes_bar
 
-from .tensor_reader import ByteBudget, TensorReader
+from lmi_compile.converters.tensor_reader import ByteBudget, TensorReader
 
 SPLIT_DIR = "pytorch_model.bin"
 KEY_TO_FILENAME = "key_to_filename.json"

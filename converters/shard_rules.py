@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tensor_reader import TensorReader, Zeros
+from lmi_compile.converters.tensor_reader import TensorReader, Zeros
 
 
 @dataclass(frozen=True)

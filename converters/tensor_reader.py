@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lmi_compile.checkpoint import Checkpoint, TensorInfo
+from lmi_compile.model.checkpoint import Checkpoint, TensorInfo
 
 BLOCK_BYTES = 64 * 1024 * 1024
 

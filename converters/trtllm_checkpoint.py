@@ -11,17 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from lmi_compile.architectures import Architecture
-from lmi_compile.checkpoint import Checkpoint
+from lmi_compile.model.architectures import Architecture
+from lmi_compile.model.checkpoint import Checkpoint
 from lmi_compile.errors import BadInput
-from lmi_compile.hf_config import ModelConfig
-from lmi_compile.interrupts import check
-from lmi_compile.progress import bytes_bar
-from lmi_compile.stages import fingerprint, write_json_atomic
+from lmi_compile.model.config import ModelConfig
+from lmi_compile.pipeline.interrupts import check
+from lmi_compile.pipeline.progress import bytes_bar
+from lmi_compile.pipeline.stages import fingerprint, write_json_atomic
 
-from .safetensors_writer import SafetensorsWriter
-from .shard_rules import RankContext, pieces, shape_for
-from .tensor_reader import TensorReader, itemsize
+from lmi_compile.converters.safetensors_writer import SafetensorsWriter
+from lmi_compile.converters.shard_rules import RankContext, pieces, shape_for
+from lmi_compile.converters.tensor_reader import TensorReader, itemsize
 
 log = logging.getLogger("lmi_compile")
 
@@ -189,7 +189,7 @@ def rank_id(tp_rank: int, pp_rank: int, tp: int) -> int:
 
 def _rank_done(path: Path, plan_fp: str) -> bool:
     """A rank file from an earlier run counts only if its header is sound and records the same plan."""
-    from lmi_compile.checkpoint import read_safetensors_header, read_safetensors_metadata
+    from lmi_compile.model.checkpoint import read_safetensors_header, read_safetensors_metadata
 
     if not path.is_file():
         return False

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test-model factory
+
 SHAPES = {
     "llama2-7b": dict(family="llama", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
                       intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096),
@@ -18,7 +20,7 @@ SHAPES = {
 
 def make_model(dst: Path, shape: str, layers: int | None) -> Path:
     """A bf16 checkpoint of a real model's tensor shapes (optionally fewer layers), ~4.5 GB shards."""
-    from lmi_compile.tiny_checkpoint import TinySpec, tensor_plan, write_checkpoint
+    from tiny_models import TinySpec, tensor_plan, write_checkpoint
 
     spec = TinySpec(**{**SHAPES[shape], **({"num_layers": layers} if layers else {})}, dtype="bfloat16")
     if (dst / "config.json").exists():

@@ -45,9 +45,9 @@ def child_floor(model: Path, out: Path, out_bytes: int) -> None:
 
 
 def child_ours(model: Path, out: Path, tp: int) -> None:
-    from lmi_compile.architectures import resolve
+    from lmi_compile.model.architectures import resolve
     from lmi_compile.converters.trtllm_checkpoint import ConvertOptions, convert
-    from lmi_compile.validate import validate_model_dir
+    from lmi_compile.model.validate import validate_model_dir
 
     m = validate_model_dir(model)
     convert(resolve(m.config), m.config, m.checkpoint, out,

@@ -68,11 +68,11 @@ def clients(tree: Path, endpoint: str, venv_bin: Path):
     return out
 
 
-# lmi-compile's download path is the fetch stage's transfer layer (lmi_compile.s3.download_files).
+# lmi-compile's download path is the fetch stage's transfer layer (lmi_compile.remote.s3.download_files).
 DOWNLOAD = """
 import sys
 from pathlib import Path
-from lmi_compile.s3 import download_files, list_objects, make_client, parse_s3_uri
+from lmi_compile.remote.s3 import download_files, list_objects, make_client, parse_s3_uri
 uri = parse_s3_uri(sys.argv[1]); c = make_client(); objs = list_objects(c, uri)
 download_files(c, uri, sorted(objs), Path(sys.argv[2]), objs, desc="download")
 """

@@ -22,9 +22,9 @@ from bench_common import SHAPES, make_model, measure, peak_rss_mib, read_all  # 
 
 
 def child_ours(model: Path, out: Path, amp: str) -> None:
-    from lmi_compile.architectures import resolve
+    from lmi_compile.model.architectures import resolve
     from lmi_compile.converters.neuron_split import write_split
-    from lmi_compile.validate import validate_model_dir
+    from lmi_compile.model.validate import validate_model_dir
 
     m = validate_model_dir(model)
     write_split(resolve(m.config), m.checkpoint, out, amp or None)

@@ -2,9 +2,11 @@
 """Write a tiny random HuggingFace checkpoint (the bundled example the README's install command runs on)."""
 
 import argparse
+import sys
 from pathlib import Path
 
-from lmi_compile.tiny_checkpoint import FAMILIES, TinySpec, write_checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test-model factory
+from tiny_models import FAMILIES, TinySpec, write_checkpoint  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("output", type=Path)

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from lmi_compile.tiny_checkpoint import TinySpec, write_checkpoint  # noqa: E402
+from tiny_models import TinySpec, write_checkpoint  # noqa: E402
 from servers.hub import HubServer  # noqa: E402
 from servers.seaweedfs import BUCKET, SeaweedFS  # noqa: E402
 
@@ -92,7 +92,7 @@ def s3_env(s3_server, monkeypatch):
 
 @pytest.fixture
 def s3_client(s3_env):
-    from lmi_compile.s3 import make_client
+    from lmi_compile.remote.s3 import make_client
 
     return make_client()
 
@@ -107,7 +107,7 @@ def s3_prefix(request):
 
 
 def upload_folder(client, folder: Path, uri: str) -> None:
-    from lmi_compile.s3 import parse_s3_uri
+    from lmi_compile.remote.s3 import parse_s3_uri
 
     u = parse_s3_uri(uri)
     for p in sorted(Path(folder).rglob("*")):

@@ -103,7 +103,7 @@ def test_custom_code_needs_trust(hub_env, model_copy, tmp_path):
 
 
 def test_config_styles_4x_and_5x(model_copy):
-    from lmi_compile.hf_config import ModelConfig
+    from lmi_compile.model.config import ModelConfig
 
     model = model_copy()
     cfg = json.loads((model / "config.json").read_text())

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import error_line, run_cli
 
-from lmi_compile.architectures import resolve
+from lmi_compile.model.architectures import resolve
 from lmi_compile.converters.neuron_split import write_split
-from lmi_compile.validate import validate_model_dir
+from lmi_compile.model.validate import validate_model_dir
 
 STANDIN = f"{sys.executable} {Path(__file__).parent / 'standins' / 'neuron_compile_standin.py'}"
 TOKENIZER = ["generation_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]

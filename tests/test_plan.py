@@ -5,8 +5,8 @@ import json
 import pytest
 from conftest import error_line, run_cli
 
-from lmi_compile.hf_config import ModelConfig
-from lmi_compile.plan import GiB, make_plan
+from lmi_compile.model.config import ModelConfig
+from lmi_compile.lmi.plan import GiB, make_plan
 
 SHAPES = {
     # name: (architecture, hidden, inter, layers, heads, kv heads, vocab, dtype, tied)

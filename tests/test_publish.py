@@ -13,8 +13,8 @@ import pytest
 from conftest import error_line, run_cli
 
 from lmi_compile.errors import LmiCompileError
-from lmi_compile.publish import MANIFEST_KEY, MARKER_KEY, push
-from lmi_compile.s3 import parse_s3_uri
+from lmi_compile.remote.publish import MANIFEST_KEY, MARKER_KEY, push
+from lmi_compile.remote.s3 import parse_s3_uri
 
 MIB = 1024 * 1024
 
@@ -66,7 +66,7 @@ def test_round_trip_byte_for_byte(s3_client, s3_prefix, tmp_path):
     assert big["size"] == 12 * MIB + 123 and big["checksum_sha256"].endswith("-3")  # 3 parts of 5 MiB, composite
     # and back down through fetch's S3 path, checked against the manifest
     out = tmp_path / "down"
-    from lmi_compile.s3 import download_files, list_objects, make_client
+    from lmi_compile.remote.s3 import download_files, list_objects, make_client
 
     objs = list_objects(make_client(), parse_s3_uri(s3_prefix))
     download_files(make_client(), parse_s3_uri(s3_prefix), sorted(objs), out, objs, desc="down")
@@ -74,7 +74,7 @@ def test_round_trip_byte_for_byte(s3_client, s3_prefix, tmp_path):
 
 
 def test_manifest_written_last_and_marker_first(s3_env, s3_prefix, tmp_path):
-    from lmi_compile.s3 import make_client
+    from lmi_compile.remote.s3 import make_client
 
     client = make_client()
     events = []
@@ -91,7 +91,7 @@ def test_manifest_written_last_and_marker_first(s3_env, s3_prefix, tmp_path):
 
 
 def test_injected_failure_aborts_multipart_and_leaves_incomplete_marker(s3_env, s3_prefix, tmp_path):
-    from lmi_compile.s3 import make_client
+    from lmi_compile.remote.s3 import make_client
 
     client = make_client()
     calls = {"n": 0}
@@ -152,8 +152,8 @@ def test_resume_does_not_trust_size_alone(s3_env, s3_client, s3_prefix, tmp_path
     s3_client.delete_object(Bucket=u.bucket, Key=u.key(MANIFEST_KEY))
     rel = "tensorrt_llm/1/rank0.engine"
     s3_client.put_object(Bucket=u.bucket, Key=u.key(rel), Body=os.urandom((tree / rel).stat().st_size))
-    marker_cid = json.dumps({"content_id": __import__("lmi_compile.publish", fromlist=["x"]).content_id(
-        tree, __import__("lmi_compile.publish", fromlist=["x"]).local_files(tree))})
+    marker_cid = json.dumps({"content_id": __import__("lmi_compile.remote.publish", fromlist=["x"]).content_id(
+        tree, __import__("lmi_compile.remote.publish", fromlist=["x"]).local_files(tree))})
     s3_client.put_object(Bucket=u.bucket, Key=u.key(MARKER_KEY), Body=marker_cid.encode())
     push(tree, s3_prefix, part_size=5 * MIB)
     assert remote_tree(s3_client, s3_prefix)[rel] == local_tree(tree)[rel]

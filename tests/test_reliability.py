@@ -106,8 +106,8 @@ def _tree(root: Path, n: int, mib: int) -> Path:
 
 
 def test_push_sigkill_at_random_points_then_resume(s3_env, s3_client, s3_prefix, tmp_path):
-    from lmi_compile.publish import MANIFEST_KEY
-    from lmi_compile.s3 import parse_s3_uri
+    from lmi_compile.remote.publish import MANIFEST_KEY
+    from lmi_compile.remote.s3 import parse_s3_uri
 
     tree = _tree(tmp_path / "art", 10, 12)
     u = parse_s3_uri(s3_prefix)
@@ -130,8 +130,8 @@ def test_push_sigkill_at_random_points_then_resume(s3_env, s3_client, s3_prefix,
 
 
 def test_push_sigint_aborts_multipart_and_exits_130(s3_env, s3_client, s3_prefix, tmp_path):
-    from lmi_compile.publish import MANIFEST_KEY
-    from lmi_compile.s3 import parse_s3_uri
+    from lmi_compile.remote.publish import MANIFEST_KEY
+    from lmi_compile.remote.s3 import parse_s3_uri
 
     tree = _tree(tmp_path / "art", 8, 24)
     u = parse_s3_uri(s3_prefix)

@@ -9,9 +9,9 @@ from conftest import error_line, run_cli
 from safetensors import safe_open
 from trtllm_reference import reference_logits
 
-from lmi_compile.architectures import resolve
+from lmi_compile.model.architectures import resolve
 from lmi_compile.converters.trtllm_checkpoint import ConvertOptions, convert
-from lmi_compile.validate import validate_model_dir
+from lmi_compile.model.validate import validate_model_dir
 
 INPUT = torch.tensor([[1, 17, 42, 99, 3, 200, 7, 128, 64, 5, 249, 11]])
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""STAND-IN for the Neuron compile entry point (lmi_compile.neuron_entry). It compiles nothing.
+"""STAND-IN for the Neuron compile entry point (lmi_compile.neuron.entry). It compiles nothing.
 
 Same command-line contract as the real entry point. It checks what transformers-neuronx would need:
 a split checkpoint (config.json, pytorch_model.bin/key_to_filename.json, every listed file loadable as
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lmi_compile.neuron_entry import parse  # noqa: E402  (the shared contract)
+from lmi_compile.neuron.entry import parse  # noqa: E402  (the shared contract)
 
 REAL_CLASSES = {"transformers_neuronx.llama.model.LlamaForSampling",
                 "transformers_neuronx.mistral.model.MistralForSampling",

@@ -3,10 +3,10 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import Checkpoint
-from .errors import BadInput
-from .hf_config import ModelConfig, read_json
-from .model_files import REQUIRED_FILES, custom_code_files
+from lmi_compile.model.checkpoint import Checkpoint
+from lmi_compile.errors import BadInput
+from lmi_compile.model.config import ModelConfig, read_json
+from lmi_compile.model.files import REQUIRED_FILES, custom_code_files
 
 
 @dataclass

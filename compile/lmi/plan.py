@@ -10,10 +10,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .architectures import Architecture, resolve
-from .configs import load_json
-from .errors import BadInput
-from .hf_config import ModelConfig
+from lmi_compile.model.architectures import Architecture, resolve
+from lmi_compile.configs import load_json
+from lmi_compile.errors import BadInput
+from lmi_compile.model.config import ModelConfig
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 GiB = 1024 ** 3
@@ -153,7 +153,7 @@ def read_remote_config(model: str, revision: str | None, token: str | None) -> t
     """config.json and the index's total_size, without downloading weights."""
     import tempfile
 
-    from .fetch import parse_source
+    from lmi_compile.remote.fetch import parse_source
 
     source = parse_source(model, revision)
     tmp = Path(tempfile.mkdtemp(prefix="lmi-plan-"))
@@ -165,7 +165,7 @@ def read_remote_config(model: str, revision: str | None, token: str | None) -> t
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
 
-        from .hub import translate_error
+        from lmi_compile.remote.hub import translate_error
 
         root = tmp
         for name in ("config.json", "model.safetensors.index.json"):
@@ -177,7 +177,7 @@ def read_remote_config(model: str, revision: str | None, token: str | None) -> t
             except Exception as e:
                 raise translate_error(e, model, revision) from None
     else:
-        from .s3 import make_client, parse_s3_uri, translate
+        from lmi_compile.remote.s3 import make_client, parse_s3_uri, translate
 
         uri = parse_s3_uri(source.location)
         client = make_client()

@@ -2,8 +2,8 @@
 
 from dataclasses import dataclass
 
-from .errors import BadInput
-from .hf_config import ModelConfig
+from lmi_compile.errors import BadInput
+from lmi_compile.model.config import ModelConfig
 
 
 def _table() -> dict:

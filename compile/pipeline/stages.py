@@ -11,8 +11,8 @@ import shutil
 import time
 from pathlib import Path
 
-from . import __version__
-from .errors import BadInput
+from lmi_compile import __version__
+from lmi_compile.errors import BadInput
 
 STAGE_RECORD = ".lmi-compile-stage.json"
 

@@ -4,7 +4,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BadInput
+from lmi_compile.errors import BadInput
 
 # HF dtype names as written in config.json -> canonical torch names.
 DTYPE_NAMES = {

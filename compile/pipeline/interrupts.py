@@ -5,7 +5,7 @@ finished stages and files stay for the rerun, and the process exits 130/143 with
 import signal
 import threading
 
-from .errors import Interrupted
+from lmi_compile.errors import Interrupted
 
 STOP = threading.Event()
 _received: list[int] = []

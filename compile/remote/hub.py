@@ -3,11 +3,11 @@
 import logging
 from pathlib import Path
 
-from .diskspace import ensure_room
-from .errors import BadInput, LmiCompileError
-from .hf_config import read_json
-from .model_files import preferred_index, small_files, weight_files
-from .progress import Progress
+from lmi_compile.pipeline.diskspace import ensure_room
+from lmi_compile.errors import BadInput, LmiCompileError
+from lmi_compile.model.config import read_json
+from lmi_compile.model.files import preferred_index, small_files, weight_files
+from lmi_compile.pipeline.progress import Progress
 
 log = logging.getLogger("lmi_compile")
 

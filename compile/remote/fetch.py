@@ -5,11 +5,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import stages
-from .diskspace import ensure_room
-from .errors import BadInput, LmiCompileError
-from .hf_config import read_json
-from .validate import ValidatedModel, validate_model_dir
+from lmi_compile.pipeline import stages
+from lmi_compile.pipeline.diskspace import ensure_room
+from lmi_compile.errors import BadInput, LmiCompileError
+from lmi_compile.model.config import read_json
+from lmi_compile.model.validate import ValidatedModel, validate_model_dir
 
 log = logging.getLogger("lmi_compile")
 
@@ -27,7 +27,7 @@ class ModelSource:
 def parse_source(model: str, revision: str | None = None) -> ModelSource:
     """Classify MODEL: s3://..., an existing (or path-looking) local folder, else a Hub repo id."""
     if model.startswith("s3://"):
-        from .s3 import parse_s3_uri
+        from lmi_compile.remote.s3 import parse_s3_uri
 
         return ModelSource("s3", str(parse_s3_uri(model)))
     if "://" in model:
@@ -35,7 +35,7 @@ def parse_source(model: str, revision: str | None = None) -> ModelSource:
     p = Path(model).expanduser()
     if p.exists() or model.startswith((".", "/", "~")):
         return ModelSource("local", str(p))
-    from .hub import check_repo_id
+    from lmi_compile.remote.hub import check_repo_id
 
     check_repo_id(model)
     return ModelSource("hub", model, revision)
@@ -59,7 +59,7 @@ def fetch(source: ModelSource, output: Path | None, *, token: str | None = None,
     staging.mkdir(parents=True, exist_ok=True)
     try:
         if source.kind == "hub":
-            from .hub import fetch_hub
+            from lmi_compile.remote.hub import fetch_hub
 
             resolved = fetch_hub(source.location, staging, revision=source.revision, token=token,
                                  trust_remote_code=trust_remote_code)
@@ -78,12 +78,12 @@ def fetch(source: ModelSource, output: Path | None, *, token: str | None = None,
 
 
 def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool) -> str:
-    from .model_files import preferred_index, small_files, weight_files
-    from .s3 import download_files, list_objects, make_client, parse_s3_uri
+    from lmi_compile.model.files import preferred_index, small_files, weight_files
+    from lmi_compile.remote.s3 import download_files, list_objects, make_client, parse_s3_uri
 
     uri = parse_s3_uri(location)
     client = make_client()
-    from .publish import MANIFEST_KEY, MARKER_KEY
+    from lmi_compile.remote.manifest import MANIFEST_KEY, MARKER_KEY
 
     objects = list_objects(client, uri)
     if MARKER_KEY in objects and MANIFEST_KEY not in objects:
@@ -108,7 +108,7 @@ def _check_against_manifest(client, uri, dest: Path, rels: list[str]) -> None:
     """A prefix published by lmi-compile: every fetched file must match the manifest's size and checksum."""
     import json
 
-    from .publish import MANIFEST_KEY, s3_checksum
+    from lmi_compile.remote.manifest import MANIFEST_KEY, s3_checksum
 
     body = client.get_object(Bucket=uri.bucket, Key=uri.key(MANIFEST_KEY))["Body"].read()
     objects = json.loads(body).get("objects", {})

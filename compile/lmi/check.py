@@ -9,8 +9,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .errors import STANDIN_MARK, BadInput
-from .serving_properties import parse as parse_properties
+from lmi_compile.errors import STANDIN_MARK, BadInput
+from lmi_compile.lmi.properties import parse as parse_properties
+from lmi_compile.remote.manifest import LAYOUT_MANIFEST, MANIFEST_KEY, MARKER_KEY
 
 LAYOUT_NAMES = {
     "trtllm-triton": "TensorRT-LLM triton repository (LMI up to 0.32)",
@@ -29,7 +30,7 @@ class Location:
     def __init__(self, text: str):
         self.text = text
         if text.startswith("s3://"):
-            from .s3 import list_objects, make_client, parse_s3_uri
+            from lmi_compile.remote.s3 import list_objects, make_client, parse_s3_uri
 
             self.uri = parse_s3_uri(text)
             self.client = make_client()
@@ -45,7 +46,7 @@ class Location:
     def read(self, rel: str) -> bytes:
         if self.root is not None:
             return (self.root / rel).read_bytes()
-        from .s3 import translate
+        from lmi_compile.remote.s3 import translate
 
         try:
             return self.client.get_object(Bucket=self.uri.bucket, Key=self.uri.key(rel))["Body"].read()
@@ -144,7 +145,7 @@ def _check_neffs(loc: Location, report: Report, container: str | None, version: 
 
 
 def _check_hf(loc: Location, report: Report) -> None:
-    from .model_files import preferred_index, small_files, weight_files
+    from lmi_compile.model.files import preferred_index, small_files, weight_files
 
     try:
         small_files(loc.files, trust_remote_code=True, source=loc.text)
@@ -176,7 +177,6 @@ def detect(loc: Location) -> tuple[str | None, str]:
 
 
 def check(text: str, *, container_trtllm: str | None = None, container_neuronx_cc: str | None = None) -> Report:
-    from .publish import MANIFEST_KEY, MARKER_KEY
 
     loc = Location(text)
     report = Report(location=text, layout=None, loadable=False)
@@ -242,7 +242,7 @@ def check(text: str, *, container_trtllm: str | None = None, container_neuronx_c
                                        f"with {key}={want}")
     elif layout == "neuron-split":
         _check_split(loc, "", report)
-        manifest = loc.json("lmi-compile.json", []) or {}
+        manifest = loc.json(LAYOUT_MANIFEST, []) or {}
         version = (manifest.get("versions") or {}).get("neuronx_cc")
         graph = report.properties.get("option.compiled_graph_path")
         if graph is None:

@@ -1,6 +1,6 @@
 """The Neuron backend: stages fetch -> split -> compile -> layout (-> push).
 
-Compiler boundary: the compile entry point (compile/neuron_entry.py), run as a subprocess.
+Compiler boundary: the compile entry point (`python -m lmi_compile.neuron_entry`, neuron/entry.py), run as a subprocess.
 """
 
 import json
@@ -13,12 +13,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__, stages
-from .architectures import resolve
-from .diskspace import ensure_room
-from .errors import BadInput, STANDIN_MARK, LmiCompileError
-from .layout_neuron import FORMATS, write_layout
-from .pipeline import WorkDir, check_until, fetch_stage, finish_layout, fresh_layout_staging, preflight_upload, push_stage
+from lmi_compile import __version__
+from lmi_compile.pipeline import stages
+from lmi_compile.model.architectures import resolve
+from lmi_compile.pipeline.diskspace import ensure_room
+from lmi_compile.errors import BadInput, STANDIN_MARK, LmiCompileError
+from lmi_compile.neuron.layout import FORMATS, write_layout
+from lmi_compile.pipeline.workdir import WorkDir, check_until, finish_layout, fresh_layout_staging
+from lmi_compile.remote.stages import fetch_stage, preflight_upload, push_stage
 
 log = logging.getLogger("lmi_compile")
 
@@ -77,7 +79,7 @@ def validate(job: NeuronJob, arch, config) -> None:
 
 
 def split_stage(job: NeuronJob, model, arch) -> tuple[Path, str]:
-    from .converters.neuron_split import write_split
+    from lmi_compile.converters.neuron_split import write_split
 
     fp = stages.fingerprint(files=model.checkpoint.identity(), root=str(model.root.resolve()),
                             config=model.config.raw, amp=job.amp)

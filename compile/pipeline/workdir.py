@@ -1,4 +1,4 @@
-"""Wiring shared by the backends: the work directory and the fetch stage as every pipeline runs it."""
+"""The work directory every pipeline writes its stage folders into, and the stage-row rules both backends share."""
 
 import logging
 import os
@@ -7,13 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fetch import fetch, parse_source
-from .model_files import CONFIG_FILES, TOKENIZER_FILES
-from .validate import ValidatedModel
-
 log = logging.getLogger("lmi_compile")
-
-MANIFEST = "lmi-compile.json"  # build facts every layout carries beside serving.properties
 
 
 def default_work_dir(model: str) -> Path:
@@ -52,38 +46,14 @@ class WorkDir:
         return self.root / "logs"
 
 
-def fetch_stage(model: str, work: WorkDir, *, revision, token, trust_remote_code) -> ValidatedModel:
-    """Local folders are used in place; remote models land in work/source."""
-    source = parse_source(model, revision)
-    return fetch(source, work.source if source.kind != "local" else None, token=token,
-                 trust_remote_code=trust_remote_code)
-
-
 def check_until(until: str, stages: tuple[str, ...], output) -> None:
     """--until names one of the backend's stages; the last stage (layout) needs --output."""
-    from .errors import BadInput
+    from lmi_compile.errors import BadInput
 
     if until not in stages:
         raise BadInput(f"--until {until!r} is not a stage; use one of {', '.join(stages)}")
     if until == stages[-1] and output is None:
         raise BadInput(f"--output is required to lay out the artifacts (or stop earlier with --until {stages[-2]})")
-
-
-def preflight_upload(upload: str | None) -> None:
-    """Before any heavy work: the upload URI parses, credentials work, the bucket exists."""
-    if upload:
-        from .publish import preflight
-
-        preflight(upload)
-
-
-def push_stage(out: Path, upload: str | None, *, overwrite: bool) -> None:
-    """The last stage of every pipeline: publish the laid-out tree, verified, when --upload was given."""
-    if upload:
-        from .publish import push
-
-        push(out, upload, overwrite=overwrite)
-        log.info("published: %s", upload)
 
 
 def place(src: Path, dst: Path) -> None:
@@ -95,14 +65,9 @@ def place(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def model_files(model_root: Path) -> list[Path]:
-    """The HF config, generation and tokenizer files every layout carries."""
-    return [model_root / n for n in (*CONFIG_FILES, *TOKENIZER_FILES) if (model_root / n).is_file()]
-
-
 def finish_layout(staging: Path, out: Path, fp: str, *, stand_in: bool, what: str) -> Path:
     """Rename the laid-out tree into place; say loudly when it holds stand-in output."""
-    from . import stages
+    from lmi_compile.pipeline import stages
 
     stages.finish(staging, out, "layout", fp)
     if stand_in:
@@ -112,7 +77,7 @@ def finish_layout(staging: Path, out: Path, fp: str, *, stand_in: bool, what: st
 
 def fresh_layout_staging(out: Path, *, overwrite: bool) -> Path:
     """Refuse a foreign non-empty output, then give an empty staging folder beside it."""
-    from . import stages
+    from lmi_compile.pipeline import stages
 
     stages.claim_output(out, "layout", overwrite=overwrite)
     staging = stages.staging_dir(out)

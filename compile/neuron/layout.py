@@ -13,9 +13,11 @@ import json
 import shutil
 from pathlib import Path
 
-from .errors import LmiCompileError
-from .pipeline import MANIFEST, model_files, place
-from .serving_properties import render
+from lmi_compile.errors import LmiCompileError
+from lmi_compile.model.files import carried_files
+from lmi_compile.pipeline.workdir import place
+from lmi_compile.remote.manifest import LAYOUT_MANIFEST
+from lmi_compile.lmi.properties import render
 
 FORMATS = ("optimum", "split")
 AMP_TO_LMI = {"f16": "fp16", "bf16": "bf16", "f32": "fp32"}
@@ -61,7 +63,7 @@ def write_layout(job, out: Path, split: Path, compiled: Path, model_root: Path, 
                  versions: dict, revision: str | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     hf_config = json.loads((model_root / "config.json").read_text())
-    files = [f for f in model_files(model_root) if f.name != "config.json"]
+    files = [f for f in carried_files(model_root) if f.name != "config.json"]
     neffs = sorted(compiled.glob("*.neff"))
     if not neffs:
         raise LmiCompileError(f"{compiled}: the compile stage produced no .neff files")
@@ -81,6 +83,6 @@ def write_layout(job, out: Path, split: Path, compiled: Path, model_root: Path, 
     for f in files:
         place(f, out / f.name)
     (out / "serving.properties").write_text(serving_properties(job, graph_path))
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / LAYOUT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if any(p.suffix == ".safetensors" for p in out.iterdir()):  # LMI would then ignore the compiled graphs
         raise LmiCompileError(f"{out}: holds *.safetensors at the top; LMI would not take it as precompiled")

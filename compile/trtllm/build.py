@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import STANDIN_MARK, LmiCompileError
-from .progress import Progress
+from lmi_compile.errors import STANDIN_MARK, LmiCompileError
+from lmi_compile.pipeline.progress import Progress
 
 log = logging.getLogger("lmi_compile")
 

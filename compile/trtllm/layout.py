@@ -9,10 +9,12 @@ import json
 import re
 from pathlib import Path
 
-from .configs import read_text
-from .errors import LmiCompileError
-from .pipeline import MANIFEST, model_files, place
-from .serving_properties import TO_LMI_DTYPE, render
+from lmi_compile.configs import read_text
+from lmi_compile.errors import LmiCompileError
+from lmi_compile.model.files import carried_files
+from lmi_compile.pipeline.workdir import place
+from lmi_compile.remote.manifest import LAYOUT_MANIFEST
+from lmi_compile.lmi.properties import TO_LMI_DTYPE, render
 
 LAYOUTS = ("triton", "engine-dir")
 # Where SageMaker mounts model data; LMI's TensorRT-LLM tutorial points gpt_model_path here.
@@ -61,7 +63,7 @@ def write_layout(layout: str, out: Path, engines: Path, model_root: Path, props:
             place(f, repo / "1" / f.name)
         if (engines / "model.cache").is_file():
             place(engines / "model.cache", repo / "1" / "model.cache")
-        for f in model_files(model_root):
+        for f in carried_files(model_root):
             place(f, repo / f.name)
         (repo / "config.pbtxt").write_text(render_pbtxt({
             "max_batch_size": batch_size, "engine_path": engine_path,
@@ -69,10 +71,10 @@ def write_layout(layout: str, out: Path, engines: Path, model_root: Path, props:
     elif layout == "engine-dir":
         for f in engine_files:
             place(f, out / f.name)
-        for f in model_files(model_root):
+        for f in carried_files(model_root):
             if f.name != "config.json":  # the top-level config.json is the engine config (has build_config)
                 place(f, out / f.name)
     else:
         raise LmiCompileError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}", exit_code=2)
     (out / "serving.properties").write_text(props)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / LAYOUT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

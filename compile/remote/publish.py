@@ -9,7 +9,6 @@
   run are aborted; local files are deleted only with --delete-local, after verification.
 """
 
-import base64
 import hashlib
 import json
 import logging
@@ -21,18 +20,17 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, stages
-from .errors import BadInput, Interrupted, LmiCompileError
-from .interrupts import check
-from .paths import resolve_inside
-from .progress import bytes_bar
-from .s3 import S3Uri, default_concurrency, list_objects, make_client, parse_s3_uri, translate
+from lmi_compile import __version__
+from lmi_compile.pipeline import stages
+from lmi_compile.errors import BadInput, Interrupted, LmiCompileError
+from lmi_compile.pipeline.interrupts import check
+from lmi_compile.paths import resolve_inside
+from lmi_compile.pipeline.progress import bytes_bar
+from lmi_compile.remote.manifest import LAYOUT_MANIFEST, MANIFEST_KEY, MARKER_KEY, MIB, b64, s3_checksum
+from lmi_compile.remote.s3 import S3Uri, default_concurrency, list_objects, make_client, parse_s3_uri, translate
 
 log = logging.getLogger("lmi_compile")
 
-MANIFEST_KEY = "lmi-compile-manifest.json"
-MARKER_KEY = "lmi-compile-upload-in-progress.json"
-MIB = 1024 * 1024
 DEFAULT_PART = 32 * MIB
 MAX_PARTS = 10000
 
@@ -71,9 +69,6 @@ def part_size_for(size: int, configured: int = DEFAULT_PART) -> int:
     return max(configured, -(-need // MIB) * MIB)
 
 
-def b64(digest: bytes) -> str:
-    return base64.b64encode(digest).decode()
-
 
 _buffers = threading.local()
 
@@ -96,25 +91,6 @@ def _read(path: Path, offset: int, n: int) -> bytearray:
             got += k
     return buf
 
-
-def s3_checksum(path: Path, size: int, part_size: int) -> str:
-    """The ChecksumSHA256 S3 reports for this file uploaded with this part size (composite if multipart)."""
-    if size <= part_size:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(8 * MIB):
-                h.update(chunk)
-        return b64(h.digest())
-    digests = []
-    with open(path, "rb") as f:
-        for _ in range(-(-size // part_size)):
-            h = hashlib.sha256()
-            left = part_size
-            while left and (chunk := f.read(min(8 * MIB, left))):
-                h.update(chunk)
-                left -= len(chunk)
-            digests.append(h.digest())
-    return f"{b64(hashlib.sha256(b''.join(digests)).digest())}-{len(digests)}"
 
 
 class Publisher:
@@ -358,7 +334,7 @@ def verify(pub: Publisher, files: list[LocalFile], entries: dict) -> None:
 
 
 def _build_facts(root: Path) -> dict:
-    p = root / "lmi-compile.json"
+    p = root / LAYOUT_MANIFEST
     try:
         return json.loads(p.read_text()) if p.is_file() else {}
     except ValueError:

@@ -3,8 +3,8 @@
 import shutil
 from pathlib import Path
 
-from .errors import LmiCompileError
-from .stages import existing_parent
+from lmi_compile.errors import LmiCompileError
+from lmi_compile.pipeline.stages import existing_parent
 
 # Filesystem metadata, logs and rounding: keep a little headroom.
 MARGIN_BYTES = 64 * 1024 * 1024

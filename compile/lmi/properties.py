@@ -4,7 +4,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import BadInput
+from lmi_compile.errors import BadInput
 
 # LMI option name -> (lmi-compile setting, converter). The table is the whole mapping.
 LMI_OPTIONS = {

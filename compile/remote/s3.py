@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadInput, LmiCompileError
+from lmi_compile.errors import BadInput, LmiCompileError
 
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
@@ -123,9 +123,9 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
     with the listed size are kept (an interrupted fetch resumes)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .interrupts import check
-    from .paths import safe_relpath
-    from .progress import bytes_bar
+    from lmi_compile.pipeline.interrupts import check
+    from lmi_compile.paths import safe_relpath
+    from lmi_compile.pipeline.progress import bytes_bar
 
     todo = []
     for rel in rels:

@@ -5,10 +5,10 @@ files, exactly one weight format, and custom code only when the user trusts it.
 """
 
 import fnmatch
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
-from .checkpoint import PYTORCH_INDEX, PYTORCH_SINGLE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, SHARD_RE
-from .errors import BadInput
+from lmi_compile.model.checkpoint import PYTORCH_INDEX, PYTORCH_SINGLE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, SHARD_RE
+from lmi_compile.errors import BadInput
 
 # Small files that travel with the model into every output layout.
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -78,3 +78,8 @@ def preferred_index(names) -> str | None:
     if PYTORCH_INDEX in names and not has_st:
         return PYTORCH_INDEX
     return None
+
+
+def carried_files(model_root: Path) -> list[Path]:
+    """The HF config, generation and tokenizer files every layout carries."""
+    return [model_root / n for n in (*CONFIG_FILES, *TOKENIZER_FILES) if (model_root / n).is_file()]

@@ -9,13 +9,15 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__, stages
-from .architectures import resolve
-from .diskspace import ensure_room, tree_bytes
-from .errors import BadInput
-from .layout_trtllm import DEFAULT_ENGINE_PATH, LAYOUTS, serving_properties, write_layout
-from .pipeline import WorkDir, check_until, fetch_stage, finish_layout, fresh_layout_staging, preflight_upload, push_stage
-from .trtllm_build import BuildOptions, build_engines, find_trtllm_build
+from lmi_compile import __version__
+from lmi_compile.pipeline import stages
+from lmi_compile.model.architectures import resolve
+from lmi_compile.pipeline.diskspace import ensure_room, tree_bytes
+from lmi_compile.errors import BadInput
+from lmi_compile.trtllm.layout import DEFAULT_ENGINE_PATH, LAYOUTS, serving_properties, write_layout
+from lmi_compile.pipeline.workdir import WorkDir, check_until, finish_layout, fresh_layout_staging
+from lmi_compile.remote.stages import fetch_stage, preflight_upload, push_stage
+from lmi_compile.trtllm.build import BuildOptions, build_engines, find_trtllm_build
 
 log = logging.getLogger("lmi_compile")
 
@@ -46,7 +48,7 @@ class TrtllmJob:
 
 
 def convert_stage(job: TrtllmJob, model) -> tuple[Path, str]:
-    from .converters.trtllm_checkpoint import ConvertOptions, check_parallelism, convert
+    from lmi_compile.converters.trtllm_checkpoint import ConvertOptions, check_parallelism, convert
 
     arch = resolve(model.config)
     opts = ConvertOptions(tp=job.tp, pp=job.pp, dtype=job.dtype, parallel_embedding=job.parallel_embedding,

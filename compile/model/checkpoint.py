@@ -12,9 +12,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadInput
-from .hf_config import read_json
-from .paths import resolve_inside
+from lmi_compile.errors import BadInput
+from lmi_compile.model.config import read_json
+from lmi_compile.paths import resolve_inside
 
 # Bytes per element of each safetensors dtype tag.
 ST_DTYPE_SIZE = {

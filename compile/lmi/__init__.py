@@ -1,0 +1,1 @@
+"""What LMI containers read: serving.properties, the loadable-tree check, sizing plans."""

@@ -1,0 +1,1 @@
+"""The HuggingFace model being compiled: its config, architecture facts, weights and validation."""

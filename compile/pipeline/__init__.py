@@ -1,0 +1,1 @@
+"""Stage bookkeeping shared by every backend: work dir, resumable stages, signals, progress, disk."""

@@ -1,0 +1,1 @@
+"""Where models come from and go to: the Hub, S3, the fetch and push stages and their manifest."""
