@@ -12,6 +12,15 @@ from lmi_compile.errors import EXIT_SIGINT, Interrupted, LmiCompileError
 
 log = logging.getLogger("lmi_compile")
 
+
+def _build_defaults():
+    from lmi_compile.trtllm.build import BuildOptions
+
+    return BuildOptions()
+
+
+BUILD_DEFAULTS = _build_defaults()  # one home for the engine defaults: BuildOptions
+
 app = typer.Typer(
     name="lmi-compile",
     help="Compile HuggingFace models ahead of time into the artifacts AWS LMI containers load "
@@ -31,6 +40,21 @@ Token = Annotated[Optional[str], typer.Option(help="Hub token; defaults to HF_TO
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code",
                                                help="Allow models that ship custom *.py code.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output that is not ours.")]
+Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Where the LMI artifact tree is written.",
+                                                show_default=False)]
+Properties = Annotated[Optional[Path], typer.Option(
+    "--properties", help="Read settings from an existing serving.properties (OPTION_* env vars also apply).",
+    show_default=False)]
+Upload = Annotated[Optional[str], typer.Option(
+    "--upload", help="S3 prefix to publish the output to, verified (becomes option.model_id).", show_default=False)]
+WorkDirOpt = Annotated[Optional[Path], typer.Option(
+    "--work-dir", help="Stage folders, kept for resuming (default ./lmi-compile-work/NAME).", show_default=False)]
+Force = Annotated[bool, typer.Option("--force", help="Redo every stage.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+AllowLonger = Annotated[bool, typer.Option(
+    "--allow-longer", help="Allow sequences above max_position_embeddings when the model's rope scaling covers it.")]
+TensorParallel = Annotated[Optional[int], typer.Option("--tp", min=1, help="Tensor-parallel degree "
+                                                        "(option.tensor_parallel_degree).", show_default=False)]
 
 
 _VERBOSE = False
@@ -55,10 +79,11 @@ def _root(
     setup_logging(verbose)
 
 
-@app.command()
+@app.command(epilog="Example: lmi-compile fetch meta-llama/Llama-2-13b-hf --output models/llama-2-13b")
 def fetch(
     model: Model,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to download into (remote models).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder to download into (remote models).",
+                                                   show_default=False)] = None,
     revision: Revision = None,
     token: Token = None,
     trust_remote_code: TrustRemoteCode = False,
@@ -68,159 +93,222 @@ def fetch(
     from lmi_compile.remote.fetch import fetch as run_fetch, parse_source
 
     source = parse_source(model, revision)
-    validated = run_fetch(source, output, token=token, trust_remote_code=trust_remote_code, overwrite=overwrite)
+    validated = run_fetch(source, _abs(output), token=token, trust_remote_code=trust_remote_code, overwrite=overwrite)
     ck = validated.checkpoint
     typer.echo(f"{validated.root}: {validated.config.architecture or 'unknown architecture'}, "
                f"{len(ck.tensors)} tensors in {len(ck.files)} {ck.format} file(s), {ck.total_bytes / 2**20:.1f} MiB")
 
 
-@app.command()
+@app.command(epilog="Example: lmi-compile push out/llama-2-13b-trtllm s3://my-bucket/models/llama-2-13b-trtllm/")
 def push(
     folder: Annotated[Path, typer.Argument(help="The artifact folder to publish.", show_default=False)],
     uri: Annotated[str, typer.Argument(help="s3://bucket/prefix/ to publish to.", show_default=False)],
     overwrite: Overwrite = False,
     delete_local: Annotated[bool, typer.Option("--delete-local", help="Delete FOLDER after the upload is verified.")] = False,
-    concurrency: Annotated[Optional[int], typer.Option(help="Parallel requests (default from CPU count).")] = None,
-    part_size_mb: Annotated[Optional[int], typer.Option("--part-size-mb", help="Multipart part size in MiB (default 32).")] = None,
+    concurrency: Annotated[Optional[int], typer.Option(min=1, help="Parallel requests (default from CPU count).",
+                                                       show_default=False)] = None,
+    part_size_mb: Annotated[Optional[int], typer.Option("--part-size-mb", min=5, help="Multipart part size in MiB "
+                                                        "(default 32).", show_default=False)] = None,
 ):
     """Publish FOLDER to S3: checksummed, verified with HEAD, resumable, manifest written last."""
     from lmi_compile.remote.publish import push as run_push
 
-    manifest = run_push(folder, uri, overwrite=overwrite, delete_local=delete_local, concurrency=concurrency,
-                        part_size=part_size_mb * 1024 * 1024 if part_size_mb else None)
-    typer.echo(f"published {len(manifest['objects'])} objects to {uri}")
+    done = run_push(_abs(folder), uri, overwrite=overwrite, delete_local=delete_local, concurrency=concurrency,
+                    part_size=part_size_mb * 1024 * 1024 if part_size_mb else None)
+    if done.uploaded:
+        typer.echo(f"published {done.objects} objects to {uri} ({done.uploaded} uploaded now, verified)")
+    else:
+        typer.echo(f"{uri} already holds these {done.objects} objects, verified; nothing changed")
 
 
-def _pick(cli, settings: dict, key: str, default):
-    """An explicit command-line value wins, then serving.properties / OPTION_* settings, then the default."""
-    if cli is not None:
-        return cli
-    return settings.get(key, default)
+class Settings:
+    """The settings of one run: a flag wins, then serving.properties / OPTION_* values, then the default.
+    Each pick is remembered with its source, so the run can say what it merged."""
+
+    def __init__(self, properties: Path | None):
+        from lmi_compile.lmi.properties import lmi_settings
+
+        self.lmi = lmi_settings(properties)
+        self.picked: dict[str, tuple[object, str]] = {}
+
+    def pick(self, key: str, flag_value, default):
+        if flag_value is not None:
+            value, source = flag_value, "flag"
+        elif key in self.lmi:
+            value, source = self.lmi[key], "properties"
+        else:
+            value, source = default, "default"
+        self.picked[key] = (value, source)
+        return value
+
+    def model(self, argument: str | None) -> str:
+        from lmi_compile.errors import BadInput
+
+        model = self.pick("model", argument, None)
+        if not model:
+            raise BadInput("no MODEL given (as an argument, option.model_id in --properties, or HF_MODEL_ID)")
+        return model
+
+    def log(self, command: str) -> None:
+        shown = ", ".join(f"{k}={v} ({src})" for k, (v, src) in self.picked.items() if v is not None)
+        log.info("%s settings: %s", command, shown)
 
 
-@app.command()
+def _abs(path: Path | None) -> Path | None:
+    """Paths are made absolute once, at the edge: stages and subprocesses never depend on the current folder."""
+    import os
+
+    return Path(os.path.abspath(path.expanduser())) if path is not None else None
+
+
+ModelOrProperties = Annotated[Optional[str], typer.Argument(
+    help="Hub repo id, s3:// prefix or local folder (or option.model_id from --properties).", show_default=False)]
+
+
+@app.command(epilog="Example: lmi-compile trtllm --tp 2 meta-llama/Llama-2-13b-hf --output out/llama-2-13b-trtllm")
 def trtllm(
-    model: Annotated[Optional[str], typer.Argument(help="Hub repo id, s3:// prefix or local folder (or "
-                                                       "option.model_id from --properties).", show_default=False)] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where the LMI artifact tree is written.")] = None,
-    tp: Annotated[Optional[int], typer.Option("--tp", help="Tensor-parallel degree (option.tensor_parallel_degree). [default: 1]")] = None,
-    pp: Annotated[Optional[int], typer.Option("--pp", help="Pipeline-parallel degree. [default: 1]")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="auto (the checkpoint's), float16, bfloat16 or float32. [default: auto]")] = None,
-    max_batch_size: Annotated[Optional[int], typer.Option("--max-batch-size", help="Engine batch size (LMI's option.max_rolling_batch_size). [default: 32]")] = None,
-    max_input_len: Annotated[Optional[int], typer.Option("--max-input-len", help="Longest prompt (option.max_input_len). [default: 1024]")] = None,
-    max_output_len: Annotated[Optional[int], typer.Option("--max-output-len", help="Longest output (option.max_output_len). [default: 512]")] = None,
-    max_seq_len: Annotated[Optional[int], typer.Option("--max-seq-len", help="Prompt plus output; default max-input-len + max-output-len.")] = None,
-    max_num_tokens: Annotated[Optional[int], typer.Option("--max-num-tokens", help="Tokens per engine step (option.max_num_tokens). [default: 16384]")] = None,
+    model: ModelOrProperties = None,
+    output: Output = None,
+    tp: TensorParallel = None,
+    pp: Annotated[Optional[int], typer.Option("--pp", min=1, help="Pipeline-parallel degree. [default: 1]",
+                                              show_default=False)] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto (the checkpoint's), float16, bfloat16 or float32. "
+                                                      "[default: auto]", show_default=False)] = None,
+    max_batch_size: Annotated[Optional[int], typer.Option("--max-batch-size", min=1, help=(
+        f"Engine batch size (LMI's option.max_rolling_batch_size). [default: {BUILD_DEFAULTS.max_batch_size}]"),
+        show_default=False)] = None,
+    max_input_len: Annotated[Optional[int], typer.Option("--max-input-len", min=1, help=(
+        f"Longest prompt (option.max_input_len). [default: {BUILD_DEFAULTS.max_input_len}]"), show_default=False)] = None,
+    max_output_len: Annotated[Optional[int], typer.Option("--max-output-len", min=1, help=(
+        f"Longest output (option.max_output_len). [default: {BUILD_DEFAULTS.max_output_len}]"), show_default=False)] = None,
+    max_seq_len: Annotated[Optional[int], typer.Option("--max-seq-len", min=2, help=(
+        "Prompt plus output; default max-input-len + max-output-len."), show_default=False)] = None,
+    max_num_tokens: Annotated[Optional[int], typer.Option("--max-num-tokens", min=1, help=(
+        f"Tokens per engine step (option.max_num_tokens). [default: {BUILD_DEFAULTS.max_num_tokens}]"),
+        show_default=False)] = None,
     gemm_plugin: Annotated[str, typer.Option("--gemm-plugin", help="trtllm-build --gemm_plugin value.")] = "auto",
-    trtllm_build_args: Annotated[Optional[str], typer.Option("--trtllm-build-args", help="More trtllm-build flags, passed through (quoted).")] = None,
-    trtllm_build_path: Annotated[Optional[str], typer.Option("--trtllm-build", help="The trtllm-build executable (default: from PATH).")] = None,
-    build_workers: Annotated[Optional[int], typer.Option("--build-workers", help="trtllm-build --workers (default: min(GPUs, ranks)).")] = None,
+    trtllm_build_args: Annotated[Optional[str], typer.Option("--trtllm-build-args", help=(
+        "More trtllm-build flags, passed through (quoted)."), show_default=False)] = None,
+    trtllm_build_path: Annotated[Optional[str], typer.Option("--trtllm-build", help=(
+        "The trtllm-build executable (default: from PATH)."), show_default=False)] = None,
+    build_workers: Annotated[Optional[int], typer.Option("--build-workers", min=1, help=(
+        "trtllm-build --workers (default: min(GPUs, ranks))."), show_default=False)] = None,
     layout: Annotated[str, typer.Option(help="triton (LMI <= 0.32) or engine-dir (LMI >= 0.33).")] = "triton",
-    engine_path: Annotated[str, typer.Option("--engine-path", help="gpt_model_path in config.pbtxt (triton layout): where the engines are inside the serving container.")] = "/opt/ml/model/tensorrt_llm/1",
-    properties: Annotated[Optional[Path], typer.Option("--properties", help="Read settings from an existing serving.properties (OPTION_* env vars also apply).")] = None,
-    upload: Annotated[Optional[str], typer.Option("--upload", help="S3 prefix the output will be published to (goes into option.model_id).")] = None,
-    work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Stage folders (default ./lmi-compile-work/NAME).")] = None,
+    engine_path: Annotated[str, typer.Option("--engine-path", help=(
+        "gpt_model_path in config.pbtxt (triton layout): where the engines are inside the serving container."))
+    ] = "/opt/ml/model/tensorrt_llm/1",
+    properties: Properties = None,
+    upload: Upload = None,
+    work_dir: WorkDirOpt = None,
     until: Annotated[str, typer.Option(help="Stop after this stage: fetch, convert, build or layout.")] = "layout",
-    workers: Annotated[Optional[int], typer.Option(help="Parallel rank writers in convert (default: CPU count, at most 8).")] = None,
-    parallel_embedding: Annotated[bool, typer.Option("--parallel-embedding", help="Split the embedding table across tp ranks.")] = False,
-    embedding_sharding_dim: Annotated[int, typer.Option(help="0: split the vocab, 1: split the hidden dim.")] = 0,
+    workers: Annotated[Optional[int], typer.Option(min=1, help=(
+        "Parallel rank writers in convert (default: CPU count, at most 8)."), show_default=False)] = None,
+    parallel_embedding: Annotated[bool, typer.Option("--parallel-embedding", help=(
+        "Split the embedding table across tp ranks."))] = False,
+    embedding_sharding_dim: Annotated[int, typer.Option(min=0, max=1, help=(
+        "0: split the vocab, 1: split the hidden dim."))] = 0,
+    allow_longer: AllowLonger = False,
     revision: Revision = None,
     token: Token = None,
     trust_remote_code: TrustRemoteCode = False,
     overwrite: Overwrite = False,
-    force: Annotated[bool, typer.Option("--force", help="Redo every stage.")] = False,
+    force: Force = False,
 ):
     """Compile MODEL for TensorRT-LLM: fetch, convert to a rank-sharded TRT-LLM checkpoint, build engines
     with trtllm-build, and lay out the tree LMI loads with its serving.properties."""
-    from lmi_compile.errors import BadInput
     from lmi_compile.pipeline.workdir import WorkDir, default_work_dir
-    from lmi_compile.lmi.properties import lmi_settings
     from lmi_compile.trtllm.backend import TrtllmJob, run
     from lmi_compile.trtllm.build import BuildOptions, parse_extra_args
 
-    settings = lmi_settings(properties)
-    model = model or settings.get("model")
-    if not model:
-        raise BadInput("no MODEL given (as an argument, option.model_id in --properties, or HF_MODEL_ID)")
-    build = BuildOptions(max_batch_size=_pick(max_batch_size, settings, "max_batch_size", 32),
-                         max_input_len=_pick(max_input_len, settings, "max_input_len", 1024),
-                         max_output_len=_pick(max_output_len, settings, "max_output_len", 512),
-                         max_seq_len=max_seq_len,
-                         max_num_tokens=_pick(max_num_tokens, settings, "max_num_tokens", 16384),
+    s = Settings(properties)
+    model = s.model(model)
+    d = BUILD_DEFAULTS
+    build = BuildOptions(max_batch_size=s.pick("max_batch_size", max_batch_size, d.max_batch_size),
+                         max_input_len=s.pick("max_input_len", max_input_len, d.max_input_len),
+                         max_output_len=s.pick("max_output_len", max_output_len, d.max_output_len),
+                         max_seq_len=s.pick("max_seq_len", max_seq_len, None),
+                         max_num_tokens=s.pick("max_num_tokens", max_num_tokens, d.max_num_tokens),
                          gemm_plugin=gemm_plugin, workers=build_workers, extra_args=parse_extra_args(trtllm_build_args))
-    job = TrtllmJob(model=model, work=WorkDir(work_dir or default_work_dir(model)), output=output,
-                    tp=_pick(tp, settings, "tp", 1), pp=_pick(pp, settings, "pp", 1),
-                    dtype=_pick(dtype, settings, "dtype", "auto"), parallel_embedding=parallel_embedding,
-                    embedding_sharding_dim=embedding_sharding_dim, build=build, trtllm_build=trtllm_build_path,
-                    layout=layout, engine_path=engine_path, upload=upload,
-                    revision=_pick(revision, settings, "revision", None), token=token,
-                    trust_remote_code=trust_remote_code or settings.get("trust_remote_code", False),
+    job = TrtllmJob(model=model, work=WorkDir(work_dir or default_work_dir(model)), output=_abs(output),
+                    tp=s.pick("tp", tp, 1), pp=s.pick("pp", pp, 1), dtype=s.pick("dtype", dtype, "auto"),
+                    parallel_embedding=parallel_embedding, embedding_sharding_dim=embedding_sharding_dim, build=build,
+                    trtllm_build=trtllm_build_path, layout=layout, engine_path=engine_path, upload=upload,
+                    allow_longer=allow_longer, revision=s.pick("revision", revision, None), token=token,
+                    trust_remote_code=trust_remote_code or s.lmi.get("trust_remote_code", False),
                     overwrite=overwrite, force=force)
     if workers:
         job.workers = workers
+    s.log("trtllm")
     out = run(job, until)
     typer.echo(f"{until}: {out}" + (f" (published to {upload})" if upload and until == "layout" else ""))
 
 
-@app.command()
+@app.command(epilog="Example: lmi-compile neuron --n-positions 4096 --tp 8 meta-llama/Llama-2-13b-hf --output out/llama-2-13b-neuron")
 def neuron(
-    model: Annotated[Optional[str], typer.Argument(help="Hub repo id, s3:// prefix or local folder (or "
-                                                       "option.model_id from --properties).", show_default=False)] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where the LMI artifact tree is written.")] = None,
-    n_positions: Annotated[Optional[int], typer.Option("--n-positions", help="Longest sequence (option.n_positions). [default: the model's max_position_embeddings, at most 4096]")] = None,
-    tp: Annotated[Optional[int], typer.Option("--tp", help="NeuronCores to shard over (option.tensor_parallel_degree). [default: 2]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Batch size compiled in (LMI's option.max_rolling_batch_size). [default: 4]")] = None,
-    amp: Annotated[Optional[str], typer.Option("--amp", help="f16, bf16 or f32 (option.dtype fp16/bf16/fp32). [default: bf16]")] = None,
-    context_length_estimate: Annotated[Optional[str], typer.Option("--context-length-estimate", help="Context buckets, e.g. 1024,2048.")] = None,
-    format: Annotated[str, typer.Option("--format", help="optimum (checkpoint/ + compiled/) or split (split model + compiled graph).")] = "optimum",
-    allow_longer: Annotated[bool, typer.Option("--allow-longer", help="Allow --n-positions above max_position_embeddings when rope scaling covers it.")] = False,
-    neuron_cache: Annotated[Optional[Path], typer.Option("--neuron-cache", help="Compile cache to keep or reuse (NEURON_COMPILE_CACHE_URL).")] = None,
-    compile_entry: Annotated[Optional[str], typer.Option("--compile-entry", help="Command that compiles (default: python -m lmi_compile.neuron_entry).")] = None,
-    properties: Annotated[Optional[Path], typer.Option("--properties", help="Read settings from an existing serving.properties (OPTION_* env vars also apply).")] = None,
-    upload: Annotated[Optional[str], typer.Option("--upload", help="S3 prefix to publish the output to (goes into option.model_id).")] = None,
-    work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Stage folders (default ./lmi-compile-work/NAME).")] = None,
+    model: ModelOrProperties = None,
+    output: Output = None,
+    n_positions: Annotated[Optional[int], typer.Option("--n-positions", min=1, help=(
+        "Longest sequence (option.n_positions). [default: the model's max_position_embeddings, at most 4096]"),
+        show_default=False)] = None,
+    tp: TensorParallel = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help=(
+        "Batch size compiled in (LMI's option.max_rolling_batch_size). [default: 4]"), show_default=False)] = None,
+    amp: Annotated[Optional[str], typer.Option("--amp", help=(
+        "f16, bf16 or f32 (option.dtype fp16/bf16/fp32). [default: bf16]"), show_default=False)] = None,
+    context_length_estimate: Annotated[Optional[str], typer.Option("--context-length-estimate", help=(
+        "Context buckets, e.g. 1024,2048."), show_default=False)] = None,
+    format: Annotated[str, typer.Option("--format", help=(
+        "optimum (checkpoint/ + compiled/) or split (split model + compiled graph)."))] = "optimum",
+    allow_longer: AllowLonger = False,
+    neuron_cache: Annotated[Optional[Path], typer.Option("--neuron-cache", help=(
+        "Compile cache to keep or reuse (NEURON_COMPILE_CACHE_URL)."), show_default=False)] = None,
+    compile_entry: Annotated[Optional[str], typer.Option("--compile-entry", help=(
+        "Command that compiles (default: python -m lmi_compile.neuron_entry)."), show_default=False)] = None,
+    properties: Properties = None,
+    upload: Upload = None,
+    work_dir: WorkDirOpt = None,
     until: Annotated[str, typer.Option(help="Stop after this stage: fetch, split, compile or layout.")] = "layout",
     revision: Revision = None,
     token: Token = None,
     trust_remote_code: TrustRemoteCode = False,
     overwrite: Overwrite = False,
-    force: Annotated[bool, typer.Option("--force", help="Redo every stage.")] = False,
+    force: Force = False,
 ):
     """Compile MODEL for AWS Neuron (inf2/trn1): fetch, write split weights, compile NEFF graphs with
     transformers-neuronx, and lay out the tree LMI loads with its serving.properties."""
     from lmi_compile.errors import BadInput
-    from lmi_compile.remote.fetch import parse_source
     from lmi_compile.neuron.backend import NeuronJob, run
     from lmi_compile.pipeline.workdir import WorkDir, default_work_dir
-    from lmi_compile.lmi.properties import lmi_settings
+    from lmi_compile.remote.fetch import parse_source
 
-    settings = lmi_settings(properties)
-    model = model or settings.get("model")
-    if not model:
-        raise BadInput("no MODEL given (as an argument, option.model_id in --properties, or HF_MODEL_ID)")
-    lmi_amp = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}.get(settings.get("dtype", ""))
+    s = Settings(properties)
+    model = s.model(model)
+    lmi_amp = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}.get(s.lmi.get("dtype", ""))
     try:
         buckets = [int(x) for x in context_length_estimate.split(",")] if context_length_estimate else []
     except ValueError:
         raise BadInput(f"--context-length-estimate {context_length_estimate!r}: use integers like 1024,2048") from None
-    job = NeuronJob(model=model, work=WorkDir(work_dir or default_work_dir(model)), output=output,
-                    n_positions=_pick(n_positions, settings, "n_positions", None), tp=_pick(tp, settings, "tp", 2),
-                    batch_size=_pick(batch_size, settings, "max_batch_size", 4), amp=amp or lmi_amp or "bf16",
+    job = NeuronJob(model=model, work=WorkDir(work_dir or default_work_dir(model)), output=_abs(output),
+                    n_positions=s.pick("n_positions", n_positions, None), tp=s.pick("tp", tp, 2),
+                    batch_size=s.pick("max_batch_size", batch_size, 4), amp=amp or lmi_amp or "bf16",
                     context_length_estimate=buckets, format=format, allow_longer=allow_longer,
-                    neuron_cache=neuron_cache, compile_entry=compile_entry, upload=upload,
-                    revision=_pick(revision, settings, "revision", None), token=token,
-                    trust_remote_code=trust_remote_code or settings.get("trust_remote_code", False),
+                    neuron_cache=_abs(neuron_cache), compile_entry=compile_entry, upload=upload,
+                    revision=s.pick("revision", revision, None), token=token,
+                    trust_remote_code=trust_remote_code or s.lmi.get("trust_remote_code", False),
                     overwrite=overwrite, force=force, source_kind=parse_source(model, revision).kind)
+    s.log("neuron")
     out = run(job, until)
     typer.echo(f"{until}: {out}" + (f" (published to {upload})" if upload and until == "layout" else ""))
 
 
-@app.command()
+@app.command(epilog="Example: lmi-compile check s3://my-bucket/models/llama-2-13b-trtllm/")
 def check(
     location: Annotated[str, typer.Argument(help="A local folder or s3://bucket/prefix/.", show_default=False)],
-    container_trtllm: Annotated[Optional[str], typer.Option("--container-trtllm", help="TensorRT-LLM version of the serving container.")] = None,
-    container_neuronx_cc: Annotated[Optional[str], typer.Option("--container-neuronx-cc", help="neuronx-cc version of the serving container.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    container_trtllm: Annotated[Optional[str], typer.Option("--container-trtllm", help=(
+        "TensorRT-LLM version of the serving container."), show_default=False)] = None,
+    container_neuronx_cc: Annotated[Optional[str], typer.Option("--container-neuronx-cc", help=(
+        "neuronx-cc version of the serving container."), show_default=False)] = None,
+    json_out: JsonOut = False,
 ):
     """Say which LMI loading path LOCATION fits and what would stop it loading; exit 0 loadable, 1 not.
     Reads listings and small files only, never weights."""
@@ -232,18 +320,21 @@ def check(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(epilog="Example: lmi-compile plan meta-llama/Llama-2-70b-hf --tp 8 --instance ml.p4d.24xlarge")
 def plan(
     model: Model,
-    tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel degree.")] = 1,
-    pp: Annotated[int, typer.Option("--pp", help="Pipeline-parallel degree.")] = 1,
+    tp: Annotated[int, typer.Option("--tp", min=1, help="Tensor-parallel degree.")] = 1,
+    pp: Annotated[int, typer.Option("--pp", min=1, help="Pipeline-parallel degree.")] = 1,
     dtype: Annotated[str, typer.Option(help="auto, float16, bfloat16 or float32.")] = "auto",
-    instance: Annotated[Optional[str], typer.Option(help="SageMaker instance type, e.g. ml.g5.12xlarge.")] = None,
-    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Concurrent sequences.")] = 32,
-    max_seq_len: Annotated[int, typer.Option("--max-seq-len", help="Prompt plus output tokens.")] = 1536,
+    instance: Annotated[Optional[str], typer.Option(help="SageMaker instance type, e.g. ml.g5.12xlarge.",
+                                                    show_default=False)] = None,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", min=1, help="Concurrent sequences.")
+                              ] = BUILD_DEFAULTS.max_batch_size,
+    max_seq_len: Annotated[int, typer.Option("--max-seq-len", min=1, help="Prompt plus output tokens.")
+                           ] = BUILD_DEFAULTS.seq_len,
     revision: Revision = None,
     token: Token = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    json_out: JsonOut = False,
 ):
     """Size a compile before running it: parameters, bytes per rank, KV cache, fit on an instance, disk per stage.
     Reads only config.json (and the weight index); downloads no weights."""
@@ -255,28 +346,52 @@ def plan(
     typer.echo(as_json(p) if json_out else render(p))
 
 
+def _usage_error(e: Exception) -> bool:
+    # Typer vendors click in newer releases (typer._click), so match the class by name, not by import.
+    return any(c.__name__ == "UsageError" for c in type(e).__mro__)
+
+
 def main() -> None:
+    import typer
+
     from lmi_compile.pipeline.interrupts import install
 
     install()
     try:
-        app()
+        # standalone_mode=False: usage errors reach us, so they print as the one `error:` line every error uses.
+        code = app(standalone_mode=False)
+    except typer.Exit as e:
+        code = e.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+        code = EXIT_SIGINT
     except (LmiCompileError, Interrupted) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
-        sys.exit(EXIT_SIGINT)
+        code = e.exit_code
     except OSError as e:
         # Disk full, permissions, vanished files: name the file, keep it to one line.
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"error: {where}{e.strerror or e}; finished stages are kept, rerun to resume", file=sys.stderr)
-        sys.exit(1)
+        code = 1
     except Exception as e:
-        if _VERBOSE:
-            import traceback
+        code = _usage(e) if _usage_error(e) else _unexpected(e)
+    sys.exit(code if isinstance(code, int) else 0)
 
-            traceback.print_exc()
-        print(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''} "
-              f"(a bug in lmi-compile; rerun with --verbose for the traceback and report it)", file=sys.stderr)
-        sys.exit(1)
+
+def _usage(e) -> int:
+    if type(e).__name__ == "NoArgsIsHelpError" and e.ctx is not None:
+        print(e.ctx.get_help())
+        return 2
+    where = f"lmi-compile {e.ctx.info_name} --help" if e.ctx is not None and e.ctx.parent else "lmi-compile --help"
+    print(f"error: {' '.join(e.format_message().split())} (see: {where})", file=sys.stderr)
+    return 2
+
+
+def _unexpected(e: Exception) -> int:
+    if _VERBOSE:
+        import traceback
+
+        traceback.print_exc()
+    print(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''} "
+          f"(a bug in lmi-compile; rerun with --verbose for the traceback and report it)", file=sys.stderr)
+    return 1

@@ -34,6 +34,10 @@ def _isolate(monkeypatch, tmp_path):
     for k, v in ISOLATED_ENV.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    # Users run the CLI from their own folder, not the repository: so does every test, and a default
+    # ./lmi-compile-work lands in a fresh folder instead of the checkout.
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
 
 
 @pytest.fixture(scope="session")

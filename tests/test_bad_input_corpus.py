@@ -102,7 +102,7 @@ CASES = [
     ("push-not-s3", {}, None, ["push", "M", "gs://models/x/"], 2, ["not an S3 URI"]),
     ("upload-malformed-uri", {}, None, ["trtllm", "M", "--upload", "s3://Bad_Bucket/x/", "--until", "convert"], 2,
      ["not a valid S3 bucket name"]),
-    ("local-path-missing", {}, None, ["fetch", "./does/not/exist"], 2, ["no such folder"]),
+    ("local-path-missing", {}, None, ["fetch", "./does/not/exist"], 2, ["no local folder named ./does/not/exist"]),
     ("model-is-a-file", {}, None, ["fetch", "M/config.json"], 2, ["not a folder"]),
 ]
 

@@ -103,9 +103,13 @@ def test_index_and_shard_disagree(model_copy):
     assert_bad(run_cli("fetch", m), "does not hold it")
 
 
-@pytest.mark.parametrize("repo_id", ["bad repo id", "org/na me", "a/b/c/d--", "org//x"])
-def test_malformed_repo_id(repo_id, tmp_path):
-    assert_bad(run_cli("fetch", repo_id, "--output", tmp_path / "o"), "not a valid Hub repo id")
+@pytest.mark.parametrize("repo_id,says", [("bad repo id", "not a valid Hub repo id"),
+                                          ("org/na me", "not a valid Hub repo id"),
+                                          # more than org/name is a path, not a repo id
+                                          ("a/b/c/d--", "no local folder named a/b/c/d--"),
+                                          ("org//x", "no local folder named org//x")])
+def test_malformed_repo_id(repo_id, says, tmp_path):
+    assert_bad(run_cli("fetch", repo_id, "--output", tmp_path / "o"), says)
     assert not (tmp_path / "o").exists()
 
 

@@ -147,11 +147,11 @@ def test_rerun_skips_and_changed_settings_recompile(model_factory, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--n-positions", "4096"], "exceeds max_position_embeddings 512"),
+    (["--n-positions", "4096"], "exceeds max_position_embeddings 2048"),
     (["--n-positions", "4096", "--allow-longer"], "--allow-longer needs rope scaling"),
     (["--tp", "3"], "not a NeuronCore count"),
     (["--tp", "16"], "not divisible by --tp 16"),
-    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--batch-size", "0"], "--batch-size': Input should be greater than or equal to 1"),
     (["--amp", "fp8"], "--amp 'fp8'"),
     (["--n-positions", "256", "--context-length-estimate", "64,9999"], "--context-length-estimate 9999"),
 ])
@@ -163,7 +163,7 @@ def test_bad_settings(model_factory, tmp_path, args, needle):
 
 
 def test_allow_longer_with_rope_scaling(model_factory, tmp_path):
-    model = model_factory(rope_scaling={"type": "linear", "factor": 4.0})
+    model = model_factory(rope_scaling={"type": "linear", "factor": 4.0}, max_position_embeddings=512)
     proc = compile_neuron(model, tmp_path, "--n-positions", "1024", "--allow-longer")
     assert proc.returncode == 0, proc.stderr
 

@@ -104,11 +104,11 @@ def test_settings_from_serving_properties_and_env(model_factory, tmp_path):
     sp.write_text(f"engine=MPI\noption.model_id={model}\noption.tensor_parallel_degree=4\n"
                   "option.max_rolling_batch_size=16\noption.dtype=bf16\n")
     proc = run_cli("trtllm", "--properties", sp, "--work-dir", tmp_path / "work", "--output", tmp_path / "out",
-                   "--trtllm-build", STANDIN, env={"OPTION_MAX_INPUT_LEN": "2048"})
+                   "--trtllm-build", STANDIN, env={"OPTION_MAX_INPUT_LEN": "1536"})
     assert proc.returncode == 0, proc.stderr
     p = props(tmp_path / "out" / "serving.properties")
     assert p["option.tensor_parallel_degree"] == "4" and p["option.max_rolling_batch_size"] == "16"
-    assert p["option.max_input_len"] == "2048" and p["option.dtype"] == "bf16"
+    assert p["option.max_input_len"] == "1536" and p["option.dtype"] == "bf16"
     # an explicit flag wins over the file
     proc = run_cli("trtllm", "--properties", sp, "--tp", "2", "--work-dir", tmp_path / "work", "--output",
                    tmp_path / "out", "--trtllm-build", STANDIN)

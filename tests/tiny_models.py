@@ -37,7 +37,7 @@ class TinySpec:
     num_kv_heads: int = 2
     intermediate_size: int = 128
     vocab_size: int = 250  # deliberately not a multiple of tp: exercises vocab padding
-    max_position_embeddings: int = 512
+    max_position_embeddings: int = 2048  # LMI's default lengths (1024 + 512) fit, as on real models
     tie_word_embeddings: bool = False
     rope_scaling: dict | None = None
     dtype: str = "float32"

@@ -19,6 +19,7 @@ LAYOUT_NAMES = {
     "neuron-optimum": "Neuron optimum layout (checkpoint/ + compiled/)",
     "neuron-split": "Neuron split model + compiled graph",
     "hf-pretrained": "HuggingFace pretrained (compiled just in time at startup)",
+    "trtllm-checkpoint": "TensorRT-LLM checkpoint (rank files; not loadable until trtllm-build makes engines)",
 }
 NEURON_KEYS = ("task", "batch_size", "num_cores", "auto_cast_type", "sequence_length", "compiler_type",
                "compiler_version", "checkpoint_id", "checkpoint_revision")
@@ -50,6 +51,22 @@ class Location:
 
         try:
             return self.client.get_object(Bucket=self.uri.bucket, Key=self.uri.key(rel))["Body"].read()
+        except Exception as e:
+            raise translate(e, f"{self.uri}{rel}") from None
+
+    def read_range(self, rel: str, offset: int, length: int) -> bytes:
+        """A byte range of one file: headers are read this way, never whole weight files."""
+        if length <= 0:
+            return b""
+        if self.root is not None:
+            with open(self.root / rel, "rb") as f:
+                f.seek(offset)
+                return f.read(length)
+        from lmi_compile.remote.s3 import translate
+
+        try:
+            return self.client.get_object(Bucket=self.uri.bucket, Key=self.uri.key(rel),
+                                          Range=f"bytes={offset}-{offset + length - 1}")["Body"].read()
         except Exception as e:
             raise translate(e, f"{self.uri}{rel}") from None
 
@@ -151,11 +168,32 @@ def _check_hf(loc: Location, report: Report) -> None:
         small_files(loc.files, trust_remote_code=True, source=loc.text)
         name = preferred_index(loc.files)
         index = loc.json(name, report.problems) if name else None
-        weight_files(loc.files, index, name, source=loc.text)
+        weights = weight_files(loc.files, index, name, source=loc.text)
     except BadInput as e:
         report.problems.append(str(e).removeprefix(f"{loc.text}: ").removeprefix(f"{loc.text}/"))
+        return
     if any(f.endswith(".py") and "/" not in f for f in loc.files):
         report.notes.append("custom code present: deploy with option.trust_remote_code=true")
+    _check_weights_readable(loc, weights, report)
+
+
+def _check_weights_readable(loc: Location, weights: list[str], report: Report) -> None:
+    """What LMI's loader would trip on, at the cost of headers: safetensors headers that do not fit their file,
+    and (local folders) pickles that a weights_only load refuses. Never reads tensor data."""
+    from lmi_compile.model.checkpoint import check_safetensors_header, load_pickle, parse_raw_header
+
+    for rel in weights:
+        try:
+            if rel.endswith(".safetensors"):
+                header, size, n = parse_raw_header(lambda off, ln: loc.read_range(rel, off, ln), loc.files[rel], rel)
+                check_safetensors_header(header, size, n, rel)
+            elif loc.root is not None:
+                load_pickle(loc.root / rel)  # weights_only and mmapped: the pickle is read, the tensors are not
+            else:
+                report.notes.append(f"{rel}: PyTorch pickles on S3 are not inspected (it would mean a download); "
+                                    f"LMI loads them with weights_only")
+        except BadInput as e:
+            report.problems.append(str(e).removeprefix(f"{loc.root}/" if loc.root else ""))
 
 
 def detect(loc: Location) -> tuple[str | None, str]:
@@ -171,6 +209,9 @@ def detect(loc: Location) -> tuple[str | None, str]:
         return "neuron-optimum", ""
     if "pytorch_model.bin/key_to_filename.json" in loc.files:
         return "neuron-split", ""
+    if cfg and "mapping" in cfg and "architecture" in cfg and any(re.fullmatch(r"rank\d+\.safetensors", f)
+                                                                  for f in top):
+        return "trtllm-checkpoint", ""
     if cfg is not None:
         return "hf-pretrained", ""
     return None, ""
@@ -253,9 +294,13 @@ def check(text: str, *, container_trtllm: str | None = None, container_neuronx_c
         if report.properties.get("option.load_split_model") != "true":
             report.problems.append("serving.properties: set option.load_split_model=true")
         _check_neffs(loc, report, container_neuronx_cc, version)
+    elif layout == "trtllm-checkpoint":
+        report.problems.append("a TensorRT-LLM checkpoint holds rank files, not engines: build them with "
+                               "`lmi-compile trtllm` (or trtllm-build) and deploy the laid-out output")
     else:
         _check_hf(loc, report)
-    report.properties.setdefault("option.model_id", loc.model_id())
+    if layout is not None:
+        report.properties.setdefault("option.model_id", loc.model_id())
     report.loadable = not report.problems
     return report
 
@@ -270,8 +315,9 @@ def render(r: Report) -> str:
         lines.append(f"  {k}: {v}")
     lines += [f"  problem: {p}" for p in r.problems]
     lines += [f"  note: {n}" for n in r.notes]
-    lines.append("  deploy with:")
-    lines += [f"    {k}={v}" for k, v in r.properties.items()]
+    if r.properties:
+        lines.append("  deploy with:")
+        lines += [f"    {k}={v}" for k, v in r.properties.items()]
     return "\n".join(lines)
 
 

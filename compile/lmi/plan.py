@@ -14,6 +14,7 @@ from lmi_compile.model.architectures import Architecture, resolve
 from lmi_compile.configs import load_json
 from lmi_compile.errors import BadInput
 from lmi_compile.model.config import ModelConfig
+from lmi_compile.model.limits import sequence_problem
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 GiB = 1024 ** 3
@@ -69,8 +70,9 @@ def make_plan(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: str = "au
         dtype = config.dtype or "float16"
     if dtype not in DTYPE_BYTES:
         raise BadInput(f"--dtype {dtype!r}; use auto, float16, bfloat16 or float32")
-    if tp < 1 or pp < 1:
-        raise BadInput("--tp and --pp must be at least 1")
+    for flag, value in (("--tp", tp), ("--pp", pp), ("--max-batch-size", max_batch_size), ("--max-seq-len", max_seq_len)):
+        if value < 1:
+            raise BadInput(f"{flag} must be at least 1 (got {value})")
     if pp > d.num_layers:
         raise BadInput(f"{config.path}: --pp {pp} is larger than num_hidden_layers {d.num_layers}")
     b = DTYPE_BYTES[dtype]
@@ -94,6 +96,9 @@ def make_plan(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: str = "au
         plan.warnings.append(f"tp {tp} exceeds num_key_value_heads {d.num_kv_heads}: each kv head is repeated "
                              f"{tp // max(1, d.num_kv_heads)}x, so the KV cache costs {tp // max(1, d.num_kv_heads)}x "
                              f"the memory it needs")
+    problem = sequence_problem(config, d, max_seq_len, allow_longer=False, flag="--max-seq-len")
+    if problem:  # the rule trtllm and neuron enforce, reported here as a warning
+        plan.warnings.append(problem[1].removeprefix(f"{config.path}: "))
     if instance:
         fit_instance(plan, instance, d, c)
     return plan
@@ -120,6 +125,7 @@ def needed_per_accelerator(weights: int, kv: int) -> int:
 
 def fit_instance(plan: Plan, instance: str, d, counts: dict) -> None:
     table = load_json("instances.json")["instances"]
+    instance = instance if instance.startswith("ml.") else f"ml.{instance}"  # g5.12xlarge and ml.g5.12xlarge alike
     spec = table.get(instance)
     if spec is None:
         raise BadInput(f"--instance {instance!r} is not in the table; known: {', '.join(sorted(table))}")
@@ -199,20 +205,34 @@ def read_remote_config(model: str, revision: str | None, token: str | None) -> t
     return config, total
 
 
-def render(plan: Plan) -> str:
-    def gib(n):
-        return f"{n / GiB:.2f} GiB"
+def _count(n: float) -> str:
+    """Parameters in the unit that fits: 6.74B, 13.0M, 52.3K."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}" if n < 100 * scale else f"{n / scale:.0f}{unit}"
+    return str(int(n))
 
-    lines = [f"{plan.architecture}: {plan.parameters / 1e9:.2f}B parameters, {gib(plan.weight_bytes)} of weights in {plan.dtype}",
-             f"tp={plan.tp} pp={plan.pp}: {gib(plan.weight_bytes_per_rank)} of weights per rank (largest rank)",
-             f"KV cache: {plan.kv_bytes_per_token / 1024:.0f} KiB per token ({plan.kv_bytes_per_token_per_rank / 1024:.0f} KiB per rank); "
-             f"{gib(plan.kv_bytes_for_batch)} for batch {plan.max_batch_size} x {plan.max_seq_len} tokens "
-             f"({gib(plan.kv_bytes_for_batch_per_rank)} per rank)",
-             "disk: " + ", ".join(f"{k} {gib(v)}" for k, v in plan.disk_bytes.items() if k != "note")]
+
+def _bytes(n: float) -> str:
+    """Bytes in the binary unit that fits: 12.55 GiB, 3.0 MiB, 512 B."""
+    for unit, scale in (("GiB", GiB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def render(plan: Plan) -> str:
+    lines = [f"{plan.architecture}: {_count(plan.parameters)} parameters, {_bytes(plan.weight_bytes)} of weights in "
+             f"{plan.dtype}",
+             f"tp={plan.tp} pp={plan.pp}: {_bytes(plan.weight_bytes_per_rank)} of weights per rank (largest rank)",
+             f"KV cache: {_bytes(plan.kv_bytes_per_token)} per token ({_bytes(plan.kv_bytes_per_token_per_rank)} per "
+             f"rank); {_bytes(plan.kv_bytes_for_batch)} for batch {plan.max_batch_size} x {plan.max_seq_len} tokens "
+             f"({_bytes(plan.kv_bytes_for_batch_per_rank)} per rank)",
+             "disk: " + ", ".join(f"{k} {_bytes(v)}" for k, v in plan.disk_bytes.items() if k != "note")]
     if plan.instance:
         verdict = "fits" if plan.fits else "does NOT fit"
-        lines.append(f"{plan.instance}: {verdict} ({gib(plan.needed_per_accelerator)} needed per accelerator of "
-                     f"{gib(plan.memory_per_accelerator)}); tp values that fit: {plan.fitting_tp or 'none'}")
+        lines.append(f"{plan.instance}: {verdict} ({_bytes(plan.needed_per_accelerator)} needed per accelerator of "
+                     f"{_bytes(plan.memory_per_accelerator)}); tp values that fit: {plan.fitting_tp or 'none'}")
     lines += [f"warning: {w}" for w in plan.warnings or []]
     return "\n".join(lines)
 

@@ -55,25 +55,38 @@ def _raw_header(path: Path) -> tuple[dict, int, int]:
     """(header JSON, file size, header length), with the checks that need no tensor bookkeeping."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise BadInput(f"{path}: truncated safetensors file ({size} bytes); download it again")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise BadInput(f"{path}: safetensors header length {n} overruns the file ({size} bytes); "
-                           f"the file is truncated or not safetensors, download it again")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise BadInput(f"{path}: safetensors header is not valid JSON; the file is corrupt, download it again") from None
+        def read(offset: int, length: int) -> bytes:
+            f.seek(offset)
+            return f.read(length)
+
+        return parse_raw_header(read, size, str(path))
+
+
+def parse_raw_header(read, size: int, where: str) -> tuple[dict, int, int]:
+    """The header of a safetensors file of `size` bytes, through `read(offset, length)`: local or ranged S3 reads."""
+    head = read(0, 8) if size >= 8 else b""
+    if len(head) < 8:
+        raise BadInput(f"{where}: truncated safetensors file ({size} bytes); download it again")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise BadInput(f"{where}: safetensors header length {n} overruns the file ({size} bytes); "
+                       f"the file is truncated or not safetensors, download it again")
+    try:
+        header = json.loads(read(8, n))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BadInput(f"{where}: safetensors header is not valid JSON; the file is corrupt, download it again") from None
     if not isinstance(header, dict):
-        raise BadInput(f"{path}: safetensors header is not a JSON object; the file is corrupt")
+        raise BadInput(f"{where}: safetensors header is not a JSON object; the file is corrupt")
     return header, size, n
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Parse and check a safetensors header: JSON valid, offsets contiguous, inside the file, sizes match."""
-    header, size, n = _raw_header(path)
+    return check_safetensors_header(*_raw_header(path), path)
+
+
+def check_safetensors_header(header: dict, size: int, n: int, path) -> dict[str, TensorInfo]:
+    """The tensors a raw header describes, refusing headers that lie about the file (`path` names it)."""
     data_len = size - 8 - n
     out: dict[str, TensorInfo] = {}
     spans = []

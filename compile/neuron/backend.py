@@ -19,7 +19,8 @@ from lmi_compile.model.architectures import resolve
 from lmi_compile.pipeline.diskspace import ensure_room
 from lmi_compile.errors import BadInput, STANDIN_MARK, LmiCompileError
 from lmi_compile.neuron.layout import FORMATS, write_layout
-from lmi_compile.pipeline.workdir import WorkDir, check_until, finish_layout, fresh_layout_staging
+from lmi_compile.model.limits import check_sequence_length
+from lmi_compile.pipeline.workdir import WorkDir, check_until, finish_layout, fresh_layout_staging, preflight_output
 from lmi_compile.remote.stages import fetch_stage, preflight_upload, push_stage
 
 log = logging.getLogger("lmi_compile")
@@ -66,11 +67,7 @@ def validate(job: NeuronJob, arch, config) -> None:
         raise BadInput(f"{where}: num_attention_heads {d.num_heads} is not divisible by --tp {job.tp}")
     if job.n_positions < 1:
         raise BadInput(f"--n-positions must be positive (got {job.n_positions})")
-    if job.n_positions > d.max_position_embeddings and not (job.allow_longer and config.rope_scaling):
-        why = "--allow-longer needs rope scaling in config.json to cover it" if job.allow_longer else \
-            "pass --allow-longer if the model's rope scaling covers it"
-        raise BadInput(f"{where}: --n-positions {job.n_positions} exceeds max_position_embeddings "
-                       f"{d.max_position_embeddings}; {why}")
+    check_sequence_length(config, d, job.n_positions, allow_longer=job.allow_longer, flag="--n-positions")
     for c in job.context_length_estimate:
         if not 0 < c <= job.n_positions:
             raise BadInput(f"--context-length-estimate {c} must be between 1 and --n-positions {job.n_positions}")
@@ -163,7 +160,13 @@ def run(job: NeuronJob, until: str = "layout") -> Path:
     if job.format not in FORMATS:
         raise BadInput(f"--format {job.format!r}; use one of {', '.join(FORMATS)}")
     check_until(until, STAGES, job.output)
+    preflight_output(job.output if until == "layout" else None, overwrite=job.overwrite)
     preflight_upload(job.upload)
+    with job.work.locked():
+        return _run(job, until)
+
+
+def _run(job: NeuronJob, until: str) -> Path:
     model = fetch_stage(job.model, job.work, revision=job.revision, token=job.token,
                         trust_remote_code=job.trust_remote_code)
     arch = resolve(model.config)

@@ -6,6 +6,7 @@ looks complete; a rerun with the same fingerprint skips the stage.
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -13,6 +14,8 @@ from pathlib import Path
 
 from lmi_compile import __version__
 from lmi_compile.errors import BadInput
+
+log = logging.getLogger("lmi_compile")
 
 STAGE_RECORD = ".lmi-compile-stage.json"
 
@@ -33,7 +36,10 @@ def read_record(folder: Path) -> dict | None:
 
 def is_done(folder: Path, stage: str, fp: str) -> bool:
     rec = read_record(folder)
-    return bool(rec) and rec.get("stage") == stage and rec.get("fingerprint") == fp
+    done = bool(rec) and rec.get("stage") == stage and rec.get("fingerprint") == fp
+    log.debug("%s: %s %s (fingerprint %s, recorded %s)", stage, folder, "is up to date" if done else "must run", fp,
+              (rec or {}).get("fingerprint"))
+    return done
 
 
 def write_json_atomic(path: Path, data, *, indent: int | None = 2) -> None:
@@ -82,6 +88,7 @@ def open_staging(final: Path, fp: str) -> Path:
         same = json.loads((staging / PARTIAL_RECORD).read_text()).get("fingerprint") == fp
     except (OSError, ValueError):
         same = False
+    log.debug("staging %s: %s", staging, "resuming" if same else "starting clean")
     if not same:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)

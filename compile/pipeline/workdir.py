@@ -1,11 +1,15 @@
 """The work directory every pipeline writes its stage folders into, and the stage-row rules both backends share."""
 
+import contextlib
+import fcntl
 import logging
 import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from lmi_compile.errors import BadInput, LmiCompileError
 
 log = logging.getLogger("lmi_compile")
 
@@ -20,6 +24,55 @@ class WorkDir:
     """The row of stage folders a pipeline writes; its layout shows the pipeline."""
 
     root: Path
+
+    LOCK = ".lmi-compile.lock"
+
+    def __post_init__(self):
+        # Absolute from the start: every stage folder derived from it is handed to subprocesses that may
+        # run in another current folder (trtllm-build runs in its output folder).
+        self.root = Path(os.path.abspath(Path(self.root).expanduser()))
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the work dir for one run: refuse a file in its place, and a second run on it at the same time.
+
+        A work dir this run created and left empty (a failure before any stage finished) is removed."""
+        if self.root.exists() and not self.root.is_dir():
+            raise BadInput(f"{self.root}: --work-dir is a file; give a folder (it is created when missing)")
+        # The outermost folder this run creates (the default's lmi-compile-work/ too), to remove if left empty.
+        created = None
+        for folder in (self.root, *self.root.parents):
+            if folder.exists():
+                break
+            created = folder
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadInput(f"{self.root}: cannot create the work dir ({e.strerror}); choose a writable --work-dir") from None
+        lock_path = self.root / self.LOCK
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+                raise LmiCompileError(f"{self.root}: work dir is in use by process {holder}; wait for it to finish "
+                                      f"or give another --work-dir") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            log.debug("work dir %s locked by process %d", self.root, os.getpid())
+            yield self
+        finally:
+            if created and {p.name for p in self.root.iterdir()} <= {self.LOCK}:
+                (self.root / self.LOCK).unlink(missing_ok=True)
+                for folder in (self.root, *self.root.parents):
+                    try:
+                        folder.rmdir()  # only empty folders go
+                    except OSError:
+                        break
+                    if folder == created:
+                        break
+            os.close(fd)
 
     @property
     def source(self) -> Path:
@@ -48,12 +101,24 @@ class WorkDir:
 
 def check_until(until: str, stages: tuple[str, ...], output) -> None:
     """--until names one of the backend's stages; the last stage (layout) needs --output."""
-    from lmi_compile.errors import BadInput
-
     if until not in stages:
         raise BadInput(f"--until {until!r} is not a stage; use one of {', '.join(stages)}")
     if until == stages[-1] and output is None:
         raise BadInput(f"--output is required to lay out the artifacts (or stop earlier with --until {stages[-2]})")
+
+
+def preflight_output(out: Path | None, *, overwrite: bool) -> None:
+    """Before any heavy stage: the output can be written, so a bad --output costs seconds, not a compile."""
+    from lmi_compile.pipeline import stages
+
+    if out is None:
+        return
+    stages.claim_output(out, "layout", overwrite=overwrite)
+    parent = stages.existing_parent(out)
+    if not parent.is_dir():
+        raise BadInput(f"{out}: {parent} is a file, not a folder; choose another --output")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"{out}: {parent} is not writable; choose another --output")
 
 
 def place(src: Path, dst: Path) -> None:

@@ -25,7 +25,7 @@ class ModelSource:
 
 
 def parse_source(model: str, revision: str | None = None) -> ModelSource:
-    """Classify MODEL: s3://..., an existing (or path-looking) local folder, else a Hub repo id."""
+    """Classify MODEL: s3://..., a local folder (or anything that looks like a path), else a Hub repo id."""
     if model.startswith("s3://"):
         from lmi_compile.remote.s3 import parse_s3_uri
 
@@ -33,12 +33,23 @@ def parse_source(model: str, revision: str | None = None) -> ModelSource:
     if "://" in model:
         raise BadInput(f"{model}: unsupported URI scheme; use a Hub repo id, s3://bucket/prefix/ or a local folder")
     p = Path(model).expanduser()
-    if p.exists() or model.startswith((".", "/", "~")):
+    if p.exists():
+        if not p.is_dir():
+            raise BadInput(f"{model}: is a file, not a folder; give the model folder that holds config.json")
         return ModelSource("local", str(p))
+    if _looks_like_path(model):
+        raise BadInput(f"{model}: no local folder named {model} (looked from {Path.cwd()}); check the path")
     from lmi_compile.remote.hub import check_repo_id
 
     check_repo_id(model)
     return ModelSource("hub", model, revision)
+
+
+def _looks_like_path(model: str) -> bool:
+    """A Hub id is `org/name`; anything with a path's marks, or whose first part is a local folder, is a path."""
+    parts = model.replace("\\", "/").split("/")
+    return (model.startswith((".", "/", "~")) or "\\" in model or len(parts) > 2
+            or (len(parts) == 2 and Path(parts[0]).is_dir()))
 
 
 def fetch(source: ModelSource, output: Path | None, *, token: str | None = None,
@@ -58,23 +69,33 @@ def fetch(source: ModelSource, output: Path | None, *, token: str | None = None,
     staging = stages.staging_dir(output)
     staging.mkdir(parents=True, exist_ok=True)
     try:
-        if source.kind == "hub":
-            from lmi_compile.remote.hub import fetch_hub
-
-            resolved = fetch_hub(source.location, staging, revision=source.revision, token=token,
-                                 trust_remote_code=trust_remote_code)
-            shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's resume metadata
-        else:
-            resolved = _fetch_s3(source.location, staging, trust_remote_code=trust_remote_code)
-        validate_model_dir(staging, trust_remote_code=trust_remote_code).checkpoint.close()
+        resolved = _download(source, staging, token=token, trust_remote_code=trust_remote_code)
     except BadInput:
-        # Bad input will not get better on a rerun: leave nothing behind. Other failures keep the
-        # partial folder so a rerun resumes the download.
+        # Bad input will not get better on a rerun: leave nothing behind.
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+    except BaseException:
+        # Other failures keep what was downloaded so a rerun resumes; an empty folder helps nobody.
+        if not any(p.is_file() for p in staging.rglob("*")):
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     stages.finish(staging, output, "fetch", fp, source=source.describe(), resolved=resolved)
     log.info("fetch: %s -> %s", source.describe(), output)
     return validate_model_dir(output, trust_remote_code=trust_remote_code)
+
+
+def _download(source: ModelSource, staging: Path, *, token, trust_remote_code) -> str:
+    """Download into `staging` and validate it there; return what the source resolved to."""
+    if source.kind == "hub":
+        from lmi_compile.remote.hub import fetch_hub
+
+        resolved = fetch_hub(source.location, staging, revision=source.revision, token=token,
+                             trust_remote_code=trust_remote_code)
+        shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's resume metadata
+    else:
+        resolved = _fetch_s3(source.location, staging, trust_remote_code=trust_remote_code)
+    validate_model_dir(staging, trust_remote_code=trust_remote_code).checkpoint.close()
+    return resolved
 
 
 def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool) -> str:

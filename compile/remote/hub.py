@@ -32,7 +32,8 @@ def translate_error(e: Exception, repo_id: str, revision: str | None) -> LmiComp
         return BadInput(f"{repo_id}: revision {revision!r} does not exist; check --revision")
     if isinstance(e, RepositoryNotFoundError):
         return BadInput(f"{repo_id}: repository not found or not accessible with the given token "
-                        f"(HTTP {getattr(e.response, 'status_code', '?')}); check the id, or pass --token / set HF_TOKEN")
+                        f"(HTTP {getattr(e.response, 'status_code', '?')}) and no local folder has that name; check the id, "
+                        f"or pass --token / set HF_TOKEN")
     if isinstance(e, HfHubHTTPError):
         status = getattr(getattr(e, "response", None), "status_code", "?")
         if status in (401, 403):

@@ -212,9 +212,17 @@ def content_id(root: Path, files: list[LocalFile]) -> str:
     return stages.fingerprint(files=[(f.rel, f.size, f.path.stat().st_mtime_ns) for f in files])
 
 
+@dataclass(frozen=True)
+class Pushed:
+    """What a push did: objects in the published tree, and how many of them went up this time."""
+
+    objects: int
+    uploaded: int
+
+
 def push(root: Path, uri_text: str, *, overwrite: bool = False, delete_local: bool = False,
-         concurrency: int | None = None, part_size: int | None = None, client=None) -> dict:
-    """Publish `root` to `uri_text`; return the manifest written."""
+         concurrency: int | None = None, part_size: int | None = None, client=None) -> Pushed:
+    """Publish `root` to `uri_text`, verified."""
     root = Path(root)
     uri = parse_s3_uri(uri_text)
     if not uri.prefix:
@@ -231,7 +239,7 @@ def push(root: Path, uri_text: str, *, overwrite: bool = False, delete_local: bo
     if manifest and manifest.get("content_id") == cid and all(
             existing.get(f.rel) == f.size for f in files):
         log.info("push: %s already holds this exact upload (manifest matches); nothing to do", uri)
-        return manifest
+        return Pushed(objects=len(files), uploaded=0)
     foreign = {k for k in existing if k not in (MANIFEST_KEY, MARKER_KEY)}
     resuming = bool(marker) and marker.get("content_id") == cid
     if foreign and not resuming and not overwrite:
@@ -315,7 +323,7 @@ def push(root: Path, uri_text: str, *, overwrite: bool = False, delete_local: bo
     if delete_local:
         shutil.rmtree(root)
         log.info("push: deleted local %s after verification (--delete-local)", root)
-    return manifest
+    return Pushed(objects=len(files), uploaded=len(todo))
 
 
 def verify(pub: Publisher, files: list[LocalFile], entries: dict) -> None:

@@ -15,7 +15,8 @@ from lmi_compile.model.architectures import resolve
 from lmi_compile.pipeline.diskspace import ensure_room, tree_bytes
 from lmi_compile.errors import BadInput
 from lmi_compile.trtllm.layout import DEFAULT_ENGINE_PATH, LAYOUTS, serving_properties, write_layout
-from lmi_compile.pipeline.workdir import WorkDir, check_until, finish_layout, fresh_layout_staging
+from lmi_compile.model.limits import check_sequence_length
+from lmi_compile.pipeline.workdir import WorkDir, check_until, finish_layout, fresh_layout_staging, preflight_output
 from lmi_compile.remote.stages import fetch_stage, preflight_upload, push_stage
 from lmi_compile.trtllm.build import BuildOptions, build_engines, find_trtllm_build
 
@@ -39,6 +40,7 @@ class TrtllmJob:
     trtllm_build: str | None = None
     layout: str = "triton"
     engine_path: str = DEFAULT_ENGINE_PATH
+    allow_longer: bool = False
     upload: str | None = None
     revision: str | None = None
     token: str | None = None
@@ -67,7 +69,7 @@ def convert_stage(job: TrtllmJob, model) -> tuple[Path, str]:
     ensure_room(final, model.checkpoint.total_bytes + (emb.nbytes * job.tp * job.pp if emb else 0), "convert")
     cfg = convert(arch, model.config, model.checkpoint, staging, opts)
     stages.finish(staging, final, "convert", fp, tp=job.tp, pp=job.pp, dtype=cfg["dtype"])
-    log.info("convert: wrote %d rank file(s) to %s", job.tp * job.pp, final)
+    log.info("convert: %d rank file(s) ready in %s", job.tp * job.pp, final)
     return final, fp
 
 
@@ -82,7 +84,11 @@ def build_stage(job: TrtllmJob, tool, ckpt: Path, ckpt_fp: str) -> tuple[Path, d
     staging = stages.staging_dir(final)
     shutil.rmtree(staging, ignore_errors=True)  # a half-built engine folder is never reused
     ensure_room(final, tree_bytes(ckpt), "build")  # engines are about the size of the checkpoint
-    facts = build_engines(tool, ckpt, staging, job.build, job.work.logs)
+    try:
+        facts = build_engines(tool, ckpt, staging, job.build, job.work.logs)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing of a failed build is reused: leave nothing behind
+        raise
     stages.finish(staging, final, "build", fp, build=facts)
     return final, facts
 
@@ -115,14 +121,22 @@ def run(job: TrtllmJob, until: str = "layout") -> Path:
     if b.seq_len <= b.max_input_len:
         raise BadInput(f"--max-seq-len {b.seq_len} must exceed --max-input-len {b.max_input_len} (it counts the "
                        f"prompt and the output)")
-    # Pre-flight before any heavy work: the toolchain is there, or we stop now, not after the download.
+    # Pre-flight before any heavy work: output, upload and toolchain are checked now, not after the download.
+    preflight_output(job.output if until == "layout" else None, overwrite=job.overwrite)
     preflight_upload(job.upload)
     tool = find_trtllm_build(job.trtllm_build) if wants_build else None
     if tool and not tool.gpus:
         log.warning("build: nvidia-smi sees no GPU; trtllm-build needs one of the architecture you will serve on")
+    with job.work.locked():
+        return _run(job, until, tool)
+
+
+def _run(job: TrtllmJob, until: str, tool) -> Path:
     model = fetch_stage(job.model, job.work, revision=job.revision, token=job.token,
                         trust_remote_code=job.trust_remote_code)
-    resolve(model.config)  # unsupported architectures fail here
+    arch = resolve(model.config)  # unsupported architectures fail here
+    check_sequence_length(model.config, arch.dims, job.build.seq_len, allow_longer=job.allow_longer,
+                          flag="--max-seq-len (prompt plus output)")
     if until == "fetch":
         return model.root
     ckpt, ckpt_fp = convert_stage(job, model)

@@ -60,7 +60,7 @@ class SeaweedFS:
         self._ports = free_ports(10)
         return self._launch(timeout)
 
-    def restart(self, timeout: float = 30.0) -> "SeaweedFS":
+    def restart(self, timeout: float = 60.0) -> "SeaweedFS":
         """Start again on the same ports and data folder (after stop())."""
         return self._launch(timeout)
 
