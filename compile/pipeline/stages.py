@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lmi_compile import __version__
 from lmi_compile.errors import BadInput
+from lmi_compile.pipeline import testhooks
 
 STAGE_RECORD = ".lmi-compile-stage.json"
 
@@ -117,6 +118,7 @@ def finish(staging: Path, final: Path, stage: str, fp: str, **info) -> Path:
     write_json_atomic(staging / STAGE_RECORD, {"stage": stage, "fingerprint": fp, "tool_version": __version__,
                                                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                                 **info})
+    testhooks.pause("stage-rename")
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
