@@ -144,19 +144,50 @@ def test_resume_after_kill_uploads_only_the_rest(s3_env, s3_client, s3_prefix, t
     assert open_uploads(s3_client, s3_prefix) == []  # the killed run's unfinished multipart upload was aborted
 
 
+def _b64sha(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
 def test_resume_does_not_trust_size_alone(s3_env, s3_client, s3_prefix, tmp_path):
     tree = make_tree(tmp_path / "art", big=1, big_mib=6)
+    # content_id() takes the stage record's fingerprint: the marker below is this literal, not computed by push
+    (tree / ".lmi-compile-stage.json").write_text(json.dumps({"stage": "layout", "fingerprint": "cid-issue-18"}))
     push(tree, s3_prefix, part_size=5 * MIB)
-    # same size, different bytes on the server, and a run that never finished (marker, no manifest)
     u = parse_s3_uri(s3_prefix)
+    # a run that never finished (marker, no manifest) left same-size objects holding other bytes:
     s3_client.delete_object(Bucket=u.bucket, Key=u.key(MANIFEST_KEY))
-    rel = "tensorrt_llm/1/rank0.engine"
-    s3_client.put_object(Bucket=u.bucket, Key=u.key(rel), Body=os.urandom((tree / rel).stat().st_size))
-    marker_cid = json.dumps({"content_id": __import__("lmi_compile.remote.publish", fromlist=["x"]).content_id(
-        tree, __import__("lmi_compile.remote.publish", fromlist=["x"]).local_files(tree))})
-    s3_client.put_object(Bucket=u.bucket, Key=u.key(MARKER_KEY), Body=marker_cid.encode())
-    push(tree, s3_prefix, part_size=5 * MIB)
-    assert remote_tree(s3_client, s3_prefix)[rel] == local_tree(tree)[rel]
+    s3_client.put_object(Bucket=u.bucket, Key=u.key(MARKER_KEY), Body=json.dumps({"content_id": "cid-issue-18"}).encode())
+    rnd = __import__("random").Random(18)
+    big, small, bare = "tensorrt_llm/1/rank0.engine", "tensorrt_llm/file0.json", "serving.properties"
+    # - multipart, with valid SHA256 checksums of ITS bytes (composite, as push's own uploads are)
+    other = rnd.randbytes((tree / big).stat().st_size)
+    up = s3_client.create_multipart_upload(Bucket=u.bucket, Key=u.key(big), ChecksumAlgorithm="SHA256")
+    parts = []
+    for i, off in enumerate(range(0, len(other), 5 * MIB)):
+        chunk = other[off:off + 5 * MIB]
+        r = s3_client.upload_part(Bucket=u.bucket, Key=u.key(big), UploadId=up["UploadId"], PartNumber=i + 1,
+                                  Body=chunk, ChecksumSHA256=_b64sha(chunk))
+        parts.append({"PartNumber": i + 1, "ETag": r["ETag"], "ChecksumSHA256": _b64sha(chunk)})
+    s3_client.complete_multipart_upload(Bucket=u.bucket, Key=u.key(big), UploadId=up["UploadId"],
+                                        MultipartUpload={"Parts": parts})
+    # - single part, with a valid SHA256 checksum of its bytes
+    other_small = (tree / small).read_bytes().replace(b"0", b"9")
+    s3_client.put_object(Bucket=u.bucket, Key=u.key(small), Body=other_small, ChecksumSHA256=_b64sha(other_small))
+    # - without any checksum
+    s3_client.put_object(Bucket=u.bucket, Key=u.key(bare), Body=b"X" * (tree / bare).stat().st_size)
+    heads = {rel: s3_client.head_object(Bucket=u.bucket, Key=u.key(rel), ChecksumMode="ENABLED")
+             for rel in (big, small, bare)}
+    assert heads[big]["ChecksumSHA256"].endswith("-2") and heads[small]["ChecksumSHA256"] == _b64sha(other_small)
+    assert "ChecksumSHA256" not in heads[bare]
+    assert all(heads[rel]["ContentLength"] == (tree / rel).stat().st_size for rel in heads)
+
+    manifest = push(tree, s3_prefix, part_size=5 * MIB)
+    remote = remote_tree(s3_client, s3_prefix)
+    for rel in (big, small, bare):
+        assert remote[rel] == local_tree(tree)[rel], f"{rel}: kept on size alone"
+    assert manifest["objects"][small]["checksum_sha256"] == _b64sha((tree / small).read_bytes())
 
 
 def test_overwrite_refusal_and_replacement(s3_env, s3_client, s3_prefix, tmp_path):
