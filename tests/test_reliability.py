@@ -216,3 +216,25 @@ def test_enospc_mid_write_leaves_no_file(small_fs):
             w.write("a", torch.zeros(2 * MIB))
     assert e.value.errno == 28  # ENOSPC
     assert list(small_fs.iterdir()) == []  # neither the file nor its temporary remains
+
+
+def test_kill_between_stage_record_and_rename(model_factory, tmp_path):
+    """SIGKILL after the stage record is written, before the folder is renamed: the staging folder already
+    holds the complete record (so the record can never be missing from a renamed folder), nothing sits
+    under the final name, and the rerun completes."""
+    import json
+
+    model, work = model_factory(), tmp_path / "w"
+    args = ("trtllm", model, "--tp", "2", "--work-dir", work, "--until", "convert")
+    run = PausedCli(*args, point="stage-rename", tmp_path=tmp_path)
+    staging = work / ".checkpoint.partial"
+    record = json.loads((staging / ".lmi-compile-stage.json").read_text())
+    assert record["stage"] == "convert" and record["tp"] == 2 and len(record["fingerprint"]) == 32
+    assert {"config.json", "rank0.safetensors", "rank1.safetensors"} <= {p.name for p in staging.iterdir()}
+    assert not (work / "checkpoint").exists()
+    run.signal(signal.SIGKILL)
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    final = json.loads((work / "checkpoint" / ".lmi-compile-stage.json").read_text())
+    assert final["fingerprint"] == record["fingerprint"]
+    assert not staging.exists()
