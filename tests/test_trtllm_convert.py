@@ -61,9 +61,9 @@ def test_logits_match_hf(model_factory, tmp_path, family, tp, pp):
     dict(spec=dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}), opts=dict(tp=2)),
     dict(spec=dict(rope_scaling={"type": "linear", "factor": 2.0}), opts=dict(tp=2)),
-    # max_position_embeddings 8 < the 12-token INPUT: HF rescales the rope base, so a converter that drops
+    # max_position_embeddings 4 < the 12-token INPUT: HF rescales the rope base, so a converter that drops
     # the dynamic scaling (or a reference that ignores it) cannot match
-    dict(spec=dict(rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=8), opts=dict(tp=2)),
+    dict(spec=dict(rope_scaling={"type": "dynamic", "factor": 4.0}, max_position_embeddings=4), opts=dict(tp=2)),
     dict(spec={}, opts=dict(tp=4, parallel_embedding=True, embedding_sharding_dim=0)),
     dict(spec={}, opts=dict(tp=2, parallel_embedding=True, embedding_sharding_dim=1)),
     dict(spec={}, fmt="bin", opts=dict(tp=2, pp=2)),
