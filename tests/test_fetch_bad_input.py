@@ -194,9 +194,9 @@ def test_pickle_with_code_is_refused(model_copy, tmp_path):
     torch.save({"model.embed_tokens.weight": Evil()}, m / "pytorch_model.bin", pickle_module=pickle)
     # torch >= 2.6 defaults to weights_only=True, LMI containers ship older torch: make the default unsafe, as
     # there, so only an explicit weights_only=True in lmi-compile keeps the pickle from running
-    assert_bad(run_cli("fetch", m, env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}), "pytorch_model.bin", "refused",
-               "safetensors")
-    assert not marker.exists()
+    proc = run_cli("fetch", m, env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
+    assert not marker.exists(), "the pickle ran code"
+    assert_bad(proc, "pytorch_model.bin", "refused", "safetensors")
 
 
 def test_custom_code_via_auto_map(model_copy):
