@@ -2,12 +2,8 @@
 
 import hashlib
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
