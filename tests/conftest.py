@@ -144,3 +144,43 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert len(lines) == 1, f"expected one error line, got: {proc.stderr[-2000:]}"
     return lines[0]
+
+
+class PausedCli:
+    """The CLI started with the TEST-ONLY pause hook (compile/pipeline/testhooks.py) and held at `point`:
+    a signal or kill sent now lands at a moment the work cannot have finished."""
+
+    def __init__(self, *args, point: str, tmp_path: Path, env: dict | None = None, pause_s: int = 30,
+                 timeout: float = 120):
+        import time
+
+        self.ready = tmp_path / f"paused-{point.replace('#', '-')}"
+        self.ready.unlink(missing_ok=True)
+        self.err_path = tmp_path / f"stderr-{point.replace('#', '-')}"
+        full_env = {**os.environ, **(env or {}), "LMI_COMPILE_TEST_PAUSE_AT": point,
+                    "LMI_COMPILE_TEST_PAUSE_READY": str(self.ready), "LMI_COMPILE_TEST_PAUSE_S": str(pause_s)}
+        with open(self.err_path, "w") as err:  # a file, not a pipe: a full pipe would block the process elsewhere
+            self.proc = subprocess.Popen([sys.executable, "-m", "lmi_compile", *map(str, args)], env=full_env,
+                                         stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + timeout
+        while not self.ready.exists():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"exited {self.proc.returncode} without reaching {point}: {self.stderr()[-2000:]}")
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"did not reach {point} within {timeout}s")
+            time.sleep(0.01)
+
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+    def signal(self, signum: int, within: float = 20) -> tuple[int, str]:
+        """Send `signum`; the process must end within `within` seconds (it stays paused if it ignores it)."""
+        self.proc.send_signal(signum)
+        try:
+            rc = self.proc.wait(timeout=within)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"still running {within}s after signal {signum}: the signal was not acted on")
+        return rc, self.stderr()

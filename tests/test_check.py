@@ -134,11 +134,35 @@ def test_s3_upload_complete_and_incomplete(s3_env, s3_client, s3_prefix, triton_
     assert any("incomplete upload" in p for p in r["problems"])
 
 
-def test_s3_hf_model_without_weights_downloads_nothing_big(s3_client, s3_prefix, model_factory):
-    upload_folder(s3_client, model_factory(shards=2), s3_prefix)
-    proc = run_cli("check", s3_prefix)
-    assert proc.returncode == 0, proc.stderr
-    assert "HuggingFace pretrained" in proc.stdout and "loadable" in proc.stdout
+def test_s3_check_reads_no_weights(s3_env, s3_client, s3_prefix, model_factory, monkeypatch):
+    """check in-process, on a real client whose events count every GET: what it read, and how many bytes."""
+    import lmi_compile.remote.s3 as s3
+    from lmi_compile.lmi.check import check, render
+
+    model = model_factory(shards=2)
+    upload_folder(s3_client, model, s3_prefix)
+    got: dict[str, int] = {}
+    real = s3.make_client
+
+    def counting_client(*a, **kw):
+        client = real(*a, **kw)
+        keys = []
+        client.meta.events.register("provide-client-params.s3.GetObject",
+                                    lambda params, **_: keys.append(params["Key"]))
+        client.meta.events.register("after-call.s3.GetObject", lambda parsed, **_: got.__setitem__(
+            keys[-1], got.get(keys[-1], 0) + parsed["ContentLength"]))
+        return client
+
+    monkeypatch.setattr(s3, "make_client", counting_client)
+    report = check(s3_prefix)
+    assert report.layout == "hf-pretrained" and report.loadable, report.problems
+    assert "HuggingFace pretrained" in render(report)
+    prefix = s3_prefix.split("models/", 1)[1]
+    read = {k[len(prefix):]: n for k, n in got.items()}
+    weights = {p.name for p in model.glob("*.safetensors")}
+    assert read and not set(read) & weights, read
+    assert set(read) <= {"config.json", "model.safetensors.index.json"}, read  # small files only
+    assert sum(read.values()) < min((model / w).stat().st_size for w in weights)
 
 
 def test_unrecognized_folder(tmp_path):

@@ -139,11 +139,19 @@ def test_rerun_skips_and_changed_settings_recompile(model_factory, tmp_path):
     assert compile_neuron(model, tmp_path, "--n-positions", "128").returncode == 0
     split_file = next((tmp_path / "work" / "split" / "pytorch_model.bin").glob("p0.*"))
     mtime = split_file.stat().st_mtime_ns
+    compiled = tmp_path / "work" / "compiled"
+    graphs_128 = sorted(p.name for p in compiled.glob("*.neff"))
     again = compile_neuron(model, tmp_path, "--n-positions", "256")
     assert again.returncode == 0, again.stderr
     assert "split: " in again.stderr and "skipping" in again.stderr
     assert split_file.stat().st_mtime_ns == mtime
     assert props(tmp_path / "out" / "serving.properties")["option.n_positions"] == "256"
+    # the compile stage itself was redone: its record and its graphs (named by a hash of the settings)
+    record = json.loads((compiled / ".lmi-compile-stage.json").read_text())
+    assert record["stage"] == "compile" and record["compile"]["settings"]["n_positions"] == 256
+    graphs_256 = sorted(p.name for p in compiled.glob("*.neff"))
+    assert graphs_256 and not set(graphs_256) & set(graphs_128)
+    assert sorted(p.name for p in (tmp_path / "out" / "compiled").glob("*.neff")) == graphs_256
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -166,6 +174,11 @@ def test_allow_longer_with_rope_scaling(model_factory, tmp_path):
     model = model_factory(rope_scaling={"type": "linear", "factor": 4.0}, max_position_embeddings=512)
     proc = compile_neuron(model, tmp_path, "--n-positions", "1024", "--allow-longer")
     assert proc.returncode == 0, proc.stderr
+    # compiled for 1024 positions, beyond max_position_embeddings 512, and served with that setting
+    record = json.loads((tmp_path / "work" / "compiled" / ".lmi-compile-stage.json").read_text())
+    assert record["compile"]["settings"]["n_positions"] == 1024
+    assert props(tmp_path / "out" / "serving.properties")["option.n_positions"] == "1024"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["neuron"]["sequence_length"] == 1024
 
 
 def test_compile_failure_leaves_no_output(model_factory, tmp_path):

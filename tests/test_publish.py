@@ -2,15 +2,12 @@
 
 import hashlib
 import json
-import os
+import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import error_line, run_cli
+from conftest import PausedCli, error_line, run_cli
 
 from lmi_compile.errors import LmiCompileError
 from lmi_compile.remote.publish import MANIFEST_KEY, MARKER_KEY, push
@@ -105,8 +102,11 @@ def test_injected_failure_aborts_multipart_and_leaves_incomplete_marker(s3_env, 
     tree = make_tree(tmp_path / "art")
     with pytest.raises(LmiCompileError) as e:
         push(tree, s3_prefix, part_size=5 * MIB, concurrency=2, client=client, delete_local=True)
-    assert "push incomplete" in str(e.value) or "push to" in str(e.value)
-    assert "rerun to resume" in str(e.value)
+    # one message: the object and the cause, what is and is not uploaded, the parts aborted, how to go on
+    assert re.fullmatch(re.escape(s3_prefix) + r"tensorrt_llm/1/rank[01]\.engine: S3 request failed "
+                        r"\(ConnectionResetError: injected: connection dropped\); push incomplete: [0-5] of 6 "
+                        r"objects are uploaded; not uploaded: .*tensorrt_llm/1/rank[01]\.engine.*; aborted [12] "
+                        r"unfinished multipart upload\(s\); rerun to resume", str(e.value)), str(e.value)
     assert open_uploads(make_client(), s3_prefix) == []  # no orphan parts billed to the user
     remote = remote_tree(make_client(), s3_prefix)
     assert MANIFEST_KEY not in remote and MARKER_KEY in remote
@@ -119,44 +119,67 @@ def test_injected_failure_aborts_multipart_and_leaves_incomplete_marker(s3_env, 
 
 
 def test_resume_after_kill_uploads_only_the_rest(s3_env, s3_client, s3_prefix, tmp_path):
-    tree = make_tree(tmp_path / "art", big=12, big_mib=16)
-    cmd = [sys.executable, "-m", "lmi_compile", "push", str(tree), s3_prefix, "--concurrency", "1",
-           "--part-size-mb", "8"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tree = make_tree(tmp_path / "art", big=4, big_mib=6)  # 2 parts of 5 MiB each, sent one at a time
+    args = ("push", tree, s3_prefix, "--concurrency", "1", "--part-size-mb", "5")
+    # held before part 5: the first part of the third engine, two engines complete; then SIGKILL
+    PausedCli(*args, point="push-part#5", tmp_path=tmp_path).signal(signal.SIGKILL)
     u = parse_s3_uri(s3_prefix)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=u.bucket, Prefix=u.prefix).get("Contents", [])]
-        if sum(k.endswith(".engine") for k in keys) >= 2:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=u.bucket, Prefix=u.prefix).get("Contents", [])]
-    assert u.key(MANIFEST_KEY) not in keys, "the push finished before it was killed; make the tree bigger"
-    done_before = sum(k.endswith(".engine") for k in keys)
-    again = run_cli("push", tree, s3_prefix, "--concurrency", "1", "--part-size-mb", "8")
+    assert u.key(MANIFEST_KEY) not in keys and u.key(MARKER_KEY) in keys
+    assert sum(k.endswith(".engine") for k in keys) == 2
+    assert len(open_uploads(s3_client, s3_prefix)) == 1  # the third engine's multipart upload, left open
+    again = run_cli(*args)
     assert again.returncode == 0, again.stderr
-    # every engine finished before the kill is kept (plus the small files uploaded after it)
-    kept = int(again.stderr.split(" object(s) already uploaded with matching checksums, kept")[0].split()[-1])
-    assert kept >= done_before >= 2
+    assert "push: 2 object(s) already uploaded with matching checksums, kept" in again.stderr
+    assert "aborted 1 multipart upload(s) left by an interrupted run" in again.stderr
     assert {k: v for k, v in remote_tree(s3_client, s3_prefix).items() if k != MANIFEST_KEY} == local_tree(tree)
-    assert open_uploads(s3_client, s3_prefix) == []  # the killed run's unfinished multipart upload was aborted
+    assert open_uploads(s3_client, s3_prefix) == []
+
+
+def _b64sha(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
 
 
 def test_resume_does_not_trust_size_alone(s3_env, s3_client, s3_prefix, tmp_path):
     tree = make_tree(tmp_path / "art", big=1, big_mib=6)
+    # content_id() takes the stage record's fingerprint: the marker below is this literal, not computed by push
+    (tree / ".lmi-compile-stage.json").write_text(json.dumps({"stage": "layout", "fingerprint": "cid-issue-18"}))
     push(tree, s3_prefix, part_size=5 * MIB)
-    # same size, different bytes on the server, and a run that never finished (marker, no manifest)
     u = parse_s3_uri(s3_prefix)
+    # a run that never finished (marker, no manifest) left same-size objects holding other bytes:
     s3_client.delete_object(Bucket=u.bucket, Key=u.key(MANIFEST_KEY))
-    rel = "tensorrt_llm/1/rank0.engine"
-    s3_client.put_object(Bucket=u.bucket, Key=u.key(rel), Body=os.urandom((tree / rel).stat().st_size))
-    marker_cid = json.dumps({"content_id": __import__("lmi_compile.remote.publish", fromlist=["x"]).content_id(
-        tree, __import__("lmi_compile.remote.publish", fromlist=["x"]).local_files(tree))})
-    s3_client.put_object(Bucket=u.bucket, Key=u.key(MARKER_KEY), Body=marker_cid.encode())
-    push(tree, s3_prefix, part_size=5 * MIB)
-    assert remote_tree(s3_client, s3_prefix)[rel] == local_tree(tree)[rel]
+    s3_client.put_object(Bucket=u.bucket, Key=u.key(MARKER_KEY), Body=json.dumps({"content_id": "cid-issue-18"}).encode())
+    rnd = __import__("random").Random(18)
+    big, small, bare = "tensorrt_llm/1/rank0.engine", "tensorrt_llm/file0.json", "serving.properties"
+    # - multipart, with valid SHA256 checksums of ITS bytes (composite, as push's own uploads are)
+    other = rnd.randbytes((tree / big).stat().st_size)
+    up = s3_client.create_multipart_upload(Bucket=u.bucket, Key=u.key(big), ChecksumAlgorithm="SHA256")
+    parts = []
+    for i, off in enumerate(range(0, len(other), 5 * MIB)):
+        chunk = other[off:off + 5 * MIB]
+        r = s3_client.upload_part(Bucket=u.bucket, Key=u.key(big), UploadId=up["UploadId"], PartNumber=i + 1,
+                                  Body=chunk, ChecksumSHA256=_b64sha(chunk))
+        parts.append({"PartNumber": i + 1, "ETag": r["ETag"], "ChecksumSHA256": _b64sha(chunk)})
+    s3_client.complete_multipart_upload(Bucket=u.bucket, Key=u.key(big), UploadId=up["UploadId"],
+                                        MultipartUpload={"Parts": parts})
+    # - single part, with a valid SHA256 checksum of its bytes
+    other_small = (tree / small).read_bytes().replace(b"0", b"9")
+    s3_client.put_object(Bucket=u.bucket, Key=u.key(small), Body=other_small, ChecksumSHA256=_b64sha(other_small))
+    # - without any checksum
+    s3_client.put_object(Bucket=u.bucket, Key=u.key(bare), Body=b"X" * (tree / bare).stat().st_size)
+    heads = {rel: s3_client.head_object(Bucket=u.bucket, Key=u.key(rel), ChecksumMode="ENABLED")
+             for rel in (big, small, bare)}
+    assert heads[big]["ChecksumSHA256"].endswith("-2") and heads[small]["ChecksumSHA256"] == _b64sha(other_small)
+    assert "ChecksumSHA256" not in heads[bare]
+    assert all(heads[rel]["ContentLength"] == (tree / rel).stat().st_size for rel in heads)
+
+    manifest = push(tree, s3_prefix, part_size=5 * MIB)
+    remote = remote_tree(s3_client, s3_prefix)
+    for rel in (big, small, bare):
+        assert remote[rel] == local_tree(tree)[rel], f"{rel}: kept on size alone"
+    assert manifest["objects"][small]["checksum_sha256"] == _b64sha((tree / small).read_bytes())
 
 
 def test_overwrite_refusal_and_replacement(s3_env, s3_client, s3_prefix, tmp_path):
@@ -172,11 +195,48 @@ def test_overwrite_refusal_and_replacement(s3_env, s3_client, s3_prefix, tmp_pat
     assert {k: v for k, v in remote_tree(s3_client, s3_prefix).items() if k != MANIFEST_KEY} == local_tree(second)
 
 
-def test_delete_local_after_verification(s3_env, s3_prefix, tmp_path):
+def test_delete_local_after_verification(s3_env, s3_client, s3_prefix, tmp_path):
     tree = make_tree(tmp_path / "art", big=1, big_mib=1)
+    want = local_tree(tree)
     proc = run_cli("push", tree, s3_prefix, "--delete-local")
     assert proc.returncode == 0, proc.stderr
     assert not tree.exists()
+    assert {k: v for k, v in remote_tree(s3_client, s3_prefix).items() if k != MANIFEST_KEY} == want
+
+
+def test_delete_local_only_after_every_key_is_verified(s3_env, s3_prefix, tmp_path, monkeypatch):
+    from urllib.parse import unquote, urlparse
+
+    import lmi_compile.remote.publish as publish
+    from lmi_compile.remote.s3 import make_client
+
+    tree = make_tree(tmp_path / "art", big=1, big_mib=1)
+    files = set(local_tree(tree))
+    prefix = "/" + parse_s3_uri(s3_prefix).bucket + "/" + parse_s3_uri(s3_prefix).prefix
+    events = []
+    client = make_client()
+    client.meta.events.register("after-call.s3.HeadObject", lambda http_response, parsed, **_: events.append(
+        ("verified", unquote(urlparse(http_response.url).path).removeprefix(prefix), parsed.get("ChecksumSHA256"))))
+    real_rmtree = publish.shutil.rmtree
+    monkeypatch.setattr(publish.shutil, "rmtree", lambda p, *a, **k: (events.append(("rmtree", Path(p))),
+                                                                       real_rmtree(p, *a, **k)))
+    push(tree, s3_prefix, client=client, delete_local=True)
+    assert not tree.exists() and events.count(("rmtree", tree)) == 1
+    before = events[:events.index(("rmtree", tree))]
+    assert {rel for _, rel, checksum in before if checksum} == files, events  # every key HEAD-checked first
+
+    # a HEAD that does not confirm the checksum stops the push before anything local is deleted
+    tree2 = make_tree(tmp_path / "art2", big=1, big_mib=1, seed=5)
+    bad = make_client()
+
+    def tamper(parsed, **_):
+        if "ChecksumSHA256" in parsed:
+            parsed["ChecksumSHA256"] = "AAAA" + parsed["ChecksumSHA256"][4:]
+
+    bad.meta.events.register("after-call.s3.HeadObject", tamper)
+    with pytest.raises(LmiCompileError, match="checksum .* after upload, expected"):
+        push(tree2, s3_prefix.rstrip("/") + "-2/", client=bad, delete_local=True)
+    assert local_tree(tree2) and tree2.is_dir()
 
 
 def test_bad_credentials_publish_nothing(s3_env, s3_client, s3_prefix, tmp_path):

@@ -96,6 +96,17 @@ def test_rerun_skips_and_option_change_invalidates_only_later_stages(model_facto
     assert (work / "checkpoint" / "rank0.safetensors").stat().st_mtime_ns == ck_mtime
     assert (work / "engines" / "rank0.engine").stat().st_mtime_ns != eng_mtime
     assert props(tmp_path / "out" / "serving.properties")["option.max_rolling_batch_size"] == "4"
+    for cfg in (work / "engines" / "config.json", tmp_path / "out" / "tensorrt_llm" / "1" / "config.json"):
+        assert json.loads(cfg.read_text())["build_config"]["max_batch_size"] == 4, cfg
+    # a changed tp redoes convert and build: checkpoint and engines say tp=4, not tp=2 under tp=4 properties
+    changed = compile_trtllm(model, tmp_path, "--tp", "4", "--max-batch-size", "4")
+    assert changed.returncode == 0, changed.stderr
+    assert json.loads((work / "checkpoint" / "config.json").read_text())["mapping"]["tp_size"] == 4
+    engine_cfg = json.loads((tmp_path / "out" / "tensorrt_llm" / "1" / "config.json").read_text())
+    assert engine_cfg["pretrained_config"]["mapping"]["world_size"] == 4
+    assert sorted(p.name for p in (tmp_path / "out" / "tensorrt_llm" / "1").glob("rank*.engine")) == \
+        [f"rank{r}.engine" for r in range(4)]
+    assert props(tmp_path / "out" / "serving.properties")["option.tensor_parallel_degree"] == "4"
 
 
 def test_settings_from_serving_properties_and_env(model_factory, tmp_path):

@@ -13,11 +13,17 @@ import torch
 from safetensors.torch import load_file
 
 
-def _inv_freq(cfg: dict) -> torch.Tensor:
+def _inv_freq(cfg: dict, seq_len: int) -> torch.Tensor:
     hd = cfg["head_size"]
-    inv = 1.0 / (cfg["rotary_base"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    base = cfg["rotary_base"]
     sc = cfg.get("rotary_scaling") or {}
     kind = sc.get("type")
+    if kind == "dynamic" and seq_len > cfg["max_position_embeddings"]:
+        # dynamic NTK as TRT-LLM's attention does it (update_rotary_base_n_scale, rotary_embedding_max_positions
+        # = max_position_embeddings): beyond the trained length the base grows with the sequence length
+        factor, max_pos = sc["factor"], cfg["max_position_embeddings"]
+        base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (hd / (hd - 2))
+    inv = 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     if kind == "linear":
         inv = inv / sc["factor"]
     elif kind == "llama3":
@@ -58,7 +64,7 @@ def reference_logits(ckpt: Path, input_ids: torch.Tensor) -> torch.Tensor:
         emb = emb_parts[0]
     x = emb[input_ids]
     pos = torch.arange(S, dtype=torch.float32)
-    freqs = torch.outer(pos, _inv_freq(cfg))
+    freqs = torch.outer(pos, _inv_freq(cfg, S))
     cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
     mask = torch.full((S, S), float("-inf")).triu(1)
     for p in range(pp):

@@ -6,6 +6,7 @@ import signal
 import threading
 
 from lmi_compile.errors import Interrupted
+from lmi_compile.pipeline import testhooks
 
 STOP = threading.Event()
 _received: list[int] = []
@@ -25,7 +26,13 @@ def install() -> None:
         signal.signal(signal.SIGTERM, _handler)
 
 
+def received() -> int:
+    """The first signal received (SIGTERM when a stop was asked for without one)."""
+    return _received[0] if _received else signal.SIGTERM
+
+
 def check() -> None:
     """Raise Interrupted in a worker once a stop was asked for."""
+    testhooks.pause("boundary")
     if STOP.is_set():
-        raise Interrupted(_received[0] if _received else signal.SIGTERM)
+        raise Interrupted(received())

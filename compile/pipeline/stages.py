@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lmi_compile import __version__
 from lmi_compile.errors import BadInput
+from lmi_compile.pipeline import testhooks
 
 log = logging.getLogger("lmi_compile")
 
@@ -124,12 +125,25 @@ def finish(staging: Path, final: Path, stage: str, fp: str, **info) -> Path:
     write_json_atomic(staging / STAGE_RECORD, {"stage": stage, "fingerprint": fp, "tool_version": __version__,
                                                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                                 **info})
+    fsync_dir(staging)  # the record's name is on disk before the folder can appear under its final name
+    testhooks.pause("stage-rename")
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
         os.replace(staging, final)
+        fsync_dir(final.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, final)
+        fsync_dir(final.parent)
     return final
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make renames inside `folder` durable (a crash after a rename must not lose it or undo it)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmi_compile import __version__
-from lmi_compile.pipeline import stages
+from lmi_compile.pipeline import stages, testhooks
 from lmi_compile.errors import BadInput, Interrupted, LmiCompileError
 from lmi_compile.pipeline.interrupts import check
 from lmi_compile.paths import resolve_inside
@@ -140,6 +140,7 @@ class Publisher:
     def upload(self, f: LocalFile, part_size: int) -> str:
         """Upload one file in parts of `part_size`; return the checksum S3 now reports for it."""
         check()
+        testhooks.pause("push-file")
         if f.size <= part_size:
             data = _read(f.path, 0, f.size)
             digest = b64(hashlib.sha256(data).digest())
@@ -154,6 +155,7 @@ class Publisher:
 
         def part(i: int):
             check()
+            testhooks.pause("push-part")
             off = i * part_size
             size = min(part_size, f.size - off)
             data = _read(f.path, off, size)
