@@ -12,15 +12,6 @@ from lmi_compile.errors import EXIT_SIGINT, Interrupted, LmiCompileError
 
 log = logging.getLogger("lmi_compile")
 
-
-def _build_defaults():
-    from lmi_compile.trtllm.build import BuildOptions
-
-    return BuildOptions()
-
-
-BUILD_DEFAULTS = _build_defaults()  # one home for the engine defaults: BuildOptions
-
 app = typer.Typer(
     name="lmi-compile",
     help="Compile HuggingFace models ahead of time into the artifacts AWS LMI containers load "
@@ -53,6 +44,9 @@ Force = Annotated[bool, typer.Option("--force", help="Redo every stage.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 AllowLonger = Annotated[bool, typer.Option(
     "--allow-longer", help="Allow sequences above max_position_embeddings when the model's rope scaling covers it.")]
+LmiVersion = Annotated[Optional[str], typer.Option(
+    "--lmi-version", help="The LMI release the artifacts are for (its TensorRT-LLM / Neuron SDK, layout and options); "
+                          "`lmi-compile targets` lists them. [default: the newest supported]", show_default=False)]
 TensorParallel = Annotated[Optional[int], typer.Option("--tp", min=1, help="Tensor-parallel degree "
                                                         "(option.tensor_parallel_degree).", show_default=False)]
 
@@ -174,17 +168,19 @@ def trtllm(
                                               show_default=False)] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto (the checkpoint's), float16, bfloat16 or float32. "
                                                       "[default: auto]", show_default=False)] = None,
+    lmi_version: LmiVersion = None,
     max_batch_size: Annotated[Optional[int], typer.Option("--max-batch-size", min=1, help=(
-        f"Engine batch size (LMI's option.max_rolling_batch_size). [default: {BUILD_DEFAULTS.max_batch_size}]"),
+        "Engine batch size (option.max_rolling_batch_size). [default: LMI's for the release]"),
         show_default=False)] = None,
     max_input_len: Annotated[Optional[int], typer.Option("--max-input-len", min=1, help=(
-        f"Longest prompt (option.max_input_len). [default: {BUILD_DEFAULTS.max_input_len}]"), show_default=False)] = None,
+        "Longest prompt (option.max_input_len). [default: LMI's for the release]"), show_default=False)] = None,
     max_output_len: Annotated[Optional[int], typer.Option("--max-output-len", min=1, help=(
-        f"Longest output (option.max_output_len). [default: {BUILD_DEFAULTS.max_output_len}]"), show_default=False)] = None,
+        "Longest output, in tokens. [default: LMI's for the release]"), show_default=False)] = None,
     max_seq_len: Annotated[Optional[int], typer.Option("--max-seq-len", min=2, help=(
-        "Prompt plus output; default max-input-len + max-output-len."), show_default=False)] = None,
+        "Prompt plus output. [default: max-input-len + max-output-len, or the model's length where the release "
+        "leaves it to TensorRT-LLM]"), show_default=False)] = None,
     max_num_tokens: Annotated[Optional[int], typer.Option("--max-num-tokens", min=1, help=(
-        f"Tokens per engine step (option.max_num_tokens). [default: {BUILD_DEFAULTS.max_num_tokens}]"),
+        "Tokens per engine step (option.max_num_tokens). [default: LMI's for the release]"),
         show_default=False)] = None,
     gemm_plugin: Annotated[str, typer.Option("--gemm-plugin", help="trtllm-build --gemm_plugin value.")] = "auto",
     trtllm_build_args: Annotated[Optional[str], typer.Option("--trtllm-build-args", help=(
@@ -193,7 +189,6 @@ def trtllm(
         "The trtllm-build executable (default: from PATH)."), show_default=False)] = None,
     build_workers: Annotated[Optional[int], typer.Option("--build-workers", min=1, help=(
         "trtllm-build --workers (default: min(GPUs, ranks))."), show_default=False)] = None,
-    layout: Annotated[str, typer.Option(help="triton (LMI <= 0.32) or engine-dir (LMI >= 0.33).")] = "triton",
     engine_path: Annotated[str, typer.Option("--engine-path", help=(
         "gpt_model_path in config.pbtxt (triton layout): where the engines are inside the serving container."))
     ] = "/opt/ml/model/tensorrt_llm/1",
@@ -216,28 +211,34 @@ def trtllm(
 ):
     """Compile MODEL for TensorRT-LLM: fetch, convert to a rank-sharded TRT-LLM checkpoint, build engines
     with trtllm-build, and lay out the tree LMI loads with its serving.properties."""
+    from lmi_compile.lmi.properties import reinterpret_lengths
+    from lmi_compile.lmi.targets import resolve as resolve_target
     from lmi_compile.pipeline.workdir import WorkDir, default_work_dir
     from lmi_compile.trtllm.backend import TrtllmJob, run
     from lmi_compile.trtllm.build import BuildOptions, parse_extra_args
 
     s = Settings(properties)
     model = s.model(model)
-    d = BUILD_DEFAULTS
-    build = BuildOptions(max_batch_size=s.pick("max_batch_size", max_batch_size, d.max_batch_size),
-                         max_input_len=s.pick("max_input_len", max_input_len, d.max_input_len),
-                         max_output_len=s.pick("max_output_len", max_output_len, d.max_output_len),
+    target = resolve_target("trtllm", lmi_version)
+    s.lmi = reinterpret_lengths(s.lmi, target["properties"]["lengths"])
+    d = target["defaults"]  # LMI's own defaults for this release
+    build = BuildOptions(max_batch_size=s.pick("max_batch_size", max_batch_size, d["max_batch_size"]),
+                         max_input_len=s.pick("max_input_len", max_input_len, d["max_input_len"]),
+                         max_output_len=s.pick("max_output_len", max_output_len, d["max_output_len"]),
                          max_seq_len=s.pick("max_seq_len", max_seq_len, None),
-                         max_num_tokens=s.pick("max_num_tokens", max_num_tokens, d.max_num_tokens),
+                         max_num_tokens=s.pick("max_num_tokens", max_num_tokens, d["max_num_tokens"]),
                          gemm_plugin=gemm_plugin, workers=build_workers, extra_args=parse_extra_args(trtllm_build_args))
     job = TrtllmJob(model=model, work=WorkDir(work_dir or default_work_dir(model)), output=_abs(output),
-                    tp=s.pick("tp", tp, 1), pp=s.pick("pp", pp, 1), dtype=s.pick("dtype", dtype, "auto"),
-                    parallel_embedding=parallel_embedding, embedding_sharding_dim=embedding_sharding_dim, build=build,
-                    trtllm_build=trtllm_build_path, layout=layout, engine_path=engine_path, upload=upload,
+                    target=target, tp=s.pick("tp", tp, 1), pp=s.pick("pp", pp, 1),
+                    dtype=s.pick("dtype", dtype, "auto"), parallel_embedding=parallel_embedding,
+                    embedding_sharding_dim=embedding_sharding_dim, build=build,
+                    trtllm_build=trtllm_build_path, engine_path=engine_path, upload=upload,
                     allow_longer=allow_longer, revision=s.pick("revision", revision, None), token=token,
                     trust_remote_code=trust_remote_code or s.lmi.get("trust_remote_code", False),
                     overwrite=overwrite, force=force)
     if workers:
         job.workers = workers
+    s.picked["lmi_version"] = (target.release, "flag" if lmi_version else "default")
     s.log("trtllm")
     out = run(job, until)
     typer.echo(f"{until}: {out}" + (f" (published to {upload})" if upload and until == "layout" else ""))
@@ -308,13 +309,15 @@ def check(
         "TensorRT-LLM version of the serving container."), show_default=False)] = None,
     container_neuronx_cc: Annotated[Optional[str], typer.Option("--container-neuronx-cc", help=(
         "neuronx-cc version of the serving container."), show_default=False)] = None,
+    lmi_version: LmiVersion = None,
     json_out: JsonOut = False,
 ):
     """Say which LMI loading path LOCATION fits and what would stop it loading; exit 0 loadable, 1 not.
     Reads listings and small files only, never weights."""
     from lmi_compile.lmi.check import as_json, check as run_check, render
 
-    report = run_check(location, container_trtllm=container_trtllm, container_neuronx_cc=container_neuronx_cc)
+    report = run_check(location, container_trtllm=container_trtllm, container_neuronx_cc=container_neuronx_cc,
+                       lmi_version=lmi_version)
     typer.echo(as_json(report) if json_out else render(report))
     if not report.loadable:
         raise typer.Exit(1)
@@ -328,22 +331,60 @@ def plan(
     dtype: Annotated[str, typer.Option(help="auto, float16, bfloat16 or float32.")] = "auto",
     instance: Annotated[Optional[str], typer.Option(help="SageMaker instance type, e.g. ml.g5.12xlarge.",
                                                     show_default=False)] = None,
-    max_batch_size: Annotated[int, typer.Option("--max-batch-size", min=1, help="Concurrent sequences.")
-                              ] = BUILD_DEFAULTS.max_batch_size,
-    max_seq_len: Annotated[int, typer.Option("--max-seq-len", min=1, help="Prompt plus output tokens.")
-                           ] = BUILD_DEFAULTS.seq_len,
+    lmi_version: LmiVersion = None,
+    max_batch_size: Annotated[Optional[int], typer.Option("--max-batch-size", min=1, help=(
+        "Concurrent sequences. [default: LMI's for the release]"), show_default=False)] = None,
+    max_seq_len: Annotated[Optional[int], typer.Option("--max-seq-len", min=1, help=(
+        "Prompt plus output tokens. [default: LMI's for the release]"), show_default=False)] = None,
     revision: Revision = None,
     token: Token = None,
     json_out: JsonOut = False,
 ):
     """Size a compile before running it: parameters, bytes per rank, KV cache, fit on an instance, disk per stage.
     Reads only config.json (and the weight index); downloads no weights."""
-    from lmi_compile.lmi.plan import as_json, make_plan, read_remote_config, render
+    from lmi_compile.errors import BadInput
+    from lmi_compile.lmi.plan import as_json, make_plan, render
+    from lmi_compile.lmi.targets import resolve as resolve_target
+    from lmi_compile.remote.peek import read_remote_config
+    from lmi_compile.trtllm.backend import TrtllmJob, check_target
 
+    target = resolve_target("trtllm", lmi_version)
+    d = target["defaults"]
     config, total = read_remote_config(model, revision, token)
-    p = make_plan(config, tp=tp, pp=pp, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                  instance=instance, index_total=total)
+    if max_seq_len is None:
+        max_seq_len = (d["max_input_len"] + d["max_output_len"] if d["max_output_len"]
+                       else config.get("max_position_embeddings", 2048))
+    p = make_plan(config, tp=tp, pp=pp, dtype=dtype, max_batch_size=max_batch_size or d["max_batch_size"],
+                  max_seq_len=max_seq_len, instance=instance, index_total=total)
+    try:
+        check_target(TrtllmJob(model=model, work=None, build=None, target=target), config)
+    except BadInput as e:
+        p.warnings.append(str(e).removeprefix(f"{config.path}: "))
     typer.echo(as_json(p) if json_out else render(p))
+
+
+@app.command(epilog="Example: lmi-compile targets --backend trtllm")
+def targets(
+    backend: Annotated[Optional[str], typer.Option(help="trtllm or neuron (default: both).", show_default=False)] = None,
+    json_out: JsonOut = False,
+):
+    """List the LMI releases lmi-compile builds for: container, toolchain, layout and LMI's defaults."""
+    import json
+
+    from lmi_compile.lmi.targets import BACKENDS, default_release, releases, resolve
+
+    chosen = [backend] if backend else list(BACKENDS)
+    rows = {b: {r: resolve(b, r).facts for r in releases(b)} for b in chosen}
+    if json_out:
+        typer.echo(json.dumps({b: {"default": default_release(b), "releases": rows[b]} for b in chosen}, indent=2))
+        return
+    for b in chosen:
+        typer.echo(f"{b} (default {default_release(b)}):")
+        for r, f in rows[b].items():
+            tool = f.get("tool", {}).get("version") or f.get("transformers_neuronx") or ""
+            shown = ", ".join(f"{k}={v}" for k, v in (f.get("defaults") or {}).items() if v is not None)
+            typer.echo(f"  {r:5} {f.get('container', ''):52} {tool:10} {str(f.get('layout', f.get('layouts', ''))):12} "
+                       f"{shown}")
 
 
 def _usage_error(e: Exception) -> bool:

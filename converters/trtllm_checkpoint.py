@@ -36,6 +36,7 @@ class ConvertOptions:
     parallel_embedding: bool = False
     embedding_sharding_dim: int = 0
     workers: int = 1
+    architecture: str | None = None  # the name the target TensorRT-LLM knows the family by (default: the table's)
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,9 @@ class PlanEntry:
 def resolve_dtype(opts: ConvertOptions, config: ModelConfig, ck: Checkpoint) -> str:
     if opts.dtype != "auto":
         return opts.dtype
-    dtype = config.dtype or next(iter(ck.tensors.values())).dtype
-    return dtype if dtype in FLOAT_DTYPES else "float16"
+    # As TensorRT-LLM's own conversion does for --dtype auto: a float32 or undeclared model becomes float16
+    # (a float32 engine is rarely wanted and doubles the memory); float16 and bfloat16 are kept.
+    return config.dtype if config.dtype in ("float16", "bfloat16") else "float16"
 
 
 def check_parallelism(arch: Architecture, opts: ConvertOptions, where: Path) -> None:
@@ -154,7 +156,7 @@ def trtllm_config(arch: Architecture, config: ModelConfig, opts: ConvertOptions,
     """The checkpoint config.json TRT-LLM's PretrainedConfig.from_dict reads (formats.md section 2)."""
     d = arch.dims
     cfg = {
-        "architecture": arch.trtllm_architecture,
+        "architecture": opts.architecture or arch.trtllm_architecture,
         "dtype": dtype,
         "logits_dtype": "float32",
         "vocab_size": d.vocab_size,

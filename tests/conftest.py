@@ -132,6 +132,16 @@ def hub_env(hub_server, monkeypatch):
     return hub_server
 
 
+STANDINS = Path(__file__).parent / "standins"
+
+
+def trtllm_standin(release: str | None = None) -> Path:
+    """The trtllm-build STAND-IN of the TensorRT-LLM that LMI `release` ships (default: the default target's)."""
+    from lmi_compile.lmi.targets import resolve
+
+    return STANDINS / f"trtllm-build-{resolve('trtllm', release)['tool']['version']}"
+
+
 def run_cli(*args, env: dict | None = None, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the installed CLI as a user would: a new process, the current (isolated) environment."""
     full_env = {**os.environ, **(env or {})}

@@ -82,7 +82,7 @@ CASES = [
     ("no-architectures", {}, lambda m: edit_config(m, architectures=None),
      ["neuron", "M", "--until", "split"], 2, ["architecture None is not supported"]),
     ("unknown-stage", {}, None, ["trtllm", "M", "--until", "deploy"], 2, ["--until 'deploy' is not a stage"]),
-    ("unknown-layout", {}, None, ["trtllm", "M", "--layout", "zip", "--output", "P/out"], 2, ["--layout 'zip'"]),
+    ("unknown-lmi-version", {}, None, ["trtllm", "M", "--lmi-version", "0.19", "--output", "P/out"], 2, ["--lmi-version 0.19: no trtllm target", "supported: 0.28"]),
     ("unknown-neuron-format", {}, None, ["neuron", "M", "--format", "zip", "--n-positions", "128"], 2,
      ["--format 'zip'"]),
     ("layout-without-output", {}, None, ["trtllm", "M", "--trtllm-build", STANDIN], 2, ["--output is required"]),

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import error_line, run_cli
 
-STANDIN = Path(__file__).parent / "standins" / "trtllm-build"
+STANDIN = Path(__file__).parent / "standins" / "trtllm-build"  # plain name: the default target's version
 NEURON_STANDIN = f"{sys.executable} {Path(__file__).parent / 'standins' / 'neuron_compile_standin.py'}"
 
 
@@ -31,7 +31,7 @@ def test_trtllm_with_relative_paths_and_default_work_dir(user_folder):
     assert proc.returncode == 0, proc.stderr
     work = user_folder / "lmi-compile-work" / "tiny"
     assert sorted(p.name for p in (work / "engines").glob("rank*.engine")) == ["rank0.engine", "rank1.engine"]
-    assert (user_folder / "out" / "tensorrt_llm" / "1" / "rank1.engine").is_file()
+    assert (user_folder / "out" / "rank1.engine").is_file()  # the default target (LMI 0.33) loads engine-dir
     # the command line trtllm-build got (logged before it runs) names only absolute paths
     line = next(ln for ln in proc.stderr.splitlines() if "INFO build: " in ln)
     assert f"--checkpoint_dir {work / 'checkpoint'} --output_dir {work / '.engines.partial'}" in line
@@ -82,13 +82,14 @@ def test_second_run_on_a_held_work_dir_names_the_holder(user_folder):
 
 
 def test_sequence_longer_than_the_model_is_refused_or_warned(user_folder, model_factory, tmp_path):
-    proc = run_cli("trtllm", "models/tiny", "--max-input-len", "4096", "--until", "convert", cwd=user_folder)
+    proc = run_cli("trtllm", "models/tiny", "--max-input-len", "4096", "--max-output-len", "512", "--until",
+                   "convert", cwd=user_folder)
     assert proc.returncode == 2
     assert "4608 exceeds max_position_embeddings 2048" in error_line(proc)
     assert not (user_folder / "lmi-compile-work").exists()
     scaled = model_factory(rope_scaling={"type": "linear", "factor": 4.0})
-    proc = run_cli("trtllm", scaled, "--max-input-len", "4096", "--allow-longer", "--work-dir", tmp_path / "w",
-                   "--until", "convert")
+    proc = run_cli("trtllm", scaled, "--max-input-len", "4096", "--max-output-len", "512", "--allow-longer",
+                   "--work-dir", tmp_path / "w", "--until", "convert")
     assert proc.returncode == 0, proc.stderr
     assert "allowed by --allow-longer with linear rope scaling" in proc.stderr
     plan = run_cli("plan", "models/tiny", "--max-seq-len", "4608", cwd=user_folder)
@@ -117,7 +118,9 @@ def test_plan_refuses_non_positive_sizes(user_folder, args, needle):
 
 def test_failed_build_and_fetch_leave_nothing_behind(user_folder, hub_env):
     failing = user_folder / "failing-build"
-    failing.write_text("#!/bin/sh\necho 'trtllm-build: out of memory' >&2\nexit 1\n")
+    # answers --help as the target's trtllm-build does, then fails the build
+    failing.write_text(f"#!/bin/sh\n[ \"$1\" = --help ] && exec {STANDIN} --help\n"
+                       f"echo 'trtllm-build: out of memory' >&2\nexit 1\n")
     failing.chmod(0o755)
     proc = run_cli("trtllm", "models/tiny", "--work-dir", "w", "--output", "out", "--trtllm-build", failing,
                    cwd=user_folder)

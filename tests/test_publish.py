@@ -175,7 +175,7 @@ def test_resume_does_not_trust_size_alone(s3_env, s3_client, s3_prefix, tmp_path
     assert "ChecksumSHA256" not in heads[bare]
     assert all(heads[rel]["ContentLength"] == (tree / rel).stat().st_size for rel in heads)
 
-    manifest = push(tree, s3_prefix, part_size=5 * MIB)
+    manifest = push(tree, s3_prefix, part_size=5 * MIB).manifest
     remote = remote_tree(s3_client, s3_prefix)
     for rel in (big, small, bare):
         assert remote[rel] == local_tree(tree)[rel], f"{rel}: kept on size alone"

@@ -7,9 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import error_line, run_cli
+from conftest import error_line, run_cli, trtllm_standin
 
-STANDIN = Path(__file__).parent / "standins" / "trtllm-build"
+STANDIN = trtllm_standin()  # the default target's (LMI 0.33, TensorRT-LLM 0.21.0rc1)
+TRITON = "0.30"  # a release that loads the triton repository layout
 HF_FILES = ["config.json", "generation_config.json", "special_tokens_map.json", "tokenizer.json",
             "tokenizer_config.json"]
 
@@ -26,9 +27,11 @@ def props(path: Path) -> dict:
     return dict(ln.split("=", 1) for ln in path.read_text().splitlines() if ln and not ln.startswith("#"))
 
 
-def compile_trtllm(model, tmp_path, *args, env=None):
+def compile_trtllm(model, tmp_path, *args, env=None, release: str | None = TRITON):
+    """Run the pipeline for LMI `release` (None: the default target) with that release's stand-in."""
+    lmi = ["--lmi-version", release] if release else []
     return run_cli("trtllm", model, "--work-dir", tmp_path / "work", "--output", tmp_path / "out",
-                   "--trtllm-build", STANDIN, *args, env=env)
+                   "--trtllm-build", trtllm_standin(release), *lmi, *args, env=env)
 
 
 def test_triton_layout_tree(model_factory, tmp_path, s3_env, s3_prefix):
@@ -51,11 +54,13 @@ def test_triton_layout_tree(model_factory, tmp_path, s3_env, s3_prefix):
     engine_cfg = json.loads((repo / "1" / "config.json").read_text())
     assert engine_cfg["pretrained_config"]["mapping"]["world_size"] == 4
     assert engine_cfg["build_config"]["max_batch_size"] == 8 and engine_cfg["build_config"]["max_seq_len"] == 1536
+    # LMI 0.30's option.max_output_len "maps to max_seq_len"; a float32 model is built in float16, as
+    # TensorRT-LLM's own conversion does for --dtype auto
     assert props(out / "serving.properties") == {
         "engine": "MPI", "option.model_id": s3_prefix, "option.tensor_parallel_degree": "2",
         "option.pipeline_parallel_degree": "2", "option.rolling_batch": "trtllm",
-        "option.max_rolling_batch_size": "8", "option.max_input_len": "1024", "option.max_output_len": "512",
-        "option.max_num_tokens": "16384", "option.dtype": "fp32"}
+        "option.max_rolling_batch_size": "8", "option.max_input_len": "1024", "option.max_output_len": "1536",
+        "option.max_num_tokens": "16384", "option.dtype": "fp16"}
     manifest = json.loads((out / "lmi-compile.json").read_text())
     assert manifest["stand_in"] is True and "standin" in manifest["tensorrt_llm_version"]
     assert manifest["layout"] == "triton" and manifest["world_size"] == 4
@@ -67,7 +72,7 @@ def test_triton_layout_tree(model_factory, tmp_path, s3_env, s3_prefix):
 
 def test_engine_dir_layout_tree(model_factory, tmp_path):
     model = model_factory(family="qwen2")
-    proc = compile_trtllm(model, tmp_path, "--tp", "2", "--layout", "engine-dir", "--dtype", "bfloat16")
+    proc = compile_trtllm(model, tmp_path, "--tp", "2", "--dtype", "bfloat16", release=None)  # 0.33: engine-dir
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
     assert tree(out) == sorted([".lmi-compile-stage.json", "lmi-compile.json", "serving.properties", "config.json",
@@ -115,11 +120,11 @@ def test_settings_from_serving_properties_and_env(model_factory, tmp_path):
     sp.write_text(f"engine=MPI\noption.model_id={model}\noption.tensor_parallel_degree=4\n"
                   "option.max_rolling_batch_size=16\noption.dtype=bf16\n")
     proc = run_cli("trtllm", "--properties", sp, "--work-dir", tmp_path / "work", "--output", tmp_path / "out",
-                   "--trtllm-build", STANDIN, env={"OPTION_MAX_INPUT_LEN": "1536"})
+                   "--trtllm-build", STANDIN, env={"OPTION_MAX_INPUT_LEN": "1536", "OPTION_MAX_SEQ_LEN": "2000"})
     assert proc.returncode == 0, proc.stderr
     p = props(tmp_path / "out" / "serving.properties")
     assert p["option.tensor_parallel_degree"] == "4" and p["option.max_rolling_batch_size"] == "16"
-    assert p["option.max_input_len"] == "1536" and p["option.dtype"] == "bf16"
+    assert p["option.max_input_len"] == "1536" and p["option.dtype"] == "bf16" and p["option.max_seq_len"] == "2000"
     # an explicit flag wins over the file
     proc = run_cli("trtllm", "--properties", sp, "--tp", "2", "--work-dir", tmp_path / "work", "--output",
                    tmp_path / "out", "--trtllm-build", STANDIN)
@@ -151,7 +156,8 @@ def test_standin_rejects_flags_the_real_tool_lacks(model_factory, tmp_path):
 
 def test_failed_build_leaves_no_output(model_factory, tmp_path):
     broken = tmp_path / "trtllm-build"
-    broken.write_text("#!/bin/sh\necho 'building rank 0'\necho 'CUDA error: out of memory' >&2\nexit 3\n")
+    broken.write_text(f"#!/bin/sh\n[ \"$1\" = --help ] && exec {STANDIN} --help\n"
+                      "echo 'building rank 0'\necho 'CUDA error: out of memory' >&2\nexit 3\n")
     broken.chmod(0o755)
     proc = run_cli("trtllm", model_factory(), "--work-dir", tmp_path / "work", "--output", tmp_path / "out",
                    "--trtllm-build", broken)

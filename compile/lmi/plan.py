@@ -8,7 +8,6 @@ share of kv heads, at least one (heads are repeated when kv heads < tp).
 
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from lmi_compile.model.architectures import Architecture, resolve
 from lmi_compile.configs import load_json
@@ -67,7 +66,7 @@ def make_plan(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: str = "au
     arch = resolve(config)
     d = arch.dims
     if dtype == "auto":
-        dtype = config.dtype or "float16"
+        dtype = config.dtype if config.dtype in ("float16", "bfloat16") else "float16"  # as the converter does
     if dtype not in DTYPE_BYTES:
         raise BadInput(f"--dtype {dtype!r}; use auto, float16, bfloat16 or float32")
     for flag, value in (("--tp", tp), ("--pp", pp), ("--max-batch-size", max_batch_size), ("--max-seq-len", max_seq_len)):
@@ -153,56 +152,6 @@ def disk_needs(weight_bytes: int, embedding_bytes: int, tp: int, pp: int) -> dic
     ckpt = weight_bytes + embedding_bytes * (tp - 1)
     return {"fetch": weight_bytes, "convert": ckpt, "build": ckpt, "layout": 0, "split": weight_bytes,
             "note": "layout hard-links engines when on the same filesystem (else it needs the build size again)"}
-
-
-def read_remote_config(model: str, revision: str | None, token: str | None) -> tuple[ModelConfig, int | None]:
-    """config.json and the index's total_size, without downloading weights."""
-    import tempfile
-
-    from lmi_compile.remote.fetch import parse_source
-
-    source = parse_source(model, revision)
-    tmp = Path(tempfile.mkdtemp(prefix="lmi-plan-"))
-    if source.kind == "local":
-        root = Path(source.location)
-        if not (root / "config.json").is_file():
-            raise BadInput(f"{root / 'config.json'}: missing")
-    elif source.kind == "hub":
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
-
-        from lmi_compile.remote.hub import translate_error
-
-        root = tmp
-        for name in ("config.json", "model.safetensors.index.json"):
-            try:
-                hf_hub_download(model, name, revision=revision, token=token, local_dir=tmp)
-            except EntryNotFoundError:
-                if name == "config.json":
-                    raise BadInput(f"{model}: config.json is missing") from None
-            except Exception as e:
-                raise translate_error(e, model, revision) from None
-    else:
-        from lmi_compile.remote.s3 import make_client, parse_s3_uri, translate
-
-        uri = parse_s3_uri(source.location)
-        client = make_client()
-        root = tmp
-        for name in ("config.json", "model.safetensors.index.json"):
-            try:
-                client.download_file(uri.bucket, uri.key(name), str(tmp / name))
-            except Exception as e:
-                if name == "config.json":
-                    raise translate(e, f"{uri}{name}") from None
-    config = ModelConfig.load(root / "config.json")
-    total = None
-    idx = root / "model.safetensors.index.json"
-    if idx.is_file():
-        try:
-            total = int(json.loads(idx.read_text()).get("metadata", {}).get("total_size") or 0) or None
-        except (ValueError, TypeError):
-            total = None
-    return config, total
 
 
 def _count(n: float) -> str:

@@ -14,6 +14,7 @@ LMI_OPTIONS = {
     "max_rolling_batch_size": ("max_batch_size", int),
     "max_input_len": ("max_input_len", int),
     "max_output_len": ("max_output_len", int),
+    "max_seq_len": ("max_seq_len", int),
     "max_num_tokens": ("max_num_tokens", int),
     "dtype": ("dtype", str),
     "trust_remote_code": ("trust_remote_code", lambda v: v.strip().lower() == "true"),
@@ -66,6 +67,21 @@ def lmi_settings(properties: Path | None, environ=os.environ) -> dict:
         if out["dtype"] not in LMI_DTYPES:
             raise BadInput(f"{properties or 'environment'}: option.dtype={out['dtype']!r}; use fp16, bf16 or fp32")
         out["dtype"] = LMI_DTYPES[out["dtype"]]
+    return out
+
+
+LENGTH_SETTINGS = {"input": "max_input_len", "output": "max_output_len", "seq": "max_seq_len"}
+
+
+def reinterpret_lengths(settings: dict, lengths: dict) -> dict:
+    """Length options mean different things per LMI release (configs/targets.json `properties.lengths`:
+    0.30-0.32's option.max_output_len is the whole sequence); give `settings` their meaning for the target."""
+    out = dict(settings)
+    for option, meaning in lengths.items():
+        key = LMI_OPTIONS[option][0]
+        if key in settings and key != LENGTH_SETTINGS[meaning]:
+            out.pop(key)
+            out[LENGTH_SETTINGS[meaning]] = settings[key]
     return out
 
 

@@ -55,17 +55,29 @@ def resolve(backend: str, release: str | None) -> Target:
         hint = f" (LMI {release} is a {others[0]} release)" if others else ""
         raise BadInput(f"--lmi-version {release}: no {backend} target for this LMI release{hint}; supported: "
                        f"{', '.join(releases(backend))}")
-    return Target(backend, release, _merged(section, row))
+    facts = _merged(section["releases"], row)
+    if "toolchain" in facts and "toolchains" in section:
+        # The toolchain row (one TensorRT-LLM version's interface) is shared by every release that ships it.
+        facts["tool"] = {"version": facts["toolchain"],
+                         **_merged(section["toolchains"], section["toolchains"][facts["toolchain"]])}
+    return Target(backend, release, facts)
 
 
-def _merged(section: dict, row: dict) -> dict:
-    """A release row can name a shared row (`"like": "0.30"`, or `"toolchain"` for the TensorRT-LLM
-    interface many releases share); the row's own keys win."""
-    base = {}
-    if "like" in row:
-        base = _merged(section, section["releases"][row["like"]])
-    out = {**base, **{k: v for k, v in row.items() if k != "like"}}
-    return out
+def toolchains(backend: str) -> dict[str, dict]:
+    """Every toolchain row of a backend (e.g. each TensorRT-LLM version's trtllm-build interface), merged."""
+    rows = table()[backend].get("toolchains", {})
+    return {v: {"version": v, **_merged(rows, row)} for v, row in rows.items()}
+
+
+def releases_with(backend: str, **facts) -> list[str]:
+    """Releases whose row has all of `facts` (e.g. toolchain="0.9.0")."""
+    return [r for r in releases(backend) if all(resolve(backend, r).get(k) == v for k, v in facts.items())]
+
+
+def _merged(rows: dict, row: dict) -> dict:
+    """A row can name another to start from (`"like": "0.30"`); its own keys win."""
+    base = _merged(rows, rows[row["like"]]) if "like" in row else {}
+    return {**base, **{k: v for k, v in row.items() if k != "like"}}
 
 
 def _normalize(text: str) -> str:

@@ -216,10 +216,11 @@ def content_id(root: Path, files: list[LocalFile]) -> str:
 
 @dataclass(frozen=True)
 class Pushed:
-    """What a push did: objects in the published tree, and how many of them went up this time."""
+    """What a push did: objects in the published tree, how many went up this time, and the manifest there."""
 
     objects: int
     uploaded: int
+    manifest: dict
 
 
 def push(root: Path, uri_text: str, *, overwrite: bool = False, delete_local: bool = False,
@@ -241,7 +242,7 @@ def push(root: Path, uri_text: str, *, overwrite: bool = False, delete_local: bo
     if manifest and manifest.get("content_id") == cid and all(
             existing.get(f.rel) == f.size for f in files):
         log.info("push: %s already holds this exact upload (manifest matches); nothing to do", uri)
-        return Pushed(objects=len(files), uploaded=0)
+        return Pushed(objects=len(files), uploaded=0, manifest=manifest)
     foreign = {k for k in existing if k not in (MANIFEST_KEY, MARKER_KEY)}
     resuming = bool(marker) and marker.get("content_id") == cid
     if foreign and not resuming and not overwrite:
@@ -325,7 +326,7 @@ def push(root: Path, uri_text: str, *, overwrite: bool = False, delete_local: bo
     if delete_local:
         shutil.rmtree(root)
         log.info("push: deleted local %s after verification (--delete-local)", root)
-    return Pushed(objects=len(files), uploaded=len(todo))
+    return Pushed(objects=len(files), uploaded=len(todo), manifest=manifest)
 
 
 def verify(pub: Publisher, files: list[LocalFile], entries: dict) -> None:

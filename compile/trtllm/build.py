@@ -8,6 +8,7 @@ TensorRT-LLM version), e.g. inside the LMI TensorRT-LLM container.
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -24,41 +25,83 @@ INSTALL_HINT = ("run inside the LMI TensorRT-LLM container (deepjavalibrary/djl-
                 "pip install 'lmi-compile[trtllm]' on a CUDA host, or pass --trtllm-build PATH")
 # Flags lmi-compile sets itself; a pass-through may not override them.
 MANAGED_FLAGS = {"--checkpoint_dir", "--output_dir", "--output_timing_cache", "--workers", "--max_batch_size",
-                 "--max_input_len", "--max_seq_len", "--max_num_tokens", "--gemm_plugin"}
+                 "--max_input_len", "--max_seq_len", "--max_output_len", "--max_num_tokens", "--gemm_plugin"}
 
 
 @dataclass(frozen=True)
 class BuildOptions:
-    max_batch_size: int = 32
-    max_input_len: int = 1024
-    max_output_len: int = 512
-    max_seq_len: int | None = None  # default: max_input_len + max_output_len
-    max_num_tokens: int = 16384
+    """Engine limits. Their defaults are LMI's for the target release (configs/targets.json `defaults`),
+    picked by the CLI; a dataclass default here would be a second home for them."""
+
+    max_batch_size: int
+    max_input_len: int
+    max_output_len: int | None = None  # output tokens; None: max_seq_len, else the model's length
+    max_seq_len: int | None = None  # prompt plus output; default max_input_len + max_output_len
+    max_num_tokens: int | None = None
     gemm_plugin: str = "auto"
     workers: int | None = None  # default: min(visible GPUs, ranks)
     extra_args: tuple[str, ...] = ()
 
     @property
-    def seq_len(self) -> int:
-        return self.max_seq_len or self.max_input_len + self.max_output_len
+    def seq_len(self) -> int | None:
+        """Prompt plus output, when the options fix it (else the backend takes the model's length)."""
+        if self.max_seq_len:
+            return self.max_seq_len
+        return self.max_input_len + self.max_output_len if self.max_output_len else None
 
 
 @dataclass
 class Toolchain:
     executable: Path
     gpus: list[dict] = field(default_factory=list)
+    help_flags: frozenset[str] = frozenset()
 
     def facts(self) -> dict:
         return {"trtllm_build": str(self.executable), "gpus": self.gpus}
 
 
 def find_trtllm_build(explicit: str | None) -> Toolchain:
-    """Pre-flight: the executable exists and runs; GPUs read with nvidia-smi where present."""
+    """Pre-flight: the executable exists and answers --help (its flags tell which TensorRT-LLM it is);
+    GPUs read with nvidia-smi where present."""
     exe = explicit or shutil.which("trtllm-build")
     if not exe or not Path(exe).is_file() or not os.access(exe, os.X_OK):
         where = f"{explicit} is not an executable file" if explicit else "trtllm-build is not on PATH"
         raise LmiCompileError(f"{where}; building engines needs TensorRT-LLM: {INSTALL_HINT}")
-    return Toolchain(Path(exe).resolve(), read_gpus())
+    exe = Path(os.path.abspath(exe))  # absolute, links kept: a versioned link names the tool it points to
+    try:
+        # Importing tensorrt_llm takes a while; --help needs no GPU.
+        proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise LmiCompileError(f"{exe} --help did not answer ({e}); is it TensorRT-LLM's trtllm-build? {INSTALL_HINT}")
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise LmiCompileError(f"{exe} --help failed with exit code {proc.returncode}: {tail[0][:200]}; {INSTALL_HINT}")
+    flags = frozenset(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*", proc.stdout))
+    return Toolchain(exe, read_gpus(), flags)
+
+
+def interface_matches(flags: frozenset[str], tool: dict) -> bool:
+    sig = tool["help_signature"]
+    return set(sig.get("has", ())) <= flags and not set(sig.get("lacks", ())) & flags
+
+
+def check_interface(found: Toolchain, target) -> None:
+    """Refuse, before any conversion, a trtllm-build of another TensorRT-LLM than the target release ships:
+    its engines would not load, and its flags are not the ones we would pass."""
+    from lmi_compile.lmi.targets import releases_with, toolchains
+
+    need = target["tool"]
+    if interface_matches(found.help_flags, need):
+        return
+    looks = [v for v, tc in toolchains("trtllm").items() if interface_matches(found.help_flags, tc)]
+    if looks:
+        lmi = [r for v in looks for r in releases_with("trtllm", toolchain=v)]
+        seems = f"looks like TensorRT-LLM {' or '.join(looks)} (LMI {', '.join(lmi) or 'none'})"
+    else:
+        seems = "matches no TensorRT-LLM version in the target table"
+    raise LmiCompileError(f"{found.executable} {seems}, but --lmi-version {target.release} needs TensorRT-LLM "
+                          f"{need['version']} ({target['container']}); run in that container or choose the "
+                          f"matching --lmi-version", exit_code=2)
 
 
 def read_gpus() -> list[dict]:
@@ -91,22 +134,36 @@ def parse_extra_args(text: str | None) -> tuple[str, ...]:
     return args
 
 
-def build_command(tool: Toolchain, ckpt: Path, out: Path, opts: BuildOptions, world: int) -> list[str]:
+def build_command(tool: Toolchain, ckpt: Path, out: Path, opts: BuildOptions, world: int, facts: dict,
+                  dtype: str) -> list[str]:
+    """The trtllm-build command line in the target TensorRT-LLM's own flags (`facts`: its toolchain row)."""
     workers = opts.workers or max(1, min(len(tool.gpus) or 1, world))
+    if facts["length_flag"] == "--max_output_len":  # 0.9 has no --max_seq_len: it adds input and output itself
+        lengths = ["--max_output_len", str(opts.seq_len - opts.max_input_len)]
+    else:
+        lengths = ["--max_seq_len", str(opts.seq_len)]
+    # 'auto' (the model's dtype) arrived in 0.11; older versions take the dtype by name.
+    gemm = dtype if opts.gemm_plugin == "auto" and not facts["gemm_plugin_auto"] else opts.gemm_plugin
     return [str(tool.executable), "--checkpoint_dir", str(ckpt), "--output_dir", str(out),
-            "--max_batch_size", str(opts.max_batch_size), "--max_input_len", str(opts.max_input_len),
-            "--max_seq_len", str(opts.seq_len), "--max_num_tokens", str(opts.max_num_tokens),
-            "--gemm_plugin", opts.gemm_plugin, "--workers", str(min(workers, world)),
-            "--output_timing_cache", str(out / "model.cache"), *opts.extra_args]
+            "--max_batch_size", str(opts.max_batch_size), "--max_input_len", str(opts.max_input_len), *lengths,
+            "--max_num_tokens", str(opts.max_num_tokens), "--gemm_plugin", gemm, "--workers",
+            str(min(workers, world)), "--output_timing_cache", str(out / "model.cache"), *opts.extra_args]
 
 
-def build_engines(tool: Toolchain, ckpt: Path, out: Path, opts: BuildOptions, log_dir: Path) -> dict:
-    """Run trtllm-build; show per-rank progress; check every rank engine and the engine config exist."""
-    world = json.loads((ckpt / "config.json").read_text())["mapping"]["world_size"]
+def build_engines(tool: Toolchain, ckpt: Path, out: Path, opts: BuildOptions, log_dir: Path, target) -> dict:
+    """Run trtllm-build; show per-rank progress; check every rank engine, the engine config, and that the engines
+    are of the target's TensorRT-LLM version."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    world = cfg["mapping"]["world_size"]
+    # TensorRT-LLM 0.9 builds a missing rank file from dummy weights and exits 0
+    # (tensorrt_llm/models/modeling_utils.py l.1013-1029 at v0.9.0): never hand it an incomplete checkpoint.
+    missing = [f"rank{r}.safetensors" for r in range(world) if not (ckpt / f"rank{r}.safetensors").is_file()]
+    if missing:
+        raise LmiCompileError(f"{ckpt}: {', '.join(missing)} missing for world size {world}; rerun with --force")
     out.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "trtllm-build.log"
-    cmd = build_command(tool, ckpt, out, opts, world)
+    cmd = build_command(tool, ckpt, out, opts, world, target["tool"], cfg["dtype"])
     log.info("build: %s", " ".join(shlex.quote(c) for c in cmd))
     bar = Progress(total=world, desc="build engines", unit="rank")
     with open(log_path, "w") as logf:
@@ -137,10 +194,14 @@ def build_engines(tool: Toolchain, ckpt: Path, out: Path, opts: BuildOptions, lo
     if "build_config" not in engine_cfg or "pretrained_config" not in engine_cfg:
         raise LmiCompileError(f"{engine_cfg_path}: lacks build_config/pretrained_config; not a trtllm-build output")
     version = str(engine_cfg.get("version", "unknown"))
+    if version.split("+")[0] != target["tool"]["version"]:
+        raise LmiCompileError(f"{engine_cfg_path}: engines report TensorRT-LLM {version}, but {target.describe()} "
+                              f"loads only {target['tool']['version']}; nothing was laid out or pushed")
     if STANDIN_MARK in version:
         log.warning("build: engines came from a STAND-IN trtllm-build (%s): they are placeholders, not a "
                     "compiled model", version)
     return {"tensorrt_llm_version": version, "stand_in": STANDIN_MARK in version, "world_size": world,
+            "lmi_version": target.release, "build_command": cmd[1:],
             "build_options": {"max_batch_size": opts.max_batch_size, "max_input_len": opts.max_input_len,
                               "max_seq_len": opts.seq_len, "max_num_tokens": opts.max_num_tokens,
                               "gemm_plugin": opts.gemm_plugin, "extra_args": list(opts.extra_args)},
