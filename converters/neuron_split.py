@@ -22,10 +22,10 @@ from lmi_compile.pipeline.interrupts import check
 from lmi_compile.pipeline.progress import bytes_bar
 
 from lmi_compile.converters.tensor_reader import ByteBudget, TensorReader
+from lmi_compile.model.dtypes import AMP_DTYPES
 
 SPLIT_DIR = "pytorch_model.bin"
 KEY_TO_FILENAME = "key_to_filename.json"
-AMP_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}
 
 
 def sanitize_file_name(name: str) -> str:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from lmi_compile.model.checkpoint import ST_DTYPE_SIZE, TORCH_TO_ST
+from lmi_compile.model.dtypes import ST_DTYPE_SIZE, TORCH_TO_ST, itemsize
 
-from lmi_compile.converters.tensor_reader import BLOCK_BYTES, FileRange, Zeros, itemsize
+from lmi_compile.converters.tensor_reader import BLOCK_BYTES, FileRange, Zeros
 
 
 class SafetensorsWriter:

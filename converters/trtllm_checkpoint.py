@@ -21,12 +21,10 @@ from lmi_compile.pipeline.stages import fingerprint, write_json_atomic
 
 from lmi_compile.converters.safetensors_writer import SafetensorsWriter
 from lmi_compile.converters.shard_rules import RankContext, pieces, shape_for
-from lmi_compile.converters.tensor_reader import TensorReader, itemsize
+from lmi_compile.converters.tensor_reader import TensorReader
+from lmi_compile.model.dtypes import FLOAT_DTYPES, itemsize
 
 log = logging.getLogger("lmi_compile")
-
-FLOAT_DTYPES = ("float16", "bfloat16", "float32")
-
 
 @dataclass(frozen=True)
 class ConvertOptions:

@@ -14,8 +14,8 @@ from lmi_compile.model.architectures import Architecture, resolve
 from lmi_compile.configs import load_json
 from lmi_compile.errors import BadInput
 from lmi_compile.model.config import ModelConfig
+from lmi_compile.model.dtypes import DTYPE_BYTES, FLOAT_DTYPES
 
-DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 GiB = 1024 ** 3
 # Activations, CUDA context and runtime buffers that are not weights or KV cache.
 OVERHEAD_FRACTION = 0.10
@@ -67,7 +67,7 @@ def make_plan(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: str = "au
     d = arch.dims
     if dtype == "auto":
         dtype = config.dtype or "float16"
-    if dtype not in DTYPE_BYTES:
+    if dtype not in FLOAT_DTYPES:
         raise BadInput(f"--dtype {dtype!r}; use auto, float16, bfloat16 or float32")
     if tp < 1 or pp < 1:
         raise BadInput("--tp and --pp must be at least 1")
