@@ -78,7 +78,7 @@ def check_parallelism(arch: Architecture, opts: ConvertOptions, where: Path) -> 
 
 
 def _entries(arch: Architecture, ck: Checkpoint, pp_rank: int, pp: int):
-    """(target, rule, sources) for one pipeline stage, layer indices renumbered from 0."""
+    """(table entry, target, sources) for one pipeline stage, layer indices renumbered from 0."""
     d, lay = arch.dims, arch.layout
     per = d.num_layers // pp
     out = []
@@ -88,57 +88,58 @@ def _entries(arch: Architecture, ck: Checkpoint, pp_rank: int, pp: int):
         out += [(e, (local, pp_rank * per + local)) for e in lay["layer"]]
     if pp_rank == pp - 1:
         out += [(e, None) for e in lay["last_stage"]]
+    tied = arch.tied_sources()
     for e, idx in out:
         local, src_i = idx if idx else (None, None)
         target = e["target"].format(i=local)
-        sources = [s.format(i=src_i) for s in e["sources"]]
-        if not all(s in ck for s in sources) and e.get("tied_sources") and d.tie_word_embeddings:
-            sources = list(e["tied_sources"])
+        sources = arch.sources(e, src_i)
+        if not all(s in ck for s in sources) and all(s in tied for s in sources):
+            sources = [tied[s] for s in sources]
         missing = [s for s in sources if s not in ck]
         if missing:
             if e.get("optional") and len(missing) == len(sources):
                 continue
             raise BadInput(f"{ck.root}: tensor {missing[0]!r} is missing from the checkpoint "
                            f"({arch.name} needs it for {target}); the checkpoint is incomplete")
-        yield target, e["rule"], tuple(sources)
+        yield e, target, tuple(sources)
 
 
 def _expected_shapes(arch: Architecture) -> dict[str, int]:
     d = arch.dims
     return {"hidden": d.hidden_size, "vocab": d.vocab_size, "inter": d.intermediate_size,
-            "q": d.num_heads * d.head_dim, "kv": d.num_kv_heads * d.head_dim}
+            "q": d.num_heads * d.head_dim, "kv": d.num_kv_heads * d.head_dim, "experts": d.num_experts}
 
 
 def plan_rank(arch: Architecture, ck: Checkpoint, opts: ConvertOptions, tp_rank: int, pp_rank: int) -> list[PlanEntry]:
     ctx = rank_context(arch, opts, tp_rank)
     dims = _expected_shapes(arch)
-    shapes_by_target = {}
-    for lay_key in ("first_stage", "layer", "last_stage"):
-        for e in arch.layout[lay_key]:
-            shapes_by_target[e["target"]] = e["shape"]
     plan = []
-    for target, rule, sources in _entries(arch, ck, pp_rank, opts.pp):
+    for e, target, sources in _entries(arch, ck, pp_rank, opts.pp):
         src_shapes = [ck.tensors[s].shape for s in sources]
-        spec = shapes_by_target.get(_template_of(target, arch))
-        if spec is not None:
-            specs = spec if isinstance(spec[0], list) else [spec]
-            for s, shp, want in zip(sources, src_shapes, specs):
-                expect = tuple(dims[w] for w in want)
-                if tuple(shp) != expect:
-                    raise BadInput(f"{ck.tensors[s].file}: tensor {s!r} has shape {list(shp)}, but config.json "
-                                   f"implies {list(expect)}; config and weights disagree")
+        specs = e["shape"] if isinstance(e["shape"][0], list) else [e["shape"]]
+        for s, shp, want in zip(sources, src_shapes, specs * (len(sources) // len(specs))):
+            expect = tuple(dims[w] for w in want)
+            if tuple(shp) != expect:
+                raise BadInput(f"{ck.tensors[s].file}: tensor {s!r} has shape {list(shp)}, but config.json "
+                               f"implies {list(expect)}; config and weights disagree")
         for s in sources:
             if ck.tensors[s].dtype not in FLOAT_DTYPES:
                 raise BadInput(f"{ck.tensors[s].file}: tensor {s!r} has dtype {ck.tensors[s].dtype}, not supported "
                                f"(float16, bfloat16, float32); quantized checkpoints need their own converter")
-        plan.append(PlanEntry(target, rule, sources, shape_for(rule, src_shapes, ctx)))
+        plan.append(PlanEntry(target, e["rule"], sources, shape_for(e["rule"], src_shapes, ctx)))
     return plan
 
 
-def _template_of(target: str, arch: Architecture) -> str:
-    import re
-
-    return re.sub(r"\.layers\.\d+\.", ".layers.{i}.", target)
+def check_all_used(arch: Architecture, ck: Checkpoint, plans) -> None:
+    """Every source tensor goes into some rank file, unless the table says it is not a weight: a tensor the
+    layout does not name would otherwise be dropped without a word."""
+    used = {s for plan in plans for p in plan for s in p.sources} | arch.ignored_sources()
+    extra = sorted(set(ck.tensors) - used)
+    if extra:
+        info = ck.tensors[extra[0]]
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise BadInput(f"{info.file}: tensor {extra[0]!r}{more} is not used by {arch.name}'s layout; the checkpoint "
+                       f"does not match its config.json, or the layout in configs/architectures.json lacks it")
 
 
 def rank_context(arch: Architecture, opts: ConvertOptions, tp_rank: int) -> RankContext:
@@ -255,6 +256,7 @@ def convert(arch: Architecture, config: ModelConfig, ck: Checkpoint, out: Path, 
         for tp_rank in range(opts.tp):
             plan = plan_rank(arch, ck, opts, tp_rank, pp_rank)
             jobs.append((rank_id(tp_rank, pp_rank, opts.tp), tp_rank, plan))
+    check_all_used(arch, ck, [plan for _, _, plan in jobs])
     attn_bias = any(p.target.endswith("attention.qkv.bias") for _, _, plan in jobs for p in plan)
     cfg = trtllm_config(arch, config, opts, dtype, attn_bias)
     elsize = itemsize(dtype)

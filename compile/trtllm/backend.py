@@ -63,7 +63,7 @@ def convert_stage(job: TrtllmJob, model) -> tuple[Path, str]:
         return final, fp
     staging = stages.open_staging(final, fp)
     # rank files hold the model once, plus replicated embeddings and vocab padding: bounded by tp copies of them
-    emb = model.checkpoint.tensors.get("model.embed_tokens.weight")
+    emb = model.checkpoint.tensors.get(arch.embedding_source)
     ensure_room(final, model.checkpoint.total_bytes + (emb.nbytes * job.tp * job.pp if emb else 0), "convert")
     cfg = convert(arch, model.config, model.checkpoint, staging, opts)
     stages.finish(staging, final, "convert", fp, tp=job.tp, pp=job.pp, dtype=cfg["dtype"])
