@@ -1,4 +1,5 @@
-"""Tensor-parallel split rules, by layer kind (not by model): replicate, column, row, fused QKV, vocab.
+"""Tensor-parallel split rules, by layer kind (not by model): replicate, column, row, fused QKV, vocab, and
+the two MoE expert kinds.
 
 Each rule kind is one class that answers both questions for one rank, side by side: the output shape
 (from source shapes alone, so rank files can be planned before any data is read) and the output's
@@ -22,6 +23,21 @@ class RankContext:
     head_dim: int
     parallel_embedding: bool = False
     embedding_sharding_dim: int = 0
+    num_experts: int = 0
+    moe_tp: int = 1
+    moe_ep: int = 1
+
+    @property
+    def moe_tp_rank(self) -> int:
+        return self.rank // self.moe_ep  # TRT-LLM's Mapping: moe_tp_rank = tp_rank // moe_ep_size
+
+    @property
+    def moe_ep_rank(self) -> int:
+        return self.rank % self.moe_ep  # moe_ep_rank = tp_rank % moe_ep_size
+
+    def experts(self) -> range:
+        """The experts this rank holds: a contiguous block of num_experts / moe_ep (Mapping.ep_experts)."""
+        return range(*_part(self.num_experts, self.moe_ep, self.moe_ep_rank))
 
 
 def padded(n: int, tp: int) -> int:
@@ -128,7 +144,37 @@ class FusedQKV:
             yield reader.row_range(src, heads[0] * hd, (heads[-1] + 1) * hd)
 
 
-RULES = {"replicate": Replicate(), "column": Column(), "row": Row(), "vocab": Vocab(), "fused_qkv": FusedQKV()}
+class ExpertColumn:
+    """Per expert, its sources (e.g. [w3, w1]) each split along dim 0 over moe_tp and concatenated; the rank's
+    experts stacked along a new dim 0: [experts / moe_ep, sources * rows / moe_tp, cols]. Sources are listed
+    expert by expert. Every piece is a contiguous range of one source: nothing is stacked in memory."""
+
+    def shape(self, src, ctx):
+        per = len(src) // ctx.num_experts
+        return (ctx.num_experts // ctx.moe_ep, per * (src[0][0] // ctx.moe_tp), *src[0][1:])
+
+    def pieces(self, reader, names, ctx):
+        per = len(names) // ctx.num_experts
+        for e in ctx.experts():
+            for name in names[e * per:(e + 1) * per]:
+                yield reader.row_range(name, *_part(reader.info(name).shape[0], ctx.moe_tp, ctx.moe_tp_rank))
+
+
+class ExpertRow:
+    """Per expert, one source split along dim 1 over moe_tp; the rank's experts stacked along a new dim 0:
+    [experts / moe_ep, rows, cols / moe_tp]."""
+
+    def shape(self, src, ctx):
+        return (ctx.num_experts // ctx.moe_ep, src[0][0], src[0][1] // ctx.moe_tp)
+
+    def pieces(self, reader, names, ctx):
+        for e in ctx.experts():
+            yield from column_slice(reader, names[e], *_part(reader.info(names[e]).shape[1], ctx.moe_tp,
+                                                             ctx.moe_tp_rank))
+
+
+RULES = {"replicate": Replicate(), "column": Column(), "row": Row(), "vocab": Vocab(), "fused_qkv": FusedQKV(),
+         "expert_column": ExpertColumn(), "expert_row": ExpertRow()}
 
 
 def rule_for(name: str, ctx: RankContext):
