@@ -26,6 +26,7 @@ from lmi_compile.model.dtypes import FLOAT_DTYPES, itemsize
 
 log = logging.getLogger("lmi_compile")
 
+
 @dataclass(frozen=True)
 class ConvertOptions:
     tp: int = 1

@@ -4,7 +4,6 @@ logits through a TRT-LLM-semantics forward pass; refusals; parameter counts for 
 import json
 
 import pytest
-import torch
 from safetensors import safe_open
 from test_trtllm_convert import INPUT, assert_close, hf_cached, run_convert
 from trtllm_reference import reference_logits
@@ -45,7 +44,8 @@ def test_flat_config_style(model_factory, tmp_path):
     ck = run_convert(model, tmp_path / "ckpt", tp=2, moe_ep=2, moe_config_style="flat")
     cfg = json.loads((ck / "config.json").read_text())
     assert "moe" not in cfg and cfg["mapping"] == {"world_size": 2, "tp_size": 2, "pp_size": 1}
-    assert (cfg["moe_num_experts"], cfg["moe_top_k"], cfg["moe_normalization_mode"], cfg["moe_tp_mode"]) == (4, 2, 1, 1)
+    moe = (cfg["moe_num_experts"], cfg["moe_top_k"], cfg["moe_normalization_mode"], cfg["moe_tp_mode"])
+    assert moe == (4, 2, 1, 1)
     with safe_open(str(ck / "rank1.safetensors"), "pt") as f:
         assert f.get_slice("transformer.layers.3.mlp.experts_weight_1").get_shape() == [2, 256, 64]
     assert_close(reference_logits(ck, INPUT), hf_cached(model))

@@ -144,7 +144,8 @@ def test_unsupported_architecture(model_copy, tmp_path):
     proc = run_cli("trtllm", m, "--work-dir", tmp_path / "w", "--until", "convert")
     assert proc.returncode == 2
     line = error_line(proc)
-    assert "GPTBigCodeForCausalLM" in line and "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM" in line
+    assert "GPTBigCodeForCausalLM" in line
+    assert "LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM" in line
 
 
 def test_missing_tensor(model_copy, tmp_path):

@@ -240,8 +240,10 @@ def render(plan: Plan) -> str:
     def gib(n):
         return f"{n / GiB:.2f} GiB"
 
-    active = f" ({plan.active_parameters / 1e9:.2f}B active per token)" if plan.active_parameters != plan.parameters else ""
-    lines = [f"{plan.architecture}: {plan.parameters / 1e9:.2f}B parameters{active}, {gib(plan.weight_bytes)} of weights in {plan.dtype}",
+    active = f" ({plan.active_parameters / 1e9:.2f}B active per token)" \
+        if plan.active_parameters != plan.parameters else ""
+    lines = [f"{plan.architecture}: {plan.parameters / 1e9:.2f}B parameters{active}, {gib(plan.weight_bytes)} of "
+             f"weights in {plan.dtype}",
              f"tp={plan.tp} pp={plan.pp}: {gib(plan.weight_bytes_per_rank)} of weights per rank (largest rank)",
              f"KV cache: {plan.kv_bytes_per_token / 1024:.0f} KiB per token ({plan.kv_bytes_per_token_per_rank / 1024:.0f} KiB per rank); "
              f"{gib(plan.kv_bytes_for_batch)} for batch {plan.max_batch_size} x {plan.max_seq_len} tokens "
