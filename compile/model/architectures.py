@@ -102,9 +102,6 @@ def read_dims(config: ModelConfig) -> ModelDims:
         v = values[name]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise BadInput(f"{config.path}: {fields[name][0][0]!r} must be a non-negative integer (found {v!r})")
-    if values["top_k"] > values["num_experts"]:
-        raise BadInput(f"{config.path}: {fields['top_k'][0][0]!r} {values['top_k']} is larger than "
-                       f"{fields['num_experts'][0][0]!r} {values['num_experts']}; the config is contradictory")
     return ModelDims(**values)
 
 
@@ -145,4 +142,8 @@ def resolve(config: ModelConfig) -> Architecture:
         raise BadInput(f"{config.path}: {config.architecture} is a mixture of experts but "
                        f"{fields['num_experts'][0][0]!r} or {fields['top_k'][0][0]!r} is missing or 0; the config "
                        f"is incomplete")
+    if arch.is_moe and arch.dims.top_k > arch.dims.num_experts:
+        fields = table["config_fields"]
+        raise BadInput(f"{config.path}: {fields['top_k'][0][0]!r} {arch.dims.top_k} is larger than "
+                       f"{fields['num_experts'][0][0]!r} {arch.dims.num_experts}; the config is contradictory")
     return arch
