@@ -305,9 +305,9 @@ def write_ranks(ck: Checkpoint, todo: list, contexts: dict, dtype: str, workers:
 
     try:
         for r, tp_rank, plan, path, plan_fp in todo:
+            left[r] = len(plan)  # before the writer exists: an interrupt right after its creation still aborts it
             writers[r] = SafetensorsWriter(path, [(p.target, p.dtype or dtype, p.shape) for p in plan],
                                            metadata={"format": "pt", "lmi_compile_plan": plan_fp})
-            left[r] = len(plan)
         # interleave ranks so parallel workers spread over files and sources
         tasks = [(r, i, plan[i], contexts[tp_rank]) for i in range(max((len(t[2]) for t in todo), default=0))
                  for r, tp_rank, plan, _, _ in todo if i < len(plan)]
