@@ -202,6 +202,12 @@ def trtllm(
         "Split the embedding table across tp ranks."))] = False,
     embedding_sharding_dim: Annotated[int, typer.Option(min=0, max=1, help=(
         "0: split the vocab, 1: split the hidden dim."))] = 0,
+    moe_tp: Annotated[Optional[int], typer.Option("--moe-tp", min=1, help=(
+        "Mixture of experts: split every expert over this many ranks (moe_tp * moe_ep = tp). [default: tp]"),
+        show_default=False)] = None,
+    moe_ep: Annotated[Optional[int], typer.Option("--moe-ep", min=1, help=(
+        "Mixture of experts: give each rank group whole experts, over this many groups. [default: 1]"),
+        show_default=False)] = None,
     allow_longer: AllowLonger = False,
     revision: Revision = None,
     token: Token = None,
@@ -231,7 +237,7 @@ def trtllm(
     job = TrtllmJob(model=model, work=WorkDir(work_dir or default_work_dir(model)), output=_abs(output),
                     target=target, tp=s.pick("tp", tp, 1), pp=s.pick("pp", pp, 1),
                     dtype=s.pick("dtype", dtype, "auto"), parallel_embedding=parallel_embedding,
-                    embedding_sharding_dim=embedding_sharding_dim, build=build,
+                    embedding_sharding_dim=embedding_sharding_dim, moe_tp=moe_tp, moe_ep=moe_ep, build=build,
                     trtllm_build=trtllm_build_path, engine_path=engine_path, upload=upload,
                     allow_longer=allow_longer, revision=s.pick("revision", revision, None), token=token,
                     trust_remote_code=trust_remote_code or s.lmi.get("trust_remote_code", False),

@@ -22,10 +22,10 @@ from lmi_compile.pipeline.interrupts import check
 from lmi_compile.pipeline.progress import bytes_bar
 
 from lmi_compile.converters.tensor_reader import ByteBudget, TensorReader
+from lmi_compile.model.dtypes import AMP_DTYPES
 
 SPLIT_DIR = "pytorch_model.bin"
 KEY_TO_FILENAME = "key_to_filename.json"
-AMP_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}
 
 
 def sanitize_file_name(name: str) -> str:
@@ -37,21 +37,34 @@ def sanitize_file_name(name: str) -> str:
 
 
 def split_plan(arch: Architecture, ck: Checkpoint) -> list[tuple[str, str]]:
-    """(key to write, source tensor) in state-dict order, from the architecture's neuron_order table."""
+    """(key to write, source tensor) in state-dict order, from the architecture's neuron_order table.
+
+    State-dict order is module order: what precedes the layers, each layer whole, what follows. Within a
+    layer, a run of names with {e} is one expert module's parameters, repeated for every expert in turn.
+    """
     order = arch.layout["neuron_order"]
     layer = [t for t in order if "{i}" in t]
     first = order.index(layer[0])
-    # state-dict order is module order: what precedes the layers, each layer whole, what follows
-    keys = order[:first] + [t.format(i=i) for i in range(arch.dims.num_layers) for t in layer] + \
-        [t for t in order[first:] if "{i}" not in t]
+    keys = list(order[:first])
+    for i in range(arch.dims.num_layers):
+        run: list[str] = []
+        for t in layer + [""]:
+            if "{e}" in t:
+                run.append(t)
+                continue
+            keys += [r.format(i=i, e=e) for e in range(arch.dims.num_experts) for r in run]
+            run = []
+            if t:
+                keys.append(t.format(i=i))
+    keys += [t for t in order[first:] if "{i}" not in t]
+    tied = arch.tied_sources()
     plan = []
     for key in keys:
         if key in ck:
             plan.append((key, key))
-        elif key == "lm_head.weight" and arch.dims.tie_word_embeddings:
-            plan.append((key, "model.embed_tokens.weight"))
-    extra = set(ck.tensors) - {src for _, src in plan}
-    extra = {k for k in extra if not k.endswith("rotary_emb.inv_freq")}
+        elif key in tied:
+            plan.append((key, tied[key]))  # tied weights get a file of their own
+    extra = set(ck.tensors) - {src for _, src in plan} - arch.ignored_sources()
     if extra:
         raise BadInput(f"{ck.root}: tensors {sorted(extra)[:3]} are not part of {arch.name}'s layout; "
                        f"the checkpoint does not match its config.json")

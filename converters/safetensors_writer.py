@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from lmi_compile.model.checkpoint import ST_DTYPE_SIZE, TORCH_TO_ST
+from lmi_compile.model.dtypes import ST_DTYPE_SIZE, TORCH_TO_ST, itemsize
 
-from lmi_compile.converters.tensor_reader import BLOCK_BYTES, FileRange, Zeros, itemsize
+from lmi_compile.converters.tensor_reader import BLOCK_BYTES, FileRange, Zeros
 
 
 class SafetensorsWriter:
@@ -47,8 +47,12 @@ class SafetensorsWriter:
         blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned, as the safetensors library does
         self._data_start = 8 + len(blob)
         self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._pwrite(struct.pack("<Q", len(blob)) + blob, 0)
-        os.ftruncate(self._fd, self._data_start + self.data_bytes)
+        try:
+            self._pwrite(struct.pack("<Q", len(blob)) + blob, 0)
+            os.ftruncate(self._fd, self._data_start + self.data_bytes)
+        except BaseException:  # an interrupt or a full disk here must not leave the temporary behind
+            self.abort()
+            raise
 
     def _pwrite(self, data, pos: int) -> int:
         view = memoryview(data).cast("B")

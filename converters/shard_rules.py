@@ -1,16 +1,17 @@
-"""Tensor-parallel split rules, by layer kind (not by model): replicate, column, row, fused QKV, vocab.
+"""Tensor-parallel split rules, by layer kind (not by model): replicate, column, row, fused QKV, vocab, and
+the two MoE expert kinds.
 
-Each rule answers two questions for one rank: the output shape (from source shapes alone, so rank
-files can be planned before any data is read) and the output's bytes, in order, as pieces: byte
-ranges of source files (copied in the kernel), zero padding, or small tensors (row-parallel slices,
-one row block at a time). No piece is larger than a row block unless it is a file range.
+Each rule kind is one class that answers both questions for one rank, side by side: the output shape
+(from source shapes alone, so rank files can be planned before any data is read) and the output's
+bytes, in order, as pieces: byte ranges of source files (copied in the kernel), zero padding, or small
+tensors (row-parallel slices, one row block at a time). No piece is larger than a row block unless it
+is a file range. The layout table names a rule per tensor; RULES maps that name to its class.
 """
 
 from dataclasses import dataclass
 
-import torch
-
 from lmi_compile.converters.tensor_reader import TensorReader, Zeros
+from lmi_compile.model.dtypes import itemsize
 
 
 @dataclass(frozen=True)
@@ -22,15 +23,30 @@ class RankContext:
     head_dim: int
     parallel_embedding: bool = False
     embedding_sharding_dim: int = 0
+    num_experts: int = 0
+    moe_tp: int = 1
+    moe_ep: int = 1
+
+    @property
+    def moe_tp_rank(self) -> int:
+        return self.rank // self.moe_ep  # TRT-LLM's Mapping: moe_tp_rank = tp_rank // moe_ep_size
+
+    @property
+    def moe_ep_rank(self) -> int:
+        return self.rank % self.moe_ep  # moe_ep_rank = tp_rank % moe_ep_size
+
+    def experts(self) -> range:
+        """The experts this rank holds: a contiguous block of num_experts / moe_ep (Mapping.ep_experts)."""
+        return range(*_part(self.num_experts, self.moe_ep, self.moe_ep_rank))
 
 
 def padded(n: int, tp: int) -> int:
     return -(-n // tp) * tp
 
 
-def _even(n: int, ctx: RankContext) -> tuple[int, int]:
-    part = n // ctx.tp
-    return ctx.rank * part, (ctx.rank + 1) * part
+def _part(n: int, parts: int, index: int) -> tuple[int, int]:
+    size = n // parts
+    return index * size, (index + 1) * size
 
 
 def kv_heads_for_rank(ctx: RankContext) -> list[int]:
@@ -42,80 +58,141 @@ def kv_heads_for_rank(ctx: RankContext) -> list[int]:
     return [ctx.rank // dups]
 
 
-def effective_rule(rule: str, ctx: RankContext) -> str:
-    """The embedding is replicated, or split like the vocab (dim 0) or like a row-parallel weight (dim 1)."""
-    if rule != "embedding":
-        return rule
-    if not ctx.parallel_embedding:
-        return "replicate"
-    return "vocab" if ctx.embedding_sharding_dim == 0 else "row"
+def whole(reader: TensorReader, name: str):
+    """A tensor's bytes as one contiguous range."""
+    info = reader.info(name)
+    return reader.row_range(name, 0, info.shape[0] if info.shape else 1)
 
 
-def shape_for(rule: str, src_shapes: list[tuple], ctx: RankContext) -> tuple:
-    s = src_shapes[0]
-    rule = effective_rule(rule, ctx)
-    if rule == "replicate":
-        return tuple(s)
-    if rule == "column":
-        return (s[0] // ctx.tp, *s[1:])
-    if rule == "row":
-        return (s[0], s[1] // ctx.tp)
-    if rule == "vocab":
-        return (padded(s[0], ctx.tp) // ctx.tp, *s[1:])
-    if rule == "fused_qkv":
-        q_rows = (ctx.num_heads // ctx.tp) * ctx.head_dim
-        kv_rows = len(kv_heads_for_rank(ctx)) * ctx.head_dim
-        return (q_rows + 2 * kv_rows, *s[1:])
-    raise ValueError(f"unknown split rule {rule!r}")
-
-
-def _row_split(reader: TensorReader, name: str, ctx: RankContext):
+def column_slice(reader: TensorReader, name: str, c0: int, c1: int):
+    """Columns [c0, c1) of a 2-D tensor, one row block at a time (the only pieces that pass through memory)."""
     rows, cols = reader.info(name).shape
-    c0, c1 = _even(cols, ctx)
-    per_row = max(1, reader.row_elems(name) * torch.empty((), dtype=getattr(torch, reader.info(name).dtype))
-                  .element_size())
+    if (c0, c1) == (0, cols):  # every column: the whole tensor is one contiguous range
+        yield whole(reader, name)
+        return
+    per_row = max(1, reader.row_elems(name) * itemsize(reader.info(name).dtype))
     block = max(1, reader.block_bytes // per_row)
     for r0 in range(0, rows, block):
         r1 = min(rows, r0 + block)
         yield reader.rows(name, r0, r1)[:, c0:c1].contiguous()
 
 
-def _vocab_split(reader: TensorReader, name: str, ctx: RankContext):
-    vocab = reader.info(name).shape[0]
-    part = padded(vocab, ctx.tp) // ctx.tp
-    r0, r1 = ctx.rank * part, (ctx.rank + 1) * part
-    if min(r1, vocab) > r0:
-        yield reader.row_range(name, r0, min(r1, vocab))
-    missing = r1 - max(r0, min(r1, vocab))
-    if missing:
-        yield Zeros(missing * reader.row_elems(name))  # TRT-LLM pads the vocab with zero rows
+class Replicate:
+    """Every rank holds the whole tensor (norms, an unsplit embedding)."""
+
+    def shape(self, src: list[tuple], ctx: RankContext) -> tuple:
+        return tuple(src[0])
+
+    def pieces(self, reader: TensorReader, names: list[str], ctx: RankContext):
+        return [whole(reader, names[0])]
 
 
-def _fused_qkv(reader: TensorReader, names: list[str], ctx: RankContext):
-    q, k, v = names
-    hd = ctx.head_dim
-    q0, q1 = _even(ctx.num_heads, ctx)
-    yield reader.row_range(q, q0 * hd, q1 * hd)
-    heads = kv_heads_for_rank(ctx)
-    for src in (k, v):
-        # consecutive heads are one contiguous range
-        yield reader.row_range(src, heads[0] * hd, (heads[-1] + 1) * hd)
+class Column:
+    """Split along dim 0 (output features): each rank's rows are one contiguous range."""
+
+    def shape(self, src, ctx):
+        return (src[0][0] // ctx.tp, *src[0][1:])
+
+    def pieces(self, reader, names, ctx):
+        return [reader.row_range(names[0], *_part(reader.info(names[0]).shape[0], ctx.tp, ctx.rank))]
+
+
+class Row:
+    """Split along dim 1 (input features): rank outputs are partial sums, all-reduced at run time."""
+
+    def shape(self, src, ctx):
+        return (src[0][0], src[0][1] // ctx.tp)
+
+    def pieces(self, reader, names, ctx):
+        return column_slice(reader, names[0], *_part(reader.info(names[0]).shape[1], ctx.tp, ctx.rank))
+
+
+class Vocab:
+    """Split along dim 0 after padding the rows with zeros to a multiple of tp (TRT-LLM's lm_head)."""
+
+    def shape(self, src, ctx):
+        return (padded(src[0][0], ctx.tp) // ctx.tp, *src[0][1:])
+
+    def pieces(self, reader, names, ctx):
+        name = names[0]
+        vocab = reader.info(name).shape[0]
+        part = padded(vocab, ctx.tp) // ctx.tp
+        r0, r1 = ctx.rank * part, (ctx.rank + 1) * part
+        if min(r1, vocab) > r0:
+            yield reader.row_range(name, r0, min(r1, vocab))
+        missing = r1 - max(r0, min(r1, vocab))
+        if missing:
+            yield Zeros(missing * reader.row_elems(name))
+
+
+class FusedQKV:
+    """q, k, v each split by heads, the rank's slices concatenated; kv heads repeated when fewer than tp."""
+
+    def shape(self, src, ctx):
+        q_rows = (ctx.num_heads // ctx.tp) * ctx.head_dim
+        kv_rows = len(kv_heads_for_rank(ctx)) * ctx.head_dim
+        return (q_rows + 2 * kv_rows, *src[0][1:])
+
+    def pieces(self, reader, names, ctx):
+        q, k, v = names
+        hd = ctx.head_dim
+        q0, q1 = _part(ctx.num_heads, ctx.tp, ctx.rank)
+        yield reader.row_range(q, q0 * hd, q1 * hd)
+        heads = kv_heads_for_rank(ctx)
+        for src in (k, v):
+            # consecutive heads are one contiguous range
+            yield reader.row_range(src, heads[0] * hd, (heads[-1] + 1) * hd)
+
+
+class ExpertColumn:
+    """Per expert, its sources (e.g. [w3, w1]) each split along dim 0 over moe_tp and concatenated; the rank's
+    experts stacked along a new dim 0: [experts / moe_ep, sources * rows / moe_tp, cols]. Sources are listed
+    expert by expert. Every piece is a contiguous range of one source: nothing is stacked in memory."""
+
+    def shape(self, src, ctx):
+        per = len(src) // ctx.num_experts
+        return (ctx.num_experts // ctx.moe_ep, per * (src[0][0] // ctx.moe_tp), *src[0][1:])
+
+    def pieces(self, reader, names, ctx):
+        per = len(names) // ctx.num_experts
+        for e in ctx.experts():
+            for name in names[e * per:(e + 1) * per]:
+                yield reader.row_range(name, *_part(reader.info(name).shape[0], ctx.moe_tp, ctx.moe_tp_rank))
+
+
+class ExpertRow:
+    """Per expert, one source split along dim 1 over moe_tp; the rank's experts stacked along a new dim 0:
+    [experts / moe_ep, rows, cols / moe_tp]."""
+
+    def shape(self, src, ctx):
+        return (ctx.num_experts // ctx.moe_ep, src[0][0], src[0][1] // ctx.moe_tp)
+
+    def pieces(self, reader, names, ctx):
+        for e in ctx.experts():
+            yield from column_slice(reader, names[e], *_part(reader.info(names[e]).shape[1], ctx.moe_tp,
+                                                             ctx.moe_tp_rank))
+
+
+RULES = {"replicate": Replicate(), "column": Column(), "row": Row(), "vocab": Vocab(), "fused_qkv": FusedQKV(),
+         "expert_column": ExpertColumn(), "expert_row": ExpertRow()}
+
+
+def rule_for(name: str, ctx: RankContext):
+    """The rule class for a table rule name. The embedding is replicated, or split like the vocab (dim 0)
+    or like a row-parallel weight (dim 1), as the options say."""
+    if name == "embedding":
+        name = "replicate" if not ctx.parallel_embedding else "vocab" if ctx.embedding_sharding_dim == 0 else "row"
+    try:
+        return RULES[name]
+    except KeyError:
+        raise ValueError(f"unknown split rule {name!r}") from None
+
+
+def shape_for(rule: str, src_shapes: list[tuple], ctx: RankContext) -> tuple:
+    """One rank's output shape, from the source shapes alone."""
+    return rule_for(rule, ctx).shape(src_shapes, ctx)
 
 
 def pieces(rule: str, reader: TensorReader, names: list[str], ctx: RankContext):
     """The bytes of one rank's output tensor, in order, as FileRange / Zeros / tensor pieces."""
-    rule = effective_rule(rule, ctx)
-    if rule == "replicate":
-        info = reader.info(names[0])
-        return [reader.row_range(names[0], 0, info.shape[0] if info.shape else 1)]
-    if rule == "column":
-        return [reader.row_range(names[0], *_even(reader.info(names[0]).shape[0], ctx))]
-    if rule == "row" and ctx.tp > 1:
-        return _row_split(reader, names[0], ctx)
-    if rule == "row":  # one rank holds every column: the whole tensor is one contiguous range
-        return [reader.row_range(names[0], 0, reader.info(names[0]).shape[0])]
-    if rule == "vocab":
-        return _vocab_split(reader, names[0], ctx)
-    if rule == "fused_qkv":
-        return _fused_qkv(reader, names, ctx)
-    raise ValueError(f"unknown split rule {rule!r}")
+    return rule_for(rule, ctx).pieces(reader, names, ctx)

@@ -17,12 +17,9 @@ from pathlib import Path
 import torch
 
 from lmi_compile.model.checkpoint import Checkpoint, TensorInfo
+from lmi_compile.model.dtypes import itemsize
 
 BLOCK_BYTES = 64 * 1024 * 1024
-
-
-def itemsize(dtype: str) -> int:
-    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
 @dataclass(frozen=True)

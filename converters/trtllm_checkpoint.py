@@ -21,11 +21,10 @@ from lmi_compile.pipeline.stages import fingerprint, write_json_atomic
 
 from lmi_compile.converters.safetensors_writer import SafetensorsWriter
 from lmi_compile.converters.shard_rules import RankContext, pieces, shape_for
-from lmi_compile.converters.tensor_reader import TensorReader, itemsize
+from lmi_compile.converters.tensor_reader import TensorReader
+from lmi_compile.model.dtypes import FLOAT_DTYPES, itemsize
 
 log = logging.getLogger("lmi_compile")
-
-FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,23 @@ class ConvertOptions:
     embedding_sharding_dim: int = 0
     workers: int = 1
     architecture: str | None = None  # the name the target TensorRT-LLM knows the family by (default: the table's)
+    # Mixture of experts: moe_tp * moe_ep must equal tp. Unset: moe_tp = tp / moe_ep, moe_ep = tp / moe_tp,
+    # and with neither given, tensor parallelism only (moe_tp = tp, moe_ep = 1), as TRT-LLM's Mapping does.
+    moe_tp: int | None = None
+    moe_ep: int | None = None
+    # How the checkpoint config names MoE settings: a key of the architecture's moe_config_style table
+    # (architectures.json): "nested" (TRT-LLM 0.11+) or "flat" (0.9).
+    moe_config_style: str = "nested"
+
+    def moe_split(self) -> tuple[int, int]:
+        """(moe_tp, moe_ep) with unset values filled in; check_parallelism says whether they fit tp."""
+        if self.moe_tp is None and self.moe_ep is None:
+            return self.tp, 1
+        if self.moe_tp is None:
+            return max(1, self.tp // max(1, self.moe_ep)), self.moe_ep
+        if self.moe_ep is None:
+            return self.moe_tp, max(1, self.tp // max(1, self.moe_tp))
+        return self.moe_tp, self.moe_ep
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,7 @@ class PlanEntry:
     rule: str
     sources: tuple[str, ...]
     shape: tuple[int, ...]
+    dtype: str | None = None  # written in this dtype whatever the checkpoint's (the MoE router: float32)
 
 
 def resolve_dtype(opts: ConvertOptions, config: ModelConfig, ck: Checkpoint) -> str:
@@ -68,7 +85,12 @@ def check_parallelism(arch: Architecture, opts: ConvertOptions, where: Path) -> 
                        f"divides it")
     if d.num_kv_heads >= tp and d.num_kv_heads % tp or d.num_kv_heads < tp and tp % d.num_kv_heads:
         raise BadInput(f"{where}: num_key_value_heads {d.num_kv_heads} and --tp {tp} do not divide one another")
-    if d.intermediate_size % tp:
+    if arch.is_moe:
+        check_moe(arch, opts, where)
+    elif opts.moe_split() != (tp, 1):
+        raise BadInput(f"{where}: {arch.name} has no experts; --moe-tp and --moe-ep apply to mixture-of-experts "
+                       f"models only")
+    elif d.intermediate_size % tp:
         raise BadInput(f"{where}: intermediate_size {d.intermediate_size} is not divisible by --tp {tp}")
     if pp > d.num_layers:
         raise BadInput(f"{where}: --pp {pp} is larger than num_hidden_layers {d.num_layers}")
@@ -81,8 +103,55 @@ def check_parallelism(arch: Architecture, opts: ConvertOptions, where: Path) -> 
         raise BadInput(f"--dtype {opts.dtype!r} is not supported; use auto, float16, bfloat16 or float32")
 
 
-def _entries(arch: Architecture, ck: Checkpoint, pp_rank: int, pp: int):
-    """(target, rule, sources) for one pipeline stage, layer indices renumbered from 0."""
+def check_moe(arch: Architecture, opts: ConvertOptions, where: Path) -> None:
+    """Expert parallelism holds whole experts, MoE tensor parallelism slices each: both must divide evenly."""
+    d, tp = arch.dims, opts.tp
+    moe_tp, moe_ep = opts.moe_split()
+    if moe_tp < 1 or moe_ep < 1:
+        raise BadInput(f"--moe-tp and --moe-ep must be at least 1 (got moe_tp={moe_tp}, moe_ep={moe_ep})")
+    if moe_tp * moe_ep != tp:
+        raise BadInput(f"--moe-tp {moe_tp} x --moe-ep {moe_ep} = {moe_tp * moe_ep} must equal --tp {tp}; choose "
+                       f"them so their product is tp")
+    if d.num_experts % moe_ep:
+        raise BadInput(f"{where}: num_local_experts {d.num_experts} is not divisible by --moe-ep {moe_ep}; use an "
+                       f"expert parallelism that divides it")
+    if d.intermediate_size % moe_tp:
+        raise BadInput(f"{where}: intermediate_size {d.intermediate_size} is not divisible by --moe-tp {moe_tp}")
+    styles = {k: v for k, v in arch.entry.get("moe_config_style", {}).items() if not k.startswith("_")}
+    style = styles.get(opts.moe_config_style)
+    if style is None:
+        raise BadInput(f"MoE config style {opts.moe_config_style!r} is not known for {arch.name}; known: "
+                       f"{', '.join(sorted(styles))}")
+    if "moe_tp_mode" in style and moe_tp > 1 and moe_ep > 1:
+        raise BadInput(f"MoE config style {opts.moe_config_style!r} cannot mix MoE tensor and expert parallelism "
+                       f"(--moe-tp {moe_tp}, --moe-ep {moe_ep}); use --moe-ep 1 or --moe-ep {tp}")
+
+
+def moe_style(arch: Architecture, opts: ConvertOptions) -> dict:
+    """The architecture's entry for the chosen MoE config style ({} for dense models)."""
+    return arch.entry["moe_config_style"][opts.moe_config_style] if arch.is_moe else {}
+
+
+def _fill(value, values: dict):
+    """A style's config with every "$name" string replaced by its value."""
+    if isinstance(value, dict):
+        return {k: _fill(v, values) for k, v in value.items()}
+    if isinstance(value, str) and value.startswith("$"):
+        return values[value[1:]]
+    return value
+
+
+def _merge(into: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+    return into
+
+
+def _entries(arch: Architecture, ck: Checkpoint, pp_rank: int, pp: int, rename: dict):
+    """(table entry, target, sources) for one pipeline stage, layer indices renumbered from 0."""
     d, lay = arch.dims, arch.layout
     per = d.num_layers // pp
     out = []
@@ -92,64 +161,67 @@ def _entries(arch: Architecture, ck: Checkpoint, pp_rank: int, pp: int):
         out += [(e, (local, pp_rank * per + local)) for e in lay["layer"]]
     if pp_rank == pp - 1:
         out += [(e, None) for e in lay["last_stage"]]
+    tied = arch.tied_sources()
     for e, idx in out:
         local, src_i = idx if idx else (None, None)
-        target = e["target"].format(i=local)
-        sources = [s.format(i=src_i) for s in e["sources"]]
-        if not all(s in ck for s in sources) and e.get("tied_sources") and d.tie_word_embeddings:
-            sources = list(e["tied_sources"])
+        target = rename.get(e["target"], e["target"]).format(i=local)
+        sources = arch.sources(e, src_i)
+        if not all(s in ck for s in sources) and all(s in tied for s in sources):
+            sources = [tied[s] for s in sources]
         missing = [s for s in sources if s not in ck]
         if missing:
             if e.get("optional") and len(missing) == len(sources):
                 continue
             raise BadInput(f"{ck.root}: tensor {missing[0]!r} is missing from the checkpoint "
                            f"({arch.name} needs it for {target}); the checkpoint is incomplete")
-        yield target, e["rule"], tuple(sources)
+        yield e, target, tuple(sources)
 
 
 def _expected_shapes(arch: Architecture) -> dict[str, int]:
     d = arch.dims
     return {"hidden": d.hidden_size, "vocab": d.vocab_size, "inter": d.intermediate_size,
-            "q": d.num_heads * d.head_dim, "kv": d.num_kv_heads * d.head_dim}
+            "q": d.num_heads * d.head_dim, "kv": d.num_kv_heads * d.head_dim, "experts": d.num_experts}
 
 
 def plan_rank(arch: Architecture, ck: Checkpoint, opts: ConvertOptions, tp_rank: int, pp_rank: int) -> list[PlanEntry]:
     ctx = rank_context(arch, opts, tp_rank)
     dims = _expected_shapes(arch)
-    shapes_by_target = {}
-    for lay_key in ("first_stage", "layer", "last_stage"):
-        for e in arch.layout[lay_key]:
-            shapes_by_target[e["target"]] = e["shape"]
     plan = []
-    for target, rule, sources in _entries(arch, ck, pp_rank, opts.pp):
+    for e, target, sources in _entries(arch, ck, pp_rank, opts.pp, moe_style(arch, opts).get("rename", {})):
         src_shapes = [ck.tensors[s].shape for s in sources]
-        spec = shapes_by_target.get(_template_of(target, arch))
-        if spec is not None:
-            specs = spec if isinstance(spec[0], list) else [spec]
-            for s, shp, want in zip(sources, src_shapes, specs):
-                expect = tuple(dims[w] for w in want)
-                if tuple(shp) != expect:
-                    raise BadInput(f"{ck.tensors[s].file}: tensor {s!r} has shape {list(shp)}, but config.json "
-                                   f"implies {list(expect)}; config and weights disagree")
+        specs = e["shape"] if isinstance(e["shape"][0], list) else [e["shape"]]
+        for s, shp, want in zip(sources, src_shapes, specs * (len(sources) // len(specs))):
+            expect = tuple(dims[w] for w in want)
+            if tuple(shp) != expect:
+                raise BadInput(f"{ck.tensors[s].file}: tensor {s!r} has shape {list(shp)}, but config.json "
+                               f"implies {list(expect)}; config and weights disagree")
         for s in sources:
             if ck.tensors[s].dtype not in FLOAT_DTYPES:
                 raise BadInput(f"{ck.tensors[s].file}: tensor {s!r} has dtype {ck.tensors[s].dtype}, not supported "
                                f"(float16, bfloat16, float32); quantized checkpoints need their own converter")
-        plan.append(PlanEntry(target, rule, sources, shape_for(rule, src_shapes, ctx)))
+        plan.append(PlanEntry(target, e["rule"], sources, shape_for(e["rule"], src_shapes, ctx), e.get("dtype")))
     return plan
 
 
-def _template_of(target: str, arch: Architecture) -> str:
-    import re
-
-    return re.sub(r"\.layers\.\d+\.", ".layers.{i}.", target)
+def check_all_used(arch: Architecture, ck: Checkpoint, plans) -> None:
+    """Every source tensor goes into some rank file, unless the table says it is not a weight: a tensor the
+    layout does not name would otherwise be dropped without a word."""
+    used = {s for plan in plans for p in plan for s in p.sources} | arch.ignored_sources()
+    extra = sorted(set(ck.tensors) - used)
+    if extra:
+        info = ck.tensors[extra[0]]
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise BadInput(f"{info.file}: tensor {extra[0]!r}{more} is not used by {arch.name}'s layout; the checkpoint "
+                       f"does not match its config.json, or the layout in configs/architectures.json lacks it")
 
 
 def rank_context(arch: Architecture, opts: ConvertOptions, tp_rank: int) -> RankContext:
     d = arch.dims
+    moe_tp, moe_ep = opts.moe_split()
     return RankContext(tp=opts.tp, rank=tp_rank, num_heads=d.num_heads, num_kv_heads=d.num_kv_heads,
                        head_dim=d.head_dim, parallel_embedding=opts.parallel_embedding,
-                       embedding_sharding_dim=opts.embedding_sharding_dim)
+                       embedding_sharding_dim=opts.embedding_sharding_dim, num_experts=d.num_experts,
+                       moe_tp=moe_tp, moe_ep=moe_ep)
 
 
 def trtllm_config(arch: Architecture, config: ModelConfig, opts: ConvertOptions, dtype: str, attn_bias: bool) -> dict:
@@ -182,6 +254,12 @@ def trtllm_config(arch: Architecture, config: ModelConfig, opts: ConvertOptions,
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
         **arch.entry.get("trtllm_config", {}),
     }
+    style = moe_style(arch, opts)
+    if style:
+        moe_tp, moe_ep = opts.moe_split()
+        mode = style.get("moe_tp_mode", {}).get("expert" if moe_ep > 1 else "tensor")
+        _merge(cfg, _fill(style["config"], {"num_experts": d.num_experts, "top_k": d.top_k, "moe_tp": moe_tp,
+                                            "moe_ep": moe_ep, "moe_tp_mode": mode}))
     return cfg
 
 
@@ -220,7 +298,7 @@ def write_ranks(ck: Checkpoint, todo: list, contexts: dict, dtype: str, workers:
             with lock:
                 opened.append(reader)
         writers[r].write_pieces_at(i, pieces(p.rule, reader, list(p.sources), ctx), reader.read)
-        bar.update(_numel(p.shape) * itemsize(dtype))
+        bar.update(_numel(p.shape) * itemsize(p.dtype or dtype))
         with lock:
             left[r] -= 1
             last = left[r] == 0
@@ -229,9 +307,9 @@ def write_ranks(ck: Checkpoint, todo: list, contexts: dict, dtype: str, workers:
 
     try:
         for r, tp_rank, plan, path, plan_fp in todo:
-            writers[r] = SafetensorsWriter(path, [(p.target, dtype, p.shape) for p in plan],
+            left[r] = len(plan)  # before the writer exists: an interrupt right after its creation still aborts it
+            writers[r] = SafetensorsWriter(path, [(p.target, p.dtype or dtype, p.shape) for p in plan],
                                            metadata={"format": "pt", "lmi_compile_plan": plan_fp})
-            left[r] = len(plan)
         # interleave ranks so parallel workers spread over files and sources
         tasks = [(r, i, plan[i], contexts[tp_rank]) for i in range(max((len(t[2]) for t in todo), default=0))
                  for r, tp_rank, plan, _, _ in todo if i < len(plan)]
@@ -259,18 +337,18 @@ def convert(arch: Architecture, config: ModelConfig, ck: Checkpoint, out: Path, 
         for tp_rank in range(opts.tp):
             plan = plan_rank(arch, ck, opts, tp_rank, pp_rank)
             jobs.append((rank_id(tp_rank, pp_rank, opts.tp), tp_rank, plan))
+    check_all_used(arch, ck, [plan for _, _, plan in jobs])
     attn_bias = any(p.target.endswith("attention.qkv.bias") for _, _, plan in jobs for p in plan)
     cfg = trtllm_config(arch, config, opts, dtype, attn_bias)
-    elsize = itemsize(dtype)
     todo, total = [], 0
     for r, tp_rank, plan in jobs:
-        plan_fp = fingerprint(plan=[(p.target, p.rule, p.sources, p.shape) for p in plan], dtype=dtype,
+        plan_fp = fingerprint(plan=[(p.target, p.rule, p.sources, p.shape, p.dtype) for p in plan], dtype=dtype,
                               files=ck.identity(), opts=opts.__dict__ | {"workers": None})
         path = out / f"rank{r}.safetensors"
         if _rank_done(path, plan_fp):
             log.info("convert: rank %d already written, kept", r)
             continue
-        nbytes = sum(_numel(p.shape) for p in plan) * elsize
+        nbytes = sum(_numel(p.shape) * itemsize(p.dtype or dtype) for p in plan)
         total += nbytes
         todo.append((r, tp_rank, plan, path, plan_fp))
     write_ranks(ck, todo, {tp_rank: rank_context(arch, opts, tp_rank) for tp_rank in range(opts.tp)}, dtype,

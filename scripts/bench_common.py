@@ -15,6 +15,10 @@ SHAPES = {
                       intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096),
     "llama3-8b": dict(family="llama", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                       intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192),
+    # 46.7B parameters, 1.45B per layer: --layers 8 is a quarter of the model
+    "mixtral-8x7b": dict(family="mixtral", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                         intermediate_size=14336, vocab_size=32000, max_position_embeddings=32768, num_experts=8,
+                         experts_per_token=2),
 }
 
 

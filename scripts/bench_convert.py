@@ -9,6 +9,7 @@ In one run, on a random checkpoint of a real shape, for each tp it measures wall
 Each runs in its own process; peak RSS is that process's ru_maxrss. Prints a table with ratios.
 
   python scripts/bench_convert.py --shape llama3-8b --layers 8 --tp 1 2 4 8 --dir /tmp/bench
+  python scripts/bench_convert.py --shape mixtral-8x7b --layers 8 --tp 2 4 --moe-ep 2 --skip-baseline
 """
 
 import argparse
@@ -44,14 +45,14 @@ def child_floor(model: Path, out: Path, out_bytes: int) -> None:
         os.fsync(fh.fileno())
 
 
-def child_ours(model: Path, out: Path, tp: int) -> None:
+def child_ours(model: Path, out: Path, tp: int, moe_ep: int) -> None:
     from lmi_compile.model.architectures import resolve
     from lmi_compile.converters.trtllm_checkpoint import ConvertOptions, convert
     from lmi_compile.model.validate import validate_model_dir
 
     m = validate_model_dir(model)
     convert(resolve(m.config), m.config, m.checkpoint, out,
-            ConvertOptions(tp=tp, workers=max(1, min(8, os.cpu_count() or 1))))
+            ConvertOptions(tp=tp, moe_ep=moe_ep, workers=max(1, min(8, os.cpu_count() or 1))))
 
 
 def child_baseline(model: Path, out: Path, tp: int) -> None:
@@ -103,15 +104,18 @@ def main() -> None:
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--dir", type=Path, default=Path("/tmp/lmi-bench-convert"))
     ap.add_argument("--repeat", type=int, default=2, help="runs per contender; the fastest counts")
+    ap.add_argument("--moe-ep", type=int, default=1, help="expert parallelism for MoE shapes (moe_tp = tp / moe_ep)")
     ap.add_argument("--skip-baseline", action="store_true", help="e.g. when the model does not fit in RAM twice")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         mode, model, out, n = a.child[0], Path(a.child[1]), Path(a.child[2]), int(a.child[3])
-        {"floor": lambda: child_floor(model, out, n), "ours": lambda: child_ours(model, out, n),
+        {"floor": lambda: child_floor(model, out, n), "ours": lambda: child_ours(model, out, n, int(a.child[4])),
          "baseline": lambda: child_baseline(model, out, n)}[mode]()
         print(peak_rss_mib())
         return
+    if SHAPES[a.shape]["family"] == "mixtral" and not a.skip_baseline:
+        ap.error("the baseline slices dense Llama weights only; use --skip-baseline for MoE shapes")
     model = make_model(a.dir / f"{a.shape}-{a.layers or 'full'}", a.shape, a.layers)
     in_bytes = sum(f.stat().st_size for f in input_files(model))
     rows = []
@@ -119,7 +123,7 @@ def main() -> None:
         out = a.dir / f"out-tp{tp}"
         shutil.rmtree(out, ignore_errors=True)
         read_all(input_files(model))  # warm the page cache the same way for every contender
-        ours = measure(__file__, ["--child", "ours", str(model), str(out), str(tp)], out, a.repeat)
+        ours = measure(__file__, ["--child", "ours", str(model), str(out), str(tp), str(a.moe_ep)], out, a.repeat)
         out_bytes = dir_bytes(out)
         floor = measure(__file__, ["--child", "floor", str(model), str(out), str(out_bytes)], out, a.repeat)
         base = (float("nan"), float("nan"))
@@ -127,7 +131,7 @@ def main() -> None:
             base = measure(__file__, ["--child", "baseline", str(model), str(out), str(tp)], out, a.repeat)
         shutil.rmtree(out)
         rows.append((tp, in_bytes, out_bytes, floor, ours, base))
-    print(f"\n{a.shape} ({a.layers or 'all'} layers), bf16, input {in_bytes / 2**30:.2f} GiB, "
+    print(f"\n{a.shape} ({a.layers or 'all'} layers), bf16, moe_ep={a.moe_ep}, input {in_bytes / 2**30:.2f} GiB, "
           f"{os.cpu_count()} cores, workers={max(1, min(8, os.cpu_count() or 1))}, best of {a.repeat}")
     print(f"{'tp':>3} {'out GiB':>8} | {'floor s':>8} {'ours s':>8} {'base s':>8} | {'ours/floor':>10} "
           f"{'base/ours':>9} | {'floor MiB':>9} {'ours MiB':>9} {'base MiB':>9}")

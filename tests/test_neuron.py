@@ -217,3 +217,25 @@ def test_real_neuron_compile(model_factory, tmp_path):
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((tmp_path / "out" / "lmi-compile.json").read_text())
     assert manifest["stand_in"] is False and manifest["versions"]["neuronx_cc"]
+
+
+def test_mixtral_split_in_transformers_4x_state_dict_order(model_factory, tmp_path):
+    """transformers 5 fuses Mixtral's experts in its state dict, so the order is written out by hand from the
+    4.x modules (MixtralDecoderLayer: self_attn, block_sparse_moe (gate, experts[e].w1/w2/w3), norms)."""
+    from safetensors.torch import load_file
+
+    model = model_factory(family="mixtral", shards=2)
+    m = validate_model_dir(model)
+    write_split(resolve(m.config), m.checkpoint, tmp_path, amp=None)
+    split = tmp_path / "pytorch_model.bin"
+    mapping = json.loads((split / "key_to_filename.json").read_text())
+    p = "model.layers.{}."
+    layer = [p + f"self_attn.{x}_proj.weight" for x in "qkvo"] + [p + "block_sparse_moe.gate.weight"] + \
+        [p + f"block_sparse_moe.experts.{e}.{w}.weight" for e in range(4) for w in ("w1", "w2", "w3")] + \
+        [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+    want = ["model.embed_tokens.weight", *(k.format(i) for i in range(4) for k in layer), "model.norm.weight",
+            "lm_head.weight"]
+    assert list(mapping) == want
+    source = {k: v for f in sorted(model.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    loaded = load_like_transformers_neuronx(split, want)
+    assert all(torch.equal(loaded[k], source[k]) for k in want)

@@ -26,7 +26,8 @@ def hf_logits(model_dir: Path) -> torch.Tensor:
 
 def run_convert(model_dir: Path, out: Path, **opts) -> Path:
     m = validate_model_dir(model_dir)
-    convert(resolve(m.config), m.config, m.checkpoint, out, ConvertOptions(workers=4, **opts))
+    # float32 unless a test asks otherwise: the logits comparisons need full precision (auto would give float16)
+    convert(resolve(m.config), m.config, m.checkpoint, out, ConvertOptions(workers=4, **{"dtype": "float32", **opts}))
     return out
 
 
@@ -155,7 +156,8 @@ def test_unsupported_architecture(model_copy, tmp_path):
     proc = run_cli("trtllm", m, "--work-dir", tmp_path / "w", "--until", "convert")
     assert proc.returncode == 2
     line = error_line(proc)
-    assert "GPTBigCodeForCausalLM" in line and "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM" in line
+    assert "GPTBigCodeForCausalLM" in line
+    assert "LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM" in line
 
 
 def test_missing_tensor(model_copy, tmp_path):
@@ -178,3 +180,19 @@ def test_config_and_weights_disagree(model_copy, tmp_path):
     proc = run_cli("trtllm", m, "--work-dir", tmp_path / "w", "--until", "convert")
     assert proc.returncode == 2
     assert "config and weights disagree" in error_line(proc)
+
+
+def test_unused_tensor_is_an_error_unless_ignored(model_copy, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    m = model_copy(shards=1)
+    sd = load_file(str(m / "model.safetensors"))
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # not a weight: the table ignores it
+    save_file(sd, str(m / "model.safetensors"), metadata={"format": "pt"})
+    assert sorted(p.name for p in run_convert(m, tmp_path / "ok").glob("rank*")) == ["rank0.safetensors"]
+    sd["model.layers.1.mlp.down_proj.bias"] = torch.zeros(64)  # a weight the llama layout does not map
+    save_file(sd, str(m / "model.safetensors"), metadata={"format": "pt"})
+    proc = run_cli("trtllm", m, "--work-dir", tmp_path / "w", "--until", "convert")
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert "model.layers.1.mlp.down_proj.bias" in line and "model.safetensors" in line and "not used" in line

@@ -16,6 +16,10 @@ FAMILIES = {
     "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": None},
     "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False,
               "sliding_window": None, "max_window_layers": 28},
+    # experts (num_local_experts, num_experts_per_tok) come from TinySpec
+    "mixtral": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "sliding_window": None,
+                "router_aux_loss_coef": 0.02, "router_jitter_noise": 0.0, "output_router_logits": False,
+                "attention_dropout": 0.0},
 }
 QKV_BIAS = {"qwen2"}
 
@@ -43,6 +47,8 @@ class TinySpec:
     dtype: str = "float32"
     seed: int = 0
     extra_config: dict = field(default_factory=dict)
+    num_experts: int = 4  # mixtral only
+    experts_per_token: int = 2  # mixtral only
 
     @property
     def head_dim(self) -> int:
@@ -70,6 +76,8 @@ def hf_config(spec: TinySpec) -> dict:
         "torch_dtype": spec.dtype,
         "transformers_version": "4.46.0",
         "use_cache": True,
+        **({"num_local_experts": spec.num_experts, "num_experts_per_tok": spec.experts_per_token}
+           if spec.family == "mixtral" else {}),
         **spec.extra_config,
     }
     return cfg
@@ -90,11 +98,20 @@ def tensor_plan(spec: TinySpec) -> list[tuple[str, tuple[int, ...]]]:
         plan += [(p + "self_attn.v_proj.weight", (kv, h))]
         if spec.family in QKV_BIAS:
             plan += [(p + "self_attn.v_proj.bias", (kv,))]
+        plan += [(p + "self_attn.o_proj.weight", (h, spec.num_heads * spec.head_dim))]
+        if spec.family == "mixtral":  # transformers 4.x module order: router, then each expert's w1, w2, w3
+            moe, inter = p + "block_sparse_moe.", spec.intermediate_size
+            plan += [(moe + "gate.weight", (spec.num_experts, h))]
+            for e in range(spec.num_experts):
+                plan += [(f"{moe}experts.{e}.w1.weight", (inter, h)), (f"{moe}experts.{e}.w2.weight", (h, inter)),
+                         (f"{moe}experts.{e}.w3.weight", (inter, h))]
+        else:
+            plan += [
+                (p + "mlp.gate_proj.weight", (spec.intermediate_size, h)),
+                (p + "mlp.up_proj.weight", (spec.intermediate_size, h)),
+                (p + "mlp.down_proj.weight", (h, spec.intermediate_size)),
+            ]
         plan += [
-            (p + "self_attn.o_proj.weight", (h, spec.num_heads * spec.head_dim)),
-            (p + "mlp.gate_proj.weight", (spec.intermediate_size, h)),
-            (p + "mlp.up_proj.weight", (spec.intermediate_size, h)),
-            (p + "mlp.down_proj.weight", (h, spec.intermediate_size)),
             (p + "input_layernorm.weight", (h,)),
             (p + "post_attention_layernorm.weight", (h,)),
         ]
@@ -109,6 +126,8 @@ def _random_tensor(name: str, shape, dtype: str, gen):
 
     if name.endswith("norm.weight"):
         t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    elif name.endswith("block_sparse_moe.gate.weight"):
+        t = torch.randn(shape, generator=gen)  # decisive routing: no near-ties in top-k between implementations
     else:
         t = 0.02 * torch.randn(shape, generator=gen) * (5.0 if name.endswith(".bias") else 1.0)
     return t.to(getattr(torch, dtype))

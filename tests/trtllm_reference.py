@@ -2,6 +2,10 @@
 
 Fused qkv per rank, GQA with the rank's kv heads, row-parallel partial sums (the all-reduce), GatedMLP
 proj(act(fc(x)) * gate(x)), vocab-parallel lm_head (concatenate, drop padding), pipeline stages in order.
+Mixture of experts as TRT-LLM's MoE layer computes it: router logits in float32, softmax, top-k, renormalized
+(normalization mode RENORMALIZE); each expert's fc output [w3 x; w1 x] goes through swiglu (silu of the
+second half times the first), then proj; each rank holds experts tp_rank % moe_ep_size's block, sliced
+over moe_tp, and its partial sums are all-reduced like a row-parallel layer.
 It reads only the TRT-LLM checkpoint (config.json + rank files), never the HF model.
 """
 
@@ -47,6 +51,40 @@ def _rms(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
+def _moe_settings(cfg: dict) -> dict:
+    """num_experts, top_k, normalization mode, moe_tp, moe_ep and weight names, from either config style."""
+    tp = cfg["mapping"]["tp_size"]
+    if "moe" in cfg:  # nested (TRT-LLM 0.11+)
+        m = cfg["moe"]
+        return dict(experts=m["num_experts"], top_k=m["top_k"], norm=m["normalization_mode"],
+                    moe_tp=cfg["mapping"]["moe_tp_size"], moe_ep=cfg["mapping"]["moe_ep_size"],
+                    fc="mlp.fc.weight", proj="mlp.proj.weight")
+    expert = cfg["moe_tp_mode"] == 1  # flat (0.9): EXPERT_PARALLEL=1 over the whole tp group, or TENSOR_PARALLEL=2
+    return dict(experts=cfg["moe_num_experts"], top_k=cfg["moe_top_k"], norm=cfg["moe_normalization_mode"],
+                moe_tp=1 if expert else tp, moe_ep=tp if expert else 1,
+                fc="mlp.experts_weight_1", proj="mlp.experts_weight_2")
+
+
+def _moe(h: torch.Tensor, stage: list[dict], pre: str, moe: dict) -> torch.Tensor:
+    routers = [r[pre + "mlp.router.weight"] for r in stage]
+    assert all(torch.equal(w, routers[0]) for w in routers), "the router is replicated"
+    probs = torch.softmax(h.float() @ routers[0].float().T, dim=-1)
+    top_w, top_i = torch.topk(probs, moe["top_k"], dim=-1)
+    if moe["norm"] == 1:  # RENORMALIZE
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+    per_rank = moe["experts"] // moe["moe_ep"]
+    out = torch.zeros_like(h)
+    for t, r in enumerate(stage):
+        first = (t % moe["moe_ep"]) * per_rank  # this rank's block of experts
+        fc, proj = r[pre + moe["fc"]], r[pre + moe["proj"]]
+        assert fc.shape[0] == proj.shape[0] == per_rank
+        for j in range(per_rank):
+            weight = (top_w * (top_i == first + j)).sum(-1, keepdim=True)  # 0 for tokens not routed here
+            x, gate = (h @ fc[j].T).chunk(2, dim=-1)
+            out = out + weight * ((torch.nn.functional.silu(gate) * x) @ proj[j].T)
+    return out
+
+
 def reference_logits(ckpt: Path, input_ids: torch.Tensor) -> torch.Tensor:
     cfg = json.loads((Path(ckpt) / "config.json").read_text())
     tp, pp = cfg["mapping"]["tp_size"], cfg["mapping"]["pp_size"]
@@ -90,6 +128,9 @@ def reference_logits(ckpt: Path, input_ids: torch.Tensor) -> torch.Tensor:
                 attn = attn + o @ r[pre + "attention.dense.weight"].T  # row-parallel partial sum
             x = x + attn
             h = _rms(x, stage[0][pre + "post_layernorm.weight"], eps)
+            if pre + "mlp.router.weight" in stage[0]:
+                x = x + _moe(h, stage, pre, _moe_settings(cfg))
+                continue
             mlp = torch.zeros_like(x)
             for r in stage:
                 inner = torch.nn.functional.silu(h @ r[pre + "mlp.fc.weight"].T) * (h @ r[pre + "mlp.gate.weight"].T)

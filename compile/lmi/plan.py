@@ -7,15 +7,16 @@ share of kv heads, at least one (heads are repeated when kv heads < tp).
 """
 
 import json
+import math
 from dataclasses import asdict, dataclass
 
 from lmi_compile.model.architectures import Architecture, resolve
 from lmi_compile.configs import load_json
 from lmi_compile.errors import BadInput
 from lmi_compile.model.config import ModelConfig
+from lmi_compile.model.dtypes import DTYPE_BYTES, FLOAT_DTYPES
 from lmi_compile.model.limits import sequence_problem
 
-DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 GiB = 1024 ** 3
 # Activations, CUDA context and runtime buffers that are not weights or KV cache.
 OVERHEAD_FRACTION = 0.10
@@ -27,6 +28,7 @@ class Plan:
     architecture: str
     dtype: str
     parameters: int
+    active_parameters: int
     weight_bytes: int
     tp: int
     pp: int
@@ -47,18 +49,49 @@ class Plan:
 
 
 def param_counts(arch: Architecture) -> dict[str, int]:
+    """Parameters by part, summed from the layout's tensor shapes (configs/architectures.json).
+
+    embedding, layer (one decoder layer), norm (the rest of the last stage), lm_head (0 when tied);
+    layer_experts: the part of a layer that is expert weights; layer_fixed / layer_fixed_bytes: the part
+    stored in a dtype of its own whatever the model's (the MoE router: float32, replicated on every rank).
+    """
     d = arch.dims
-    q, kv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
-    bias = (q + 2 * kv) if arch.entry.get("qkv_bias") else 0
-    attn = d.hidden_size * q + 2 * d.hidden_size * kv + q * d.hidden_size + bias
-    layer = attn + 3 * d.hidden_size * d.intermediate_size + 2 * d.hidden_size
-    return {"embedding": d.vocab_size * d.hidden_size, "layer": layer, "norm": d.hidden_size,
-            "lm_head": 0 if d.tie_word_embeddings else d.vocab_size * d.hidden_size}
+    sym = {"hidden": d.hidden_size, "vocab": d.vocab_size, "inter": d.intermediate_size,
+           "q": d.num_heads * d.head_dim, "kv": d.num_kv_heads * d.head_dim, "experts": d.num_experts}
+    c = dict.fromkeys(("embedding", "layer", "norm", "lm_head", "layer_experts", "layer_fixed", "layer_fixed_bytes"), 0)
+    tied = arch.tied_sources()
+    for section, e in arch.tensor_entries():
+        if e.get("optional") and not arch.entry.get(e["optional"]):
+            continue
+        specs = e["shape"] if isinstance(e["shape"][0], list) else [e["shape"]]
+        n = sum(math.prod(sym[w] for w in spec) for spec in specs)
+        if section == "first_stage":
+            c["embedding"] += n
+        elif section == "last_stage":
+            if e["sources"][0] not in tied:  # a tied lm_head is the embedding, counted once
+                c["lm_head" if e.get("tied_sources") else "norm"] += n
+        else:
+            if any("{e}" in src for src in e["sources"]):
+                n *= d.num_experts
+                c["layer_experts"] += n
+            if e.get("dtype"):
+                c["layer_fixed"] += n
+                c["layer_fixed_bytes"] += n * DTYPE_BYTES[e["dtype"]]
+            c["layer"] += n
+    return c
 
 
 def total_params(arch: Architecture) -> int:
     c = param_counts(arch)
     return c["embedding"] + arch.dims.num_layers * c["layer"] + c["norm"] + c["lm_head"]
+
+
+def active_params(arch: Architecture) -> int:
+    """Parameters one token uses: all but the experts it is not routed to (top_k of num_experts per layer)."""
+    c, d = param_counts(arch), arch.dims
+    if not d.num_experts:
+        return total_params(arch)
+    return total_params(arch) - d.num_layers * c["layer_experts"] * (d.num_experts - d.top_k) // d.num_experts
 
 
 def make_plan(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: str = "auto", max_batch_size: int = 32,
@@ -67,7 +100,7 @@ def make_plan(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: str = "au
     d = arch.dims
     if dtype == "auto":
         dtype = config.dtype if config.dtype in ("float16", "bfloat16") else "float16"  # as the converter does
-    if dtype not in DTYPE_BYTES:
+    if dtype not in FLOAT_DTYPES:
         raise BadInput(f"--dtype {dtype!r}; use auto, float16, bfloat16 or float32")
     for flag, value in (("--tp", tp), ("--pp", pp), ("--max-batch-size", max_batch_size), ("--max-seq-len", max_seq_len)):
         if value < 1:
@@ -83,7 +116,8 @@ def make_plan(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: str = "au
     per_rank = rank_weight_bytes(c, d, tp, pp, b)
     kv_token = 2 * d.num_layers * d.num_kv_heads * d.head_dim * b
     kv_token_rank = rank_kv_bytes_per_token(d, tp, pp, b)
-    plan = Plan(architecture=arch.name, dtype=dtype, parameters=params, weight_bytes=weight_bytes, tp=tp, pp=pp,
+    plan = Plan(architecture=arch.name, dtype=dtype, parameters=params, active_parameters=active_params(arch),
+                weight_bytes=weight_bytes, tp=tp, pp=pp,
                 weight_bytes_per_rank=per_rank, kv_bytes_per_token=kv_token, kv_bytes_per_token_per_rank=kv_token_rank,
                 kv_bytes_for_batch=kv_token * max_batch_size * max_seq_len,
                 kv_bytes_for_batch_per_rank=kv_token_rank * max_batch_size * max_seq_len,
@@ -105,12 +139,15 @@ def make_plan(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: str = "au
 
 def rank_weight_bytes(c: dict, d, tp: int, pp: int, b: int) -> int:
     """Weights on the largest rank: the first stage has the embedding, the last the norm and lm_head
-    (written even when tied, its vocab padded to a multiple of tp)."""
-    share = -(-d.num_layers // pp) * c["layer"] // tp
+    (written even when tied, its vocab padded to a multiple of tp). Layers are split over tp; under expert
+    parallelism a rank holds num_experts / moe_ep whole experts, under MoE tensor parallelism a 1 / moe_tp
+    slice of each, so expert bytes per rank are 1 / tp of them either way. The router is whole on every rank."""
+    layers = -(-d.num_layers // pp)
+    share = layers * (c["layer"] - c["layer_fixed"]) // tp * b + layers * c["layer_fixed_bytes"]
     lm_head = -(-d.vocab_size // tp) * d.hidden_size
     if pp == 1:
-        return (c["embedding"] + share + c["norm"] + lm_head) * b
-    return max(c["embedding"] + share, share + c["norm"] + lm_head) * b
+        return (c["embedding"] + c["norm"] + lm_head) * b + share
+    return max(c["embedding"] * b + share, share + (c["norm"] + lm_head) * b)
 
 
 def rank_kv_bytes_per_token(d, tp: int, pp: int, b: int) -> int:
@@ -171,8 +208,10 @@ def _bytes(n: float) -> str:
 
 
 def render(plan: Plan) -> str:
-    lines = [f"{plan.architecture}: {_count(plan.parameters)} parameters, {_bytes(plan.weight_bytes)} of weights in "
-             f"{plan.dtype}",
+    active = f" ({_count(plan.active_parameters)} active per token)" \
+        if plan.active_parameters != plan.parameters else ""
+    lines = [f"{plan.architecture}: {_count(plan.parameters)} parameters{active}, {_bytes(plan.weight_bytes)} of "
+             f"weights in {plan.dtype}",
              f"tp={plan.tp} pp={plan.pp}: {_bytes(plan.weight_bytes_per_rank)} of weights per rank (largest rank)",
              f"KV cache: {_bytes(plan.kv_bytes_per_token)} per token ({_bytes(plan.kv_bytes_per_token_per_rank)} per "
              f"rank); {_bytes(plan.kv_bytes_for_batch)} for batch {plan.max_batch_size} x {plan.max_seq_len} tokens "

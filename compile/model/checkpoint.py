@@ -16,15 +16,7 @@ from lmi_compile.errors import BadInput
 from lmi_compile.model.config import read_json
 from lmi_compile.paths import resolve_inside
 
-# Bytes per element of each safetensors dtype tag.
-ST_DTYPE_SIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}
-ST_TO_TORCH = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
-               "I8": "int8", "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool"}
-TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
+from lmi_compile.model.dtypes import ST_DTYPE_SIZE, ST_TO_TORCH
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 

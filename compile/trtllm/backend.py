@@ -41,6 +41,8 @@ class TrtllmJob:
     dtype: str = "auto"
     parallel_embedding: bool = False
     embedding_sharding_dim: int = 0
+    moe_tp: int | None = None
+    moe_ep: int | None = None
     workers: int = field(default_factory=lambda: max(1, min(8, os.cpu_count() or 1)))
     trtllm_build: str | None = None
     engine_path: str = DEFAULT_ENGINE_PATH
@@ -80,21 +82,23 @@ def convert_stage(job: TrtllmJob, model, architecture: str) -> tuple[Path, str]:
     from lmi_compile.converters.trtllm_checkpoint import ConvertOptions, check_parallelism, convert
 
     arch = resolve(model.config)
+    tool = job.target["tool"]
     opts = ConvertOptions(tp=job.tp, pp=job.pp, dtype=job.dtype, parallel_embedding=job.parallel_embedding,
                           embedding_sharding_dim=job.embedding_sharding_dim, workers=job.workers,
-                          architecture=architecture)
+                          architecture=architecture, moe_tp=job.moe_tp, moe_ep=job.moe_ep,
+                          moe_config_style=tool["moe_config_style"])
     check_parallelism(arch, opts, model.config.path)
     fp = stages.fingerprint(files=model.checkpoint.identity(), root=str(model.root.resolve()),
                             config=model.config.raw, tp=job.tp, pp=job.pp, dtype=job.dtype,
                             parallel_embedding=job.parallel_embedding, sharding_dim=job.embedding_sharding_dim,
-                            architecture=architecture)
+                            architecture=architecture, moe=(opts.moe_split(), opts.moe_config_style))
     final = job.work.checkpoint
     if not job.force and stages.is_done(final, "convert", fp):
         log.info("convert: %s is up to date, skipping", final)
         return final, fp
     staging = stages.open_staging(final, fp)
     # rank files hold the model once, plus replicated embeddings and vocab padding: bounded by tp copies of them
-    emb = model.checkpoint.tensors.get("model.embed_tokens.weight")
+    emb = model.checkpoint.tensors.get(arch.embedding_source)
     ensure_room(final, model.checkpoint.total_bytes + (emb.nbytes * job.tp * job.pp if emb else 0), "convert")
     cfg = convert(arch, model.config, model.checkpoint, staging, opts)
     stages.finish(staging, final, "convert", fp, tp=job.tp, pp=job.pp, dtype=cfg["dtype"])
