@@ -16,15 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmi_compile import __version__
-from lmi_compile.pipeline import stages
-from lmi_compile.model.architectures import resolve
-from lmi_compile.pipeline.diskspace import ensure_room
-from lmi_compile.errors import BadInput, STANDIN_MARK, LmiCompileError
+from lmi_compile.errors import STANDIN_MARK, BadInput, LmiCompileError
 from lmi_compile.lmi import targets
+from lmi_compile.model.architectures import resolve
 from lmi_compile.neuron.calls import LMI_TO_AMP, LoaderCalls, loader_calls
 from lmi_compile.neuron.entry import EXIT_NO_SDK
 from lmi_compile.neuron.layout import FORMATS, write_layout
-from lmi_compile.pipeline.workdir import WorkDir, check_until, finish_layout, fresh_layout_staging
+from lmi_compile.pipeline import stages
+from lmi_compile.pipeline.diskspace import ensure_room
+from lmi_compile.pipeline.workdir import (
+    WorkDir,
+    check_until,
+    finish_layout,
+    fresh_layout_staging,
+)
 from lmi_compile.remote.stages import fetch_stage, preflight_upload, push_stage
 
 log = logging.getLogger("lmi_compile")
@@ -121,7 +126,7 @@ def entry_prefix(job: NeuronJob) -> list[str]:
 def preflight_sdk(job: NeuronJob, target) -> dict:
     """Ask the compile entry point whether it can run here (the SDK imports) and which transformers-neuronx
     it has, before anything is fetched or split: graphs from another version carry other hashes."""
-    proc = subprocess.run([*entry_prefix(job), "--check-sdk"], capture_output=True, text=True)
+    proc = subprocess.run([*entry_prefix(job), "--check-sdk"], capture_output=True, text=True, check=False)
     lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
     if proc.returncode == EXIT_NO_SDK:
         tail = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
@@ -190,7 +195,7 @@ def compile_stage(job: NeuronJob, calls: LoaderCalls, target, split: Path, split
     log.info("compile: %s", " ".join(shlex.quote(c) for c in cmd))
     with open(log_path, "w") as logf:
         # A separate process: a compiler crash or OOM ends it, not the pipeline.
-        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, check=False)
     if proc.returncode != 0:
         lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
         tail = lines[-1] if lines else "(no output)"

@@ -19,11 +19,11 @@ import shutil
 from pathlib import Path
 
 from lmi_compile.errors import LmiCompileError
+from lmi_compile.lmi.properties import render
 from lmi_compile.model.files import carried_files
+from lmi_compile.neuron.calls import AMP_TO_LMI, serving_options
 from lmi_compile.pipeline.workdir import place
 from lmi_compile.remote.manifest import LAYOUT_MANIFEST
-from lmi_compile.lmi.properties import render
-from lmi_compile.neuron.calls import AMP_TO_LMI, serving_options
 
 FORMATS = ("optimum", "split")
 # SageMaker mounts model data here. LMI 0.28+ checks compiled_graph_path with os.path.isdir after
