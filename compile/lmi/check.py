@@ -227,11 +227,12 @@ def check(text: str, *, container_trtllm: str | None = None, container_neuronx_c
             report.problems.append(f"config.json: the neuron section lacks {', '.join(missing)}")
         if "tokenizer_config.json" not in loc.files:
             report.problems.append("tokenizer_config.json: missing")
-        if "checkpoint/config.json" not in loc.files:
+        presharded = "compiled/config.json" in loc.files  # LMI 0.30+: weights in compiled/ (neuron/check.py)
+        if not presharded and "checkpoint/config.json" not in loc.files:
             report.problems.append("checkpoint/config.json: missing")
         if "checkpoint/pytorch_model.bin/key_to_filename.json" in loc.files:
             _check_split(loc, "checkpoint", report)
-        elif not any(f.startswith("checkpoint/") and f.endswith(".safetensors") for f in loc.files):
+        elif not presharded and not any(f.startswith("checkpoint/") and f.endswith(".safetensors") for f in loc.files):
             report.problems.append("checkpoint/: no split weights and no safetensors")
         _check_neffs(loc, report, container_neuronx_cc, neuron.get("compiler_version"))
         for key, opt in (("num_cores", "tensor_parallel_degree"), ("sequence_length", "n_positions"),
