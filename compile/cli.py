@@ -173,7 +173,7 @@ def neuron(
     amp: Annotated[Optional[str], typer.Option("--amp", help="f16, bf16 or f32 (option.dtype fp16/bf16/fp32). [default: the release's default, fp16]")] = None,
     lmi_version: Annotated[Optional[str], typer.Option("--lmi-version", help="LMI Neuron release to serve with (0.26-0.34); graphs are compiled as its loader rebuilds them. [default: 0.34]")] = None,
     context_length_estimate: Annotated[Optional[str], typer.Option("--context-length-estimate", help="Context buckets, e.g. 1024,2048.")] = None,
-    format: Annotated[str, typer.Option("--format", help="optimum (checkpoint/ + compiled/) or split (split model + compiled graph).")] = "optimum",
+    format: Annotated[str, typer.Option("--format", help="optimum (LMI's neuron format: compiled/ with presharded weights on 0.30+, checkpoint/ + compiled/ before) or split (split model + compiled graph, LMI 0.27+).")] = "optimum",
     allow_longer: Annotated[bool, typer.Option("--allow-longer", help="Allow --n-positions above max_position_embeddings when rope scaling covers it.")] = False,
     neuron_cache: Annotated[Optional[Path], typer.Option("--neuron-cache", help="Compile cache to keep or reuse (NEURON_COMPILE_CACHE_URL).")] = None,
     compile_entry: Annotated[Optional[str], typer.Option("--compile-entry", help="Command that compiles (default: python -m lmi_compile.neuron_entry).")] = None,
