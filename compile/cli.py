@@ -261,11 +261,13 @@ def neuron(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help=(
         "Batch size compiled in (LMI's option.max_rolling_batch_size). [default: 4]"), show_default=False)] = None,
     amp: Annotated[Optional[str], typer.Option("--amp", help=(
-        "f16, bf16 or f32 (option.dtype fp16/bf16/fp32). [default: bf16]"), show_default=False)] = None,
+        "f16, bf16 or f32 (option.dtype fp16/bf16/fp32). [default: the release's, fp16]"), show_default=False)] = None,
+    lmi_version: LmiVersion = None,
     context_length_estimate: Annotated[Optional[str], typer.Option("--context-length-estimate", help=(
         "Context buckets, e.g. 1024,2048."), show_default=False)] = None,
     format: Annotated[str, typer.Option("--format", help=(
-        "optimum (checkpoint/ + compiled/) or split (split model + compiled graph)."))] = "optimum",
+        "optimum (LMI's neuron format: compiled/ with presharded weights on 0.30+, checkpoint/ + compiled/ before) "
+        "or split (split model + compiled graph, LMI 0.27+)."))] = "optimum",
     allow_longer: AllowLonger = False,
     neuron_cache: Annotated[Optional[Path], typer.Option("--neuron-cache", help=(
         "Compile cache to keep or reuse (NEURON_COMPILE_CACHE_URL)."), show_default=False)] = None,
@@ -297,7 +299,8 @@ def neuron(
         raise BadInput(f"--context-length-estimate {context_length_estimate!r}: use integers like 1024,2048") from None
     job = NeuronJob(model=model, work=WorkDir(work_dir or default_work_dir(model)), output=_abs(output),
                     n_positions=s.pick("n_positions", n_positions, None), tp=s.pick("tp", tp, 2),
-                    batch_size=s.pick("max_batch_size", batch_size, 4), amp=amp or lmi_amp or "bf16",
+                    batch_size=s.pick("max_batch_size", batch_size, 4), amp=amp or lmi_amp,
+                    lmi_version=lmi_version,
                     context_length_estimate=buckets, format=format, allow_longer=allow_longer,
                     neuron_cache=_abs(neuron_cache), compile_entry=compile_entry, upload=upload,
                     revision=s.pick("revision", revision, None), token=token,

@@ -79,7 +79,7 @@ def test_engine_dir_layout(model_factory, tmp_path):
 
 def test_neuron_optimum_rules(model_factory, tmp_path):
     proc = run_cli("neuron", model_factory(), "--n-positions", "256", "--work-dir", tmp_path / "w", "--output",
-                   tmp_path / "out", "--compile-entry", NEURON_STANDIN)
+                   tmp_path / "out", "--compile-entry", NEURON_STANDIN, "--lmi-version", "0.29")  # checkpoint/ tree
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
     assert check_json(out)["loadable"] is False  # stand-in graphs

@@ -79,16 +79,17 @@ def compile_neuron(model, tmp_path, *args, env=None):
 def test_optimum_layout(model_factory, tmp_path):
     model = model_factory(shards=2)
     proc = compile_neuron(model, tmp_path, "--n-positions", "256", "--tp", "2", "--batch-size", "4",
-                          "--amp", "f16", "--context-length-estimate", "64,128")
+                          "--amp", "f16", "--context-length-estimate", "64,128", "--lmi-version", "0.29")
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
     files = tree(out)
     mapping = json.loads((out / "checkpoint" / "pytorch_model.bin" / "key_to_filename.json").read_text())
-    neffs = [f for f in files if f.startswith("compiled/")]
+    neffs = [f for f in files if f.startswith("compiled/") and f != "compiled/VERSION"]
     assert len(neffs) == 3 and all(f.endswith(".neff") for f in neffs)  # two context buckets + token generation
     assert files == sorted([".lmi-compile-stage.json", "config.json", "lmi-compile.json", "serving.properties",
                             *TOKENIZER, "checkpoint/config.json", "checkpoint/pytorch_model.bin/key_to_filename.json",
-                            *[f"checkpoint/pytorch_model.bin/{v}" for v in mapping.values()], *neffs])
+                            *[f"checkpoint/pytorch_model.bin/{v}" for v in mapping.values()], *neffs,
+                            "compiled/VERSION"])
     cfg = json.loads((out / "config.json").read_text())
     src = json.loads((model / "config.json").read_text())
     assert {k: v for k, v in cfg.items() if k != "neuron"} == src
@@ -99,31 +100,31 @@ def test_optimum_layout(model_factory, tmp_path):
                              "checkpoint_revision": None}
     assert props(out / "serving.properties") == {
         "option.tensor_parallel_degree": "2", "option.n_positions": "256", "option.max_rolling_batch_size": "4",
-        "option.rolling_batch": "auto", "option.dtype": "fp16", "option.context_length_estimate": "64,128"}
+        "option.dtype": "fp16", "option.rolling_batch": "tnx", "option.model_loader": "tnx",
+        "option.rolling_batch_strategy": "continuous_batching", "option.context_length_estimate": "64,128"}
     manifest = json.loads((out / "lmi-compile.json").read_text())
     assert manifest["stand_in"] is True and manifest["settings"]["n_positions"] == 256
     assert "STAND-IN" in proc.stderr
 
 
-def test_split_layout_with_upload_uri(model_factory, tmp_path, s3_env, s3_prefix):
-    model = model_factory(family="qwen2")
-    proc = compile_neuron(model, tmp_path, "--n-positions", "128", "--tp", "4", "--format", "split",
-                          "--upload", s3_prefix)
-    assert proc.returncode == 0, proc.stderr
-    out = tmp_path / "out"
-    files = tree(out)
-    assert "pytorch_model.bin/key_to_filename.json" in files and "config.json" in files
-    assert not any(f.startswith("checkpoint/") for f in files)
-    assert "neuron" not in json.loads((out / "config.json").read_text())
-    p = props(out / "serving.properties")
-    assert p["option.load_split_model"] == "true" and p["option.model_id"] == s3_prefix
-    assert p["option.compiled_graph_path"] == f"{s3_prefix}compiled/"  # LMI resolves relative paths against its cwd
+def test_split_layout_refuses_s3_graph_path(model_factory, tmp_path):
+    # LMI never loads graphs from an S3 option.compiled_graph_path (0.28+ skip it and recompile).
+    proc = compile_neuron(model_factory(), tmp_path, "--n-positions", "128", "--format", "split",
+                          "--upload", "s3://bucket/prefix/")
+    assert proc.returncode == 2, proc.stderr
+    assert "--format optimum" in error_line(proc) and "S3" in error_line(proc)
+    assert not (tmp_path / "work").exists()
 
 
 def test_split_layout_default_graph_path_is_absolute(model_factory, tmp_path):
     proc = compile_neuron(model_factory(), tmp_path, "--n-positions", "128", "--format", "split")
     assert proc.returncode == 0, proc.stderr
-    assert props(tmp_path / "out" / "serving.properties")["option.compiled_graph_path"] == "/opt/ml/model/compiled"
+    out = tmp_path / "out"
+    files = tree(out)
+    assert "pytorch_model.bin/key_to_filename.json" in files and not any(f.startswith("checkpoint/") for f in files)
+    assert "neuron" not in json.loads((out / "config.json").read_text())
+    p = props(out / "serving.properties")
+    assert p["option.load_split_model"] == "true" and p["option.compiled_graph_path"] == "/opt/ml/model/compiled"
 
 
 def test_hub_model_records_checkpoint_id_and_revision(hub_env, model_factory, tmp_path):
@@ -158,7 +159,10 @@ def test_rerun_skips_and_changed_settings_recompile(model_factory, tmp_path):
     (["--n-positions", "4096"], "exceeds max_position_embeddings 2048"),
     (["--n-positions", "4096", "--allow-longer"], "--allow-longer needs rope scaling"),
     (["--tp", "3"], "not a NeuronCore count"),
-    (["--tp", "16"], "not divisible by --tp 16"),
+    (["--lmi-version", "0.25"], "no neuron target for this LMI release"),
+    (["--lmi-version", "0.26", "--format", "split"], "LMI 0.26 (LMI 0.26 Neuron container"),
+    (["--lmi-version", "0.28", "--n-positions", "256", "--context-length-estimate", "128"],
+     "accepts only [n_positions] (256)"),
     (["--batch-size", "0"], "--batch-size': Input should be greater than or equal to 1"),
     (["--amp", "fp8"], "--amp 'fp8'"),
     (["--n-positions", "256", "--context-length-estimate", "64,9999"], "--context-length-estimate 9999"),
@@ -183,7 +187,8 @@ def test_allow_longer_with_rope_scaling(model_factory, tmp_path):
 
 def test_compile_failure_leaves_no_output(model_factory, tmp_path):
     failing = tmp_path / "fail.py"
-    failing.write_text("import sys\nprint('neuronx-cc: internal compiler error: OOM')\nsys.exit(70)\n")
+    failing.write_text("import sys\nif '--check-sdk' in sys.argv: print('{\"transformers_neuronx\": \"0.13.380\"}'); "
+                       "sys.exit(0)\nprint('neuronx-cc: internal compiler error: OOM')\nsys.exit(70)\n")
     proc = run_cli("neuron", model_factory(), "--work-dir", tmp_path / "work", "--output", tmp_path / "out",
                    "--compile-entry", f"{sys.executable} {failing}")
     assert proc.returncode == 1
@@ -205,8 +210,10 @@ def test_missing_sdk_message(model_factory, tmp_path):
     proc = run_cli("neuron", model_factory(), "--work-dir", tmp_path / "work", "--output", tmp_path / "out")
     assert proc.returncode == 1
     line = error_line(proc)
-    assert "Neuron SDK is not installed" in line and "neuronx" in line
-    assert (tmp_path / "work" / "split").is_dir()  # the split stage is kept for a rerun on a Neuron host
+    assert "Neuron SDK is not installed" in line and "--until split" in line
+    assert not (tmp_path / "work" / "source").exists() and not (tmp_path / "work" / "split").exists()
+    proc = run_cli("neuron", model_factory(), "--work-dir", tmp_path / "work", "--until", "split")
+    assert proc.returncode == 0, proc.stderr  # no SDK needed before the compile stage
 
 
 @pytest.mark.real_neuron

@@ -11,6 +11,7 @@ from pathlib import Path, PurePosixPath
 
 from lmi_compile.errors import STANDIN_MARK, BadInput
 from lmi_compile.lmi.properties import parse as parse_properties
+from lmi_compile.lmi.targets import resolve as resolve_target
 from lmi_compile.remote.manifest import LAYOUT_MANIFEST, MANIFEST_KEY, MARKER_KEY
 
 LAYOUT_NAMES = {
@@ -196,42 +197,6 @@ def _check_weights_readable(loc: Location, weights: list[str], report: Report) -
             report.problems.append(str(e).removeprefix(f"{loc.root}/" if loc.root else ""))
 
 
-def _check_trtllm_target(loc: Location, folder: str, layout: str, report: Report, lmi_version: str) -> None:
-    """Would LMI `lmi_version` load this TensorRT-LLM tree: its layout, engine version, architecture name and
-    serving.properties, by that release's row of the target table."""
-    from lmi_compile.lmi.targets import resolve
-
-    target = resolve("trtllm", lmi_version)
-    tool = target["tool"]
-    want = f"trtllm-{target['layout']}"
-    if layout != want:
-        report.problems.append(f"{target.describe()} loads the {LAYOUT_NAMES[want]}, not the {LAYOUT_NAMES[layout]}")
-    engine_dir = f"{folder}/1" if layout == "trtllm-triton" else ""
-    cfg = loc.json(f"{engine_dir}/config.json" if engine_dir else "config.json", []) or {}
-    version = str(cfg.get("version", "unknown")).split("+")[0]
-    if version != tool["version"]:
-        report.problems.append(f"engines were built with TensorRT-LLM {version}; {target.describe()} runs "
-                               f"{tool['version']}: rebuild with --lmi-version {lmi_version}")
-    name = (cfg.get("pretrained_config") or {}).get("architecture")
-    known = {e["name"] for e in tool["architectures"].values() if "name" in e}
-    if name and name not in known:
-        report.problems.append(f"architecture {name} is not one TensorRT-LLM {tool['version']} knows "
-                               f"({', '.join(sorted(known))})")
-    props, spec = report.properties, target["properties"]
-    if props:
-        if props.get("engine") != spec["engine"]:
-            report.problems.append(f"serving.properties: engine={props.get('engine')}; {target.describe()} "
-                                   f"needs engine={spec['engine']}")
-        for key, value in spec["fixed"].items():
-            have = props.get(f"option.{key}")
-            if have is not None and have.lower() != str(value).lower():
-                report.problems.append(f"serving.properties: option.{key}={have}; {target.describe()} needs {value}")
-        for option in ("max_input_len", "max_output_len", "max_seq_len"):
-            if f"option.{option}" in props and option not in spec["lengths"]:
-                report.problems.append(f"serving.properties: option.{option} is ignored by {target.describe()}; "
-                                       f"it reads {', '.join('option.' + o for o in spec['lengths'])}")
-
-
 def detect(loc: Location) -> tuple[str | None, str]:
     """(layout, folder) by LMI's own rules."""
     top = {f for f in loc.files if "/" not in f}
@@ -306,11 +271,12 @@ def check(text: str, *, container_trtllm: str | None = None, container_neuronx_c
             report.problems.append(f"config.json: the neuron section lacks {', '.join(missing)}")
         if "tokenizer_config.json" not in loc.files:
             report.problems.append("tokenizer_config.json: missing")
-        if "checkpoint/config.json" not in loc.files:
+        presharded = "compiled/config.json" in loc.files  # LMI 0.30+: weights in compiled/ (neuron/check.py)
+        if not presharded and "checkpoint/config.json" not in loc.files:
             report.problems.append("checkpoint/config.json: missing")
         if "checkpoint/pytorch_model.bin/key_to_filename.json" in loc.files:
             _check_split(loc, "checkpoint", report)
-        elif not any(f.startswith("checkpoint/") and f.endswith(".safetensors") for f in loc.files):
+        elif not presharded and not any(f.startswith("checkpoint/") and f.endswith(".safetensors") for f in loc.files):
             report.problems.append("checkpoint/: no split weights and no safetensors")
         _check_neffs(loc, report, container_neuronx_cc, neuron.get("compiler_version"))
         for key, opt in (("num_cores", "tensor_parallel_degree"), ("sequence_length", "n_positions"),
@@ -337,8 +303,14 @@ def check(text: str, *, container_trtllm: str | None = None, container_neuronx_c
                                "`lmi-compile trtllm` (or trtllm-build) and deploy the laid-out output")
     else:
         _check_hf(loc, report)
-    if lmi_version and layout and layout.startswith("trtllm-") and layout != "trtllm-checkpoint":
-        _check_trtllm_target(loc, folder, layout, report, lmi_version)
+    if lmi_version and layout in ("trtllm-triton", "trtllm-engine-dir"):
+        from lmi_compile.trtllm.check import check_trtllm_target
+
+        check_trtllm_target(loc, folder, report, resolve_target("trtllm", lmi_version))
+    elif lmi_version and layout in ("neuron-optimum", "neuron-split"):
+        from lmi_compile.neuron.check import check_neuron_target
+
+        check_neuron_target(loc, report, resolve_target("neuron", lmi_version))
     if layout is not None:
         report.properties.setdefault("option.model_id", loc.model_id())
     report.loadable = not report.problems

@@ -1,6 +1,8 @@
-"""The Neuron backend: stages fetch -> split -> compile -> layout (-> push).
+"""The Neuron backend: stages fetch -> split -> compile -> layout (-> push), for one target LMI release.
 
-Compiler boundary: the compile entry point (`python -m lmi_compile.neuron_entry`, neuron/entry.py), run as a subprocess.
+Compiler boundary: the compile entry point (`python -m lmi_compile.neuron_entry`, neuron/entry.py), run as a
+subprocess with absolute paths. It makes the calls neuron/calls.py derives from the target release's row in
+configs/targets.json, so the graphs are the ones that release's loader looks up.
 """
 
 import json
@@ -14,19 +16,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmi_compile import __version__
-from lmi_compile.pipeline import stages
+from lmi_compile.errors import STANDIN_MARK, BadInput, LmiCompileError
+from lmi_compile.lmi import targets
 from lmi_compile.model.architectures import resolve
-from lmi_compile.pipeline.diskspace import ensure_room
-from lmi_compile.errors import BadInput, STANDIN_MARK, LmiCompileError
+from lmi_compile.neuron.calls import LMI_TO_AMP, LoaderCalls, loader_calls
+from lmi_compile.neuron.entry import EXIT_NO_SDK
 from lmi_compile.neuron.layout import FORMATS, write_layout
 from lmi_compile.model.limits import check_sequence_length
+from lmi_compile.pipeline import stages
+from lmi_compile.pipeline.diskspace import ensure_room
 from lmi_compile.pipeline.workdir import WorkDir, check_until, finish_layout, fresh_layout_staging, preflight_output
 from lmi_compile.remote.stages import fetch_stage, preflight_upload, push_stage
 
 log = logging.getLogger("lmi_compile")
 
 STAGES = ("fetch", "split", "compile", "layout")
-# NeuronCore counts transformers-neuronx shards over (inf2: 2 per chip, up to 24; trn1: up to 32).
+# NeuronCore counts an instance offers transformers-neuronx to shard over (inf2: 2 per chip, up to 24; trn1:
+# up to 32). Heads need not divide it: transformers-neuronx pads the heads to a multiple of tp
+# (aws-neuron/transformers-neuronx@release-2.21:src/transformers_neuronx/utils.py, get_qkv_padding).
 VALID_TP = (1, 2, 4, 8, 16, 24, 32)
 DEFAULT_MAX_N_POSITIONS = 4096
 
@@ -39,7 +46,7 @@ class NeuronJob:
     n_positions: int | None = None  # default: the model's max_position_embeddings, at most 4096
     tp: int = 2
     batch_size: int = 4
-    amp: str = "bf16"
+    amp: str | None = None  # default: the target release's default dtype
     context_length_estimate: list[int] = field(default_factory=list)
     format: str = "optimum"
     allow_longer: bool = False
@@ -52,10 +59,20 @@ class NeuronJob:
     overwrite: bool = False
     force: bool = False
     source_kind: str = "local"
+    lmi_version: str | None = None  # default: the newest supported release
 
 
-def validate(job: NeuronJob, arch, config) -> None:
-    d, where = arch.dims, config.path
+def check_settings(job: NeuronJob, target) -> None:
+    """What can be refused before anything is fetched."""
+    if job.format not in FORMATS:
+        raise BadInput(f"--format {job.format!r}; use one of {', '.join(FORMATS)}")
+    if job.format not in target["layouts"]:
+        raise BadInput(f"--format {job.format}: {target.describe()} does not load it; use --format "
+                       f"{' or '.join(target['layouts'])}")
+    if job.format == "split" and job.upload:
+        raise BadInput("--format split with --upload: LMI never loads graphs from an S3 option.compiled_graph_path "
+                       "(0.26 ignores it, 0.27 fails, 0.28+ skip it and recompile); use --format optimum to deploy "
+                       "from S3, or deploy the split layout as model data (/opt/ml/model)")
     if job.amp not in ("f16", "bf16", "f32"):
         raise BadInput(f"--amp {job.amp!r}; use f16, bf16 or f32")
     if job.batch_size < 1:
@@ -63,16 +80,64 @@ def validate(job: NeuronJob, arch, config) -> None:
     if job.tp not in VALID_TP:
         raise BadInput(f"--tp {job.tp} is not a NeuronCore count transformers-neuronx shards over; use one of "
                        f"{', '.join(map(str, VALID_TP))}")
+
+
+def validate(job: NeuronJob, arch, config, target) -> LoaderCalls:
+    """Check the settings against the model and the target release; the calls its loader will make."""
+    d, where = arch.dims, config.path
+    check_settings(job, target)
     if d.num_heads % job.tp:
-        raise BadInput(f"{where}: num_attention_heads {d.num_heads} is not divisible by --tp {job.tp}")
+        log.info("tp %d does not divide %d attention heads: transformers-neuronx pads them to %d", job.tp,
+                 d.num_heads, -(-d.num_heads // job.tp) * job.tp)
     if job.n_positions < 1:
         raise BadInput(f"--n-positions must be positive (got {job.n_positions})")
     check_sequence_length(config, d, job.n_positions, allow_longer=job.allow_longer, flag="--n-positions")
     for c in job.context_length_estimate:
         if not 0 < c <= job.n_positions:
             raise BadInput(f"--context-length-estimate {c} must be between 1 and --n-positions {job.n_positions}")
-    if job.format not in FORMATS:
-        raise BadInput(f"--format {job.format!r}; use one of {', '.join(FORMATS)}")
+    try:
+        return loader_calls(target, arch.name, batch_size=job.batch_size, tp=job.tp, n_positions=job.n_positions,
+                            amp=job.amp, context_length_estimate=job.context_length_estimate, layout=job.format)
+    except BadInput as e:
+        raise BadInput(f"{where}: {e}") from None
+
+
+def entry_prefix(job: NeuronJob) -> list[str]:
+    """The compile entry command; a relative script path in it is made absolute (it must not depend on a cwd)."""
+    if not job.compile_entry:
+        return [sys.executable, "-m", "lmi_compile.neuron_entry"]
+    out = []
+    for tok in shlex.split(job.compile_entry):
+        p = Path(tok)
+        if not p.is_absolute() and (os.sep in tok or tok.endswith(".py")) and p.is_file():
+            tok = str(p.resolve())
+        out.append(tok)
+    return out
+
+
+def preflight_sdk(job: NeuronJob, target) -> dict:
+    """Ask the compile entry point whether it can run here (the SDK imports) and which transformers-neuronx
+    it has, before anything is fetched or split: graphs from another version carry other hashes."""
+    proc = subprocess.run([*entry_prefix(job), "--check-sdk"], capture_output=True, text=True, check=False)
+    lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+    if proc.returncode == EXIT_NO_SDK:
+        tail = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
+        raise LmiCompileError(f"Neuron compile unavailable: {tail.removeprefix('error: ')} (or stop earlier with "
+                              f"--until split)")
+    try:
+        facts = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
+    except (ValueError, IndexError):
+        facts = None
+    if not isinstance(facts, dict):
+        raise LmiCompileError(f"the compile entry point failed its --check-sdk (exit {proc.returncode}): "
+                              f"{(lines[-1] if lines else '(no output)')[:300]}")
+    have, want = str(facts.get("transformers_neuronx")), target["transformers_neuronx"]
+    if STANDIN_MARK not in have and have.split("+")[0] != want:
+        raise LmiCompileError(f"transformers-neuronx {have} is installed where the compile runs, but "
+                              f"{target.describe()} loads graphs made by {want} (graph names are hashes that "
+                              f"differ between versions); run in {target['container']}, or pass the --lmi-version "
+                              f"of the container you run in")
+    return facts
 
 
 def split_stage(job: NeuronJob, model, arch) -> tuple[Path, str]:
@@ -93,21 +158,16 @@ def split_stage(job: NeuronJob, model, arch) -> tuple[Path, str]:
     return final, fp
 
 
-def compile_command(job: NeuronJob, arch, split: Path, out: Path, versions_file: Path) -> list[str]:
-    prefix = shlex.split(job.compile_entry) if job.compile_entry else [sys.executable, "-m", "lmi_compile.neuron_entry"]
-    cmd = [*prefix, "--split-dir", str(split), "--output", str(out), "--model-class", arch.entry["neuron_class"],
-           "--batch-size", str(job.batch_size), "--tp-degree", str(job.tp), "--n-positions", str(job.n_positions),
-           "--amp", job.amp, "--versions-file", str(versions_file)]
-    if job.context_length_estimate:
-        cmd += ["--context-length-estimate", ",".join(map(str, job.context_length_estimate))]
-    return cmd
+def compile_command(job: NeuronJob, split: Path, out: Path, calls_file: Path, versions_file: Path) -> list[str]:
+    return [*entry_prefix(job), "--split-dir", str(split.resolve()), "--output", str(out.resolve()),
+            "--calls", str(calls_file.resolve()), "--versions-file", str(versions_file.resolve())]
 
 
-def compile_stage(job: NeuronJob, arch, split: Path, split_fp: str) -> tuple[Path, dict]:
+def compile_stage(job: NeuronJob, calls: LoaderCalls, target, split: Path, split_fp: str) -> tuple[Path, dict]:
     settings = {"batch_size": job.batch_size, "tp_degree": job.tp, "n_positions": job.n_positions, "amp": job.amp,
                 "context_length_estimate": job.context_length_estimate,
                 "neuron_cc_flags": os.environ.get("NEURON_CC_FLAGS", "")}
-    fp = stages.fingerprint(split=split_fp, settings=settings, entry=job.compile_entry)
+    fp = stages.fingerprint(split=split_fp, settings=settings, calls=calls.to_json(), entry=job.compile_entry)
     final = job.work.compiled
     if not job.force and stages.is_done(final, "compile", fp):
         log.info("compile: %s is up to date, skipping", final)
@@ -118,14 +178,16 @@ def compile_stage(job: NeuronJob, arch, split: Path, split_fp: str) -> tuple[Pat
     job.work.logs.mkdir(parents=True, exist_ok=True)
     log_path = job.work.logs / "neuron-compile.log"
     versions_file = job.work.root / ".neuron-versions.json"
+    calls_file = job.work.root / ".neuron-calls.json"
+    calls_file.write_text(json.dumps(calls.to_json(), indent=2) + "\n")
     env = dict(os.environ)
     if job.neuron_cache:
-        env["NEURON_COMPILE_CACHE_URL"] = str(job.neuron_cache)
-    cmd = compile_command(job, arch, split, staging, versions_file)
+        env["NEURON_COMPILE_CACHE_URL"] = str(job.neuron_cache.resolve())
+    cmd = compile_command(job, split, staging, calls_file, versions_file)
     log.info("compile: %s", " ".join(shlex.quote(c) for c in cmd))
     with open(log_path, "w") as logf:
         # A separate process: a compiler crash or OOM ends it, not the pipeline.
-        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, check=False)
     if proc.returncode != 0:
         lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
         tail = lines[-1] if lines else "(no output)"
@@ -136,7 +198,10 @@ def compile_stage(job: NeuronJob, arch, split: Path, split_fp: str) -> tuple[Pat
     versions = json.loads(versions_file.read_text())
     if not list(staging.glob("*.neff")):
         raise LmiCompileError(f"Neuron compile exited 0 but wrote no .neff files; see {log_path}")
-    facts = {"versions": versions, "settings": settings,
+    if calls.sharded_weights and not ((staging / "config.json").is_file() and list(staging.glob("*.safetensors"))):
+        raise LmiCompileError(f"Neuron compile exited 0 but save(sharded_weights=True) wrote no presharded weights "
+                              f"and config.json; see {log_path}")
+    facts = {"versions": versions, "settings": settings, "lmi_version": target.release, "calls": calls.to_json(),
              "stand_in": STANDIN_MARK in str(versions.get("neuronx_cc"))}
     if facts["stand_in"]:
         log.warning("compile: graphs came from a STAND-IN compile entry point: placeholders, not compiled NEFFs")
@@ -144,43 +209,46 @@ def compile_stage(job: NeuronJob, arch, split: Path, split_fp: str) -> tuple[Pat
     return final, facts
 
 
-def layout_stage(job: NeuronJob, model, split: Path, compiled: Path, facts: dict) -> Path:
+def layout_stage(job: NeuronJob, target, calls: LoaderCalls, model, split: Path, compiled: Path, facts: dict) -> Path:
     out = job.output
     staging = fresh_layout_staging(out, overwrite=job.overwrite)
     rec = stages.read_record(model.root) or {}
     revision = rec.get("resolved") if job.source_kind == "hub" else None
     manifest = {"tool": "lmi-compile", "tool_version": __version__, "backend": "neuron", "format": job.format,
                 "model": job.model, "revision": revision, **facts}
-    write_layout(job, staging, split, compiled, model.root, manifest, facts["versions"], revision)
+    write_layout(job, target, calls, staging, split, compiled, model.root, manifest, facts["versions"], revision)
     return finish_layout(staging, out, stages.fingerprint(**manifest, upload=job.upload),
                          stand_in=bool(facts.get("stand_in")), what="graphs")
 
 
 def run(job: NeuronJob, until: str = "layout") -> Path:
-    if job.format not in FORMATS:
-        raise BadInput(f"--format {job.format!r}; use one of {', '.join(FORMATS)}")
+    target = targets.resolve("neuron", job.lmi_version)
+    job.amp = job.amp or LMI_TO_AMP[target["dtype_default"]]
+    check_settings(job, target)
     check_until(until, STAGES, job.output)
     preflight_output(job.output if until == "layout" else None, overwrite=job.overwrite)
     preflight_upload(job.upload)
+    if STAGES.index(until) >= STAGES.index("compile"):
+        preflight_sdk(job, target)
     with job.work.locked():
-        return _run(job, until)
+        return _run(job, until, target)
 
 
-def _run(job: NeuronJob, until: str) -> Path:
+def _run(job: NeuronJob, until: str, target) -> Path:
     model = fetch_stage(job.model, job.work, revision=job.revision, token=job.token,
                         trust_remote_code=job.trust_remote_code)
     arch = resolve(model.config)
     if job.n_positions is None:
         job.n_positions = min(DEFAULT_MAX_N_POSITIONS, arch.dims.max_position_embeddings)
-    validate(job, arch, model.config)
+    calls = validate(job, arch, model.config, target)
     if until == "fetch":
         return model.root
     split, split_fp = split_stage(job, model, arch)
     if until == "split":
         return split
-    compiled, facts = compile_stage(job, arch, split, split_fp)
+    compiled, facts = compile_stage(job, calls, target, split, split_fp)
     if until == "compile":
         return compiled
-    out = layout_stage(job, model, split, compiled, facts)
+    out = layout_stage(job, target, calls, model, split, compiled, facts)
     push_stage(out, job.upload, overwrite=job.overwrite)
     return out

@@ -1,0 +1,7 @@
+"""TEST DOUBLE."""
+
+from transformers_neuronx.base import DoubleModel
+
+
+class LlamaForSampling(DoubleModel):
+    pass
