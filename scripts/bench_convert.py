@@ -9,7 +9,7 @@ In one run, on a random checkpoint of a real shape, for each tp it measures wall
 Each runs in its own process; peak RSS is that process's ru_maxrss. Prints a table with ratios.
 
   python scripts/bench_convert.py --shape llama3-8b --layers 8 --tp 1 2 4 8 --dir /tmp/bench
-  python scripts/bench_convert.py --shape mixtral-8x7b --layers 8 --tp 2 4 --moe-ep 2 --skip-baseline
+  python scripts/bench_convert.py --shape mixtral-8x7b --layers 8 --tp 2 4 8 --moe-ep 1
 """
 
 import argparse
@@ -55,14 +55,25 @@ def child_ours(model: Path, out: Path, tp: int, moe_ep: int) -> None:
             ConvertOptions(tp=tp, moe_ep=moe_ep, workers=max(1, min(8, os.cpu_count() or 1))))
 
 
-def child_baseline(model: Path, out: Path, tp: int) -> None:
+def child_baseline(model: Path, out: Path, tp: int, moe_ep: int = 1) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
-    cfg = hf.config
-    sd = dict(hf.named_parameters())
+    if json.loads((model / "config.json").read_text()).get("num_local_experts"):
+        # transformers 5 fuses Mixtral's experts into new parameter names: load the checkpoint's own tensors,
+        # all of them, into memory (what loading the model does), then slice as TensorRT-LLM's convert does
+        from safetensors.torch import load_file
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model)
+        sd = {}
+        for f in input_files(model):
+            sd.update(load_file(str(f)))
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
+        cfg = hf.config
+        sd = dict(hf.named_parameters())
     H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = cfg.hidden_size // H
     out.mkdir(parents=True, exist_ok=True)
@@ -76,9 +87,22 @@ def child_baseline(model: Path, out: Path, tp: int) -> None:
                 v = v.view(KV, hd, -1).repeat_interleave(tp // KV, 0).reshape(-1, v.shape[-1])
             w[t + "attention.qkv.weight"] = torch.cat([x.chunk(tp, 0)[rank] for x in (q, k, v)])
             w[t + "attention.dense.weight"] = sd[p + "self_attn.o_proj.weight"].chunk(tp, 1)[rank]
-            w[t + "mlp.fc.weight"] = sd[p + "mlp.gate_proj.weight"].chunk(tp, 0)[rank]
-            w[t + "mlp.gate.weight"] = sd[p + "mlp.up_proj.weight"].chunk(tp, 0)[rank]
-            w[t + "mlp.proj.weight"] = sd[p + "mlp.down_proj.weight"].chunk(tp, 1)[rank]
+            if getattr(cfg, "num_local_experts", 0):
+                # as TensorRT-LLM's llama convert does for MoE: stack the rank's experts, [w3; w1] per expert
+                moe_tp, ep_rank, mtp_rank = tp // moe_ep, rank % moe_ep, rank // moe_ep
+                per = cfg.num_local_experts // moe_ep
+                experts = range(ep_rank * per, (ep_rank + 1) * per)
+                ex = p + "block_sparse_moe.experts.{}.{}.weight"
+                w[t + "mlp.router.weight"] = sd[p + "block_sparse_moe.gate.weight"].float()
+                w[t + "mlp.fc.weight"] = torch.stack([torch.cat([sd[ex.format(e, "w3")].chunk(moe_tp, 0)[mtp_rank],
+                                                                 sd[ex.format(e, "w1")].chunk(moe_tp, 0)[mtp_rank]])
+                                                      for e in experts])
+                w[t + "mlp.proj.weight"] = torch.stack([sd[ex.format(e, "w2")].chunk(moe_tp, 1)[mtp_rank]
+                                                        for e in experts])
+            else:
+                w[t + "mlp.fc.weight"] = sd[p + "mlp.gate_proj.weight"].chunk(tp, 0)[rank]
+                w[t + "mlp.gate.weight"] = sd[p + "mlp.up_proj.weight"].chunk(tp, 0)[rank]
+                w[t + "mlp.proj.weight"] = sd[p + "mlp.down_proj.weight"].chunk(tp, 1)[rank]
             w[t + "input_layernorm.weight"] = sd[p + "input_layernorm.weight"]
             w[t + "post_layernorm.weight"] = sd[p + "post_attention_layernorm.weight"]
         w["transformer.ln_f.weight"] = sd["model.norm.weight"]
@@ -111,11 +135,9 @@ def main() -> None:
     if a.child:
         mode, model, out, n = a.child[0], Path(a.child[1]), Path(a.child[2]), int(a.child[3])
         {"floor": lambda: child_floor(model, out, n), "ours": lambda: child_ours(model, out, n, int(a.child[4])),
-         "baseline": lambda: child_baseline(model, out, n)}[mode]()
+         "baseline": lambda: child_baseline(model, out, n, int(a.child[4]))}[mode]()
         print(peak_rss_mib())
         return
-    if SHAPES[a.shape]["family"] == "mixtral" and not a.skip_baseline:
-        ap.error("the baseline slices dense Llama weights only; use --skip-baseline for MoE shapes")
     model = make_model(a.dir / f"{a.shape}-{a.layers or 'full'}", a.shape, a.layers)
     in_bytes = sum(f.stat().st_size for f in input_files(model))
     rows = []
@@ -128,7 +150,8 @@ def main() -> None:
         floor = measure(__file__, ["--child", "floor", str(model), str(out), str(out_bytes)], out, a.repeat)
         base = (float("nan"), float("nan"))
         if not a.skip_baseline:
-            base = measure(__file__, ["--child", "baseline", str(model), str(out), str(tp)], out, a.repeat)
+            base = measure(__file__, ["--child", "baseline", str(model), str(out), str(tp), str(a.moe_ep)], out,
+                           a.repeat)
         shutil.rmtree(out)
         rows.append((tp, in_bytes, out_bytes, floor, ours, base))
     print(f"\n{a.shape} ({a.layers or 'all'} layers), bf16, moe_ep={a.moe_ep}, input {in_bytes / 2**30:.2f} GiB, "
