@@ -25,7 +25,7 @@ from lmi_compile.neuron.layout import FORMATS, write_layout
 from lmi_compile.model.limits import check_sequence_length
 from lmi_compile.pipeline import stages
 from lmi_compile.pipeline.diskspace import ensure_room
-from lmi_compile.pipeline.workdir import WorkDir, check_until, finish_layout, fresh_layout_staging, preflight_output
+from lmi_compile.pipeline.workdir import Job, check_until, finish_layout, fresh_layout_staging, preflight_output
 from lmi_compile.remote.stages import fetch_stage, preflight_upload, push_stage
 
 log = logging.getLogger("lmi_compile")
@@ -38,26 +38,16 @@ VALID_TP = (1, 2, 4, 8, 16, 24, 32)
 DEFAULT_MAX_N_POSITIONS = 4096
 
 
-@dataclass
-class NeuronJob:
-    model: str
-    work: WorkDir
-    output: Path | None = None
+@dataclass(kw_only=True)
+class NeuronJob(Job):
     n_positions: int | None = None  # default: the model's max_position_embeddings, at most 4096
     tp: int = 2
     batch_size: int = 4
     amp: str | None = None  # default: the target release's default dtype
     context_length_estimate: list[int] = field(default_factory=list)
     format: str = "optimum"
-    allow_longer: bool = False
     neuron_cache: Path | None = None
     compile_entry: str | None = None  # command prefix; default: this Python's lmi_compile.neuron_entry
-    upload: str | None = None
-    revision: str | None = None
-    token: str | None = None
-    trust_remote_code: bool = False
-    overwrite: bool = False
-    force: bool = False
     source_kind: str = "local"
     lmi_version: str | None = None  # default: the newest supported release
 

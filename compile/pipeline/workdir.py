@@ -148,3 +148,20 @@ def fresh_layout_staging(out: Path, *, overwrite: bool) -> Path:
     staging = stages.staging_dir(out)
     shutil.rmtree(staging, ignore_errors=True)
     return staging
+
+
+@dataclass(kw_only=True)
+class Job:
+    """What every backend's job has: the model and where it comes from, where stages and output go, and
+    the user's permissions (overwrite, force, remote code, longer sequences)."""
+
+    model: str
+    work: WorkDir
+    output: Path | None = None
+    upload: str | None = None
+    revision: str | None = None
+    token: str | None = None
+    trust_remote_code: bool = False
+    allow_longer: bool = False
+    overwrite: bool = False
+    force: bool = False

@@ -19,7 +19,7 @@ from lmi_compile.model.architectures import resolve
 from lmi_compile.model.limits import check_sequence_length
 from lmi_compile.pipeline import stages
 from lmi_compile.pipeline.diskspace import ensure_room, tree_bytes
-from lmi_compile.pipeline.workdir import WorkDir, check_until, finish_layout, fresh_layout_staging, preflight_output
+from lmi_compile.pipeline.workdir import Job, check_until, finish_layout, fresh_layout_staging, preflight_output
 from lmi_compile.remote.stages import fetch_stage, preflight_upload, push_stage
 from lmi_compile.trtllm.build import BuildOptions, build_engines, check_interface, find_trtllm_build
 from lmi_compile.trtllm.layout import DEFAULT_ENGINE_PATH, render_pbtxt, serving_properties, write_layout
@@ -29,13 +29,10 @@ log = logging.getLogger("lmi_compile")
 STAGES = ("fetch", "convert", "build", "layout")
 
 
-@dataclass
-class TrtllmJob:
-    model: str
-    work: WorkDir
+@dataclass(kw_only=True)
+class TrtllmJob(Job):
     build: BuildOptions
     target: Target = field(default_factory=lambda: resolve_target("trtllm", None))
-    output: Path | None = None
     tp: int = 1
     pp: int = 1
     dtype: str = "auto"
@@ -46,13 +43,6 @@ class TrtllmJob:
     workers: int = field(default_factory=lambda: max(1, min(8, os.cpu_count() or 1)))
     trtllm_build: str | None = None
     engine_path: str = DEFAULT_ENGINE_PATH
-    allow_longer: bool = False
-    upload: str | None = None
-    revision: str | None = None
-    token: str | None = None
-    trust_remote_code: bool = False
-    overwrite: bool = False
-    force: bool = False
 
 
 def check_target(job: TrtllmJob, config) -> str:
