@@ -135,17 +135,15 @@ def split_stage(job: NeuronJob, model, arch) -> tuple[Path, str]:
 
     fp = stages.fingerprint(files=model.checkpoint.identity(), root=str(model.root.resolve()),
                             config=model.config.raw, amp=job.amp)
-    final = job.work.split
-    if not job.force and stages.is_done(final, "split", fp):
-        log.info("split: %s is up to date, skipping", final)
-        return final, fp
-    staging = stages.open_staging(final, fp)
-    ensure_room(final, model.checkpoint.total_bytes * (2 if job.amp == "f32" else 1), "split")
-    write_split(arch, model.checkpoint, staging, job.amp, workers=max(1, min(4, os.cpu_count() or 1)))
-    shutil.copy2(model.root / "config.json", staging / "config.json")
-    stages.finish(staging, final, "split", fp, amp=job.amp)
-    log.info("split: wrote %s", final)
-    return final, fp
+
+    def work(staging: Path) -> dict:
+        ensure_room(staging, model.checkpoint.total_bytes * (2 if job.amp == "f32" else 1), "split")
+        write_split(arch, model.checkpoint, staging, job.amp, workers=max(1, min(4, os.cpu_count() or 1)))
+        shutil.copy2(model.root / "config.json", staging / "config.json")
+        return {"amp": job.amp}
+
+    stages.run(job.work.split, "split", fp, work, force=job.force, resume=True)
+    return job.work.split, fp
 
 
 def compile_command(job: NeuronJob, split: Path, out: Path, calls_file: Path, versions_file: Path) -> list[str]:
@@ -158,45 +156,41 @@ def compile_stage(job: NeuronJob, calls: LoaderCalls, target, split: Path, split
                 "context_length_estimate": job.context_length_estimate,
                 "neuron_cc_flags": os.environ.get("NEURON_CC_FLAGS", "")}
     fp = stages.fingerprint(split=split_fp, settings=settings, calls=calls.to_json(), entry=job.compile_entry)
-    final = job.work.compiled
-    if not job.force and stages.is_done(final, "compile", fp):
-        log.info("compile: %s is up to date, skipping", final)
-        return final, stages.read_record(final)["compile"]
-    staging = stages.staging_dir(final)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    job.work.logs.mkdir(parents=True, exist_ok=True)
-    log_path = job.work.logs / "neuron-compile.log"
-    versions_file = job.work.root / ".neuron-versions.json"
-    calls_file = job.work.root / ".neuron-calls.json"
-    calls_file.write_text(json.dumps(calls.to_json(), indent=2) + "\n")
-    env = dict(os.environ)
-    if job.neuron_cache:
-        env["NEURON_COMPILE_CACHE_URL"] = str(job.neuron_cache.resolve())
-    cmd = compile_command(job, split, staging, calls_file, versions_file)
-    log.info("compile: %s", " ".join(shlex.quote(c) for c in cmd))
-    with open(log_path, "w") as logf:
-        # A separate process: a compiler crash or OOM ends it, not the pipeline.
-        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, check=False)
-    if proc.returncode != 0:
-        lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-        tail = lines[-1] if lines else "(no output)"
-        shutil.rmtree(staging, ignore_errors=True)
-        if proc.returncode == 3:
-            raise LmiCompileError(f"Neuron compile unavailable: {tail.removeprefix('error: ')}")
-        raise LmiCompileError(f"Neuron compile failed with exit code {proc.returncode}; see {log_path}: {tail[:300]}")
-    versions = json.loads(versions_file.read_text())
-    if not list(staging.glob("*.neff")):
-        raise LmiCompileError(f"Neuron compile exited 0 but wrote no .neff files; see {log_path}")
-    if calls.sharded_weights and not ((staging / "config.json").is_file() and list(staging.glob("*.safetensors"))):
-        raise LmiCompileError(f"Neuron compile exited 0 but save(sharded_weights=True) wrote no presharded weights "
-                              f"and config.json; see {log_path}")
-    facts = {"versions": versions, "settings": settings, "lmi_version": target.release, "calls": calls.to_json(),
-             "stand_in": STANDIN_MARK in str(versions.get("neuronx_cc"))}
-    if facts["stand_in"]:
-        log.warning("compile: graphs came from a STAND-IN compile entry point: placeholders, not compiled NEFFs")
-    stages.finish(staging, final, "compile", fp, compile=facts)
-    return final, facts
+
+    def work(staging: Path) -> dict:
+        job.work.logs.mkdir(parents=True, exist_ok=True)
+        log_path = job.work.logs / "neuron-compile.log"
+        versions_file = job.work.root / ".neuron-versions.json"
+        calls_file = job.work.root / ".neuron-calls.json"
+        calls_file.write_text(json.dumps(calls.to_json(), indent=2) + "\n")
+        env = dict(os.environ)
+        if job.neuron_cache:
+            env["NEURON_COMPILE_CACHE_URL"] = str(job.neuron_cache.resolve())
+        cmd = compile_command(job, split, staging, calls_file, versions_file)
+        log.info("compile: %s", " ".join(shlex.quote(c) for c in cmd))
+        with open(log_path, "w") as logf:
+            # A separate process: a compiler crash or OOM ends it, not the pipeline.
+            proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, check=False)
+        if proc.returncode != 0:
+            lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+            tail = lines[-1] if lines else "(no output)"
+            if proc.returncode == 3:
+                raise LmiCompileError(f"Neuron compile unavailable: {tail.removeprefix('error: ')}")
+            raise LmiCompileError(f"Neuron compile failed with exit code {proc.returncode}; see {log_path}: "
+                                  f"{tail[:300]}")
+        versions = json.loads(versions_file.read_text())
+        if not list(staging.glob("*.neff")):
+            raise LmiCompileError(f"Neuron compile exited 0 but wrote no .neff files; see {log_path}")
+        if calls.sharded_weights and not ((staging / "config.json").is_file() and list(staging.glob("*.safetensors"))):
+            raise LmiCompileError(f"Neuron compile exited 0 but save(sharded_weights=True) wrote no presharded weights "
+                                  f"and config.json; see {log_path}")
+        facts = {"versions": versions, "settings": settings, "lmi_version": target.release, "calls": calls.to_json(),
+                 "stand_in": STANDIN_MARK in str(versions.get("neuronx_cc"))}
+        if facts["stand_in"]:
+            log.warning("compile: graphs came from a STAND-IN compile entry point: placeholders, not compiled NEFFs")
+        return {"compile": facts}
+
+    return job.work.compiled, stages.run(job.work.compiled, "compile", fp, work, force=job.force)["compile"]
 
 
 def layout_stage(job: NeuronJob, target, calls: LoaderCalls, model, split: Path, compiled: Path, facts: dict) -> Path:

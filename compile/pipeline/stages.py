@@ -147,3 +147,30 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def run(final: Path, stage: str, fp: str, work, *, force: bool = False, resume: bool = False) -> dict:
+    """One stage, the way every stage runs: skip it when `final` already holds this fingerprint's output;
+    else `work(staging)` builds it beside `final` (returning facts for the record), and `finish` renames it.
+
+    resume: keep the staging folder of an interrupted run with the same fingerprint (stages that write
+    file by file); otherwise start from an empty one, and remove it when the work fails, since nothing of
+    a failed build or compile is reused. Returns the stage record."""
+    final = Path(final)
+    if not force and is_done(final, stage, fp):
+        log.info("%s: %s is up to date, skipping", stage, final)
+        return read_record(final)
+    if resume:
+        staging = open_staging(final, fp)
+    else:
+        staging = staging_dir(final)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    try:
+        info = work(staging) or {}
+    except BaseException:
+        if not resume:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finish(staging, final, stage, fp, **info)
+    return read_record(final)

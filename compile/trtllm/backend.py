@@ -8,7 +8,6 @@ job's target (configs/targets.json), never from a version test here.
 import dataclasses
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,38 +81,28 @@ def convert_stage(job: TrtllmJob, model, architecture: str) -> tuple[Path, str]:
                             config=model.config.raw, tp=job.tp, pp=job.pp, dtype=job.dtype,
                             parallel_embedding=job.parallel_embedding, sharding_dim=job.embedding_sharding_dim,
                             architecture=architecture, moe=(opts.moe_split(), opts.moe_config_style))
-    final = job.work.checkpoint
-    if not job.force and stages.is_done(final, "convert", fp):
-        log.info("convert: %s is up to date, skipping", final)
-        return final, fp
-    staging = stages.open_staging(final, fp)
-    # rank files hold the model once, plus replicated embeddings and vocab padding: bounded by tp copies of them
-    emb = model.checkpoint.tensors.get(arch.embedding_source)
-    ensure_room(final, model.checkpoint.total_bytes + (emb.nbytes * job.tp * job.pp if emb else 0), "convert")
-    cfg = convert(arch, model.config, model.checkpoint, staging, opts)
-    stages.finish(staging, final, "convert", fp, tp=job.tp, pp=job.pp, dtype=cfg["dtype"])
-    log.info("convert: %d rank file(s) ready in %s", job.tp * job.pp, final)
-    return final, fp
+
+    def work(staging: Path) -> dict:
+        # rank files hold the model once, plus replicated embeddings and vocab padding: bounded by tp copies
+        emb = model.checkpoint.tensors.get(arch.embedding_source)
+        ensure_room(staging, model.checkpoint.total_bytes + (emb.nbytes * job.tp * job.pp if emb else 0), "convert")
+        cfg = convert(arch, model.config, model.checkpoint, staging, opts)
+        log.info("convert: %d rank file(s) ready", job.tp * job.pp)
+        return {"tp": job.tp, "pp": job.pp, "dtype": cfg["dtype"]}
+
+    stages.run(job.work.checkpoint, "convert", fp, work, force=job.force, resume=True)
+    return job.work.checkpoint, fp
 
 
 def build_stage(job: TrtllmJob, tool, ckpt: Path, ckpt_fp: str) -> tuple[Path, dict]:
     fp = stages.fingerprint(checkpoint=ckpt_fp, build=dataclasses.asdict(job.build) | {"workers": None},
                             tool=str(tool.executable), target=job.target["tool"]["version"])
-    final = job.work.engines
-    rec = stages.read_record(final)
-    if not job.force and stages.is_done(final, "build", fp):
-        log.info("build: %s is up to date, skipping", final)
-        return final, rec["build"]
-    staging = stages.staging_dir(final)
-    shutil.rmtree(staging, ignore_errors=True)  # a half-built engine folder is never reused
-    ensure_room(final, tree_bytes(ckpt), "build")  # engines are about the size of the checkpoint
-    try:
-        facts = build_engines(tool, ckpt, staging, job.build, job.work.logs, job.target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # nothing of a failed build is reused: leave nothing behind
-        raise
-    stages.finish(staging, final, "build", fp, build=facts)
-    return final, facts
+
+    def work(staging: Path) -> dict:
+        ensure_room(staging, tree_bytes(ckpt), "build")  # engines are about the size of the checkpoint
+        return {"build": build_engines(tool, ckpt, staging, job.build, job.work.logs, job.target)}
+
+    return job.work.engines, stages.run(job.work.engines, "build", fp, work, force=job.force)["build"]
 
 
 def layout_stage(job: TrtllmJob, model, engines: Path, build: dict, dtype: str) -> Path:
