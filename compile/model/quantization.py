@@ -41,9 +41,16 @@ class Quantization:
     """A scheme the converter writes. `quant_algo`: TensorRT-LLM's QuantAlgo name for the weights (None: dense);
     `kv_cache`: "FP8" when the checkpoint declares an FP8 KV cache (its k/v scales may be stored)."""
 
-    source: str | None = None  # the format that declared it: compressed-tensors, modelopt, fp8 (AutoFP8)
+    source: str | None = None  # the format that declared it: compressed-tensors, modelopt, fp8 (AutoFP8), ...
     quant_algo: str | None = None
     kv_cache: str | None = None
+    unconverted: str | None = None  # why lmi-compile does not write this scheme although TensorRT-LLM may read it
+    where: str = ""
+
+    def require_converted(self) -> None:
+        """Refuse a scheme the converter does not write (after the target has said whether it could serve it)."""
+        if self.unconverted:
+            raise BadInput(f"{self.where}: {self.unconverted}")
 
     def describe(self) -> str:
         if not self.quant_algo and not self.kv_cache:
@@ -97,16 +104,19 @@ def _awq(qc: dict, where: str) -> Quantization:
                                            "unquantized model"))
 
 
-def _per_channel(where: str, what: str) -> BadInput:
-    # TensorRT-LLM 0.12+ calls this FP8_PER_CHANNEL_PER_TOKEN (tensorrt_llm/quantization/mode.py); its Llama
-    # converter applies it to MLP layers only, keeping the first and last layers unquantized
-    # (tensorrt_llm/models/llama/convert.py at main b8fc6633, "Meta's recipe").
-    return BadInput(f"{where}: {what} (TensorRT-LLM's FP8_PER_CHANNEL_PER_TOKEN) is not converted by lmi-compile; "
-                    f"use a per-tensor FP8 export (llm-compressor scheme FP8, ModelOpt FP8) or {RECALIBRATE}")
+def _per_channel(where: str, what: str, source: str) -> Quantization:
+    """TensorRT-LLM 0.12+ calls this FP8_PER_CHANNEL_PER_TOKEN (tensorrt_llm/quantization/mode.py); its Llama converter
+    applies it to MLP layers only, keeping attention and the first and last layers unquantized, with a clamp value
+    and a quantizing RMSNorm of its own (tensorrt_llm/models/llama/convert.py at main b8fc6633, "Meta's recipe"). The
+    target decides first whether it could serve it at all; lmi-compile does not write it yet."""
+    return Quantization(source=source, quant_algo="FP8_PER_CHANNEL_PER_TOKEN", where=where,
+                        unconverted=f"{what} (TensorRT-LLM's FP8_PER_CHANNEL_PER_TOKEN) is not converted by lmi-compile "
+                                    f"(TensorRT-LLM applies it to MLP layers only, with a layout of its own); use a "
+                                    f"per-tensor FP8 export (llm-compressor scheme FP8, ModelOpt FP8) or {RECALIBRATE}")
 
 
 def _fbgemm(qc: dict, where: str) -> Quantization:
-    raise _per_channel(where, "fbgemm_fp8 (per-channel FP8 weights, per-token dynamic activations)")
+    return _per_channel(where, "fbgemm_fp8 (per-channel FP8 weights, per-token dynamic activations)", "fbgemm_fp8")
 
 
 def _autofp8(qc: dict, where: str) -> Quantization:
@@ -148,7 +158,10 @@ def _compressed_tensors(qc: dict, where: str) -> Quantization:
             raise BadInput(f"{where}: compressed-tensors {bits}-bit {w.get('type', 'int')} weights "
                            f"(format {qc.get('format')!r}) are not converted; {RECALIBRATE}")
         if strategy == "channel":
-            raise _per_channel(where, "compressed-tensors FP8 with channel strategy")
+            if a and a.get("dynamic") and _is_fp8(a):
+                return _per_channel(where, "compressed-tensors FP8 with channel strategy", "compressed-tensors")
+            raise BadInput(f"{where}: compressed-tensors FP8 with channel strategy and static or no input scales is "
+                           f"not converted; {RECALIBRATE}")
         if strategy != "tensor":
             raise BadInput(f"{where}: compressed-tensors FP8 with {strategy} strategy is not converted: TensorRT-LLM's "
                            f"FP8 has one scale per weight; {RECALIBRATE}")
@@ -187,7 +200,7 @@ def _modelopt(qc: dict, where: str) -> Quantization:
     if kv not in (None, "FP8"):
         raise BadInput(f"{where}: kv_cache_quant_algo {kv} is not converted; {INT8_KV}")
     if algo == "FP8_PER_CHANNEL_PER_TOKEN":
-        raise _per_channel(where, "ModelOpt FP8_PER_CHANNEL_PER_TOKEN")
+        return _per_channel(where, "ModelOpt FP8_PER_CHANNEL_PER_TOKEN", "modelopt")
     if algo and "AWQ" in algo or algo in ("W4A16", "NVFP4", "W4A8_NVFP4_FP8", "W4A16_GPTQ"):
         raise BadInput(f"{where}: ModelOpt {algo} is not converted: {FOUR_BIT}; ModelOpt can export a "
                        f"TensorRT-LLM checkpoint itself: run examples/quantization/quantize.py --qformat "
