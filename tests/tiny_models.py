@@ -53,6 +53,7 @@ class TinySpec:
     # weight_scale and an input_scale; kv_scales adds FP8 KV-cache scales in that format's naming
     fp8: str | None = None
     kv_scales: bool = False
+    fp8_scale: float | None = None  # one weight scale for every Linear (default: each its own amax / 448)
 
     @property
     def head_dim(self) -> int:
@@ -186,8 +187,8 @@ def fp8_entries(spec: TinySpec, name: str, shape):
 
     def weight(make):
         w = make(name, shape).float()
-        memo["scale"] = w.abs().max() / 448.0
-        return (w / memo["scale"]).to(torch.float8_e4m3fn)
+        memo["scale"] = torch.tensor(spec.fp8_scale) if spec.fp8_scale else w.abs().max() / 448.0
+        return (w / memo["scale"]).clamp(-448, 448).to(torch.float8_e4m3fn)
 
     def scale(make):
         return memo["scale"].reshape(sshape).float()
