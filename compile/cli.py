@@ -208,6 +208,9 @@ def trtllm(
     moe_ep: Annotated[Optional[int], typer.Option("--moe-ep", min=1, help=(
         "Mixture of experts: give each rank group whole experts, over this many groups. [default: 1]"),
         show_default=False)] = None,
+    kv_cache_dtype: Annotated[str, typer.Option("--kv-cache-dtype", help=(
+        "auto (the model dtype) or fp8 (FP8 KV cache, Ada or Hopper GPUs; the checkpoint's k/v scales where stored). "
+        "int8 is refused: it needs calibration."))] = "auto",
     allow_longer: AllowLonger = False,
     revision: Revision = None,
     token: Token = None,
@@ -238,7 +241,7 @@ def trtllm(
                     target=target, tp=s.pick("tp", tp, 1), pp=s.pick("pp", pp, 1),
                     dtype=s.pick("dtype", dtype, "auto"), parallel_embedding=parallel_embedding,
                     embedding_sharding_dim=embedding_sharding_dim, moe_tp=moe_tp, moe_ep=moe_ep, build=build,
-                    trtllm_build=trtllm_build_path, engine_path=engine_path, upload=upload,
+                    kv_cache_dtype=kv_cache_dtype, trtllm_build=trtllm_build_path, engine_path=engine_path, upload=upload,
                     allow_longer=allow_longer, revision=s.pick("revision", revision, None), token=token,
                     trust_remote_code=trust_remote_code or s.lmi.get("trust_remote_code", False),
                     overwrite=overwrite, force=force)

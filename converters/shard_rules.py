@@ -1,5 +1,5 @@
-"""Tensor-parallel split rules, by layer kind (not by model): replicate, column, row, fused QKV, vocab, and
-the two MoE expert kinds.
+"""Tensor-parallel split rules, by layer kind (not by model): replicate, column, row, fused QKV, vocab, the
+two MoE expert kinds, and the FP8 kinds (a fused QKV requantized to one scale, per-tensor scales).
 
 Each rule kind is one class that answers both questions for one rank, side by side: the output shape
 (from source shapes alone, so rank files can be planned before any data is read) and the output's
@@ -10,8 +10,10 @@ is a file range. The layout table names a rule per tensor; RULES maps that name 
 
 from dataclasses import dataclass
 
-from lmi_compile.converters.tensor_reader import TensorReader, Zeros
-from lmi_compile.model.dtypes import itemsize
+import torch
+
+from lmi_compile.converters.tensor_reader import FileRange, TensorReader, Zeros
+from lmi_compile.model.dtypes import FP8, FP8_MAX, itemsize
 
 
 @dataclass(frozen=True)
@@ -173,8 +175,73 @@ class ExpertRow:
                                                              ctx.moe_tp_rank))
 
 
+def scalar(reader: TensorReader, name: str) -> float:
+    """A per-tensor scale (stored as shape [] or [1]) as a Python float."""
+    return float(reader.full(name).float().reshape(-1)[0])
+
+
+def requantized(piece, reader: TensorReader, ratio: float):
+    """FP8 values q (a FileRange or tensor) re-expressed for a scale 1/ratio times larger: q * ratio, rounded to
+    FP8 (round to nearest even, as torch's cast does), one block at a time."""
+    if not isinstance(piece, FileRange):
+        yield _requant(piece, ratio)
+        return
+    per = max(1, reader.block_bytes // itemsize(piece.dtype))
+    for first in range(0, piece.numel, per):
+        n = min(per, piece.numel - first)
+        yield _requant(reader.read(FileRange(piece.path, piece.offset + first * itemsize(piece.dtype), n, piece.dtype)),
+                      ratio)
+
+
+def _requant(q: torch.Tensor, ratio: float) -> torch.Tensor:
+    return (q.float() * ratio).clamp(-FP8_MAX, FP8_MAX).to(getattr(torch, FP8))
+
+
+class FusedQKVFP8(FusedQKV):
+    """FP8 q, k, v (names: the three weights, then their three weight scales) fused into one FP8 weight with one
+    scale. TensorRT-LLM 1.x loads Hub FP8 checkpoints this way (issue #12's reading of models/llama/convert.py and
+    quantization/layers.py): each of q, k, v is dequantized with its own scale and quantized again with the largest,
+    which keeps every value in range; a tensor whose scale is the largest keeps its bytes exactly. The fused weight's
+    weights_scaling_factor is that largest scale (rule scale_max)."""
+
+    def shape(self, src, ctx):
+        return super().shape(src[:3], ctx)
+
+    def pieces(self, reader, names, ctx):
+        scales = [scalar(reader, n) for n in names[3:]]
+        top = max(scales)
+        for piece, s in zip(super().pieces(reader, names[:3], ctx), scales):
+            if s == top:
+                yield piece
+            else:
+                yield from requantized(piece, reader, s / top)
+
+
+class ScaleMax:
+    """A per-tensor scale on every rank, float32 shape (1,): the largest of its sources. One source: that scale
+    (a per-tensor scale applies to every slice of its tensor). The fused qkv takes the largest weight scale (its
+    weight is requantized to it) and the largest input scale (q, k and v read the same input, so exporters store
+    one value three times). No sources: 1.0."""
+
+    def shape(self, src, ctx):
+        return (1,)
+
+    def pieces(self, reader, names, ctx):
+        return [torch.tensor([max((scalar(reader, n) for n in names), default=1.0)], dtype=torch.float32)]
+
+
+class ScaleOne(ScaleMax):
+    """1.0 whatever the sources hold: what TensorRT-LLM 0.9-0.12 use for an FP8 KV cache (preprocess_weights
+    overwrites every kv_cache_scaling_factor with 1.0 at build), so the stored k/v scales are accounted for but
+    not used."""
+
+    def pieces(self, reader, names, ctx):
+        return [torch.ones(1, dtype=torch.float32)]
+
+
 RULES = {"replicate": Replicate(), "column": Column(), "row": Row(), "vocab": Vocab(), "fused_qkv": FusedQKV(),
-         "expert_column": ExpertColumn(), "expert_row": ExpertRow()}
+         "expert_column": ExpertColumn(), "expert_row": ExpertRow(), "fused_qkv_fp8": FusedQKVFP8(),
+         "scale_max": ScaleMax(), "scale_one": ScaleOne()}
 
 
 def rule_for(name: str, ctx: RankContext):

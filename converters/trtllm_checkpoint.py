@@ -15,6 +15,7 @@ from lmi_compile.model.architectures import Architecture
 from lmi_compile.model.checkpoint import Checkpoint
 from lmi_compile.errors import BadInput
 from lmi_compile.model.config import ModelConfig
+from lmi_compile.model.quantization import DENSE, Quantization, read_quantization
 from lmi_compile.pipeline.interrupts import check
 from lmi_compile.pipeline.progress import bytes_bar
 from lmi_compile.pipeline.stages import fingerprint, write_json_atomic
@@ -22,7 +23,7 @@ from lmi_compile.pipeline.stages import fingerprint, write_json_atomic
 from lmi_compile.converters.safetensors_writer import SafetensorsWriter
 from lmi_compile.converters.shard_rules import RankContext, pieces, shape_for
 from lmi_compile.converters.tensor_reader import TensorReader
-from lmi_compile.model.dtypes import FLOAT_DTYPES, itemsize
+from lmi_compile.model.dtypes import FLOAT_DTYPES, FP8, itemsize
 
 log = logging.getLogger("lmi_compile")
 
@@ -43,6 +44,11 @@ class ConvertOptions:
     # How the checkpoint config names MoE settings: a key of the architecture's moe_config_style table
     # (architectures.json): "nested" (TRT-LLM 0.11+) or "flat" (0.9).
     moe_config_style: str = "nested"
+    # The KV cache: None (the model dtype) or "FP8", with one kv_cache_scaling_factor per layer: the largest of the
+    # checkpoint's k/v scales ("max", TensorRT-LLM 1.x) or 1.0 whatever it stores ("one", 0.9-0.12, which force
+    # 1.0 at build). The target table's toolchain row says which ("quantization" -> "kv_cache_scale").
+    kv_cache_quant_algo: str | None = None
+    kv_cache_scale: str = "max"
 
     def moe_split(self) -> tuple[int, int]:
         """(moe_tp, moe_ep) with unset values filled in; check_parallelism says whether they fit tp."""
@@ -183,7 +189,63 @@ def _expected_shapes(arch: Architecture) -> dict[str, int]:
             "q": d.num_heads * d.head_dim, "kv": d.num_kv_heads * d.head_dim, "experts": d.num_experts}
 
 
-def plan_rank(arch: Architecture, ck: Checkpoint, opts: ConvertOptions, tp_rank: int, pp_rank: int) -> list[PlanEntry]:
+SCALES = {"weights_scaling_factor": "weight_scale", "activation_scaling_factor": "input_scale"}
+"""TensorRT-LLM's per-tensor FP8 scales of a Linear -> the Hub name of the same scale beside its weight (compressed-
+tensors, ModelOpt and AutoFP8 all use these); both are dequantization scales (compile/model/quantization.py)."""
+
+
+def _scale_source(ck: Checkpoint, weight: str, suffix: str) -> str:
+    name = weight.removesuffix("weight") + suffix
+    info = ck.tensors.get(name)
+    if info is None or _numel(info.shape) != 1 or info.dtype not in FLOAT_DTYPES:
+        what = "is missing" if info is None else f"is {info.dtype} {list(info.shape)}"
+        raise BadInput(f"{ck.tensors[weight].file}: FP8 tensor {weight!r} needs one per-tensor {suffix}, but {name!r} "
+                       f"{what}; the checkpoint is incomplete or not per-tensor FP8")
+    return name
+
+
+def _fp8_linear(e: dict, target: str, sources: tuple, ck: Checkpoint, ctx: RankContext) -> list[PlanEntry]:
+    """A Linear as TensorRT-LLM's FP8Linear holds it (tensorrt_llm/quantization/layers.py): the weight in fp8 split
+    like the dense one, weights_scaling_factor and activation_scaling_factor float32 (1,) on every rank. Separate
+    Linears keep their bytes and scales exactly (gate and up stay apart: fuse_gate_mlp fuses them at build, each with
+    its own scale, models/modeling_utils.py); the fused qkv is requantized to its largest scale (FusedQKVFP8)."""
+    for s in sources:
+        if ck.tensors[s].dtype != FP8:
+            raise BadInput(f"{ck.tensors[s].file}: tensor {s!r} is {ck.tensors[s].dtype} while its checkpoint declares "
+                           f"FP8 weights; a mix of float and FP8 Linears is not converted")
+    weight_scales = tuple(_scale_source(ck, s, SCALES["weights_scaling_factor"]) for s in sources)
+    input_scales = tuple(_scale_source(ck, s, SCALES["activation_scaling_factor"]) for s in sources)
+    fused = e["rule"] == "fused_qkv"
+    rule = "fused_qkv_fp8" if fused else e["rule"]
+    srcs = sources + weight_scales if fused else sources
+    stem = target.removesuffix(".weight")
+    shape = shape_for(rule, [ck.tensors[s].shape for s in srcs], ctx)
+    return [PlanEntry(target, rule, srcs, shape, FP8),
+            PlanEntry(f"{stem}.weights_scaling_factor", "scale_max", weight_scales, (1,), "float32"),
+            PlanEntry(f"{stem}.activation_scaling_factor", "scale_max", input_scales, (1,), "float32")]
+
+
+def kv_scale_sources(arch: Architecture, ck: Checkpoint, layer: int) -> tuple[str, ...]:
+    """The checkpoint's [k, v] FP8 KV-cache scales of one layer, in whichever naming it uses; () when it has none."""
+    spec = arch.layout.get("kv_cache_scale")
+    for pair in (spec or {}).get("sources", []):
+        names = tuple(n.format(i=layer) for n in pair)
+        if all(n in ck for n in names):
+            return names
+        if any(n in ck for n in names):
+            have = next(n for n in names if n in ck)
+            raise BadInput(f"{ck.tensors[have].file}: {have!r} has no partner ({', '.join(names)} go together); the "
+                           f"checkpoint is incomplete")
+    return ()
+
+
+def _all_kv_scales(arch: Architecture) -> set[str]:
+    spec = arch.layout.get("kv_cache_scale") or {}
+    return {n.format(i=i) for pair in spec.get("sources", []) for n in pair for i in range(arch.dims.num_layers)}
+
+
+def plan_rank(arch: Architecture, ck: Checkpoint, opts: ConvertOptions, tp_rank: int, pp_rank: int,
+              quant: Quantization = DENSE) -> list[PlanEntry]:
     ctx = rank_context(arch, opts, tp_rank)
     dims = _expected_shapes(arch)
     plan = []
@@ -195,24 +257,66 @@ def plan_rank(arch: Architecture, ck: Checkpoint, opts: ConvertOptions, tp_rank:
             if tuple(shp) != expect:
                 raise BadInput(f"{ck.tensors[s].file}: tensor {s!r} has shape {list(shp)}, but config.json "
                                f"implies {list(expect)}; config and weights disagree")
+        if quant.quant_algo == "FP8" and e.get("linear"):
+            plan += _fp8_linear(e, target, sources, ck, ctx)
+            continue
         for s in sources:
-            if ck.tensors[s].dtype not in FLOAT_DTYPES:
-                raise BadInput(f"{ck.tensors[s].file}: tensor {s!r} has dtype {ck.tensors[s].dtype}, not supported "
-                               f"(float16, bfloat16, float32); quantized checkpoints need their own converter")
+            if ck.tensors[s].dtype in FLOAT_DTYPES:
+                continue
+            if quant.quant_algo and ck.tensors[s].dtype == FP8:
+                why = (f"TensorRT-LLM keeps {target} in the model dtype (models/modeling_utils.py preprocess_weights, "
+                       f"quantization/quantize.py exclude_modules), so an FP8 {s} is not converted")
+            else:
+                why = ("not supported (float16, bfloat16, float32) without a quantization_config in config.json that "
+                       "declares it")
+            raise BadInput(f"{ck.tensors[s].file}: tensor {s!r} has dtype {ck.tensors[s].dtype}: {why}")
         plan.append(PlanEntry(target, e["rule"], sources, shape_for(e["rule"], src_shapes, ctx), e.get("dtype")))
+    if opts.kv_cache_quant_algo == "FP8":
+        per = arch.dims.num_layers // opts.pp
+        target = arch.layout["kv_cache_scale"]["target"]
+        rule = "scale_max" if opts.kv_cache_scale == "max" else "scale_one"
+        for local in range(per):
+            plan.append(PlanEntry(target.format(i=local), rule, kv_scale_sources(arch, ck, pp_rank * per + local), (1,),
+                                  "float32"))
     return plan
 
 
 def check_all_used(arch: Architecture, ck: Checkpoint, plans) -> None:
     """Every source tensor goes into some rank file, unless the table says it is not a weight: a tensor the
     layout does not name would otherwise be dropped without a word."""
-    used = {s for plan in plans for p in plan for s in p.sources} | arch.ignored_sources()
+    # FP8 KV-cache scales are used only with an FP8 KV cache (--kv-cache-dtype fp8), as vLLM does with "auto"
+    used = {s for plan in plans for p in plan for s in p.sources} | arch.ignored_sources() | _all_kv_scales(arch)
     extra = sorted(set(ck.tensors) - used)
     if extra:
         info = ck.tensors[extra[0]]
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise BadInput(f"{info.file}: tensor {extra[0]!r}{more} is not used by {arch.name}'s layout; the checkpoint "
                        f"does not match its config.json, or the layout in configs/architectures.json lacks it")
+
+
+def check_quantization(arch: Architecture, quant: Quantization, opts: ConvertOptions, where: Path) -> None:
+    """What the converter writes: dense or FP8 per-tensor weights; a dense or FP8 KV cache."""
+    if quant.quant_algo not in (None, "FP8"):
+        raise BadInput(f"{where}: {quant.describe()} is not converted by lmi-compile")
+    if quant.quant_algo and arch.is_moe:
+        raise BadInput(f"{where}: FP8 {arch.name} checkpoints are not converted (TensorRT-LLM's MoE layer keeps its "
+                       f"FP8 expert scales in a layout of its own); convert from the unquantized model")
+    if opts.kv_cache_quant_algo not in (None, "FP8"):
+        raise BadInput(f"KV cache {opts.kv_cache_quant_algo} is not converted by lmi-compile; use fp8")
+
+
+def _log_kv_scales(arch: Architecture, ck: Checkpoint, opts: ConvertOptions, plans) -> None:
+    stored = _all_kv_scales(arch) & set(ck.tensors)
+    if opts.kv_cache_quant_algo != "FP8":
+        if stored:
+            log.info("convert: the checkpoint stores FP8 KV-cache scales; --kv-cache-dtype fp8 would use them")
+        return
+    if not stored:
+        log.warning("convert: FP8 KV cache without calibrated k/v scales in the checkpoint: kv_cache_scaling_factor "
+                    "1.0 (values beyond +-448 would saturate)")
+    elif opts.kv_cache_scale == "one":
+        log.warning("convert: the target's TensorRT-LLM uses kv_cache_scaling_factor 1.0 whatever the checkpoint "
+                    "stores (models/modeling_utils.py preprocess_weights): its calibrated k/v scales are not used")
 
 
 def rank_context(arch: Architecture, opts: ConvertOptions, tp_rank: int) -> RankContext:
@@ -224,7 +328,8 @@ def rank_context(arch: Architecture, opts: ConvertOptions, tp_rank: int) -> Rank
                        moe_tp=moe_tp, moe_ep=moe_ep)
 
 
-def trtllm_config(arch: Architecture, config: ModelConfig, opts: ConvertOptions, dtype: str, attn_bias: bool) -> dict:
+def trtllm_config(arch: Architecture, config: ModelConfig, opts: ConvertOptions, dtype: str, attn_bias: bool,
+                  quant: Quantization = DENSE) -> dict:
     """The checkpoint config.json TRT-LLM's PretrainedConfig.from_dict reads (formats.md section 2)."""
     d = arch.dims
     cfg = {
@@ -251,7 +356,7 @@ def trtllm_config(arch: Architecture, config: ModelConfig, opts: ConvertOptions,
         "attn_bias": attn_bias,
         "mlp_bias": False,
         "mapping": {"world_size": opts.tp * opts.pp, "tp_size": opts.tp, "pp_size": opts.pp},
-        "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+        "quantization": {"quant_algo": quant.quant_algo, "kv_cache_quant_algo": opts.kv_cache_quant_algo},
         **arch.entry.get("trtllm_config", {}),
     }
     style = moe_style(arch, opts)
@@ -330,16 +435,19 @@ def write_ranks(ck: Checkpoint, todo: list, contexts: dict, dtype: str, workers:
 def convert(arch: Architecture, config: ModelConfig, ck: Checkpoint, out: Path, opts: ConvertOptions) -> dict:
     """Write config.json and every rank file into `out`; ranks already complete there are kept."""
     check_parallelism(arch, opts, config.path)
+    quant = read_quantization(config)
+    check_quantization(arch, quant, opts, config.path)
     dtype = resolve_dtype(opts, config, ck)
     out.mkdir(parents=True, exist_ok=True)
     jobs = []
     for pp_rank in range(opts.pp):
         for tp_rank in range(opts.tp):
-            plan = plan_rank(arch, ck, opts, tp_rank, pp_rank)
+            plan = plan_rank(arch, ck, opts, tp_rank, pp_rank, quant)
             jobs.append((rank_id(tp_rank, pp_rank, opts.tp), tp_rank, plan))
     check_all_used(arch, ck, [plan for _, _, plan in jobs])
     attn_bias = any(p.target.endswith("attention.qkv.bias") for _, _, plan in jobs for p in plan)
-    cfg = trtllm_config(arch, config, opts, dtype, attn_bias)
+    cfg = trtllm_config(arch, config, opts, dtype, attn_bias, quant)
+    _log_kv_scales(arch, ck, opts, [plan for _, _, plan in jobs])
     todo, total = [], 0
     for r, tp_rank, plan in jobs:
         plan_fp = fingerprint(plan=[(p.target, p.rule, p.sources, p.shape, p.dtype) for p in plan], dtype=dtype,

@@ -10,6 +10,7 @@ Each runs in its own process; peak RSS is that process's ru_maxrss. Prints a tab
 
   python scripts/bench_convert.py --shape llama3-8b --layers 8 --tp 1 2 4 8 --dir /tmp/bench
   python scripts/bench_convert.py --shape mixtral-8x7b --layers 8 --tp 2 4 8 --moe-ep 1
+  python scripts/bench_convert.py --shape llama3-8b --fp8 compressed-tensors --tp 1 2 --skip-baseline
 """
 
 import argparse
@@ -130,6 +131,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="runs per contender; the fastest counts")
     ap.add_argument("--moe-ep", type=int, default=1, help="expert parallelism for MoE shapes (moe_tp = tp / moe_ep)")
     ap.add_argument("--skip-baseline", action="store_true", help="e.g. when the model does not fit in RAM twice")
+    ap.add_argument("--fp8", choices=["compressed-tensors", "modelopt", "fp8"],
+                    help="FP8 per-tensor Linears in this Hub format (the fused qkv is requantized); needs --skip-baseline")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -138,7 +141,10 @@ def main() -> None:
          "baseline": lambda: child_baseline(model, out, n, int(a.child[4]))}[mode]()
         print(peak_rss_mib())
         return
-    model = make_model(a.dir / f"{a.shape}-{a.layers or 'full'}", a.shape, a.layers)
+    if a.fp8 and not a.skip_baseline:
+        ap.error("the baseline slices unquantized weights only; use --skip-baseline with --fp8")
+    model = make_model(a.dir / f"{a.shape}-{a.layers or 'full'}{'-fp8-' + a.fp8 if a.fp8 else ''}", a.shape,
+                       a.layers, a.fp8)
     in_bytes = sum(f.stat().st_size for f in input_files(model))
     rows = []
     for tp in a.tp:
@@ -154,7 +160,7 @@ def main() -> None:
                            a.repeat)
         shutil.rmtree(out)
         rows.append((tp, in_bytes, out_bytes, floor, ours, base))
-    print(f"\n{a.shape} ({a.layers or 'all'} layers), bf16, moe_ep={a.moe_ep}, input {in_bytes / 2**30:.2f} GiB, "
+    print(f"\n{a.shape} ({a.layers or 'all'} layers), {'FP8 ' + a.fp8 if a.fp8 else 'bf16'}, moe_ep={a.moe_ep}, input {in_bytes / 2**30:.2f} GiB, "
           f"{os.cpu_count()} cores, workers={max(1, min(8, os.cpu_count() or 1))}, best of {a.repeat}")
     print(f"{'tp':>3} {'out GiB':>8} | {'floor s':>8} {'ours s':>8} {'base s':>8} | {'ours/floor':>10} "
           f"{'base/ours':>9} | {'floor MiB':>9} {'ours MiB':>9} {'base MiB':>9}")

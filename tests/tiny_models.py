@@ -49,10 +49,49 @@ class TinySpec:
     extra_config: dict = field(default_factory=dict)
     num_experts: int = 4  # mixtral only
     experts_per_token: int = 2  # mixtral only
+    # FP8 per tensor, as a Hub exporter writes it (FP8_FORMATS): every Linear of the decoder layers in e4m3 with a
+    # weight_scale and an input_scale; kv_scales adds FP8 KV-cache scales in that format's naming
+    fp8: str | None = None
+    kv_scales: bool = False
+    fp8_scale: float | None = None  # one weight scale for every Linear (default: each its own amax / 448)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+
+# Each format as its published definition writes it. compressed-tensors (llm-compressor scheme "FP8"):
+# quantization_config with quant_method compressed-tensors, format float-quantized, one config group of 8-bit float
+# weights and static input activations, strategy tensor; scales shaped [1]; kv_cache_scheme puts k_scale / v_scale on
+# self_attn. ModelOpt's HF export: hf_quant_config.json {"producer", "quantization": {quant_algo FP8,
+# kv_cache_quant_algo, exclude_modules}}; scalar scales; k_scale / v_scale on k_proj / v_proj. AutoFP8 (transformers
+# quant_method "fp8", activation_scheme static): scalar scales.
+FP8_FORMATS = {
+    "compressed-tensors": {"scale_shape": (1,), "kv": ("self_attn.k_scale", "self_attn.v_scale")},
+    "modelopt": {"scale_shape": (), "kv": ("self_attn.k_proj.k_scale", "self_attn.v_proj.v_scale")},
+    "fp8": {"scale_shape": (), "kv": None},
+}
+FP8_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def fp8_quantization_config(spec: TinySpec) -> dict | None:
+    if spec.fp8 == "compressed-tensors":
+        fp8 = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False,
+               "group_size": None, "block_structure": None, "actorder": None, "observer": "minmax",
+               "observer_kwargs": {}}
+        return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+                "config_groups": {"group_0": {"targets": ["Linear"], "weights": fp8, "input_activations": fp8,
+                                              "output_activations": None}},
+                "ignore": ["lm_head"], "global_compression_ratio": None, "sparsity_config": {},
+                "kv_cache_scheme": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
+                                    "dynamic": False} if spec.kv_scales else None}
+    if spec.fp8 == "fp8":
+        return {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]}
+    return None
+
+
+def is_fp8_linear(spec: TinySpec, name: str) -> bool:
+    return bool(spec.fp8) and name.endswith(".weight") and name.split(".")[-2] in FP8_LINEARS
 
 
 def hf_config(spec: TinySpec) -> dict:
@@ -78,6 +117,7 @@ def hf_config(spec: TinySpec) -> dict:
         "use_cache": True,
         **({"num_local_experts": spec.num_experts, "num_experts_per_tok": spec.experts_per_token}
            if spec.family == "mixtral" else {}),
+        **({"quantization_config": fp8_quantization_config(spec)} if fp8_quantization_config(spec) else {}),
         **spec.extra_config,
     }
     return cfg
@@ -133,6 +173,39 @@ def _random_tensor(name: str, shape, dtype: str, gen):
     return t.to(getattr(torch, dtype))
 
 
+def fp8_entries(spec: TinySpec, name: str, shape):
+    """(name, dtype or None for the model's, shape, value(make)) for one parameter: itself, or for an FP8 Linear its
+    e4m3 weight (amax / 448 scaling, round to nearest) and its weight_scale and input_scale; FP8 KV-cache scales
+    follow v_proj. Values are made in order from one generator, so a checkpoint is the same on every run."""
+    import torch
+
+    if not is_fp8_linear(spec, name):
+        return [(name, None, shape, lambda make: make(name, shape))]
+    fmt = FP8_FORMATS[spec.fp8]
+    base, sshape = name.removesuffix("weight"), fmt["scale_shape"]
+    memo = {}
+
+    def weight(make):
+        w = make(name, shape).float()
+        memo["scale"] = torch.tensor(spec.fp8_scale) if spec.fp8_scale else w.abs().max() / 448.0
+        return (w / memo["scale"]).clamp(-448, 448).to(torch.float8_e4m3fn)
+
+    def scale(make):
+        return memo["scale"].reshape(sshape).float()
+
+    def input_scale(make):  # a static activation scale: distinct per Linear, as a calibration would give
+        return torch.tensor(0.01 + 0.001 * (sum(map(ord, name)) % 97)).reshape(sshape)
+
+    out = [(name, "float8_e4m3fn", shape, weight), (base + "weight_scale", "float32", sshape, scale),
+           (base + "input_scale", "float32", sshape, input_scale)]
+    if spec.kv_scales and name.endswith("v_proj.weight") and fmt["kv"]:
+        layer = name.split(".self_attn.")[0]
+        for i, kv in enumerate(fmt["kv"]):
+            value = torch.tensor(0.05 + 0.02 * i + 0.001 * int(layer.split(".")[-1])).reshape(sshape)
+            out.append((f"{layer}.{kv}", "float32", sshape, lambda make, v=value: v))
+    return out
+
+
 def _tiled_tensor(shape, dtype: str, block):
     """Random-looking values at memcpy speed: a 16M-element random block tiled over the tensor (benchmarks)."""
     import torch
@@ -183,6 +256,11 @@ def write_checkpoint(out: Path, spec: TinySpec | None = None, *, fmt: str = "saf
     if tokenizer:
         write_tokenizer(out, min(spec.vocab_size, 400))
     plan = tensor_plan(spec)
+    if spec.fp8 == "modelopt":
+        (out / "hf_quant_config.json").write_text(json.dumps(
+            {"producer": {"name": "modelopt", "version": "0.19.0"},
+             "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8" if spec.kv_scales else None,
+                              "exclude_modules": ["lm_head"]}}, indent=2))
     # Shard by contiguous runs, as save_pretrained does.
     per = -(-len(plan) // max(1, shards))
     groups = [plan[i:i + per] for i in range(0, len(plan), per)]
@@ -193,22 +271,24 @@ def write_checkpoint(out: Path, spec: TinySpec | None = None, *, fmt: str = "saf
 
     def make(n, s):
         return _tiled_tensor(s, spec.dtype, block) if fast_fill else _random_tensor(n, s, spec.dtype, gen)
+
+    groups = [[e for n, s in group for e in fp8_entries(spec, n, s)] for group in groups]
     weight_map, total = {}, 0
     for k, group in enumerate(groups):
         name = f"{base}.{ext}" if len(groups) == 1 else f"{base}-{k + 1:05d}-of-{len(groups):05d}.{ext}"
         if fmt == "safetensors":
-            with SafetensorsWriter(out / name, [(n, spec.dtype, s) for n, s in group],
+            with SafetensorsWriter(out / name, [(n, d or spec.dtype, s) for n, d, s, _ in group],
                                    metadata={"format": "pt"}) as w:
-                for n, s in group:
-                    w.write(n, make(n, s))
+                for n, _, s, value in group:
+                    w.write(n, value(make))
         else:
-            torch.save({n: make(n, s) for n, s in group}, out / name)
-        for n, s in group:
+            torch.save({n: value(make) for n, _, s, value in group}, out / name)
+        for n, d, s, _ in group:
             weight_map[n] = name
             numel = 1
-            for d in s:
-                numel *= d
-            total += numel * torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
+            for x in s:
+                numel *= x
+            total += numel * torch.empty((), dtype=getattr(torch, d or spec.dtype)).element_size()
     if len(groups) > 1:
         index = f"{base}.{ext}.index.json"
         (out / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

@@ -6,6 +6,7 @@ Mixture of experts as TRT-LLM's MoE layer computes it: router logits in float32,
 (normalization mode RENORMALIZE); each expert's fc output [w3 x; w1 x] goes through swiglu (silu of the
 second half times the first), then proj; each rank holds experts tp_rank % moe_ep_size's block, sliced
 over moe_tp, and its partial sums are all-reduced like a row-parallel layer.
+FP8 weights are dequantized with their weights_scaling_factor, as FP8Linear does.
 It reads only the TRT-LLM checkpoint (config.json + rank files), never the HF model.
 """
 
@@ -85,11 +86,22 @@ def _moe(h: torch.Tensor, stage: list[dict], pre: str, moe: dict) -> torch.Tenso
     return out
 
 
+def dequantized(rank: dict) -> dict:
+    """A rank's tensors in float32, FP8 weights as FP8Linear reads them: the stored value times weights_scaling_factor
+    (tensorrt_llm/quantization/layers.py FP8Linear.forward). Activations are not fake-quantized here: the reference
+    is the model the FP8 weights stand for."""
+    out = {}
+    for k, v in rank.items():
+        if v.dtype == torch.float8_e4m3fn:
+            v = v.float() * rank[k.removesuffix("weight") + "weights_scaling_factor"].float()
+        out[k] = v.float()
+    return out
+
+
 def reference_logits(ckpt: Path, input_ids: torch.Tensor) -> torch.Tensor:
     cfg = json.loads((Path(ckpt) / "config.json").read_text())
     tp, pp = cfg["mapping"]["tp_size"], cfg["mapping"]["pp_size"]
-    ranks = {r: {k: v.float() for k, v in load_file(str(Path(ckpt) / f"rank{r}.safetensors")).items()}
-             for r in range(tp * pp)}
+    ranks = {r: dequantized(load_file(str(Path(ckpt) / f"rank{r}.safetensors"))) for r in range(tp * pp)}
     H, hd, eps, V = cfg["num_attention_heads"], cfg["head_size"], cfg["norm_epsilon"], cfg["vocab_size"]
     L = cfg["num_hidden_layers"]
     S = input_ids.shape[-1]

@@ -95,6 +95,7 @@ class Report:
     upload_complete: bool | None = None
     versions: dict = field(default_factory=dict)
     properties: dict = field(default_factory=dict)
+    quantization: dict | None = None  # TensorRT-LLM engines: the engine config's pretrained_config.quantization
 
 
 def _ranks(files: dict, folder: str) -> set[int]:
@@ -123,6 +124,8 @@ def _check_engines(loc: Location, folder: str, report: Report, container: str | 
     extra = sorted(have - set(range(world)))
     if extra:
         report.problems.append(f"{pre}: rank{extra[0]}.engine is beyond the engine config's {world} ranks")
+    q = cfg.get("pretrained_config", {}).get("quantization") or {}
+    report.quantization = {k: q.get(k) for k in ("quant_algo", "kv_cache_quant_algo")}
     version = str(cfg.get("version", "unknown"))
     report.versions["tensorrt_llm"] = version
     if STANDIN_MARK in version:
@@ -325,6 +328,10 @@ def render(r: Report) -> str:
         lines.append(f"  upload: {'complete (manifest verified)' if r.upload_complete else 'INCOMPLETE'}")
     for k, v in r.versions.items():
         lines.append(f"  {k}: {v}")
+    if r.quantization is not None:
+        q = r.quantization
+        lines.append(f"  quantization: weights {q.get('quant_algo') or 'unquantized'}, KV cache "
+                     f"{q.get('kv_cache_quant_algo') or 'unquantized'}")
     lines += [f"  problem: {p}" for p in r.problems]
     lines += [f"  note: {n}" for n in r.notes]
     if r.properties:

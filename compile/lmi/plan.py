@@ -14,7 +14,8 @@ from lmi_compile.model.architectures import Architecture, resolve
 from lmi_compile.configs import load_json
 from lmi_compile.errors import BadInput
 from lmi_compile.model.config import ModelConfig
-from lmi_compile.model.dtypes import DTYPE_BYTES, FLOAT_DTYPES
+from lmi_compile.model.dtypes import DTYPE_BYTES, FLOAT_DTYPES, FP8
+from lmi_compile.model.quantization import DENSE, read_quantization
 from lmi_compile.model.limits import sequence_problem
 
 GiB = 1024 ** 3
@@ -46,6 +47,7 @@ class Plan:
     needed_per_accelerator: int | None = None
     fitting_tp: list | None = None
     warnings: list | None = None
+    quantization: str | None = None  # the checkpoint's weight quantization (TensorRT-LLM's QuantAlgo name)
 
 
 def param_counts(arch: Architecture) -> dict[str, int]:
@@ -53,12 +55,15 @@ def param_counts(arch: Architecture) -> dict[str, int]:
 
     embedding, layer (one decoder layer), norm (the rest of the last stage), lm_head (0 when tied);
     layer_experts: the part of a layer that is expert weights; layer_fixed / layer_fixed_bytes: the part
-    stored in a dtype of its own whatever the model's (the MoE router: float32, replicated on every rank).
+    stored in a dtype of its own whatever the model's (the MoE router: float32, replicated on every rank);
+    layer_linear / layer_linears: the parameters and the number of the Linears a quantized checkpoint stores in
+    FP8 (each with two float32 scales on every rank).
     """
     d = arch.dims
     sym = {"hidden": d.hidden_size, "vocab": d.vocab_size, "inter": d.intermediate_size,
            "q": d.num_heads * d.head_dim, "kv": d.num_kv_heads * d.head_dim, "experts": d.num_experts}
-    c = dict.fromkeys(("embedding", "layer", "norm", "lm_head", "layer_experts", "layer_fixed", "layer_fixed_bytes"), 0)
+    c = dict.fromkeys(("embedding", "layer", "norm", "lm_head", "layer_experts", "layer_fixed", "layer_fixed_bytes",
+                       "layer_linear", "layer_linears"), 0)
     tied = arch.tied_sources()
     for section, e in arch.tensor_entries():
         if e.get("optional") and not arch.entry.get(e["optional"]):
@@ -74,6 +79,9 @@ def param_counts(arch: Architecture) -> dict[str, int]:
             if any("{e}" in src for src in e["sources"]):
                 n *= d.num_experts
                 c["layer_experts"] += n
+            if e.get("linear"):
+                c["layer_linear"] += n
+                c["layer_linears"] += 1
             if e.get("dtype"):
                 c["layer_fixed"] += n
                 c["layer_fixed_bytes"] += n * DTYPE_BYTES[e["dtype"]]
@@ -110,9 +118,21 @@ def make_plan(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: str = "au
     b = DTYPE_BYTES[dtype]
     c = param_counts(arch)
     params = total_params(arch)
-    # The index's total_size is exact (at the checkpoint's dtype); rescale it to the target dtype.
-    src_b = DTYPE_BYTES.get(config.dtype or "", b)
-    weight_bytes = index_total * b // src_b if index_total else params * b
+    warnings = []
+    try:
+        quant = read_quantization(config)
+        quant.require_converted()
+    except BadInput as e:  # the rule trtllm enforces, reported here as a warning; sized as if dense
+        warnings.append(str(e).removeprefix(f"{config.path}: "))
+        quant = DENSE
+    if quant.quant_algo == "FP8":
+        c = fp8_counts(c)
+        weight_bytes = (params - arch.dims.num_layers * c["layer_linear"]) * b + arch.dims.num_layers * (
+            c["layer_linear"] * DTYPE_BYTES[FP8] + c["layer_linears"] * FP8_SCALE_BYTES)
+    else:
+        # The index's total_size is exact (at the checkpoint's dtype); rescale it to the target dtype.
+        src_b = DTYPE_BYTES.get(config.dtype or "", b)
+        weight_bytes = index_total * b // src_b if index_total else params * b
     per_rank = rank_weight_bytes(c, d, tp, pp, b)
     kv_token = 2 * d.num_layers * d.num_kv_heads * d.head_dim * b
     kv_token_rank = rank_kv_bytes_per_token(d, tp, pp, b)
@@ -122,7 +142,8 @@ def make_plan(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: str = "au
                 kv_bytes_for_batch=kv_token * max_batch_size * max_seq_len,
                 kv_bytes_for_batch_per_rank=kv_token_rank * max_batch_size * max_seq_len,
                 max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                disk_bytes=disk_needs(weight_bytes, c["embedding"] * b, tp, pp), warnings=[])
+                disk_bytes=disk_needs(weight_bytes, c["embedding"] * b, tp, pp), warnings=warnings,
+                quantization=quant.quant_algo)
     if d.num_heads % tp:
         plan.warnings.append(f"tp {tp} does not divide num_attention_heads {d.num_heads}: TRT-LLM and Neuron refuse it")
     if d.num_kv_heads < tp:
@@ -137,13 +158,24 @@ def make_plan(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: str = "au
     return plan
 
 
+FP8_SCALE_BYTES = 2 * 4  # weights_scaling_factor and activation_scaling_factor, float32 (1,), on every rank
+
+
+def fp8_counts(c: dict) -> dict:
+    """Counts for a checkpoint whose Linears are FP8: rank_weight_bytes then sizes them at one byte per parameter,
+    split over tp, plus their scales whole on every rank."""
+    return {**c, "fp8_linear": c["layer_linear"]}
+
+
 def rank_weight_bytes(c: dict, d, tp: int, pp: int, b: int) -> int:
     """Weights on the largest rank: the first stage has the embedding, the last the norm and lm_head
     (written even when tied, its vocab padded to a multiple of tp). Layers are split over tp; under expert
     parallelism a rank holds num_experts / moe_ep whole experts, under MoE tensor parallelism a 1 / moe_tp
     slice of each, so expert bytes per rank are 1 / tp of them either way. The router is whole on every rank."""
     layers = -(-d.num_layers // pp)
-    share = layers * (c["layer"] - c["layer_fixed"]) // tp * b + layers * c["layer_fixed_bytes"]
+    fp8 = c.get("fp8_linear", 0)  # FP8 Linears: one byte per parameter, split over tp, and their scales on every rank
+    share = layers * (c["layer"] - c["layer_fixed"] - fp8) // tp * b + layers * c["layer_fixed_bytes"] + \
+        (layers * (fp8 // tp * DTYPE_BYTES[FP8] + c["layer_linears"] * FP8_SCALE_BYTES) if fp8 else 0)
     lm_head = -(-d.vocab_size // tp) * d.hidden_size
     if pp == 1:
         return (c["embedding"] + c["norm"] + lm_head) * b + share
@@ -210,8 +242,9 @@ def _bytes(n: float) -> str:
 def render(plan: Plan) -> str:
     active = f" ({_count(plan.active_parameters)} active per token)" \
         if plan.active_parameters != plan.parameters else ""
+    dtype = f"{plan.quantization} Linears, the rest in {plan.dtype}" if plan.quantization else plan.dtype
     lines = [f"{plan.architecture}: {_count(plan.parameters)} parameters{active}, {_bytes(plan.weight_bytes)} of "
-             f"weights in {plan.dtype}",
+             f"weights in {dtype}",
              f"tp={plan.tp} pp={plan.pp}: {_bytes(plan.weight_bytes_per_rank)} of weights per rank (largest rank)",
              f"KV cache: {_bytes(plan.kv_bytes_per_token)} per token ({_bytes(plan.kv_bytes_per_token_per_rank)} per "
              f"rank); {_bytes(plan.kv_bytes_for_batch)} for batch {plan.max_batch_size} x {plan.max_seq_len} tokens "

@@ -6,7 +6,8 @@ up here instead of keeping its own dict.
 
 # safetensors tag -> (torch dtype name or None when this tool has no torch name for it, bytes per element)
 SAFETENSORS = {
-    "BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1), "F8_E4M3": (None, 1), "F8_E5M2": (None, 1),
+    "BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1), "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": (None, 1),
     "I16": ("int16", 2), "U16": (None, 2), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
     "I32": ("int32", 4), "U32": (None, 4), "F32": ("float32", 4), "I64": ("int64", 8), "U64": (None, 8),
     "F64": ("float64", 8),
@@ -21,6 +22,10 @@ FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 # transformers-neuronx's amp names (--amp) and LMI's option.dtype names, for the same three floats.
 AMP_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}
 LMI_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+# FP8 as TensorRT-LLM stores it: e4m3 (its Parameter dtype 'fp8'; tensorrt_llm/quantization/layers.py FP8Linear),
+# largest finite value 448.
+FP8 = "float8_e4m3fn"
+FP8_MAX = 448.0
 
 
 def itemsize(dtype: str) -> int:

@@ -15,6 +15,7 @@ from lmi_compile import __version__
 from lmi_compile.errors import BadInput
 from lmi_compile.lmi.targets import Target, releases, resolve as resolve_target
 from lmi_compile.model.architectures import resolve
+from lmi_compile.model.config import read_json
 from lmi_compile.model.limits import check_sequence_length
 from lmi_compile.pipeline import stages
 from lmi_compile.pipeline.diskspace import ensure_room, tree_bytes
@@ -39,6 +40,7 @@ class TrtllmJob(Job):
     embedding_sharding_dim: int = 0
     moe_tp: int | None = None
     moe_ep: int | None = None
+    kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8: FP8 KV cache (the checkpoint's k/v scales if stored)
     workers: int = field(default_factory=lambda: max(1, min(8, os.cpu_count() or 1)))
     trtllm_build: str | None = None
     engine_path: str = DEFAULT_ENGINE_PATH
@@ -62,6 +64,62 @@ def check_target(job: TrtllmJob, config) -> str:
     return entry["name"]
 
 
+KV_CACHE_DTYPES = {"auto": None, "fp8": "FP8", "int8": "INT8"}
+
+
+def check_quantization(job: TrtllmJob, config) -> tuple:
+    """(the checkpoint's Quantization, the KV-cache quant algo or None), refused (BadInput) unless the target's
+    TensorRT-LLM reads both (configs/targets.json toolchains -> quantization). From config.json alone where the
+    scheme is declared there, so before any download."""
+    from lmi_compile.model.quantization import INT8_KV, read_quantization
+
+    if job.kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise BadInput(f"--kv-cache-dtype {job.kv_cache_dtype!r}: use {', '.join(KV_CACHE_DTYPES)}")
+    kv = KV_CACHE_DTYPES[job.kv_cache_dtype]
+    if kv == "INT8":
+        raise BadInput(f"--kv-cache-dtype int8: {INT8_KV}")
+    quant = read_quantization(config)
+    tool = job.target["tool"]
+    facts = tool.get("quantization", {})
+    for algo, key, what in ((quant.quant_algo, "quant_algos", f"{quant.quant_algo} weights"),
+                            (kv, "kv_cache_quant_algos", f"an {kv} KV cache")):
+        if algo and algo not in facts.get(key, ()):
+            raise BadInput(f"{config.path}: {what} cannot be served by {job.target.describe()}: TensorRT-LLM "
+                           f"{tool['version']} has no {algo} (tensorrt_llm/quantization/mode.py); "
+                           f"{_first_release(algo, lambda t: algo in t.get('quantization', {}).get(key, ()))}")
+    quant.require_converted()
+    return quant, kv
+
+
+def check_gpus(job: TrtllmJob, tool, quant, kv) -> None:
+    """FP8 engines need the GPU architecture that runs FP8 (configs/targets.json trtllm -> quantization_gpus):
+    refuse a build on older GPUs that nvidia-smi shows, warn when it shows none."""
+    from lmi_compile.lmi.targets import table
+
+    needs = table()["trtllm"]["quantization_gpus"]
+    for key in [k for k in (quant.quant_algo, f"kv_{kv}" if kv else None) if k and k in needs]:
+        need = needs[key]
+        floor = _capability(need["min_compute_capability"])
+        what = "an FP8 KV cache" if key.startswith("kv_") else f"{key} weights"
+        if not tool.gpus:
+            log.warning("build: %s need %s (compute capability %s or later); nvidia-smi shows no GPU here, so build "
+                        "where you will serve", what, need["gpus"], need["min_compute_capability"])
+            continue
+        old = [g for g in tool.gpus if _capability(g.get("compute_capability", "0")) < floor]
+        if old:
+            g = old[0]
+            raise BadInput(f"{what} need {need['gpus']} (compute capability {need['min_compute_capability']} or "
+                           f"later), but this host's GPU is {g['name']} ({g.get('compute_capability')}); build and serve "
+                           f"on such a GPU, or convert from the unquantized model with --kv-cache-dtype auto")
+
+
+def _capability(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in str(text).split("."))
+    except ValueError:
+        return (0,)
+
+
 def _first_release(arch: str, serves) -> str:
     ok = [r for r in releases("trtllm") if serves(resolve_target("trtllm", r)["tool"])]
     return f"the first LMI release that can is {ok[0]} (--lmi-version {ok[0]})" if ok else "no LMI release can"
@@ -75,12 +133,15 @@ def convert_stage(job: TrtllmJob, model, architecture: str) -> tuple[Path, str]:
     opts = ConvertOptions(tp=job.tp, pp=job.pp, dtype=job.dtype, parallel_embedding=job.parallel_embedding,
                           embedding_sharding_dim=job.embedding_sharding_dim, workers=job.workers,
                           architecture=architecture, moe_tp=job.moe_tp, moe_ep=job.moe_ep,
-                          moe_config_style=tool["moe_config_style"])
+                          moe_config_style=tool["moe_config_style"],
+                          kv_cache_quant_algo=KV_CACHE_DTYPES.get(job.kv_cache_dtype),
+                          kv_cache_scale=tool.get("quantization", {}).get("kv_cache_scale", "max"))
     check_parallelism(arch, opts, model.config.path)
     fp = stages.fingerprint(files=model.checkpoint.identity(), root=str(model.root.resolve()),
                             config=model.config.raw, tp=job.tp, pp=job.pp, dtype=job.dtype,
                             parallel_embedding=job.parallel_embedding, sharding_dim=job.embedding_sharding_dim,
-                            architecture=architecture, moe=(opts.moe_split(), opts.moe_config_style))
+                            architecture=architecture, moe=(opts.moe_split(), opts.moe_config_style),
+                            kv_cache=(opts.kv_cache_quant_algo, opts.kv_cache_scale))
 
     def work(staging: Path) -> dict:
         # rank files hold the model once, plus replicated embeddings and vocab padding: bounded by tp copies
@@ -115,7 +176,9 @@ def layout_stage(job: TrtllmJob, model, engines: Path, build: dict, dtype: str) 
         "tool": "lmi-compile", "tool_version": __version__, "backend": "tensorrt-llm", "layout": layout,
         "lmi_version": job.target.release, "container": job.target["container"],
         "model": job.model, "revision": job.revision, "tensor_parallel_degree": job.tp,
-        "pipeline_parallel_degree": job.pp, "dtype": dtype, **build,
+        "pipeline_parallel_degree": job.pp, "dtype": dtype,
+        "quantization": (read_json(engines / "config.json").get("pretrained_config") or {}).get("quantization"),
+        **build,
     }
     props = serving_properties(job, build, dtype, job.upload, job.target)
     pbtxt = None
@@ -157,7 +220,11 @@ def run(job: TrtllmJob, until: str = "layout") -> Path:
     if until != "fetch":
         from lmi_compile.remote.peek import read_remote_config
 
-        check_target(job, read_remote_config(job.model, job.revision, job.token)[0])  # before any download
+        remote = read_remote_config(job.model, job.revision, job.token)[0]
+        check_target(job, remote)  # before any download
+        quant, kv = check_quantization(job, remote)
+        if tool:
+            check_gpus(job, tool, quant, kv)
     with job.work.locked():
         return _run(job, until, tool)
 
@@ -167,6 +234,9 @@ def _run(job: TrtllmJob, until: str, tool) -> Path:
                         trust_remote_code=job.trust_remote_code)
     arch = resolve(model.config)  # unsupported architectures fail here
     architecture = check_target(job, model.config)
+    quant, kv = check_quantization(job, model.config)  # again: ModelOpt's hf_quant_config.json arrives with the model
+    if tool:
+        check_gpus(job, tool, quant, kv)
     if job.build.seq_len is None:  # the release leaves it to TensorRT-LLM, which takes the model's length
         job.build = dataclasses.replace(job.build, max_seq_len=arch.dims.max_position_embeddings)
         if job.build.seq_len <= job.build.max_input_len:

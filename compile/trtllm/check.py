@@ -26,6 +26,10 @@ def check_trtllm_target(loc, folder: str, report, target) -> None:
     if name and name not in known:
         report.problems.append(f"architecture {name} is not one TensorRT-LLM {tool['version']} knows "
                                f"({', '.join(sorted(known))})")
+    q, facts = report.quantization or {}, tool.get("quantization", {})
+    for key, allowed in (("quant_algo", "quant_algos"), ("kv_cache_quant_algo", "kv_cache_quant_algos")):
+        if q.get(key) and q[key] not in facts.get(allowed, ()):
+            report.problems.append(f"{key} {q[key]} is not one TensorRT-LLM {tool['version']} has")
     props, spec = report.properties, target["properties"]
     if props:
         if props.get("engine") != spec["engine"]:

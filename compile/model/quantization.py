@@ -1,0 +1,216 @@
+"""What a checkpoint's quantization is, read from config.json's `quantization_config` (and ModelOpt's
+hf_quant_config.json) before any weight is read.
+
+Every scheme ends in one of two places: a `Quantization` the TensorRT-LLM converter writes correctly (FP8 per
+tensor with static activation scales, under the name TensorRT-LLM gives it), or a BadInput that names the
+scheme, why it is not converted and what to do instead. A declared scheme is never converted as if the
+weights were dense.
+
+Scale convention, the same in every accepted format and in TensorRT-LLM: a stored FP8 value q stands for
+q * scale (a dequantization scale, amax / 448):
+- compressed-tensors "float-quantized": compressed_tensors/quantization/lifecycle/forward.py (dequantize:
+  x_q * scale), weight_scale and input_scale per Linear;
+- ModelOpt's HF export: modelopt/torch/export/quant_utils.py (weight scaling factor = amax / maxbound),
+  weight_scale / input_scale per Linear, k_scale / v_scale on k_proj / v_proj;
+- AutoFP8 / vLLM "fp8" (static): auto_fp8/quantize.py per_tensor_quantize (the stored scale is the reciprocal
+  of finfo.max / amax);
+- TensorRT-LLM: tensorrt_llm/quantization/layers.py FP8Linear.forward dequantizes the weight with
+  weights_scaling_factor and the input with activation_scaling_factor (read at v0.11.0 and main b8fc6633).
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmi_compile.errors import BadInput
+from lmi_compile.model.config import ModelConfig, read_json
+
+MODELOPT_FILE = "hf_quant_config.json"
+
+FOUR_BIT = ("4-bit weights are written by TensorRT-LLM's own converter, preprocessed for its mixed-GEMM kernels "
+            "by a C++ op whose layout depends on the GPU architecture (torch.ops.trtllm."
+            "preprocess_weights_for_mixed_gemm, tensorrt_llm/models/modeling_utils.py preprocess_weights), so "
+            "lmi-compile does not reimplement it")
+FOUR_BIT_FIX = ("run TensorRT-LLM's own examples/<family>/convert_checkpoint.py for this model inside the target "
+                "LMI container ({how}), then trtllm-build")
+RECALIBRATE = ("convert from the unquantized model, or quantize it with TensorRT-LLM's "
+               "examples/quantization/quantize.py inside the target LMI container")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """A scheme the converter writes. `quant_algo`: TensorRT-LLM's QuantAlgo name for the weights (None: dense);
+    `kv_cache`: "FP8" when the checkpoint declares an FP8 KV cache (its k/v scales may be stored)."""
+
+    source: str | None = None  # the format that declared it: compressed-tensors, modelopt, fp8 (AutoFP8), ...
+    quant_algo: str | None = None
+    kv_cache: str | None = None
+    unconverted: str | None = None  # why lmi-compile does not write this scheme although TensorRT-LLM may read it
+    where: str = ""
+
+    def require_converted(self) -> None:
+        """Refuse a scheme the converter does not write (after the target has said whether it could serve it)."""
+        if self.unconverted:
+            raise BadInput(f"{self.where}: {self.unconverted}")
+
+    def describe(self) -> str:
+        if not self.quant_algo and not self.kv_cache:
+            return "dense"
+        parts = [f"{self.quant_algo} weights" if self.quant_algo else "dense weights"]
+        if self.kv_cache:
+            parts.append(f"{self.kv_cache} KV-cache scales")
+        return f"{', '.join(parts)} ({self.source})"
+
+
+DENSE = Quantization()
+
+
+def read_quantization(config: ModelConfig) -> Quantization:
+    """The checkpoint's quantization (DENSE when none is declared), or a one-line BadInput for a scheme that is
+    not converted. Reads config.json's quantization_config, and hf_quant_config.json when it lies beside it."""
+    qc = config.raw.get("quantization_config")
+    modelopt = Path(config.path).parent / MODELOPT_FILE
+    if qc is None and modelopt.is_file():
+        data = read_json(modelopt)
+        qc = {"quant_method": "modelopt", **(data.get("quantization") or {})}
+        where = str(modelopt)
+    else:
+        where = f"{config.path}: quantization_config"
+    if qc is None:
+        return DENSE
+    if not isinstance(qc, dict):
+        raise BadInput(f"{where} is not a JSON object; fix config.json")
+    method = str(qc.get("quant_method", "")).lower().replace("_", "-")
+    reader = _READERS.get(method)
+    if reader is None:
+        raise BadInput(f"{where}: quant_method {qc.get('quant_method')!r} is not converted by lmi-compile; "
+                       f"{RECALIBRATE}")
+    return reader(qc, where)
+
+
+def _gptq(qc: dict, where: str) -> Quantization:
+    bits = qc.get("bits", 4)
+    if qc.get("desc_act"):
+        raise BadInput(f"{where}: GPTQ with desc_act (act-order: input channels permuted by g_idx) is not converted: "
+                       f"{FOUR_BIT}; " + FOUR_BIT_FIX.format(how="--use_weight_only --weight_only_precision int4_gptq "
+                                                               "on a model quantized without desc_act") +
+                       ", or convert from the unquantized model")
+    raise BadInput(f"{where}: GPTQ {bits}-bit is not converted: {FOUR_BIT}; " +
+                   FOUR_BIT_FIX.format(how="--use_weight_only --weight_only_precision int4_gptq --per_group"))
+
+
+def _awq(qc: dict, where: str) -> Quantization:
+    raise BadInput(f"{where}: AWQ {qc.get('bits', 4)}-bit is not converted: {FOUR_BIT}; " +
+                   FOUR_BIT_FIX.format(how="examples/quantization/quantize.py --qformat int4_awq from the "
+                                           "unquantized model"))
+
+
+def _per_channel(where: str, what: str, source: str) -> Quantization:
+    """TensorRT-LLM 0.12+ calls this FP8_PER_CHANNEL_PER_TOKEN (tensorrt_llm/quantization/mode.py); its Llama converter
+    applies it to MLP layers only, keeping attention and the first and last layers unquantized, with a clamp value
+    and a quantizing RMSNorm of its own (tensorrt_llm/models/llama/convert.py at main b8fc6633, "Meta's recipe"). The
+    target decides first whether it could serve it at all; lmi-compile does not write it yet."""
+    return Quantization(source=source, quant_algo="FP8_PER_CHANNEL_PER_TOKEN", where=where,
+                        unconverted=f"{what} (TensorRT-LLM's FP8_PER_CHANNEL_PER_TOKEN) is not converted by lmi-compile "
+                                    f"(TensorRT-LLM applies it to MLP layers only, with a layout of its own); use a "
+                                    f"per-tensor FP8 export (llm-compressor scheme FP8, ModelOpt FP8) or {RECALIBRATE}")
+
+
+def _fbgemm(qc: dict, where: str) -> Quantization:
+    return _per_channel(where, "fbgemm_fp8 (per-channel FP8 weights, per-token dynamic activations)", "fbgemm_fp8")
+
+
+def _autofp8(qc: dict, where: str) -> Quantization:
+    """transformers' "fp8": block-scaled FineGrainedFP8 when weight_block_size is set, else AutoFP8's per-tensor
+    format (activation_scheme static or dynamic)."""
+    if qc.get("weight_block_size"):
+        raise BadInput(f"{where}: block-scaled FP8 (weight_block_size {qc['weight_block_size']}) is not converted: "
+                       f"TensorRT-LLM's FP8 (per tensor) has one scale per weight; {RECALIBRATE}")
+    if str(qc.get("activation_scheme", "dynamic")).lower() != "static":
+        raise _dynamic(where)
+    return Quantization(source="fp8", quant_algo="FP8", kv_cache="FP8" if qc.get("kv_cache_quant_method") else None)
+
+
+def _dynamic(where: str) -> BadInput:
+    return BadInput(f"{where}: FP8 with dynamic activation scales is not converted: TensorRT-LLM's FP8 needs a static "
+                    f"per-tensor input scale for every Linear (activation_scaling_factor); use an export with static "
+                    f"activation scales (llm-compressor scheme FP8, ModelOpt FP8) or {RECALIBRATE}")
+
+
+def _is_fp8(args: dict | None) -> bool:
+    return bool(args) and str(args.get("type")).lower() == "float" and args.get("num_bits") == 8
+
+
+def _compressed_tensors(qc: dict, where: str) -> Quantization:
+    sparsity = qc.get("sparsity_config")
+    if isinstance(sparsity, dict) and str(sparsity.get("format", "dense")).lower() != "dense":
+        raise BadInput(f"{where}: sparsity format {sparsity.get('format')!r} is not converted; {RECALIBRATE}")
+    groups = [g for g in (qc.get("config_groups") or {}).values() if isinstance(g, dict)]
+    kinds = set()
+    for g in groups:
+        w, a = g.get("weights") or {}, g.get("input_activations")
+        strategy = str(w.get("strategy", "tensor")).lower()
+        if not _is_fp8(w):
+            bits = w.get("num_bits")
+            if bits == 4:
+                raise BadInput(f"{where}: compressed-tensors {bits}-bit {w.get('type', 'int')} weights are not "
+                               f"converted: {FOUR_BIT}; " + FOUR_BIT_FIX.format(
+                                   how="--use_weight_only --weight_only_precision int4_gptq for GPTQ-style weights"))
+            raise BadInput(f"{where}: compressed-tensors {bits}-bit {w.get('type', 'int')} weights "
+                           f"(format {qc.get('format')!r}) are not converted; {RECALIBRATE}")
+        if strategy == "channel":
+            if a and a.get("dynamic") and _is_fp8(a):
+                return _per_channel(where, "compressed-tensors FP8 with channel strategy", "compressed-tensors")
+            raise BadInput(f"{where}: compressed-tensors FP8 with channel strategy and static or no input scales is "
+                           f"not converted; {RECALIBRATE}")
+        if strategy != "tensor":
+            raise BadInput(f"{where}: compressed-tensors FP8 with {strategy} strategy is not converted: TensorRT-LLM's "
+                           f"FP8 has one scale per weight; {RECALIBRATE}")
+        if not _is_fp8(a):
+            raise BadInput(f"{where}: compressed-tensors FP8 weight-only quantization is not converted: "
+                           f"TensorRT-LLM's FP8 also quantizes activations with a static scale; {RECALIBRATE}")
+        if a.get("dynamic") or str(a.get("strategy", "tensor")).lower() != "tensor":
+            raise _dynamic(where)
+        kinds.add("FP8")
+    if not kinds:
+        raise BadInput(f"{where}: compressed-tensors config without config_groups; re-save it with llm-compressor")
+    kv = qc.get("kv_cache_scheme")
+    if kv:
+        _kv_scheme(kv, where)
+    return Quantization(source="compressed-tensors", quant_algo="FP8", kv_cache="FP8" if kv else None)
+
+
+def _kv_scheme(kv: dict, where: str) -> None:
+    if not _is_fp8(kv):
+        raise BadInput(f"{where}: a {kv.get('num_bits')}-bit {kv.get('type')} KV-cache scheme is not converted; "
+                       f"{INT8_KV}")
+    if kv.get("dynamic") or str(kv.get("strategy", "tensor")).lower() != "tensor":
+        raise BadInput(f"{where}: a KV-cache scheme with dynamic or per-head scales is not converted: TensorRT-LLM "
+                       f"keeps one kv_cache_scaling_factor per layer; drop kv_cache_scheme or re-export it per tensor")
+
+
+INT8_KV = ("an INT8 KV cache needs scales calibrated from activations (TensorRT-LLM's convert_checkpoint.py "
+           "--int8_kv_cache runs the model on calibration data), which a converter of stored weights cannot make; "
+           "use --kv-cache-dtype fp8 (Ada or Hopper GPUs), or run convert_checkpoint.py inside the target LMI "
+           "container")
+
+
+def _modelopt(qc: dict, where: str) -> Quantization:
+    algo = str(qc.get("quant_algo") or "").upper() or None
+    kv = str(qc.get("kv_cache_quant_algo") or "").upper() or None
+    if kv not in (None, "FP8"):
+        raise BadInput(f"{where}: kv_cache_quant_algo {kv} is not converted; {INT8_KV}")
+    if algo == "FP8_PER_CHANNEL_PER_TOKEN":
+        return _per_channel(where, "ModelOpt FP8_PER_CHANNEL_PER_TOKEN", "modelopt")
+    if algo and "AWQ" in algo or algo in ("W4A16", "NVFP4", "W4A8_NVFP4_FP8", "W4A16_GPTQ"):
+        raise BadInput(f"{where}: ModelOpt {algo} is not converted: {FOUR_BIT}; ModelOpt can export a "
+                       f"TensorRT-LLM checkpoint itself: run examples/quantization/quantize.py --qformat "
+                       f"{algo.lower()} inside the target LMI container, then trtllm-build")
+    if algo not in (None, "FP8"):
+        raise BadInput(f"{where}: ModelOpt quant_algo {algo} is not converted; {RECALIBRATE}")
+    return Quantization(source="modelopt", quant_algo=algo, kv_cache=kv)
+
+
+_READERS = {
+    "gptq": _gptq, "awq": _awq, "fbgemm-fp8": _fbgemm, "fp8": _autofp8, "compressed-tensors": _compressed_tensors,
+    "modelopt": _modelopt,
+}
