@@ -72,21 +72,25 @@ def run_batch(jobs_file: Path, commands: dict, *, address: str | None, staging: 
     _check_sources(jobs, jobs_file, cluster=cluster, staging=staging)
     ray = _import_ray()
     states = [JobState(j) for j in jobs]
+    for s in states:
+        s.job.source = _staged_uri(s.job, staging) if cluster else s.job.model
     for s in states:  # before any work: done already, or cannot fit
         _skip_or_plan(s)
     if cluster:
-        _stage_local_models([s for s in states if not s.finished], staging)
-    for s in states:
-        s.job.source = s.job.source or s.job.model
-    _start_ray(ray, address)
-    try:
-        _schedule(ray, states, embedded=not cluster, max_parallel=max_parallel)
-    except Interrupted:
-        _final_report(states, json_out)
-        raise
-    finally:
-        if not cluster:
-            ray.shutdown()
+        _stage_local_models([s for s in states if not s.finished])
+    if not all(s.finished for s in states):  # else nothing to schedule: Ray is not started
+        stdout, sys.stdout = sys.stdout, sys.stderr  # Ray prints cluster events; stdout is the report's alone
+        try:
+            _start_ray(ray, address)
+            _schedule(ray, states, embedded=not cluster, max_parallel=max_parallel)
+        except Interrupted:
+            sys.stdout = stdout
+            _final_report(states, json_out)
+            raise
+        finally:
+            sys.stdout = stdout
+            if not cluster:
+                ray.shutdown()
     _final_report(states, json_out)
     return 1 if any(s.status == "failed" for s in states) else 0
 
@@ -158,27 +162,32 @@ def _published_job(upload: str) -> dict | None:
     return manifest.get("job") if isinstance(manifest, dict) else None
 
 
-def _stage_local_models(states: list[JobState], staging: str | None) -> None:
-    """Publish each local model folder once to STAGING/models/NAME-ID/ (verified push; a rerun finds it there)."""
+def _staged_uri(job: Job, staging: str | None) -> str:
+    """Where a local model folder is published for the nodes: STAGING/models/NAME-ID/, ID from its files (names,
+    sizes, mtimes), so a rerun finds it there and a changed folder gets a new prefix."""
     import hashlib
 
     from lmi_compile.remote.fetch import parse_source
-    from lmi_compile.remote.publish import local_files, push
+    from lmi_compile.remote.publish import local_files
 
-    done: dict[str, str] = {}
+    if parse_source(job.model, job.options.get("revision")).kind != "local":
+        return job.model
+    files = local_files(Path(job.model))
+    ident = hashlib.sha256(json.dumps([(f.rel, f.size, f.path.stat().st_mtime_ns) for f in files]).encode())
+    return f"{staging.rstrip('/')}/models/{Path(job.model).name}-{ident.hexdigest()[:16]}/"
+
+
+def _stage_local_models(states: list[JobState]) -> None:
+    """Publish each local model folder once to its staging prefix (verified push; a rerun finds it complete)."""
+    from lmi_compile.remote.publish import push
+
+    done: set[str] = set()
     for s in states:
-        if parse_source(s.job.model, s.job.options.get("revision")).kind != "local":
+        if s.job.source == s.job.model or s.job.source in done:
             continue
-        folder = s.job.model
-        if folder not in done:
-            files = local_files(Path(folder))
-            ident = hashlib.sha256(json.dumps([(f.rel, f.size, f.path.stat().st_mtime_ns) for f in files])
-                                   .encode()).hexdigest()[:16]
-            uri = f"{staging.rstrip('/')}/models/{Path(folder).name}-{ident}/"
-            log.info("staging: publishing %s to %s (no node sees this disk)", folder, uri)
-            push(Path(folder), uri)
-            done[folder] = uri
-        s.job.source = done[folder]
+        log.info("staging: publishing %s to %s (no node sees this disk)", s.job.model, s.job.source)
+        push(Path(s.job.model), s.job.source)
+        done.add(s.job.source)
 
 
 def _start_ray(ray, address: str | None) -> None:

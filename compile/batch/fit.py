@@ -22,7 +22,7 @@ def instance_for(resources: dict, kind: str, count: int) -> str | None:
     accel = resources.get("accelerator_type")
     fits = [(spec["count"], name) for name, spec in table.items() if spec["kind"] == kind and spec["count"] >= count
             and (accel is None and kind == "neuron" or spec["accelerator"] == accel)]
-    return min(fits)[1] if fits else None
+    return min(fits, key=lambda f: f[0])[1] if fits else None  # the first of the smallest, in table order
 
 
 def ray_resources(job: Job) -> dict:
