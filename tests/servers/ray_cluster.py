@@ -109,7 +109,16 @@ class RayCluster:
                 pass
         self.kill(node)
 
-    def shutdown(self) -> None:
-        for node in reversed(self.nodes):  # workers first, the head last
-            self.stop(node)
+    def shutdown(self, timeout: float = 20) -> None:
+        """Stop every node at once (each by its PID), then remove their folders."""
+        for node in self.nodes:
+            if node.alive():
+                node.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            try:
+                node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            self.kill(node)
         shutil.rmtree(self.root, ignore_errors=True)
