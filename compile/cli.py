@@ -399,6 +399,32 @@ def targets(
                        f"{shown}")
 
 
+@app.command(epilog="Example: lmi-compile batch jobs.yaml --address auto --staging s3://my-bucket/lmi-compile-staging/")
+def batch(
+    jobs_file: Annotated[Path, typer.Argument(help=(
+        "JOBS.yaml: `jobs:` (each: name, backend, model, the backend command's long options with _ for -, "
+        "resources) and optional `defaults:`."), show_default=False)],
+    address: Annotated[Optional[str], typer.Option(help=(
+        "Ray cluster to join: auto, HOST:PORT or ray://HOST:10001. [default: start Ray embedded on this machine]"),
+        show_default=False)] = None,
+    staging: Annotated[Optional[str], typer.Option(help=(
+        "s3://bucket/prefix/ that local model folders are published to first (a cluster's nodes do not see this "
+        "disk)."), show_default=False)] = None,
+    max_parallel: Annotated[Optional[int], typer.Option("--max-parallel", min=1, help=(
+        "Jobs in flight at once. [default: as many as the cluster's resources allow]"), show_default=False)] = None,
+    json_out: JsonOut = False,
+):
+    """Run many trtllm/neuron compile jobs on Ray, each on a node with its GPU type or NeuronCores; skip jobs
+    already published, retry lost nodes, report per job. Exit 0 all done, 1 any failed, 2 bad JOBS file."""
+    from lmi_compile.batch.driver import run_batch
+
+    group = typer.main.get_command(app)
+    code = run_batch(_abs(jobs_file), {b: group.commands[b] for b in ("trtllm", "neuron")}, address=address,
+                     staging=staging, max_parallel=max_parallel, json_out=json_out)
+    if code:
+        raise typer.Exit(code)
+
+
 def _usage_error(e: Exception) -> bool:
     # Typer vendors click in newer releases (typer._click), so match the class by name, not by import.
     return any(c.__name__ == "UsageError" for c in type(e).__mro__)

@@ -23,7 +23,7 @@ from lmi_compile.neuron.calls import LMI_TO_AMP, LoaderCalls, loader_calls
 from lmi_compile.neuron.entry import EXIT_NO_SDK
 from lmi_compile.neuron.layout import FORMATS, write_layout
 from lmi_compile.model.limits import check_sequence_length
-from lmi_compile.pipeline import stages
+from lmi_compile.pipeline import observe, stages
 from lmi_compile.pipeline.diskspace import ensure_room
 from lmi_compile.pipeline.workdir import Job, check_until, finish_layout, fresh_layout_staging, preflight_output
 from lmi_compile.remote.stages import fetch_stage, preflight_upload, push_stage
@@ -219,6 +219,7 @@ def run(job: NeuronJob, until: str = "layout") -> Path:
 
 
 def _run(job: NeuronJob, until: str, target) -> Path:
+    observe.stage("fetch")
     model = fetch_stage(job.model, job.work, revision=job.revision, token=job.token,
                         trust_remote_code=job.trust_remote_code)
     arch = resolve(model.config)
@@ -227,12 +228,17 @@ def _run(job: NeuronJob, until: str, target) -> Path:
     calls = validate(job, arch, model.config, target)
     if until == "fetch":
         return model.root
+    observe.stage("split")
     split, split_fp = split_stage(job, model, arch)
     if until == "split":
         return split
+    observe.stage("compile")
     compiled, facts = compile_stage(job, calls, target, split, split_fp)
     if until == "compile":
         return compiled
+    observe.stage("layout")
     out = layout_stage(job, target, calls, model, split, compiled, facts)
+    if job.upload:
+        observe.stage("push")
     push_stage(out, job.upload, overwrite=job.overwrite)
     return out

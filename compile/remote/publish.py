@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmi_compile import __version__
-from lmi_compile.pipeline import stages, testhooks
+from lmi_compile.pipeline import observe, stages, testhooks
 from lmi_compile.errors import BadInput, Interrupted, LmiCompileError
 from lmi_compile.pipeline.interrupts import check
 from lmi_compile.paths import resolve_inside
@@ -300,6 +300,8 @@ def push(root: Path, uri_text: str, *, overwrite: bool = False, delete_local: bo
         manifest = {"tool": "lmi-compile", "tool_version": __version__, "content_id": cid,
                     "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "objects": {rel: entries[rel] for rel in sorted(entries)}, "build": _build_facts(root)}
+        if job := observe.job_facts():  # set by `lmi-compile batch`: a rerun skips a prefix holding this job
+            manifest["job"] = job
         pub.put_json(MANIFEST_KEY, manifest)
         pub._call("delete_object", Key=uri.key(MARKER_KEY))
     except BaseException as e:

@@ -17,7 +17,7 @@ from lmi_compile.lmi.targets import Target, releases, resolve as resolve_target
 from lmi_compile.model.architectures import resolve
 from lmi_compile.model.config import read_json
 from lmi_compile.model.limits import check_sequence_length
-from lmi_compile.pipeline import stages
+from lmi_compile.pipeline import observe, stages
 from lmi_compile.pipeline.diskspace import ensure_room, tree_bytes
 from lmi_compile.pipeline.workdir import Job, check_until, finish_layout, fresh_layout_staging, preflight_output
 from lmi_compile.remote.stages import fetch_stage, preflight_upload, push_stage
@@ -230,6 +230,7 @@ def run(job: TrtllmJob, until: str = "layout") -> Path:
 
 
 def _run(job: TrtllmJob, until: str, tool) -> Path:
+    observe.stage("fetch")
     model = fetch_stage(job.model, job.work, revision=job.revision, token=job.token,
                         trust_remote_code=job.trust_remote_code)
     arch = resolve(model.config)  # unsupported architectures fail here
@@ -246,13 +247,18 @@ def _run(job: TrtllmJob, until: str, tool) -> Path:
                           flag="--max-seq-len (prompt plus output)")
     if until == "fetch":
         return model.root
+    observe.stage("convert")
     ckpt, ckpt_fp = convert_stage(job, model, architecture)
     if until == "convert":
         return ckpt
+    observe.stage("build")
     engines, build = build_stage(job, tool, ckpt, ckpt_fp)
     if until == "build":
         return engines
     dtype = stages.read_record(ckpt).get("dtype", job.dtype)
+    observe.stage("layout")
     out = layout_stage(job, model, engines, build, dtype)
+    if job.upload:
+        observe.stage("push")
     push_stage(out, job.upload, overwrite=job.overwrite)
     return out

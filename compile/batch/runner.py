@@ -1,0 +1,140 @@
+"""What runs on a node: one job, as the backend command in a subprocess, with its stages reported as they go.
+
+The subprocess is the same `lmi-compile trtllm|neuron` a user runs, so a batch job has exactly its checks,
+stage skipping, clean interruption (SIGTERM stops at the next boundary and aborts open multipart uploads) and
+one-line errors. Its work folder is on this node's own disk (LMI_COMPILE_BATCH_WORK, default
+~/.cache/lmi-compile/batch): a rerun that lands on the same node resumes at the first unfinished stage.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORK_ENV = "LMI_COMPILE_BATCH_WORK"
+POLL_S = 0.25
+STOP_GRACE_S = 60
+
+
+def work_root(given: str | None) -> Path:
+    if given:
+        return Path(given)
+    return Path(os.environ.get(WORK_ENV) or Path.home() / ".cache" / "lmi-compile" / "batch")
+
+
+class Board:
+    """A Ray actor (no CPU) the running jobs tell their stage to, and the driver reads for live progress."""
+
+    def __init__(self):
+        self.stages: dict[str, tuple[str, float]] = {}
+
+    def update(self, name: str, stage: str, at: float) -> None:
+        self.stages[name] = (stage, at)
+
+    def read(self) -> dict:
+        return dict(self.stages)
+
+
+def run_job(spec: dict, board=None) -> dict:
+    """Run one job here (inside a Ray task). Returns node, exit code, stage seconds, error line and output."""
+    import ray
+
+    from lmi_compile.pipeline.observe import JOB_ENV, STAGE_LOG_ENV
+
+    node = ray.get_runtime_context().get_node_id()
+    root = work_root(spec.get("work_root")) / spec["name"]
+    root.mkdir(parents=True, exist_ok=True)
+    stage_log, cli_log = root / "stages.jsonl", root / "lmi-compile.log"
+    stage_log.write_text("")
+    argv = [sys.executable, "-m", "lmi_compile", spec["backend"], spec["source"], *spec["argv"],
+            "--work-dir", str(root / "work")]
+    output = spec["options"].get("output")
+    if not output:
+        output = str(root / "output")
+        argv += ["--output", output]
+    if spec.get("overwrite_upload") and "--overwrite" not in argv:
+        argv.append("--overwrite")  # a retry replaces the incomplete upload its lost attempt left
+    env = {**os.environ, STAGE_LOG_ENV: str(stage_log), "PYTHONUNBUFFERED": "1",
+           JOB_ENV: json.dumps({"name": spec["name"], "fingerprint": spec["fingerprint"], "node": node})}
+    started = time.time()
+    with open(cli_log, "w") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+    seen = 0
+    try:
+        while proc.poll() is None:
+            seen = _report(stage_log, seen, spec["name"], board)
+            time.sleep(POLL_S)
+    except BaseException:  # ray.cancel (KeyboardInterrupt) or the worker going down: stop the run cleanly
+        _stop(proc)
+        raise
+    _report(stage_log, seen, spec["name"], board)
+    ended = time.time()
+    return {"node": node, "exit_code": proc.returncode, "stages": stage_seconds(stage_log, ended),
+            "error": _error_line(cli_log) if proc.returncode else None,
+            "output": spec["options"].get("upload") or output, "log": str(cli_log), "seconds": ended - started}
+
+
+def _die_with_parent() -> None:
+    """The run gets SIGTERM (and stops cleanly) if the Ray worker that started it dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)  # the CLI stops at the next boundary and aborts open uploads
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _events(stage_log: Path) -> list[dict]:
+    out = []
+    try:
+        lines = stage_log.read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass  # a line being written
+    return out
+
+
+def _report(stage_log: Path, seen: int, name: str, board) -> int:
+    events = _events(stage_log)
+    if board is not None and len(events) > seen:
+        board.update.remote(name, events[-1]["stage"], events[-1]["at"])
+    return len(events)
+
+
+def stage_seconds(stage_log: Path, ended: float) -> dict[str, float]:
+    """Seconds per stage: from entering it to entering the next (the last ends with the run)."""
+    events = _events(stage_log)
+    out: dict[str, float] = {}
+    for e, nxt in zip(events, events[1:] + [{"at": ended}]):
+        out[e["stage"]] = round(out.get(e["stage"], 0.0) + max(0.0, nxt["at"] - e["at"]), 3)
+    return out
+
+
+def _error_line(cli_log: Path) -> str | None:
+    try:
+        lines = cli_log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    if errors:
+        return errors[-1].removeprefix("error: ")
+    tail = [ln for ln in lines if ln.strip()]
+    return tail[-1][:300] if tail else None

@@ -1,0 +1,215 @@
+"""`lmi-compile batch` (#19) on a real Ray cluster of two nodes on this machine, each with its own temp and work
+folders (no shared disk), SeaweedFS for staging and uploads, and the per-release compiler stand-ins.
+
+The head node stands for an inf2 machine (`neuron_cores`), the second node for a g5 (one GPU, A10G). Nodes are
+started and stopped by PID (servers/ray_cluster.py), never with `ray stop`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ISOLATED_ENV, STANDINS, STRIPPED_ENV, error_line, run_cli, trtllm_standin
+from servers.ray_cluster import RayCluster
+
+pytestmark = pytest.mark.s3
+
+NEURON_STANDIN = f"{sys.executable} {STANDINS / 'neuron_compile_standin.py'}"
+GPU = {"num_gpus": 1, "resources": {"accelerator_type:A10G": 1}}
+# A lost node is noticed in about 5 s instead of Ray's default 15 s or more.
+QUICK_HEALTH_CHECK = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5"}
+FAST_RETRY = {"LMI_COMPILE_BATCH_BACKOFF_S": "0.2", **RayCluster.client_env()}
+
+
+def node_env(s3_server) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV and not k.startswith(("LMI_COMPILE_", "RAY_"))}
+    return {**env, **ISOLATED_ENV, **s3_server.env()}
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server):
+    c = RayCluster(node_env(s3_server))
+    try:
+        c.start_head("inf2", resources={"neuron_cores": 2}, env=QUICK_HEALTH_CHECK)
+        c.add_node("g5", **GPU)
+        yield c
+    finally:
+        c.shutdown()
+
+
+def write_jobs(path: Path, model: Path, prefix: str, *, bad: bool = True, extra: dict | None = None) -> Path:
+    jobs = [
+        {"name": "trt-030", "backend": "trtllm", "model": str(model), "lmi_version": "0.30",
+         "trtllm_build": str(trtllm_standin("0.30")), "upload": f"{prefix}trt-030/",
+         "resources": {"accelerator_type": "A10G", "gpus": 1}},
+        {"name": "trt-033", "backend": "trtllm", "model": str(model), "lmi_version": "0.33",
+         "trtllm_build": str(trtllm_standin("0.33")), "upload": f"{prefix}trt-033/", "max_output_len": 512,
+         "resources": {"accelerator_type": "A10G"}},
+        {"name": "inf2", "backend": "neuron", "model": str(model), "tp": 2, "n_positions": 256,
+         "compile_entry": NEURON_STANDIN, "upload": f"{prefix}inf2/", "resources": {"neuron_cores": 2}},
+    ]
+    if bad:
+        jobs.append({"name": "too-long", "backend": "neuron", "model": str(model), "n_positions": 100000,
+                     "compile_entry": NEURON_STANDIN, "upload": f"{prefix}too-long/"})
+    for j in jobs:
+        j.update(extra or {})
+    path.write_text(json.dumps({"defaults": {"trust_remote_code": False}, "jobs": jobs}))  # JSON is YAML
+    return path
+
+
+def report(proc) -> dict[str, dict]:
+    assert proc.stdout.strip(), proc.stderr[-3000:]
+    return {j["name"]: j for j in json.loads(proc.stdout)["jobs"]}
+
+
+def manifest(s3_client, uri: str) -> dict | None:
+    from lmi_compile.remote.s3 import parse_s3_uri
+
+    u = parse_s3_uri(uri)
+    try:
+        return json.loads(s3_client.get_object(Bucket=u.bucket, Key=u.key("lmi-compile-manifest.json"))["Body"].read())
+    except s3_client.exceptions.NoSuchKey:
+        return None
+
+
+def keys(s3_client, uri: str) -> list[str]:
+    from lmi_compile.remote.s3 import list_objects, parse_s3_uri
+
+    return sorted(list_objects(s3_client, parse_s3_uri(uri)))
+
+
+def test_jobs_run_on_the_nodes_with_their_resources_and_a_rerun_skips_them(cluster, model_factory, s3_env,
+                                                                           s3_prefix, s3_client, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.yaml", model_factory(), s3_prefix)
+    args = ("batch", jobs, "--address", cluster.address, "--staging", f"{s3_prefix}staging/", "--json")
+    proc = run_cli(*args, env=FAST_RETRY)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # one job failed
+    r = report(proc)
+    inf2, g5 = cluster.nodes
+    for name, node in (("trt-030", g5), ("trt-033", g5), ("inf2", inf2)):
+        job = r[name]
+        assert job["status"] == "done" and job["error"] is None, job
+        assert job["node"] == node.node_id(), (name, job["node"])  # the build/compile ran where its resources are
+        assert (node.work / name / "work").is_dir()  # and its stages there, on that node's disk only
+        assert not any((other.work / name).exists() for other in cluster.nodes if other is not node)
+        stage = "compile" if name == "inf2" else "build"
+        assert {"fetch", stage, "layout", "push"} <= set(job["stages"]) and job["output"] == f"{s3_prefix}{name}/"
+        m = manifest(s3_client, job["output"])
+        assert m and m["job"]["name"] == name and m["job"]["node"] == node.node_id()
+        assert "lmi-compile-upload-in-progress.json" not in keys(s3_client, job["output"])
+    bad = r["too-long"]
+    assert bad["status"] == "failed" and "--n-positions 100000 exceeds max_position_embeddings" in bad["error"], bad
+    assert manifest(s3_client, f"{s3_prefix}too-long/") is None
+    assert any(k.startswith("models/") for k in keys(s3_client, f"{s3_prefix}staging/"))  # the local model, staged
+    # engine-dir layout (0.33) and triton layout (0.30) as their releases load them
+    assert "rank0.engine" in keys(s3_client, f"{s3_prefix}trt-033/")
+    assert "tensorrt_llm/1/rank0.engine" in keys(s3_client, f"{s3_prefix}trt-030/")
+
+    again = run_cli(*args, env=FAST_RETRY)
+    assert again.returncode == 1
+    r2 = report(again)
+    for name in ("trt-030", "trt-033", "inf2"):
+        assert r2[name]["status"] == "skipped" and r2[name]["node"] == r[name]["node"], r2[name]
+    assert r2["too-long"]["status"] == "failed"  # bad input is not retried, and fails the same way again
+
+
+def test_a_lost_gpu_node_mid_build_is_retried_and_nothing_is_half_published(cluster, model_factory, s3_env,
+                                                                             s3_prefix, s3_client, tmp_path):
+    """Runs last in this module: it replaces the GPU node."""
+    slow = cluster.nodes[1]
+    upload = f"{s3_prefix}trt-030/"
+    jobs = tmp_path / "jobs.yaml"
+    write_jobs(jobs, model_factory(), s3_prefix, bad=False)
+    data = json.loads(jobs.read_text())
+    # the same trtllm-build stand-in, slowed down to 60 s per rank on the node about to be lost
+    wrapper = tmp_path / "trtllm-build-slow"
+    wrapper.write_text(f"#!/bin/sh\n[ \"$LMI_COMPILE_BATCH_WORK\" = {slow.work} ] && export TRTLLM_BUILD_STANDIN_DELAY=60\n"
+                       f"TRTLLM_STANDIN_VERSION=0.12.0 exec {trtllm_standin('0.30')} \"$@\"\n")
+    wrapper.chmod(0o755)
+    data["jobs"] = [dict(data["jobs"][0], trtllm_build=str(wrapper))]
+    jobs.write_text(json.dumps(data))
+    out, err = tmp_path / "out.json", tmp_path / "err.log"
+    stages = slow.work / "trt-030" / "stages.jsonl"
+    stages.unlink(missing_ok=True)  # the first test's run of this job name on this node
+    with open(out, "w") as o, open(err, "w") as e:
+        driver = subprocess.Popen([sys.executable, "-m", "lmi_compile", "batch", str(jobs), "--address",
+                                   cluster.address, "--staging", f"{s3_prefix}staging/", "--json"],
+                                  env={**os.environ, **FAST_RETRY}, stdout=o, stderr=e)
+    try:
+        deadline = time.monotonic() + 120
+        while '"build"' not in (stages.read_text() if stages.exists() else ""):
+            assert driver.poll() is None and time.monotonic() < deadline, err.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(1)  # trtllm-build is running (for 60 s)
+        cluster.kill(slow)
+        assert manifest(s3_client, upload) is None and keys(s3_client, upload) == []  # nothing published
+        fresh = cluster.add_node("g5-fresh", **GPU)
+        assert driver.wait(timeout=180) == 0, err.read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    job = json.loads(out.read_text())["jobs"][0]
+    assert job["status"] == "done" and job["node"] == fresh.node_id(), job
+    assert "node lost" in err.read_text() and "retrying" in err.read_text()
+    m = manifest(s3_client, upload)
+    assert m and m["job"]["node"] == fresh.node_id()
+    assert "lmi-compile-upload-in-progress.json" not in keys(s3_client, upload)
+
+
+def test_embedded_mode_runs_the_same_file_on_this_machine(model_factory, s3_env, s3_prefix, s3_client, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.yaml", model_factory(), s3_prefix)
+    proc = run_cli("batch", jobs, "--json", env={**FAST_RETRY, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    r = report(proc)
+    assert {n: j["status"] for n, j in r.items()} == {"trt-030": "done", "trt-033": "done", "inf2": "done",
+                                                       "too-long": "failed"}
+    assert len({j["node"] for j in r.values()}) == 1  # one machine
+    assert all(manifest(s3_client, f"{s3_prefix}{n}/") for n in ("trt-030", "trt-033", "inf2"))
+    assert (Path.cwd() / "lmi-compile-work" / "batch" / "inf2" / "output" / "serving.properties").is_file()
+
+
+# Refused before any work (exit 2), naming the job and the key; none of these needs Ray to be reached.
+@pytest.mark.parametrize("change,expected", [
+    (lambda d: d["jobs"][0].update(tp_degree=2), "job 'trt-030': unknown key 'tp_degree'"),
+    (lambda d: d["jobs"][1].update(name="trt-030"), "job 'trt-030': duplicate name"),
+    (lambda d: d["jobs"][2].pop("upload"), "job 'inf2': `upload` is missing"),
+    (lambda d: d["jobs"][0].update(tp="two"), "job 'trt-030': Invalid value for '--tp'"),
+    (lambda d: d["jobs"][2].update(resources={"neuron_core": 2}), "job 'inf2': resources: unknown key 'neuron_core'"),
+    (lambda d: d["jobs"][0].update(work_dir="/tmp/x"), "job 'trt-030': 'work_dir' cannot be set"),
+    (lambda d: d["jobs"][1].update(upload=d["jobs"][0]["upload"]), "job 'trt-033': upload"),
+    (lambda d: d.update(default={}), "unknown top-level key 'default'"),
+    (lambda d: d["jobs"][2].update(n_positions=256, backend="trtllm"), "job 'inf2': unknown key 'n_positions'"),
+])
+def test_bad_jobs_files_are_refused_before_any_work(change, expected, model_factory, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.yaml", model_factory(), "s3://models/x/")
+    data = json.loads(jobs.read_text())
+    change(data)
+    jobs.write_text(json.dumps(data))
+    proc = run_cli("batch", jobs, "--address", "127.0.0.1:9", "--staging", "s3://models/staging/")
+    assert proc.returncode == 2, proc.stderr
+    assert expected in error_line(proc)
+
+
+def test_a_local_model_on_a_cluster_needs_staging(model_factory, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.yaml", model_factory(), "s3://models/x/")
+    proc = run_cli("batch", jobs, "--address", "127.0.0.1:9")
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert "job 'trt-030'" in line and "no node of the cluster sees this machine's disk" in line and "--staging" in line
+
+
+def test_a_job_that_cannot_fit_its_instance_is_reported_not_run(model_factory, s3_env, s3_prefix, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.yaml", model_factory(), s3_prefix, bad=False)
+    data = json.loads(jobs.read_text())
+    data["jobs"] = [dict(data["jobs"][0], max_batch_size=100000, max_seq_len=2048)]
+    jobs.write_text(json.dumps(data))
+    proc = run_cli("batch", jobs, "--json")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    job = report(proc)["trt-030"]
+    assert job["status"] == "failed" and job["error"].startswith("not run: does not fit ml.g5.xlarge"), job
+    assert not (Path.cwd() / "lmi-compile-work").exists()  # nothing was started
