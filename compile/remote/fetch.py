@@ -100,12 +100,11 @@ def _download(source: ModelSource, staging: Path, *, token, trust_remote_code) -
 
 def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool) -> str:
     from lmi_compile.model.files import preferred_index, small_files, weight_files
+    from lmi_compile.remote.manifest import MANIFEST_KEY, MARKER_KEY
     from lmi_compile.remote.s3 import download_files, list_objects, make_client, parse_s3_uri
 
     uri = parse_s3_uri(location)
     client = make_client()
-    from lmi_compile.remote.manifest import MANIFEST_KEY, MARKER_KEY
-
     objects = list_objects(client, uri)
     if MARKER_KEY in objects and MANIFEST_KEY not in objects:
         raise BadInput(f"{uri}: incomplete upload (an lmi-compile push started but never wrote its manifest); "
@@ -113,32 +112,32 @@ def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool) -> str:
     if not objects:
         raise BadInput(f"{uri}: no objects under this prefix; check the bucket and prefix (it needs a trailing "
                        f"model folder, e.g. s3://bucket/models/llama/)")
+    # A prefix published by lmi-compile: every fetched byte is checked against the manifest as it arrives.
+    expect = _manifest_objects(client, uri) if MANIFEST_KEY in objects else {}
     small = small_files(objects, trust_remote_code=trust_remote_code, source=str(uri))
-    download_files(client, uri, small, dest, objects, desc="fetch small files")
+    download_files(client, uri, small, dest, objects, desc="fetch small files", expect=expect)
     index_name = preferred_index(objects)
     index = read_json(dest / index_name) if index_name else None
     weights = weight_files(objects, index, index_name, source=str(uri))
     ensure_room(dest, sum(objects[w] for w in weights), "fetch")
-    download_files(client, uri, weights, dest, objects, desc="fetch weights")
-    if MANIFEST_KEY in objects:
-        _check_against_manifest(client, uri, dest, small + weights)
+    download_files(client, uri, weights, dest, objects, desc="fetch weights", expect=expect)
     return str(uri)
 
 
-def _check_against_manifest(client, uri, dest: Path, rels: list[str]) -> None:
-    """A prefix published by lmi-compile: every fetched file must match the manifest's size and checksum."""
+def _manifest_objects(client, uri) -> dict[str, dict]:
+    """{key: {size, checksum_sha256, part_size}} from the upload manifest (entries lacking those are skipped)."""
     import json
 
-    from lmi_compile.remote.manifest import MANIFEST_KEY, s3_checksum
+    from lmi_compile.remote.manifest import MANIFEST_KEY
+    from lmi_compile.remote.s3 import translate
 
-    body = client.get_object(Bucket=uri.bucket, Key=uri.key(MANIFEST_KEY))["Body"].read()
-    objects = json.loads(body).get("objects", {})
-    for rel in rels:
-        want = objects.get(rel)
-        if want is None:
-            continue
-        path = dest / rel
-        size = path.stat().st_size
-        if size != want["size"] or s3_checksum(path, size, want["part_size"]) != want["checksum_sha256"]:
-            raise LmiCompileError(f"{uri}{rel}: downloaded file does not match the upload manifest (size or "
-                                  f"checksum); download again")
+    try:
+        body = client.get_object(Bucket=uri.bucket, Key=uri.key(MANIFEST_KEY))["Body"].read()
+    except Exception as e:
+        raise translate(e, f"{uri}{MANIFEST_KEY}") from None
+    try:
+        objects = json.loads(body).get("objects", {})
+    except (ValueError, AttributeError):
+        raise LmiCompileError(f"{uri}{MANIFEST_KEY}: not a valid upload manifest; push the model again") from None
+    return {rel: e for rel, e in objects.items() if isinstance(e, dict) and
+            {"size", "checksum_sha256", "part_size"} <= e.keys()}

@@ -18,21 +18,31 @@ def b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode()
 
 
+def composite(part_digests: list[bytes], size: int, part_size: int) -> str:
+    """The ChecksumSHA256 S3 reports for an object of `size` bytes uploaded in parts of `part_size`, from the
+    raw SHA256 digest of each part in order: the plain digest for a single upload, else the digest of the
+    digests with "-<parts>" appended."""
+    if size <= part_size:
+        return b64(part_digests[0])
+    return f"{b64(hashlib.sha256(b''.join(part_digests)).digest())}-{len(part_digests)}"
+
+
+def part_bounds(size: int, part_size: int) -> list[tuple[int, int]]:
+    """(offset, length) of each part whose digest the checksum of a `size`-byte object is made from."""
+    if size <= part_size:
+        return [(0, size)]
+    return [(off, min(part_size, size - off)) for off in range(0, size, part_size)]
+
+
 def s3_checksum(path: Path, size: int, part_size: int) -> str:
     """The ChecksumSHA256 S3 reports for this file uploaded with this part size (composite if multipart)."""
-    if size <= part_size:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(8 * MIB):
-                h.update(chunk)
-        return b64(h.digest())
     digests = []
     with open(path, "rb") as f:
-        for _ in range(-(-size // part_size)):
+        for _, n in part_bounds(size, part_size):
             h = hashlib.sha256()
-            left = part_size
+            left = n
             while left and (chunk := f.read(min(8 * MIB, left))):
                 h.update(chunk)
                 left -= len(chunk)
             digests.append(h.digest())
-    return f"{b64(hashlib.sha256(b''.join(digests)).digest())}-{len(digests)}"
+    return composite(digests, size, part_size)
