@@ -121,3 +121,95 @@ def test_bodies_are_read_straight_from_the_socket(published, s3_env):
     readinto = _raw_readinto(body)
     assert type(readinto.__self__).__module__ == "http.client"
     body.close()
+
+
+def rank_tensors(folder: Path) -> dict:
+    """Each rank file's tensors (the header's metadata carries a fingerprint of the source files' identity)."""
+    from safetensors.torch import load_file
+
+    return {p.name: load_file(p) for p in sorted(folder.glob("rank*.safetensors"))}
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(
+        a[f].keys() == b[f].keys() and all(torch.equal(a[f][k], b[f][k]) for k in a[f]) for f in a)
+
+
+@pytest.fixture(scope="module")
+def reference_ranks(model_factory, tmp_path_factory):
+    """The rank files of a convert of the local model (the one `published` pushes)."""
+    work = tmp_path_factory.mktemp("ref")
+    proc = run_cli("trtllm", model_factory(shards=2, **MULTIPART), "--tp", "2", "--until", "convert", "--work-dir", work)
+    assert proc.returncode == 0, proc.stderr
+    return rank_tensors(work / "checkpoint")
+
+
+def test_trtllm_converts_while_the_model_downloads(published, reference_ranks, tmp_path, monkeypatch):
+    """Ranges of 5 MiB, the later ones slowed down: convert tasks start on the headers and wait for their
+    tensors' bytes; the rank files equal a convert of the local model and a rerun finds both stages done."""
+    import time
+
+    import lmi_compile.remote.s3 as s3
+    import lmi_compile.remote.streaming as streaming
+    from lmi_compile.cli import app
+
+    _, prefix = published
+    monkeypatch.setattr(s3, "RANGE_BYTES", 5 * 1024 * 1024)
+    real_get = s3._get_parts
+
+    def slow_get(client, uri, t, first, count, bar):
+        if first:
+            time.sleep(0.15)
+        return real_get(client, uri, t, first, count, bar)
+
+    monkeypatch.setattr(s3, "_get_parts", slow_get)
+    waited = []
+    real_wait = streaming.ArrivingModel.wait_range
+
+    def counting_wait(self, rel, start, end):
+        with self._cv:
+            there = any(s <= start and end <= e for s, e in self._ranges.get(rel, []))
+        waited.append(not there)
+        return real_wait(self, rel, start, end)
+
+    monkeypatch.setattr(streaming.ArrivingModel, "wait_range", counting_wait)
+    work = tmp_path / "w"
+    app(["trtllm", prefix, "--tp", "2", "--until", "convert", "--work-dir", str(work)], standalone_mode=False)
+    assert any(waited), "no convert task had to wait: the convert did not overlap the download"
+    assert same_tensors(rank_tensors(work / "checkpoint"), reference_ranks)
+    assert sorted(p.name for p in work.iterdir()) == [".lmi-compile.lock", "checkpoint", "source"]
+    again = run_cli("trtllm", prefix, "--tp", "2", "--until", "convert", "--work-dir", work)
+    assert again.returncode == 0, again.stderr
+    assert "already in" in again.stderr and "is up to date, skipping" in again.stderr
+
+
+def test_convert_fed_a_corrupt_download_is_never_recorded(published, s3_client, tmp_path):
+    model, prefix = published
+    u = parse_s3_uri(prefix)
+    shard = "model-00001-of-00002.safetensors"
+    body = bytearray((model / shard).read_bytes())
+    body[-1000] ^= 0xFF  # tensor bytes, not the header: the convert reads it without noticing
+    s3_client.put_object(Bucket=u.bucket, Key=u.key(shard), Body=bytes(body))
+    work = tmp_path / "w"
+    proc = run_cli("trtllm", prefix, "--tp", "2", "--until", "convert", "--work-dir", work)
+    assert proc.returncode == 1, proc.stderr
+    assert shard in error_line(proc) and "checksum" in error_line(proc)
+    assert not (work / "checkpoint").exists() and not (work / "source").exists()
+    assert not (work / ".source.arriving").exists() and not list(work.rglob("*.tmp-*"))
+
+
+def test_sigterm_while_converting_from_s3_then_resume(published, reference_ranks, tmp_path):
+    _, prefix = published
+    work = tmp_path / "w"
+    args = ("trtllm", prefix, "--tp", "2", "--until", "convert", "--work-dir", work)
+    run = PausedCli(*args, point="fetch-range#8", tmp_path=tmp_path)  # 6 small files, then the weights
+    rc, err = run.signal(signal.SIGTERM)
+    assert rc == 143, err
+    assert "Traceback" not in err
+    assert not list(work.rglob("*.tmp-*")) and not (work / ".source.arriving").exists()
+    assert not (work / "checkpoint").exists()
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert same_tensors(rank_tensors(work / "checkpoint"), reference_ranks)

@@ -90,8 +90,8 @@ def translate(e: Exception, where: str) -> LmiCompileError:
     return LmiCompileError(f"{where}: S3 request failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
 
 
-def list_objects(client, uri: S3Uri) -> dict[str, int]:
-    """{relative key: size} of every object under the prefix (all pages)."""
+def list_objects(client, uri: S3Uri, mtimes: dict[str, int] | None = None) -> dict[str, int]:
+    """{relative key: size} of every object under the prefix (all pages); `mtimes` gets each LastModified (ns)."""
     out: dict[str, int] = {}
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=uri.prefix):
@@ -99,6 +99,8 @@ def list_objects(client, uri: S3Uri) -> dict[str, int]:
                 rel = obj["Key"][len(uri.prefix):]
                 if rel and not rel.endswith("/"):
                     out[rel] = obj["Size"]
+                    if mtimes is not None and obj.get("LastModified"):
+                        mtimes[rel] = int(obj["LastModified"].timestamp()) * 1_000_000_000
     except Exception as e:  # botocore raises many unrelated types
         raise translate(e, str(uri)) from None
     return out
@@ -124,8 +126,8 @@ def _chunk_buffer() -> memoryview:
 class _Target:
     """One file being downloaded: its temporary, the ranges still to come, and its parts' digests."""
 
-    def __init__(self, rel: str, target: Path, size: int, expect: dict | None):
-        self.rel, self.target, self.size = rel, target, size
+    def __init__(self, rel: str, target: Path, size: int, expect: dict | None, mtime: int | None = None):
+        self.rel, self.target, self.size, self.mtime = rel, target, size, mtime
         self.expect = expect  # the manifest entry, or None (size-checked only)
         self.part_size = expect["part_size"] if expect else RANGE_BYTES
         self.parts = part_bounds(size, self.part_size)
@@ -144,14 +146,22 @@ class _Target:
 
 
 def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[str, int], *, desc: str,
-                   concurrency: int | None = None, expect: dict[str, dict] | None = None) -> None:
+                   concurrency: int | None = None, expect: dict[str, dict] | None = None,
+                   mtimes: dict[str, int] | None = None, listener=None) -> None:
     """Download `rels` under `uri` into `dest` with parallel ranged GETs, each streamed in CHUNK_BYTES pieces
     straight from the socket into a reused buffer, hashed there (per upload part, in the worker, so hashing
     runs in parallel and never re-reads the file) and written in place with pwrite.
 
     `expect` maps a key to its manifest entry (size, checksum_sha256, part_size): such a file appears under
     its name only once every byte matches the checksum the upload recorded; others are checked for size.
-    Files already present are kept (an interrupted fetch resumes), after the same check from disk."""
+    Files already present are kept (an interrupted fetch resumes), after the same check from disk. A finished
+    file takes its object's LastModified from `mtimes` as its mtime, so a refetch of the same objects keeps
+    the fingerprints of the stages built from them.
+
+    Each file's first range (a safetensors header) is fetched before any other range. `listener`, when given,
+    hears `kept(rel, path)` for a file already present, `opened(rel, temporary)` before a file's first GET and
+    `arrived(rel, start, end)` once those bytes are written (unverified until the file is finished): what a
+    convert that runs while the model downloads reads from."""
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     from lmi_compile.paths import safe_relpath
@@ -160,16 +170,21 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
     expect = expect or {}
     targets = []
     for rel in rels:
-        t = _Target(rel, dest / safe_relpath(rel, what=f"{uri}{rel}"), sizes[rel], expect.get(rel))
+        t = _Target(rel, dest / safe_relpath(rel, what=f"{uri}{rel}"), sizes[rel], expect.get(rel),
+                    (mtimes or {}).get(rel))
         if t.expect and t.expect.get("size") != t.size:
             raise LmiCompileError(f"{uri}{rel}: {t.size} bytes in S3 but {t.expect.get('size')} in the upload "
                                   f"manifest; the prefix changed after it was published, push it again")
         if t.target.is_file() and t.target.stat().st_size == t.size:
             if t.expect:  # kept from an interrupted run: the prefix may have been republished since
                 if s3_checksum(t.target, t.size, t.part_size) == t.expect["checksum_sha256"]:
+                    if listener:
+                        listener.kept(rel, t.target)
                     continue
                 t.target.unlink()
             else:
+                if listener:
+                    listener.kept(rel, t.target)
                 continue
         targets.append(t)
     bar = bytes_bar(sum(t.size for t in targets), desc)
@@ -188,6 +203,9 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
                 if attempt == RANGE_ATTEMPTS - 1:
                     raise translate(e, f"{uri}{t.rel}") from None
                 time.sleep(0.2 * 2 ** attempt)
+        if listener:
+            start, (last_off, last_n) = t.parts[first][0], t.parts[first + count - 1]
+            listener.arrived(t.rel, start, last_off + last_n)
         with lock:
             t.left -= 1
             done = t.left == 0
@@ -200,10 +218,13 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
             t.target.parent.mkdir(parents=True, exist_ok=True)
             t.fd = os.open(t.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.ftruncate(t.fd, t.size)
+            if listener:
+                listener.opened(t.rel, t.tmp)
             ranges = t.ranges()
             t.left = len(ranges)
             tasks += [(t, first, count) for first, count in ranges]
-        tasks.sort(key=lambda task: -task[0].size)  # big files first, their ranges keep every worker busy
+        # every file's first range (its header) first; then big files first, their ranges keep every worker busy
+        tasks.sort(key=lambda task: (task[1] != 0, -task[0].size, task[1]))
         with ThreadPoolExecutor(concurrency or download_concurrency(), thread_name_prefix="get") as pool:
             futures = [pool.submit(fetch_range, *task) for task in tasks]
             wait(futures, return_when=FIRST_EXCEPTION)
@@ -309,4 +330,6 @@ def _finish(uri: S3Uri, t: _Target) -> None:
         raise LmiCompileError(f"{uri}{t.rel}: downloaded bytes do not match the upload manifest's checksum "
                               f"({t.checksum()} != {t.expect['checksum_sha256']}); the object changed after it "
                               f"was published or was corrupted in transit: push it again or rerun the fetch")
+    if t.mtime is not None:
+        os.utime(t.tmp, ns=(t.mtime, t.mtime))
     os.replace(t.tmp, t.target)
