@@ -2,6 +2,7 @@
 upload part as they arrive, and a file named only once its bytes match the manifest."""
 
 import hashlib
+import json
 import signal
 from pathlib import Path
 
@@ -47,8 +48,17 @@ def test_fetch_verifies_every_byte_against_the_manifest(published, s3_client, tm
     assert proc.returncode == 1, proc.stderr
     line = error_line(proc)
     assert shard in line and "do not match the upload manifest's checksum" in line
+    assert "crc32" in line  # the cheaper checksum, where the manifest carries it
     assert not bad.exists() or not (bad / shard).exists()
     assert not list(tmp_path.rglob(f".{shard}.tmp-*")), "a file that failed its checksum must not remain"
+    # A manifest written before CRC32 was recorded (SHA256 only) is checked with SHA256.
+    manifest = json.loads(s3_client.get_object(Bucket=u.bucket, Key=u.key(MANIFEST_KEY))["Body"].read())
+    assert all("checksum_crc32" in e and "checksum_sha256" in e for e in manifest["objects"].values())
+    for e in manifest["objects"].values():
+        del e["checksum_crc32"]
+    s3_client.put_object(Bucket=u.bucket, Key=u.key(MANIFEST_KEY), Body=json.dumps(manifest).encode())
+    proc = run_cli("fetch", prefix, "--output", tmp_path / "bad-old")
+    assert proc.returncode == 1 and shard in error_line(proc) and "sha256" in error_line(proc), proc.stderr
 
 
 def test_interrupted_fetch_resumes_and_rechecks_kept_files(published, tmp_path):

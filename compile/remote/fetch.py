@@ -140,7 +140,7 @@ def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool, listener=No
 
 
 def _manifest_objects(client, uri) -> dict[str, dict]:
-    """{key: {size, checksum_sha256, part_size}} from the upload manifest (entries lacking those are skipped)."""
+    """{key: entry} from the upload manifest: entries with a size, a part size and a checksum fetch can check."""
     import json
 
     from lmi_compile.remote.manifest import MANIFEST_KEY
@@ -154,5 +154,7 @@ def _manifest_objects(client, uri) -> dict[str, dict]:
         objects = json.loads(body).get("objects", {})
     except (ValueError, AttributeError):
         raise LmiCompileError(f"{uri}{MANIFEST_KEY}: not a valid upload manifest; push the model again") from None
-    return {rel: e for rel, e in objects.items() if isinstance(e, dict) and
-            {"size", "checksum_sha256", "part_size"} <= e.keys()}
+    from lmi_compile.remote.manifest import verifying_checksum
+
+    return {rel: e for rel, e in objects.items() if isinstance(e, dict) and {"size", "part_size"} <= e.keys()
+            and verifying_checksum(e)}

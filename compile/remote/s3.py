@@ -4,7 +4,6 @@ Credentials come from the standard AWS chain and are never logged. `AWS_ENDPOINT
 `AWS_ENDPOINT_URL` are honoured by botocore itself, as in every AWS SDK.
 """
 
-import hashlib
 import os
 import re
 import threading
@@ -15,7 +14,7 @@ from pathlib import Path
 from lmi_compile.errors import BadInput, Interrupted, LmiCompileError
 from lmi_compile.pipeline import testhooks
 from lmi_compile.pipeline.interrupts import STOP, check, received
-from lmi_compile.remote.manifest import composite, part_bounds, s3_checksum
+from lmi_compile.remote.manifest import HASHES, composite, part_bounds, s3_checksum, verifying_checksum
 
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
@@ -129,6 +128,7 @@ class _Target:
     def __init__(self, rel: str, target: Path, size: int, expect: dict | None, mtime: int | None = None):
         self.rel, self.target, self.size, self.mtime = rel, target, size, mtime
         self.expect = expect  # the manifest entry, or None (size-checked only)
+        self.algorithm, self.want = verifying_checksum(expect) if expect else (None, None)
         self.part_size = expect["part_size"] if expect else RANGE_BYTES
         self.parts = part_bounds(size, self.part_size)
         self.digests: list[bytes | None] = [None] * len(self.parts)
@@ -142,7 +142,7 @@ class _Target:
         return [(i, min(per, len(self.parts) - i)) for i in range(0, len(self.parts), per)]
 
     def checksum(self) -> str:
-        return composite(self.digests, self.size, self.part_size)
+        return composite(self.digests, self.size, self.part_size, self.algorithm)
 
 
 def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[str, int], *, desc: str,
@@ -152,8 +152,9 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
     straight from the socket into a reused buffer, hashed there (per upload part, in the worker, so hashing
     runs in parallel and never re-reads the file) and written in place with pwrite.
 
-    `expect` maps a key to its manifest entry (size, checksum_sha256, part_size): such a file appears under
-    its name only once every byte matches the checksum the upload recorded; others are checked for size.
+    `expect` maps a key to its manifest entry (size, part_size, checksum_crc32 and/or checksum_sha256): such a
+    file appears under its name only once every byte matches the checksum the upload recorded (CRC32 where the
+    entry has it); others are checked for size.
     Files already present are kept (an interrupted fetch resumes), after the same check from disk. A finished
     file takes its object's LastModified from `mtimes` as its mtime, so a refetch of the same objects keeps
     the fingerprints of the stages built from them.
@@ -177,7 +178,7 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
                                   f"manifest; the prefix changed after it was published, push it again")
         if t.target.is_file() and t.target.stat().st_size == t.size:
             if t.expect:  # kept from an interrupted run: the prefix may have been republished since
-                if s3_checksum(t.target, t.size, t.part_size) == t.expect["checksum_sha256"]:
+                if s3_checksum(t.target, t.size, t.part_size, t.algorithm) == t.want:
                     if listener:
                         listener.kept(rel, t.target)
                     continue
@@ -266,7 +267,7 @@ def _get_parts(client, uri: S3Uri, t: _Target, first: int, count: int, bar) -> N
     try:
         for i in range(first, first + count):
             off, n = t.parts[i]
-            h = hashlib.sha256() if t.expect else None
+            h = HASHES[t.algorithm]() if t.expect else None
             pos = off
             while pos < off + n:
                 want = min(len(buf), off + n - pos)
@@ -325,10 +326,10 @@ def _finish(uri: S3Uri, t: _Target) -> None:
     """All ranges are in: check the checksum, then give the file its name."""
     os.close(t.fd)
     t.fd = None
-    if t.expect and t.checksum() != t.expect["checksum_sha256"]:
+    if t.expect and t.checksum() != t.want:
         t.tmp.unlink(missing_ok=True)
         raise LmiCompileError(f"{uri}{t.rel}: downloaded bytes do not match the upload manifest's checksum "
-                              f"({t.checksum()} != {t.expect['checksum_sha256']}); the object changed after it "
+                              f"({t.algorithm} {t.checksum()} != {t.want}); the object changed after it "
                               f"was published or was corrupted in transit: push it again or rerun the fetch")
     if t.mtime is not None:
         os.utime(t.tmp, ns=(t.mtime, t.mtime))
