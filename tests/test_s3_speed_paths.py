@@ -223,3 +223,20 @@ def test_sigterm_while_converting_from_s3_then_resume(published, reference_ranks
     again = run_cli(*args)
     assert again.returncode == 0, again.stderr
     assert same_tensors(rank_tensors(work / "checkpoint"), reference_ranks)
+
+
+def test_no_hard_links_means_convert_after_download(tmp_path, monkeypatch):
+    """A filesystem that refuses hard links: the convert does not read the arriving files, it waits for the
+    finished fetch instead (no error)."""
+    import os
+
+    from lmi_compile.remote.streaming import ArrivingModel
+
+    def refuse(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refuse)
+    arriving = ArrivingModel(tmp_path / "view")
+    (tmp_path / "f.tmp").write_bytes(b"x")
+    arriving.opened("model.safetensors", tmp_path / "f.tmp")
+    assert arriving.unlinkable and arriving.wait_weights() == []

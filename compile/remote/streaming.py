@@ -45,16 +45,25 @@ class ArrivingModel:
         self.error: BaseException | None = None
         self.done = False
         self.cancelled = False
+        self.unlinkable = False  # the filesystem refused a hard link: the convert waits for the whole fetch
 
     # --- heard from the fetch (download threads) ---
     def listed(self, sizes: dict[str, int], mtimes: dict[str, int]) -> None:
         self.sizes, self.mtimes = dict(sizes), dict(mtimes)
 
     def _link(self, rel: str, path: Path) -> None:
+        if self.unlinkable:
+            return
         dst = self.view / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.unlink(missing_ok=True)
-        os.link(path, dst)
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.unlink(missing_ok=True)
+            os.link(path, dst)
+        except OSError as e:
+            log.info("fetch: cannot hard-link %s (%s); converting once the download is complete", path, e.strerror)
+            with self._cv:
+                self.unlinkable = True
+                self._cv.notify_all()
 
     def kept(self, rel: str, path: Path) -> None:
         self._check_cancelled()
@@ -107,9 +116,9 @@ class ArrivingModel:
 
     def wait_weights(self) -> list[str]:
         """The weight files, once the small files are in and every weight file's safetensors header has landed."""
-        self._wait(lambda: self._weights is not None)
-        if self._weights is None:
-            raise RuntimeError("fetch finished without listing weights")
+        self._wait(lambda: self._weights is not None or self.unlinkable)
+        if self.unlinkable or self._weights is None:
+            return []
         for rel in self._weights:
             if rel.endswith(".safetensors"):
                 self.wait_range(rel, 0, 8)
@@ -167,8 +176,8 @@ class StreamingFetch:
         from lmi_compile.model.validate import ValidatedModel, validate_model_dir
 
         self.arriving.wait_weights()
-        if self.result is not None:  # already complete (or nothing was left to fetch)
-            return self.result
+        if self.result is not None or self.arriving.unlinkable or self.arriving.done:
+            return self.settle()  # complete already, or it cannot be read while it lands
         seen = validate_model_dir(self.view, trust_remote_code=self.trust_remote_code)
         ck = seen.checkpoint
         identity = self._listing_identity(ck)
