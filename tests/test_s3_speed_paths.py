@@ -158,7 +158,8 @@ def reference_ranks(model_factory, tmp_path_factory):
 
 def test_trtllm_converts_while_the_model_downloads(published, reference_ranks, tmp_path, monkeypatch):
     """Ranges of 5 MiB, the later ones slowed down: convert tasks start on the headers and wait for their
-    tensors' bytes; the rank files equal a convert of the local model and a rerun finds both stages done."""
+    tensors' bytes; the rank files equal a convert of the local model, the later stages (stand-in build,
+    layout) use the verified source folder, and a rerun finds every stage done."""
     import time
 
     import lmi_compile.remote.s3 as s3
@@ -185,14 +186,17 @@ def test_trtllm_converts_while_the_model_downloads(published, reference_ranks, t
         return real_wait(self, rel, start, end)
 
     monkeypatch.setattr(streaming.ArrivingModel, "wait_range", counting_wait)
-    work = tmp_path / "w"
-    app(["trtllm", prefix, "--tp", "2", "--until", "convert", "--work-dir", str(work)], standalone_mode=False)
+    work, out = tmp_path / "w", tmp_path / "out"
+    args = ["trtllm", prefix, "--tp", "2", "--work-dir", str(work), "--output", str(out), "--trtllm-build",
+            str(Path(__file__).parent / "standins" / "trtllm-build")]
+    app(args, standalone_mode=False)
     assert any(waited), "no convert task had to wait: the convert did not overlap the download"
     assert same_tensors(rank_tensors(work / "checkpoint"), reference_ranks)
-    assert sorted(p.name for p in work.iterdir()) == [".lmi-compile.lock", "checkpoint", "source"]
-    again = run_cli("trtllm", prefix, "--tp", "2", "--until", "convert", "--work-dir", work)
+    assert not (work / ".source.arriving").exists() and (work / "source" / "config.json").is_file()
+    assert (out / "tokenizer.json").read_bytes() == (work / "source" / "tokenizer.json").read_bytes()
+    again = run_cli(*args)
     assert again.returncode == 0, again.stderr
-    assert "already in" in again.stderr and "is up to date, skipping" in again.stderr
+    assert "already in" in again.stderr and "convert: " in again.stderr and "is up to date, skipping" in again.stderr
 
 
 def test_convert_fed_a_corrupt_download_is_never_recorded(published, s3_client, tmp_path):
