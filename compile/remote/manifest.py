@@ -1,11 +1,18 @@
 """The names and checksums lmi-compile's outputs carry, shared by the stages that write and read them.
 
 A laid-out tree carries LAYOUT_MANIFEST (build facts); a published S3 prefix carries MANIFEST_KEY (every
-object with its size and S3 checksum) and, while an upload is under way, MARKER_KEY.
+object with its size and checksums) and, while an upload is under way, MARKER_KEY.
+
+Each manifest entry has `size`, `part_size` and `checksum_sha256`: the ChecksumSHA256 S3 verified and reports
+for the object (composite for multipart). Entries written since issue 17 also have `checksum_crc32`, the same
+construction with CRC32 (zlib's, as S3's ChecksumCRC32), computed by push from the very bytes it sent: fetch
+checks the cheaper CRC32 where an entry has it (CRC32 runs at about twice SHA256's speed per core) and SHA256
+otherwise, so manifests of either age verify, and older lmi-compile versions still find `checksum_sha256`.
 """
 
 import base64
 import hashlib
+import zlib
 from pathlib import Path
 
 LAYOUT_MANIFEST = "lmi-compile.json"  # build facts every layout carries beside serving.properties
@@ -18,21 +25,62 @@ def b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode()
 
 
-def s3_checksum(path: Path, size: int, part_size: int) -> str:
-    """The ChecksumSHA256 S3 reports for this file uploaded with this part size (composite if multipart)."""
+class Crc32:
+    """zlib's CRC32 with hashlib's update/digest (digest: 4 bytes, big-endian, as S3 encodes it)."""
+
+    def __init__(self, data: bytes = b""):
+        self.value = zlib.crc32(data)
+
+    def update(self, data) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def digest(self) -> bytes:
+        return self.value.to_bytes(4, "big")
+
+
+HASHES = {"crc32": Crc32, "sha256": hashlib.sha256}  # manifest field checksum_<name> -> hasher
+
+
+def verifying_checksum(entry: dict) -> tuple[str, str] | None:
+    """(algorithm, expected checksum) fetch checks a manifest entry against: the cheapest the entry carries."""
+    for name in ("crc32", "sha256"):
+        if isinstance(entry.get(f"checksum_{name}"), str):
+            return name, entry[f"checksum_{name}"]
+    return None
+
+
+def composite(part_digests: list[bytes], size: int, part_size: int, algorithm: str = "sha256") -> str:
+    """The checksum S3 reports for an object of `size` bytes uploaded in parts of `part_size`, from each part's
+    raw digest in order: the plain digest for a single upload, else the digest of the digests with "-<parts>"
+    appended (S3's COMPOSITE checksum type)."""
     if size <= part_size:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(8 * MIB):
-                h.update(chunk)
-        return b64(h.digest())
-    digests = []
+        return b64(part_digests[0])
+    return f"{b64(HASHES[algorithm](b''.join(part_digests)).digest())}-{len(part_digests)}"
+
+
+def part_bounds(size: int, part_size: int) -> list[tuple[int, int]]:
+    """(offset, length) of each part whose digest the checksum of a `size`-byte object is made from."""
+    if size <= part_size:
+        return [(0, size)]
+    return [(off, min(part_size, size - off)) for off in range(0, size, part_size)]
+
+
+def file_checksums(path: Path, size: int, part_size: int, algorithms=("sha256",)) -> dict[str, str]:
+    """{algorithm: the checksum S3 reports for this file uploaded with this part size}, in one read."""
+    digests: dict[str, list[bytes]] = {a: [] for a in algorithms}
     with open(path, "rb") as f:
-        for _ in range(-(-size // part_size)):
-            h = hashlib.sha256()
-            left = part_size
+        for _, n in part_bounds(size, part_size):
+            hs = {a: HASHES[a]() for a in algorithms}
+            left = n
             while left and (chunk := f.read(min(8 * MIB, left))):
-                h.update(chunk)
+                for h in hs.values():
+                    h.update(chunk)
                 left -= len(chunk)
-            digests.append(h.digest())
-    return f"{b64(hashlib.sha256(b''.join(digests)).digest())}-{len(digests)}"
+            for a, h in hs.items():
+                digests[a].append(h.digest())
+    return {a: composite(d, size, part_size, a) for a, d in digests.items()}
+
+
+def s3_checksum(path: Path, size: int, part_size: int, algorithm: str = "sha256") -> str:
+    """The checksum S3 reports for this file uploaded with this part size (composite if multipart)."""
+    return file_checksums(path, size, part_size, (algorithm,))[algorithm]

@@ -26,7 +26,8 @@ from lmi_compile.errors import BadInput, Interrupted, LmiCompileError
 from lmi_compile.pipeline.interrupts import check
 from lmi_compile.paths import resolve_inside
 from lmi_compile.pipeline.progress import bytes_bar
-from lmi_compile.remote.manifest import LAYOUT_MANIFEST, MANIFEST_KEY, MARKER_KEY, MIB, b64, s3_checksum
+from lmi_compile.remote.manifest import (LAYOUT_MANIFEST, MANIFEST_KEY, MARKER_KEY, MIB, Crc32, b64, composite,
+                                         file_checksums)
 from lmi_compile.remote.s3 import S3Uri, default_concurrency, list_objects, make_client, parse_s3_uri, translate
 
 log = logging.getLogger("lmi_compile")
@@ -137,8 +138,9 @@ class Publisher:
         self._call("put_object", Key=self.uri.key(rel), Body=body, ChecksumSHA256=b64(hashlib.sha256(body).digest()),
                    ContentType="application/json")
 
-    def upload(self, f: LocalFile, part_size: int) -> str:
-        """Upload one file in parts of `part_size`; return the checksum S3 now reports for it."""
+    def upload(self, f: LocalFile, part_size: int) -> dict[str, str]:
+        """Upload one file in parts of `part_size`; return its checksums: SHA256 (what S3 verified and now
+        reports) and CRC32 (computed from the same bytes, for fetch to check cheaply)."""
         check()
         testhooks.pause("push-file")
         if f.size <= part_size:
@@ -146,7 +148,7 @@ class Publisher:
             digest = b64(hashlib.sha256(data).digest())
             self._call("put_object", Key=self.uri.key(f.rel), Body=data, ChecksumSHA256=digest)
             self.bar.update(f.size)
-            return digest
+            return {"checksum_sha256": digest, "checksum_crc32": b64(Crc32(data).digest())}
         key = self.uri.key(f.rel)
         upload_id = self._call("create_multipart_upload", Key=key, ChecksumAlgorithm="SHA256")["UploadId"]
         with self._lock:
@@ -159,11 +161,11 @@ class Publisher:
             off = i * part_size
             size = min(part_size, f.size - off)
             data = _read(f.path, off, size)
-            raw = hashlib.sha256(data).digest()
+            raw, crc = hashlib.sha256(data).digest(), Crc32(data).digest()
             r = self._call("upload_part", Key=key, UploadId=upload_id, PartNumber=i + 1, Body=data,
                            ChecksumSHA256=b64(raw))
             self.bar.update(size)
-            return {"PartNumber": i + 1, "ETag": r["ETag"], "ChecksumSHA256": b64(raw)}, raw
+            return {"PartNumber": i + 1, "ETag": r["ETag"], "ChecksumSHA256": b64(raw)}, raw, crc
 
         futures = [self.parts.submit(part, i) for i in range(n)]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
@@ -174,10 +176,11 @@ class Publisher:
                 raise fut.exception()
         results = [fut.result() for fut in futures]
         self._call("complete_multipart_upload", Key=key, UploadId=upload_id,
-                   MultipartUpload={"Parts": [p for p, _ in results]})
+                   MultipartUpload={"Parts": [p for p, _, _ in results]})
         with self._lock:
             self.open_uploads.pop(key, None)
-        return f"{b64(hashlib.sha256(b''.join(raw for _, raw in results)).digest())}-{n}"
+        return {"checksum_sha256": composite([raw for _, raw, _ in results], f.size, part_size, "sha256"),
+                "checksum_crc32": composite([crc for _, _, crc in results], f.size, part_size, "crc32")}
 
     def abort_open_uploads(self) -> list[str]:
         aborted = []
@@ -267,9 +270,12 @@ def push(root: Path, uri_text: str, *, overwrite: bool = False, delete_local: bo
         if existing.get(f.rel) == f.size:
             head = pub.head(f.rel)
             remote = (head or {}).get("ChecksumSHA256")
-            if remote and remote == s3_checksum(f.path, f.size, ps):
-                entries[f.rel] = {"size": f.size, "checksum_sha256": remote, "part_size": ps}
-                continue
+            if remote:
+                local = file_checksums(f.path, f.size, ps, ("sha256", "crc32"))
+                if remote == local["sha256"]:
+                    entries[f.rel] = {"size": f.size, "checksum_sha256": remote, "checksum_crc32": local["crc32"],
+                                      "part_size": ps}
+                    continue
         todo.append((f, ps))
     skipped = len(files) - len(todo)
     if skipped:
@@ -282,8 +288,7 @@ def push(root: Path, uri_text: str, *, overwrite: bool = False, delete_local: bo
 
             def one(item):
                 f, ps = item
-                checksum = pub.upload(f, ps)
-                entries[f.rel] = {"size": f.size, "checksum_sha256": checksum, "part_size": ps}
+                entries[f.rel] = {"size": f.size, **pub.upload(f, ps), "part_size": ps}
                 done_rels.append(f.rel)
 
             futures = [files_pool.submit(one, item) for item in todo]

@@ -20,6 +20,7 @@ from lmi_compile.model.limits import check_sequence_length
 from lmi_compile.pipeline import observe, stages
 from lmi_compile.pipeline.diskspace import ensure_room, tree_bytes
 from lmi_compile.pipeline.workdir import Job, check_until, finish_layout, fresh_layout_staging, preflight_output
+from lmi_compile.remote import streaming
 from lmi_compile.remote.stages import fetch_stage, preflight_upload, push_stage
 from lmi_compile.trtllm.build import BuildOptions, build_engines, check_interface, find_trtllm_build
 from lmi_compile.trtllm.layout import DEFAULT_ENGINE_PATH, render_pbtxt, serving_properties, write_layout
@@ -125,7 +126,9 @@ def _first_release(arch: str, serves) -> str:
     return f"the first LMI release that can is {ok[0]} (--lmi-version {ok[0]})" if ok else "no LMI release can"
 
 
-def convert_stage(job: TrtllmJob, model, architecture: str) -> tuple[Path, str]:
+def convert_stage(job: TrtllmJob, model, architecture: str, stream=None) -> tuple[Path, str]:
+    """`stream`: the model is still downloading (remote/streaming.py); tensors are read as they land and the
+    stage is recorded only once the fetch has verified every byte."""
     from lmi_compile.converters.trtllm_checkpoint import ConvertOptions, check_parallelism, convert
 
     arch = resolve(model.config)
@@ -147,7 +150,10 @@ def convert_stage(job: TrtllmJob, model, architecture: str) -> tuple[Path, str]:
         # rank files hold the model once, plus replicated embeddings and vocab padding: bounded by tp copies
         emb = model.checkpoint.tensors.get(arch.embedding_source)
         ensure_room(staging, model.checkpoint.total_bytes + (emb.nbytes * job.tp * job.pp if emb else 0), "convert")
-        cfg = convert(arch, model.config, model.checkpoint, staging, opts)
+        cfg = convert(arch, model.config, model.checkpoint, staging, opts,
+                      ready=(lambda sources: stream.ready(model.checkpoint, sources)) if stream else None)
+        if stream:
+            stream.settle()  # recorded only once the fetch has verified every byte
         log.info("convert: %d rank file(s) ready", job.tp * job.pp)
         return {"tp": job.tp, "pp": job.pp, "dtype": cfg["dtype"]}
 
@@ -230,9 +236,20 @@ def run(job: TrtllmJob, until: str = "layout") -> Path:
 
 
 def _run(job: TrtllmJob, until: str, tool) -> Path:
+    # An S3 model is converted while it downloads (remote/streaming.py); other sources are fetched first.
     observe.stage("fetch")
-    model = fetch_stage(job.model, job.work, revision=job.revision, token=job.token,
-                        trust_remote_code=job.trust_remote_code)
+    stream = None if until == "fetch" else streaming.start(job.model, job.work, revision=job.revision,
+                                                           trust_remote_code=job.trust_remote_code)
+    try:
+        return _stages(job, until, tool, stream)
+    finally:
+        if stream:
+            stream.close()
+
+
+def _stages(job: TrtllmJob, until: str, tool, stream) -> Path:
+    model = stream.model() if stream else fetch_stage(job.model, job.work, revision=job.revision, token=job.token,
+                                                      trust_remote_code=job.trust_remote_code)
     arch = resolve(model.config)  # unsupported architectures fail here
     architecture = check_target(job, model.config)
     quant, kv = check_quantization(job, model.config)  # again: ModelOpt's hf_quant_config.json arrives with the model
@@ -248,7 +265,9 @@ def _run(job: TrtllmJob, until: str, tool) -> Path:
     if until == "fetch":
         return model.root
     observe.stage("convert")
-    ckpt, ckpt_fp = convert_stage(job, model, architecture)
+    ckpt, ckpt_fp = convert_stage(job, model, architecture, stream)
+    if stream:
+        model = stream.settle()  # the verified source folder, for the stages below
     if until == "convert":
         return ckpt
     observe.stage("build")

@@ -116,11 +116,14 @@ class SeaweedFS:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
-        for sock in glob.glob("/tmp/seaweedfs-*.sock"):
-            try:
-                os.unlink(sock)
-            except OSError:
-                pass
+        # Only this server's sockets (named by its ports): another server on this machine, a concurrent test
+        # run's or a benchmark's, loses its volume and filer once its sockets are gone, and then hangs.
+        for port in getattr(self, "_ports", []):
+            for sock in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
+                try:
+                    os.unlink(sock)
+                except OSError:
+                    pass
 
     def env(self) -> dict[str, str]:
         return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,

@@ -1,0 +1,246 @@
+"""The fast S3 fetch path against a real server (SeaweedFS): ranged GETs streamed from the socket, hashed per
+upload part as they arrive, and a file named only once its bytes match the manifest."""
+
+import hashlib
+import json
+import signal
+from pathlib import Path
+
+import pytest
+from conftest import PausedCli, error_line, run_cli
+
+from lmi_compile.remote.manifest import MANIFEST_KEY
+from lmi_compile.remote.s3 import parse_s3_uri
+
+# ~23 MB in two shards of ~11 MiB: with 5 MiB parts each shard is a 3-part multipart upload, and one GET
+# (RANGE_BYTES) covers several parts, so part boundaries fall inside a streamed range.
+MULTIPART = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=1, intermediate_size=1024, vocab_size=4000)
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())
+            if p.is_file() and not p.name.startswith(".")}
+
+
+@pytest.fixture
+def published(s3_env, s3_prefix, model_factory):
+    """A model pushed with lmi-compile (so the prefix carries a manifest) in 5 MiB parts."""
+    model = model_factory(shards=2, **MULTIPART)
+    proc = run_cli("push", model, s3_prefix, "--part-size-mb", "5")
+    assert proc.returncode == 0, proc.stderr
+    return model, s3_prefix
+
+
+def test_fetch_verifies_every_byte_against_the_manifest(published, s3_client, tmp_path):
+    model, prefix = published
+    out = tmp_path / "out"
+    proc = run_cli("fetch", prefix, "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    assert digests(out) == digests(model)
+    # Same size, other bytes: what a republish without its manifest, or corruption at rest, looks like.
+    u = parse_s3_uri(prefix)
+    shard = "model-00002-of-00002.safetensors"
+    body = bytearray((model / shard).read_bytes())
+    body[len(body) // 2] ^= 0xFF
+    s3_client.put_object(Bucket=u.bucket, Key=u.key(shard), Body=bytes(body))
+    bad = tmp_path / "bad"
+    proc = run_cli("fetch", prefix, "--output", bad)
+    assert proc.returncode == 1, proc.stderr
+    line = error_line(proc)
+    assert shard in line and "do not match the upload manifest's checksum" in line
+    assert "crc32" in line  # the cheaper checksum, where the manifest carries it
+    assert not bad.exists() or not (bad / shard).exists()
+    assert not list(tmp_path.rglob(f".{shard}.tmp-*")), "a file that failed its checksum must not remain"
+    # A manifest written before CRC32 was recorded (SHA256 only) is checked with SHA256.
+    manifest = json.loads(s3_client.get_object(Bucket=u.bucket, Key=u.key(MANIFEST_KEY))["Body"].read())
+    assert all("checksum_crc32" in e and "checksum_sha256" in e for e in manifest["objects"].values())
+    for e in manifest["objects"].values():
+        del e["checksum_crc32"]
+    s3_client.put_object(Bucket=u.bucket, Key=u.key(MANIFEST_KEY), Body=json.dumps(manifest).encode())
+    proc = run_cli("fetch", prefix, "--output", tmp_path / "bad-old")
+    assert proc.returncode == 1 and shard in error_line(proc) and "sha256" in error_line(proc), proc.stderr
+
+
+def test_interrupted_fetch_resumes_and_rechecks_kept_files(published, tmp_path):
+    model, prefix = published
+    out = tmp_path / "out"
+    # held before the 2nd ranged GET of the weights (6 small files come first, one GET each): not all is in
+    run = PausedCli("fetch", prefix, "--output", out, point="fetch-range#8", tmp_path=tmp_path)
+    rc, err = run.signal(signal.SIGINT)
+    assert rc == 130, err
+    assert "interrupted by SIGINT" in err and "Traceback" not in err
+    staging = tmp_path / ".out.partial"
+    assert not list(staging.rglob("*.tmp-*")) and not out.exists()
+    # a kept file that no longer matches the manifest (same size) is fetched again, not trusted on its size
+    kept = staging / "config.json"
+    assert kept.is_file()
+    kept.write_bytes(kept.read_bytes().replace(b"{", b" ", 1))
+    again = run_cli("fetch", prefix, "--output", out)
+    assert again.returncode == 0, again.stderr
+    assert digests(out) == digests(model)
+
+
+def test_stream_that_drops_mid_range_is_retried(published, s3_env, tmp_path):
+    """A connection that ends early mid-range: the range is fetched again and the file is still verified."""
+    from lmi_compile.remote.fetch import _manifest_objects
+    from lmi_compile.remote.s3 import download_files, list_objects, make_client
+
+    model, prefix = published
+    client, u = make_client(), parse_s3_uri(prefix)
+    objects = list_objects(client, u)
+    drops = {"n": 0}
+
+    class Dropping:
+        """get_object whose first two bodies end after 1 MiB."""
+
+        def get_object(self, **kw):
+            resp = client.get_object(**kw)
+            if drops["n"] < 2 and resp["ContentLength"] > 1 << 20:
+                drops["n"] += 1
+                real = resp["Body"]
+                left = {"n": 1 << 20}
+
+                class Short:
+                    def readinto(self, view):
+                        if left["n"] <= 0:
+                            return 0
+                        k = real.readinto(view[:left["n"]])
+                        left["n"] -= k
+                        return k
+
+                    def close(self):
+                        real.close()
+
+                resp["Body"] = Short()
+            return resp
+
+    weights = sorted(k for k in objects if k.endswith(".safetensors"))
+    download_files(Dropping(), u, weights, tmp_path / "d", objects, desc="d", expect=_manifest_objects(client, u))
+    assert drops["n"] == 2
+    assert digests(tmp_path / "d") == {k: v for k, v in digests(model).items() if k in weights}
+
+
+def test_bodies_are_read_straight_from_the_socket(published, s3_env):
+    """The shipped path reads the HTTP response under botocore's body (no copy through urllib3); if a botocore
+    or urllib3 upgrade moves it, downloads stay correct through the public API but slower: this says so."""
+    from lmi_compile.remote.s3 import _raw_readinto, make_client
+
+    _, prefix = published
+    u = parse_s3_uri(prefix)
+    body = make_client().get_object(Bucket=u.bucket, Key=u.key(MANIFEST_KEY))["Body"]
+    readinto = _raw_readinto(body)
+    assert type(readinto.__self__).__module__ == "http.client"
+    body.close()
+
+
+def rank_tensors(folder: Path) -> dict:
+    """Each rank file's tensors (the header's metadata carries a fingerprint of the source files' identity)."""
+    from safetensors.torch import load_file
+
+    return {p.name: load_file(p) for p in sorted(folder.glob("rank*.safetensors"))}
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(
+        a[f].keys() == b[f].keys() and all(torch.equal(a[f][k], b[f][k]) for k in a[f]) for f in a)
+
+
+@pytest.fixture(scope="module")
+def reference_ranks(model_factory, tmp_path_factory):
+    """The rank files of a convert of the local model (the one `published` pushes)."""
+    work = tmp_path_factory.mktemp("ref")
+    proc = run_cli("trtllm", model_factory(shards=2, **MULTIPART), "--tp", "2", "--until", "convert", "--work-dir", work)
+    assert proc.returncode == 0, proc.stderr
+    return rank_tensors(work / "checkpoint")
+
+
+def test_trtllm_converts_while_the_model_downloads(published, reference_ranks, tmp_path, monkeypatch):
+    """Ranges of 5 MiB, the later ones slowed down: convert tasks start on the headers and wait for their
+    tensors' bytes; the rank files equal a convert of the local model, the later stages (stand-in build,
+    layout) use the verified source folder, and a rerun finds every stage done."""
+    import time
+
+    import lmi_compile.remote.s3 as s3
+    import lmi_compile.remote.streaming as streaming
+    from lmi_compile.cli import app
+
+    _, prefix = published
+    monkeypatch.setattr(s3, "RANGE_BYTES", 5 * 1024 * 1024)
+    real_get = s3._get_parts
+
+    def slow_get(client, uri, t, first, count, bar):
+        if first:
+            time.sleep(0.15)
+        return real_get(client, uri, t, first, count, bar)
+
+    monkeypatch.setattr(s3, "_get_parts", slow_get)
+    waited = []
+    real_wait = streaming.ArrivingModel.wait_range
+
+    def counting_wait(self, rel, start, end):
+        with self._cv:
+            there = any(s <= start and end <= e for s, e in self._ranges.get(rel, []))
+        waited.append(not there)
+        return real_wait(self, rel, start, end)
+
+    monkeypatch.setattr(streaming.ArrivingModel, "wait_range", counting_wait)
+    work, out = tmp_path / "w", tmp_path / "out"
+    args = ["trtllm", prefix, "--tp", "2", "--work-dir", str(work), "--output", str(out), "--trtllm-build",
+            str(Path(__file__).parent / "standins" / "trtllm-build")]
+    app(args, standalone_mode=False)
+    assert any(waited), "no convert task had to wait: the convert did not overlap the download"
+    assert same_tensors(rank_tensors(work / "checkpoint"), reference_ranks)
+    assert not (work / ".source.arriving").exists() and (work / "source" / "config.json").is_file()
+    assert (out / "tokenizer.json").read_bytes() == (work / "source" / "tokenizer.json").read_bytes()
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "already in" in again.stderr and "convert: " in again.stderr and "is up to date, skipping" in again.stderr
+
+
+def test_convert_fed_a_corrupt_download_is_never_recorded(published, s3_client, tmp_path):
+    model, prefix = published
+    u = parse_s3_uri(prefix)
+    shard = "model-00001-of-00002.safetensors"
+    body = bytearray((model / shard).read_bytes())
+    body[-1000] ^= 0xFF  # tensor bytes, not the header: the convert reads it without noticing
+    s3_client.put_object(Bucket=u.bucket, Key=u.key(shard), Body=bytes(body))
+    work = tmp_path / "w"
+    proc = run_cli("trtllm", prefix, "--tp", "2", "--until", "convert", "--work-dir", work)
+    assert proc.returncode == 1, proc.stderr
+    assert shard in error_line(proc) and "checksum" in error_line(proc)
+    assert not (work / "checkpoint").exists() and not (work / "source").exists()
+    assert not (work / ".source.arriving").exists() and not list(work.rglob("*.tmp-*"))
+
+
+def test_sigterm_while_converting_from_s3_then_resume(published, reference_ranks, tmp_path):
+    _, prefix = published
+    work = tmp_path / "w"
+    args = ("trtllm", prefix, "--tp", "2", "--until", "convert", "--work-dir", work)
+    run = PausedCli(*args, point="fetch-range#8", tmp_path=tmp_path)  # 6 small files, then the weights
+    rc, err = run.signal(signal.SIGTERM)
+    assert rc == 143, err
+    assert "Traceback" not in err
+    assert not list(work.rglob("*.tmp-*")) and not (work / ".source.arriving").exists()
+    assert not (work / "checkpoint").exists()
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert same_tensors(rank_tensors(work / "checkpoint"), reference_ranks)
+
+
+def test_no_hard_links_means_convert_after_download(tmp_path, monkeypatch):
+    """A filesystem that refuses hard links: the convert does not read the arriving files, it waits for the
+    finished fetch instead (no error)."""
+    import os
+
+    from lmi_compile.remote.streaming import ArrivingModel
+
+    def refuse(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refuse)
+    arriving = ArrivingModel(tmp_path / "view")
+    (tmp_path / "f.tmp").write_bytes(b"x")
+    arriving.opened("model.safetensors", tmp_path / "f.tmp")
+    assert arriving.unlinkable and arriving.wait_weights() == []
