@@ -83,9 +83,14 @@ def loader_calls(target, arch_name: str, *, batch_size: int, tp: int, n_position
         neuron_config["continuous_batching"] = {"batch_size_for_shared_caches": batch_size}
         kwargs["n_positions"] = [n_positions]
         if cle and target["cb_user_context_length_estimate"] == "must_equal_n_positions" and cle != [n_positions]:
+            from lmi_compile.lmi.targets import releases, resolve
+
+            order = releases("neuron")  # oldest first
+            later = [r for r in order[order.index(target.release) + 1:]
+                     if resolve("neuron", r)["cb_user_context_length_estimate"] != "must_equal_n_positions"]
             raise BadInput(f"--context-length-estimate {','.join(map(str, cle))}: {target.describe()} uses "
                            f"continuous batching here and accepts only [n_positions] ({n_positions}); drop the "
-                           f"option or use --lmi-version 0.29 or later")
+                           f"option" + (f" or use --lmi-version {later[0]} or later" if later else ""))
         if cle is None:
             cle = [n_positions] if target["cb_context_length_estimate"] == "n_positions" else \
                 build_context_length_estimates(n_positions)
