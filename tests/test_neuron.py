@@ -162,7 +162,7 @@ def test_rerun_skips_and_changed_settings_recompile(model_factory, tmp_path):
     (["--lmi-version", "0.25"], "no neuron target for this LMI release"),
     (["--lmi-version", "0.26", "--format", "split"], "LMI 0.26 (LMI 0.26 Neuron container"),
     (["--lmi-version", "0.28", "--n-positions", "256", "--context-length-estimate", "128"],
-     "accepts only [n_positions] (256)"),
+     "accepts only [n_positions] (256); drop the option or use --lmi-version 0.29 or later"),
     (["--batch-size", "0"], "--batch-size': Input should be greater than or equal to 1"),
     (["--amp", "fp8"], "--amp 'fp8'"),
     (["--n-positions", "256", "--context-length-estimate", "64,9999"], "--context-length-estimate 9999"),
