@@ -358,7 +358,7 @@ def plan(
     from lmi_compile.lmi.plan import as_json, make_plan, render
     from lmi_compile.lmi.targets import resolve as resolve_target
     from lmi_compile.remote.peek import read_remote_config
-    from lmi_compile.trtllm.backend import TrtllmJob, check_target
+    from lmi_compile.trtllm.backend import check_target
 
     target = resolve_target("trtllm", lmi_version)
     d = target["defaults"]
@@ -369,7 +369,7 @@ def plan(
     p = make_plan(config, tp=tp, pp=pp, dtype=dtype, max_batch_size=max_batch_size or d["max_batch_size"],
                   max_seq_len=max_seq_len, instance=instance, index_total=total)
     try:
-        check_target(TrtllmJob(model=model, work=None, build=None, target=target), config)
+        check_target(target, config)
     except BadInput as e:
         p.warnings.append(str(e).removeprefix(f"{config.path}: "))
     typer.echo(as_json(p) if json_out else render(p))

@@ -47,20 +47,20 @@ class TrtllmJob(Job):
     engine_path: str = DEFAULT_ENGINE_PATH
 
 
-def check_target(job: TrtllmJob, config) -> str:
+def check_target(target: Target, config) -> str:
     """What the target release can serve, from config.json alone (before any download): the architecture
     under the name its TensorRT-LLM knows (returned), and the rope scaling its attention supports."""
-    tool = job.target["tool"]
+    tool = target["tool"]
     arch = resolve(config)
     entry = tool["architectures"].get(arch.name, {})
     if "name" not in entry:
         why = entry.get("unsupported", f"TensorRT-LLM {tool['version']} does not know {arch.name}")
-        raise BadInput(f"{config.path}: {arch.name} cannot be served by {job.target.describe()}: {why}; "
+        raise BadInput(f"{config.path}: {arch.name} cannot be served by {target.describe()}: {why}; "
                        f"{_first_release(arch.name, lambda t: 'name' in t['architectures'].get(arch.name, {}))}")
     kind = (config.rope_scaling or {}).get("rope_type") or (config.rope_scaling or {}).get("type")
     if kind and kind not in tool["rope_scaling_types"]:
         raise BadInput(f"{config.path}: {kind} rope scaling is not supported by TensorRT-LLM {tool['version']} "
-                       f"({job.target.describe()}); "
+                       f"({target.describe()}); "
                        f"{_first_release(arch.name, lambda t: kind in t['rope_scaling_types'])}")
     return entry["name"]
 
@@ -227,7 +227,7 @@ def run(job: TrtllmJob, until: str = "layout") -> Path:
         from lmi_compile.remote.peek import read_remote_config
 
         remote = read_remote_config(job.model, job.revision, job.token)[0]
-        check_target(job, remote)  # before any download
+        check_target(job.target, remote)  # before any download
         quant, kv = check_quantization(job, remote)
         if tool:
             check_gpus(job, tool, quant, kv)
@@ -251,7 +251,7 @@ def _stages(job: TrtllmJob, until: str, tool, stream) -> Path:
     model = stream.model() if stream else fetch_stage(job.model, job.work, revision=job.revision, token=job.token,
                                                       trust_remote_code=job.trust_remote_code)
     arch = resolve(model.config)  # unsupported architectures fail here
-    architecture = check_target(job, model.config)
+    architecture = check_target(job.target, model.config)
     quant, kv = check_quantization(job, model.config)  # again: ModelOpt's hf_quant_config.json arrives with the model
     if tool:
         check_gpus(job, tool, quant, kv)
