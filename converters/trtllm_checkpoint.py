@@ -15,7 +15,7 @@ from lmi_compile.model.architectures import Architecture
 from lmi_compile.model.checkpoint import Checkpoint
 from lmi_compile.errors import BadInput
 from lmi_compile.model.config import ModelConfig
-from lmi_compile.model.quantization import DENSE, Quantization, read_quantization
+from lmi_compile.model.quantization import DENSE, ROWWISE, Quantization, read_quantization
 from lmi_compile.pipeline.interrupts import check
 from lmi_compile.pipeline.progress import bytes_bar
 from lmi_compile.pipeline.stages import fingerprint, write_json_atomic
@@ -49,6 +49,13 @@ class ConvertOptions:
     # 1.0 at build). The target table's toolchain row says which ("quantization" -> "kv_cache_scale").
     kv_cache_quant_algo: str | None = None
     kv_cache_scale: str = "max"
+    # Per-channel FP8 (FP8_PER_CHANNEL_PER_TOKEN): the Linears the target's TensorRT-LLM builds as Fp8RowwiseLinear
+    # (suffixes of their target names), whether it keeps the first and last layers unquantized ("Meta's recipe"), and
+    # the quantization keys its QuantConfig needs for that layout (configs/targets.json toolchains -> quantization ->
+    # fp8_rowwise). Every other FP8 Linear is dequantized to the model dtype.
+    rowwise_linears: tuple[str, ...] = ("mlp.fc", "mlp.gate", "mlp.proj")
+    rowwise_skip_edge_layers: bool = True
+    rowwise_config: tuple[tuple[str, object], ...] = ()
 
     def moe_split(self) -> tuple[int, int]:
         """(moe_tp, moe_ep) with unset values filled in; check_parallelism says whether they fit tp."""
@@ -157,7 +164,8 @@ def _merge(into: dict, extra: dict) -> dict:
 
 
 def _entries(arch: Architecture, ck: Checkpoint, pp_rank: int, pp: int, rename: dict):
-    """(table entry, target, sources) for one pipeline stage, layer indices renumbered from 0."""
+    """(table entry, target, sources, source layer index or None) for one pipeline stage, layer indices renumbered
+    from 0 in the targets."""
     d, lay = arch.dims, arch.layout
     per = d.num_layers // pp
     out = []
@@ -180,7 +188,7 @@ def _entries(arch: Architecture, ck: Checkpoint, pp_rank: int, pp: int, rename: 
                 continue
             raise BadInput(f"{ck.root}: tensor {missing[0]!r} is missing from the checkpoint "
                            f"({arch.name} needs it for {target}); the checkpoint is incomplete")
-        yield e, target, tuple(sources)
+        yield e, target, tuple(sources), src_i
 
 
 def _expected_shapes(arch: Architecture) -> dict[str, int]:
@@ -225,6 +233,49 @@ def _fp8_linear(e: dict, target: str, sources: tuple, ck: Checkpoint, ctx: RankC
             PlanEntry(f"{stem}.activation_scaling_factor", "scale_max", input_scales, (1,), "float32")]
 
 
+def _keeps_rowwise(opts: ConvertOptions, arch: Architecture, target: str, layer: int | None) -> bool:
+    """Whether the target's TensorRT-LLM builds this Linear as Fp8RowwiseLinear under FP8_PER_CHANNEL_PER_TOKEN:
+    its Fp8RowwiseGatedMLP replaces the MLP of every layer but the first and the last ("Meta's recipe",
+    tensorrt_llm/quantization/quantize.py fp8_rowwise_quantize; models/llama/convert.py exclude_layers_id at main
+    be9cd719), attention stays in the model dtype."""
+    if layer is None or not target.removesuffix(".weight").endswith(opts.rowwise_linears):
+        return False
+    return not (opts.rowwise_skip_edge_layers and layer in (0, arch.dims.num_layers - 1))
+
+
+def _channel_scale_source(ck: Checkpoint, weight: str) -> str:
+    name = weight.removesuffix("weight") + "weight_scale"
+    info, rows = ck.tensors.get(name), ck.tensors[weight].shape[0]
+    if info is None or _numel(info.shape) != rows or info.dtype not in FLOAT_DTYPES:
+        what = "is missing" if info is None else f"is {info.dtype} {list(info.shape)}"
+        raise BadInput(f"{ck.tensors[weight].file}: FP8 tensor {weight!r} needs one scale per output channel "
+                       f"([{rows}, 1]), but {name!r} {what}; the checkpoint is incomplete or not per-channel FP8")
+    return name
+
+
+def _rowwise_linear(e: dict, target: str, sources: tuple, ck: Checkpoint, ctx: RankContext,
+                    keep: bool) -> list[PlanEntry]:
+    """A per-channel FP8 Linear. Kept (Fp8RowwiseLinear, tensorrt_llm/quantization/layers.py): the weight's bytes split
+    like the dense one, per_channel_scale float32 (out_features,) split with the rows of a column-parallel Linear and
+    whole for a row-parallel one (models/llama/convert.py fp8_rowwise_quantization, split_scale for gate/up only).
+    Otherwise the weight is dequantized (q * its row's scale) into the model dtype, where TensorRT-LLM keeps it."""
+    for s in sources:
+        if ck.tensors[s].dtype != FP8:
+            raise BadInput(f"{ck.tensors[s].file}: tensor {s!r} is {ck.tensors[s].dtype} while the other weights of "
+                           f"{target} are FP8; a mix of float and FP8 weights in one Linear is not converted")
+    scales = tuple(_channel_scale_source(ck, s) for s in sources)
+    shape = shape_for(e["rule"], [ck.tensors[s].shape for s in sources], ctx)
+    if not keep:
+        return [PlanEntry(target, f"dequant_{e['rule']}", sources + scales, shape)]
+    if e["rule"] not in ("column", "row"):
+        raise BadInput(f"{target}: a {e['rule']} Linear is not written as FP8 per channel (only column and row "
+                       f"ones are); the target table's fp8_rowwise linears do not fit this layout")
+    stem = target.removesuffix(".weight")
+    return [PlanEntry(target, e["rule"], sources, shape, FP8),
+            PlanEntry(f"{stem}.per_channel_scale", f"channel_scale_{e['rule']}", scales,
+                      (shape[0],), "float32")]
+
+
 def kv_scale_sources(arch: Architecture, ck: Checkpoint, layer: int) -> tuple[str, ...]:
     """The checkpoint's [k, v] FP8 KV-cache scales of one layer, in whichever naming it uses; () when it has none."""
     spec = arch.layout.get("kv_cache_scale")
@@ -249,7 +300,7 @@ def plan_rank(arch: Architecture, ck: Checkpoint, opts: ConvertOptions, tp_rank:
     ctx = rank_context(arch, opts, tp_rank)
     dims = _expected_shapes(arch)
     plan = []
-    for e, target, sources in _entries(arch, ck, pp_rank, opts.pp, moe_style(arch, opts).get("rename", {})):
+    for e, target, sources, layer in _entries(arch, ck, pp_rank, opts.pp, moe_style(arch, opts).get("rename", {})):
         src_shapes = [ck.tensors[s].shape for s in sources]
         specs = e["shape"] if isinstance(e["shape"][0], list) else [e["shape"]]
         for s, shp, want in zip(sources, src_shapes, specs * (len(sources) // len(specs))):
@@ -260,6 +311,15 @@ def plan_rank(arch: Architecture, ck: Checkpoint, opts: ConvertOptions, tp_rank:
         if quant.quant_algo == "FP8" and e.get("linear"):
             plan += _fp8_linear(e, target, sources, ck, ctx)
             continue
+        if quant.quant_algo == ROWWISE and e.get("linear") and any(ck.tensors[s].dtype == FP8 for s in sources):
+            plan += _rowwise_linear(e, target, sources, ck, ctx, _keeps_rowwise(opts, arch, target, layer))
+            continue
+        if quant.quant_algo == ROWWISE and e.get("linear") and _keeps_rowwise(opts, arch, target, layer):
+            raise BadInput(f"{ck.tensors[sources[0]].file}: tensor {sources[0]!r} is {ck.tensors[sources[0]].dtype}, but "
+                           f"TensorRT-LLM builds {target.removesuffix('.weight')} as an FP8 per-channel Linear "
+                           f"(Fp8RowwiseLinear) and reads no float weight there; the checkpoint does not follow the "
+                           f"layout TensorRT-LLM's FP8_PER_CHANNEL_PER_TOKEN expects (every MLP but the first and last "
+                           f"layers' in FP8); convert from the unquantized model")
         for s in sources:
             if ck.tensors[s].dtype in FLOAT_DTYPES:
                 continue
@@ -296,7 +356,7 @@ def check_all_used(arch: Architecture, ck: Checkpoint, plans) -> None:
 
 def check_quantization(arch: Architecture, quant: Quantization, opts: ConvertOptions, where: Path) -> None:
     """What the converter writes: dense or FP8 per-tensor weights; a dense or FP8 KV cache."""
-    if quant.quant_algo not in (None, "FP8"):
+    if quant.quant_algo not in (None, "FP8", ROWWISE):
         raise BadInput(f"{where}: {quant.describe()} is not converted by lmi-compile")
     if quant.quant_algo and arch.is_moe:
         raise BadInput(f"{where}: FP8 {arch.name} checkpoints are not converted (TensorRT-LLM's MoE layer keeps its "
@@ -356,7 +416,8 @@ def trtllm_config(arch: Architecture, config: ModelConfig, opts: ConvertOptions,
         "attn_bias": attn_bias,
         "mlp_bias": False,
         "mapping": {"world_size": opts.tp * opts.pp, "tp_size": opts.tp, "pp_size": opts.pp},
-        "quantization": {"quant_algo": quant.quant_algo, "kv_cache_quant_algo": opts.kv_cache_quant_algo},
+        "quantization": {"quant_algo": quant.quant_algo, "kv_cache_quant_algo": opts.kv_cache_quant_algo,
+                         **(_rowwise_config(quant, opts) if quant.quant_algo == ROWWISE else {})},
         **arch.entry.get("trtllm_config", {}),
     }
     style = moe_style(arch, opts)
@@ -366,6 +427,12 @@ def trtllm_config(arch: Architecture, config: ModelConfig, opts: ConvertOptions,
         _merge(cfg, _fill(style["config"], {"num_experts": d.num_experts, "top_k": d.top_k, "moe_tp": moe_tp,
                                             "moe_ep": moe_ep, "moe_tp_mode": mode}))
     return cfg
+
+
+def _rowwise_config(quant: Quantization, opts: ConvertOptions) -> dict:
+    """QuantConfig keys of FP8_PER_CHANNEL_PER_TOKEN: clamp_val, which Fp8RowwiseGatedMLP needs (its forward reads
+    clamp_val.value), and the target's own keys (1.x: use_meta_recipe, for the layout written here)."""
+    return {"clamp_val": [-quant.clamp, quant.clamp], **dict(opts.rowwise_config)}
 
 
 def rank_id(tp_rank: int, pp_rank: int, tp: int) -> int:

@@ -138,7 +138,10 @@ REFUSED = {
                     "input_activations": CT_FP8}}, "kv_cache_scheme": {"num_bits": 8, "type": "int"}},
                    ["calibrated from activations"]),
     "bnb": ({"quant_method": "bitsandbytes", "load_in_4bit": True}, ["'bitsandbytes' is not converted"]),
-    "fbgemm": ({"quant_method": "fbgemm_fp8"}, ["fbgemm_fp8", "FP8_PER_CHANNEL_PER_TOKEN"]),
+    "ct-channel-static": ({"quant_method": "compressed-tensors", "config_groups": {"g": {
+        "weights": {**CT_FP8, "strategy": "channel"}, "input_activations": CT_FP8}}}, ["channel strategy and static"]),
+    "modelopt-rowwise": ({"quant_method": "modelopt", "quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"},
+                         ["ModelOpt FP8_PER_CHANNEL_PER_TOKEN is not converted", "fbgemm_fp8"]),
 }
 
 

@@ -126,6 +126,16 @@ def _first_release(arch: str, serves) -> str:
     return f"the first LMI release that can is {ok[0]} (--lmi-version {ok[0]})" if ok else "no LMI release can"
 
 
+def rowwise_options(tool) -> dict:
+    """ConvertOptions for per-channel FP8 from the toolchain row (quantization -> fp8_rowwise); {} where the target's
+    TensorRT-LLM has none (check_quantization has refused such checkpoints already)."""
+    rowwise = tool.get("quantization", {}).get("fp8_rowwise")
+    if not rowwise:
+        return {}
+    return {"rowwise_linears": tuple(rowwise["linears"]), "rowwise_skip_edge_layers": rowwise["skip_edge_layers"],
+            "rowwise_config": tuple(sorted(rowwise.get("config", {}).items()))}
+
+
 def convert_stage(job: TrtllmJob, model, architecture: str, stream=None) -> tuple[Path, str]:
     """`stream`: the model is still downloading (remote/streaming.py); tensors are read as they land and the
     stage is recorded only once the fetch has verified every byte."""
@@ -138,13 +148,15 @@ def convert_stage(job: TrtllmJob, model, architecture: str, stream=None) -> tupl
                           architecture=architecture, moe_tp=job.moe_tp, moe_ep=job.moe_ep,
                           moe_config_style=tool["moe_config_style"],
                           kv_cache_quant_algo=KV_CACHE_DTYPES.get(job.kv_cache_dtype),
-                          kv_cache_scale=tool.get("quantization", {}).get("kv_cache_scale", "max"))
+                          kv_cache_scale=tool.get("quantization", {}).get("kv_cache_scale", "max"),
+                          **rowwise_options(tool))
     check_parallelism(arch, opts, model.config.path)
     fp = stages.fingerprint(files=model.checkpoint.identity(), root=str(model.root.resolve()),
                             config=model.config.raw, tp=job.tp, pp=job.pp, dtype=job.dtype,
                             parallel_embedding=job.parallel_embedding, sharding_dim=job.embedding_sharding_dim,
                             architecture=architecture, moe=(opts.moe_split(), opts.moe_config_style),
-                            kv_cache=(opts.kv_cache_quant_algo, opts.kv_cache_scale))
+                            kv_cache=(opts.kv_cache_quant_algo, opts.kv_cache_scale),
+                            rowwise=(opts.rowwise_linears, opts.rowwise_skip_edge_layers, opts.rowwise_config))
 
     def work(staging: Path) -> dict:
         # rank files hold the model once, plus replicated embeddings and vocab padding: bounded by tp copies
