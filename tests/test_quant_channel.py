@@ -190,3 +190,20 @@ def test_a_float_mlp_where_tensorrt_llm_wants_fp8_is_refused(models, tmp_path):
     proc = run_cli("trtllm", model, "--lmi-version", "0.30", "--work-dir", tmp_path / "work", "--until", "convert")
     assert proc.returncode == 2
     assert "model.layers.1.mlp.up_proj.weight" in error_line(proc) and "Fp8RowwiseLinear" in error_line(proc)
+
+
+def test_plan_counts_per_channel_bytes(models, tmp_path):
+    """plan sizes the middle layers' MLP at one byte per parameter plus a float32 scale per row: exactly the bytes
+    the converter writes (tp 1)."""
+    from lmi_compile.lmi.plan import make_plan
+    from lmi_compile.model.config import ModelConfig
+
+    plan = make_plan(ModelConfig.load(models["fbgemm_fp8"] / "config.json"), tp=1)
+    assert plan.quantization == "FP8_PER_CHANNEL_PER_TOKEN"
+    h, inter = 64, 128
+    dense = make_plan(ModelConfig.load(models["fbgemm_fp8"].parent / "dense" / "config.json"), tp=1)
+    assert dense.weight_bytes - plan.weight_bytes == (LAYERS - 2) * (3 * inter * h * (2 - 1) - (2 * inter + h) * 4)
+    m = validate_model_dir(models["fbgemm_fp8"])
+    convert(resolve(m.config), m.config, m.checkpoint, tmp_path / "ck", ConvertOptions())
+    written = load_file(str(tmp_path / "ck" / "rank0.safetensors"))
+    assert sum(t.numel() * t.element_size() for t in written.values()) == plan.weight_bytes
