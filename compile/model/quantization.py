@@ -34,6 +34,15 @@ from lmi_compile.errors import BadInput
 from lmi_compile.model.config import ModelConfig, read_json
 
 MODELOPT_FILE = "hf_quant_config.json"
+# A remote model's hf_quant_config.json read before its download (remote/peek.py): carried in the config's raw dict
+MODELOPT_KEY = "_lmi_compile_hf_quant_config"
+
+
+def with_modelopt_file(config: ModelConfig, data, where: str) -> ModelConfig:
+    """The config with a hf_quant_config.json read from elsewhere (`where`: its name in messages)."""
+    import dataclasses
+
+    return dataclasses.replace(config, raw={**config.raw, MODELOPT_KEY: {"where": where, "data": data}})
 
 FOUR_BIT = ("4-bit weights are written by TensorRT-LLM's own converter, preprocessed for its mixed-GEMM kernels "
             "by a C++ op whose layout depends on the GPU architecture (torch.ops.trtllm."
@@ -81,10 +90,12 @@ def read_quantization(config: ModelConfig) -> Quantization:
     not converted. Reads config.json's quantization_config, and hf_quant_config.json when it lies beside it."""
     qc = config.raw.get("quantization_config")
     modelopt = Path(config.path).parent / MODELOPT_FILE
-    if qc is None and modelopt.is_file():
-        data = read_json(modelopt)
+    carried = config.raw.get(MODELOPT_KEY)
+    if qc is None and (carried or modelopt.is_file()):
+        data, where = (carried["data"], carried["where"]) if carried else (read_json(modelopt), str(modelopt))
+        if not isinstance(data, dict):
+            raise BadInput(f"{where} is not a JSON object; fix or remove it")
         qc = {"quant_method": "modelopt", **(data.get("quantization") or {})}
-        where = str(modelopt)
     else:
         where = f"{config.path}: quantization_config"
     if qc is None:
