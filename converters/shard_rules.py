@@ -232,6 +232,42 @@ class FusedQKVFP8(FusedQKV):
                 yield from requantized(piece, reader, s / top)
 
 
+class ExpertColumnFP8(ExpertColumn):
+    """FP8 experts' [w3; w1] (names: the weights expert by expert, then their per-tensor weight scales in the same
+    order) with one scale per expert, as TensorRT-LLM's MoE holds them (layers/moe.py MOEWeightWrapper:
+    weights_scaling_factor (experts_per_node, 1)): the source with the expert's largest scale keeps its bytes, the
+    other is dequantized and quantized again to that scale (as FusedQKVFP8 does for q, k, v)."""
+
+    def shape(self, src, ctx):
+        return super().shape(src[:len(src) // 2], ctx)
+
+    def pieces(self, reader, names, ctx):
+        half = len(names) // 2
+        weights, scales = names[:half], [scalar(reader, n) for n in names[half:]]
+        per = half // ctx.num_experts
+        for e in ctx.experts():
+            top = max(scales[e * per:(e + 1) * per])
+            for name, s in zip(weights[e * per:(e + 1) * per], scales[e * per:(e + 1) * per]):
+                piece = reader.row_range(name, *_part(reader.info(name).shape[0], ctx.moe_tp, ctx.moe_tp_rank))
+                if s == top:
+                    yield piece
+                else:
+                    yield from requantized(piece, reader, s / top)
+
+
+class ExpertScaleMax:
+    """The rank's experts' weight scales, float32 (experts / moe_ep, 1): per expert the largest of its sources' (names
+    listed expert by expert)."""
+
+    def shape(self, src, ctx):
+        return (ctx.num_experts // ctx.moe_ep, 1)
+
+    def pieces(self, reader, names, ctx):
+        per = len(names) // ctx.num_experts
+        return [torch.tensor([[max(scalar(reader, n) for n in names[e * per:(e + 1) * per])] for e in ctx.experts()],
+                             dtype=torch.float32)]
+
+
 class ScaleMax:
     """A per-tensor scale on every rank, float32 shape (1,): the largest of its sources. One source: that scale
     (a per-tensor scale applies to every slice of its tensor). The fused qkv takes the largest weight scale (its
@@ -302,7 +338,8 @@ RULES = {"replicate": Replicate(), "column": Column(), "row": Row(), "vocab": Vo
          "expert_column": ExpertColumn(), "expert_row": ExpertRow(), "fused_qkv_fp8": FusedQKVFP8(),
          "scale_max": ScaleMax(), "scale_one": ScaleOne(), "dequant_column": Dequantized(Column()),
          "dequant_row": Dequantized(Row()), "dequant_fused_qkv": Dequantized(FusedQKV()),
-         "channel_scale_column": ChannelScale(split=True), "channel_scale_row": ChannelScale(split=False)}
+         "channel_scale_column": ChannelScale(split=True), "channel_scale_row": ChannelScale(split=False),
+         "expert_column_fp8": ExpertColumnFP8(), "expert_scale_max": ExpertScaleMax()}
 
 
 def rule_for(name: str, ctx: RankContext):

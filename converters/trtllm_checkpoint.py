@@ -233,6 +233,32 @@ def _fp8_linear(e: dict, target: str, sources: tuple, ck: Checkpoint, ctx: RankC
             PlanEntry(f"{stem}.activation_scaling_factor", "scale_max", input_scales, (1,), "float32")]
 
 
+EXPERT_RULES = {"expert_column": "expert_column_fp8", "expert_row": "expert_row"}
+"""The MoE expert rules and what FP8 experts use instead: w3 and w1 of an expert share one scale in TensorRT-LLM's
+fc (requantized); w2 keeps its bytes."""
+
+
+def _fp8_experts(e: dict, target: str, sources: tuple, ck: Checkpoint, ctx: RankContext) -> list[PlanEntry]:
+    """FP8 experts as TensorRT-LLM's MoE holds them under quant_algo FP8 (layers/moe.py MOEWeightWrapper at v0.11.0,
+    main be9cd719 and the 1.0 era): the stacked weight in fp8, weights_scaling_factor float32 (experts_per_node, 1),
+    one per local expert, and activation_scaling_factor float32 (1,) for all experts: the largest input scale of any
+    expert (every expert reads the same hidden states; the largest keeps them all in range). The router stays in
+    float32 (quantization/quantize.py excludes '*router')."""
+    for s in sources:
+        if ck.tensors[s].dtype != FP8:
+            raise BadInput(f"{ck.tensors[s].file}: tensor {s!r} is {ck.tensors[s].dtype} while its checkpoint declares "
+                           f"FP8 weights; a mix of float and FP8 experts is not converted")
+    weight_scales = tuple(_scale_source(ck, s, SCALES["weights_scaling_factor"]) for s in sources)
+    input_scales = tuple(_scale_source(ck, s, SCALES["activation_scaling_factor"]) for s in sources)
+    rule = EXPERT_RULES[e["rule"]]
+    srcs = sources + weight_scales if rule != e["rule"] else sources
+    stem = target.removesuffix(".weight")
+    return [PlanEntry(target, rule, srcs, shape_for(rule, [ck.tensors[s].shape for s in srcs], ctx), FP8),
+            PlanEntry(f"{stem}.weights_scaling_factor", "expert_scale_max", weight_scales,
+                      shape_for("expert_scale_max", [], ctx), "float32"),
+            PlanEntry(f"{stem}.activation_scaling_factor", "scale_max", input_scales, (1,), "float32")]
+
+
 def _keeps_rowwise(opts: ConvertOptions, arch: Architecture, target: str, layer: int | None) -> bool:
     """Whether the target's TensorRT-LLM builds this Linear as Fp8RowwiseLinear under FP8_PER_CHANNEL_PER_TOKEN:
     its Fp8RowwiseGatedMLP replaces the MLP of every layer but the first and the last ("Meta's recipe",
@@ -311,6 +337,9 @@ def plan_rank(arch: Architecture, ck: Checkpoint, opts: ConvertOptions, tp_rank:
         if quant.quant_algo == "FP8" and e.get("linear"):
             plan += _fp8_linear(e, target, sources, ck, ctx)
             continue
+        if quant.quant_algo == "FP8" and e["rule"] in EXPERT_RULES:
+            plan += _fp8_experts(e, target, sources, ck, ctx)
+            continue
         if quant.quant_algo == ROWWISE and e.get("linear") and any(ck.tensors[s].dtype == FP8 for s in sources):
             plan += _rowwise_linear(e, target, sources, ck, ctx, _keeps_rowwise(opts, arch, target, layer))
             continue
@@ -358,9 +387,11 @@ def check_quantization(arch: Architecture, quant: Quantization, opts: ConvertOpt
     """What the converter writes: dense or FP8 per-tensor weights; a dense or FP8 KV cache."""
     if quant.quant_algo not in (None, "FP8", ROWWISE):
         raise BadInput(f"{where}: {quant.describe()} is not converted by lmi-compile")
-    if quant.quant_algo and arch.is_moe:
-        raise BadInput(f"{where}: FP8 {arch.name} checkpoints are not converted (TensorRT-LLM's MoE layer keeps its "
-                       f"FP8 expert scales in a layout of its own); convert from the unquantized model")
+    if quant.quant_algo == ROWWISE and arch.is_moe:
+        raise BadInput(f"{where}: per-channel FP8 {arch.name} checkpoints are not converted: TensorRT-LLM's "
+                       f"FP8_PER_CHANNEL_PER_TOKEN replaces dense GatedMLPs only (quantization/quantize.py "
+                       f"fp8_rowwise_quantize), its MoE layer has no per-channel FP8; convert from the unquantized model "
+                       f"or a per-tensor FP8 export")
     if opts.kv_cache_quant_algo not in (None, "FP8"):
         raise BadInput(f"KV cache {opts.kv_cache_quant_algo} is not converted by lmi-compile; use fp8")
 

@@ -88,6 +88,11 @@ def check_quantization(job: TrtllmJob, config) -> tuple:
             raise BadInput(f"{config.path}: {what} cannot be served by {job.target.describe()}: TensorRT-LLM "
                            f"{tool['version']} has no {algo} (tensorrt_llm/quantization/mode.py); "
                            f"{_first_release(algo, lambda t: algo in t.get('quantization', {}).get(key, ()))}")
+    if quant.quant_algo and resolve(config).is_moe and quant.quant_algo not in facts.get("moe_quant_algos", ()):
+        algo = quant.quant_algo
+        raise BadInput(f"{config.path}: {algo} experts cannot be served by {job.target.describe()}: the MoE layer of "
+                       f"TensorRT-LLM {tool['version']} has no {algo} (tensorrt_llm/layers/moe.py); "
+                       f"{_first_release(algo, lambda t: algo in t.get('quantization', {}).get('moe_quant_algos', ()))}")
     quant.require_converted()
     return quant, kv
 
