@@ -201,7 +201,7 @@ def requantized(piece, reader: TensorReader, ratio: float):
     if not isinstance(piece, FileRange):
         yield _requant(piece, ratio)
         return
-    per = max(1, reader.block_bytes // itemsize(piece.dtype))
+    per = max(1, reader.block_bytes // 4)  # sized by the float32 values a block becomes
     for first in range(0, piece.numel, per):
         n = min(per, piece.numel - first)
         yield _requant(reader.read(FileRange(piece.path, piece.offset + first * itemsize(piece.dtype), n, piece.dtype)),
@@ -209,7 +209,7 @@ def requantized(piece, reader: TensorReader, ratio: float):
 
 
 def _requant(q: torch.Tensor, ratio: float) -> torch.Tensor:
-    return (q.float() * ratio).clamp(-FP8_MAX, FP8_MAX).to(getattr(torch, FP8))
+    return q.float().mul_(ratio).clamp_(-FP8_MAX, FP8_MAX).to(getattr(torch, FP8))
 
 
 class FusedQKVFP8(FusedQKV):
@@ -307,14 +307,14 @@ class Dequantized:
         scales = dict(zip(names[:half], names[half:]))
         for name, r0, r1, cols in self.base.spans(reader, names[:half], ctx):
             scale = reader.full(scales[name]).float().reshape(-1).clone()  # the reader's scratch is reused below
-            per_row = max(1, reader.row_elems(name) * itemsize(reader.info(name).dtype))
-            block = max(1, reader.block_bytes // per_row)
+            # a block is sized by its float32 values (4x the FP8 bytes), so a worker holds about one block_bytes
+            block = max(1, reader.block_bytes // (reader.row_elems(name) * 4))
             for a in range(r0, r1, block):
                 b = min(r1, a + block)
                 rows = reader.rows(name, a, b)
                 if cols:
                     rows = rows[:, cols[0]:cols[1]]
-                yield rows.float() * scale[a:b, None]
+                yield rows.float().mul_(scale[a:b, None])
 
 
 class ChannelScale:

@@ -10,7 +10,8 @@ Each runs in its own process; peak RSS is that process's ru_maxrss. Prints a tab
 
   python scripts/bench_convert.py --shape llama3-8b --layers 8 --tp 1 2 4 8 --dir /tmp/bench
   python scripts/bench_convert.py --shape mixtral-8x7b --layers 8 --tp 2 4 8 --moe-ep 1
-  python scripts/bench_convert.py --shape llama3-8b --fp8 compressed-tensors --tp 1 2 --skip-baseline
+  python scripts/bench_convert.py --shape llama3-8b --fp8 compressed-tensors --tp 1 2 4 8 --skip-baseline
+  python scripts/bench_convert.py --shape llama3-8b --fp8 fbgemm_fp8 --tp 1 2 4 8 --skip-baseline
 """
 
 import argparse
@@ -131,8 +132,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="runs per contender; the fastest counts")
     ap.add_argument("--moe-ep", type=int, default=1, help="expert parallelism for MoE shapes (moe_tp = tp / moe_ep)")
     ap.add_argument("--skip-baseline", action="store_true", help="e.g. when the model does not fit in RAM twice")
-    ap.add_argument("--fp8", choices=["compressed-tensors", "modelopt", "fp8"],
-                    help="FP8 per-tensor Linears in this Hub format (the fused qkv is requantized); needs --skip-baseline")
+    ap.add_argument("--fp8", choices=["compressed-tensors", "modelopt", "fp8", "fbgemm_fp8"],
+                    help="FP8 Linears in this Hub format: per tensor (the fused qkv is requantized) or fbgemm_fp8 per "
+                         "channel (MLPs kept in FP8, the first and last layers' dequantized); needs --skip-baseline")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
