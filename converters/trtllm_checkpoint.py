@@ -385,7 +385,7 @@ def check_all_used(arch: Architecture, ck: Checkpoint, plans) -> None:
 
 def check_quantization(arch: Architecture, quant: Quantization, opts: ConvertOptions, where: Path) -> None:
     """What the converter writes: dense or FP8 per-tensor weights; a dense or FP8 KV cache."""
-    if quant.quant_algo not in (None, "FP8", ROWWISE):
+    if quant.external or quant.quant_algo not in (None, "FP8", ROWWISE):
         raise BadInput(f"{where}: {quant.describe()} is not converted by lmi-compile")
     if quant.quant_algo == ROWWISE and arch.is_moe:
         raise BadInput(f"{where}: per-channel FP8 {arch.name} checkpoints are not converted: TensorRT-LLM's "

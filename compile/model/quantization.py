@@ -67,6 +67,10 @@ class Quantization:
     # FP8_PER_CHANNEL_PER_TOKEN: activations are clamped to [-clamp, clamp] before their per-token quantization
     # (TensorRT-LLM's QuantConfig.clamp_val; its Fp8RowwiseGatedMLP needs one)
     clamp: float | None = None
+    # 4-bit: the scheme TensorRT-LLM's own convert_checkpoint.py converts ("gptq", "awq"; the target's
+    # toolchains -> convert_checkpoint -> schemes row), and its group size
+    external: str | None = None
+    group_size: int | None = None
 
     def require_converted(self) -> None:
         """Refuse a scheme the converter does not write (after the target has said whether it could serve it)."""
@@ -74,6 +78,8 @@ class Quantization:
             raise BadInput(f"{self.where}: {self.unconverted}")
 
     def describe(self) -> str:
+        if self.external:
+            return f"4-bit {self.source} (group size {self.group_size}), converted by TensorRT-LLM's convert_checkpoint.py"
         if not self.quant_algo and not self.kv_cache:
             return "dense"
         parts = [f"{self.quant_algo} weights" if self.quant_algo else "dense weights"]
@@ -110,21 +116,37 @@ def read_quantization(config: ModelConfig) -> Quantization:
     return reader(qc, where)
 
 
-def _gptq(qc: dict, where: str) -> Quantization:
-    bits = qc.get("bits", 4)
-    if qc.get("desc_act"):
+def _four_bit(qc: dict, where: str, scheme: str) -> Quantization:
+    """GPTQ and AutoAWQ 4-bit checkpoints: converted by the target's own TensorRT-LLM convert_checkpoint.py (a compiler
+    boundary, compile/trtllm/convert_checkpoint.py), since its packing for the mixed-GEMM kernels depends on the GPU
+    architecture and the version. TensorRT-LLM writes both as W4A16_GPTQ (1.x examples/llama/convert_checkpoint.py
+    update_quant_config_from_hf: AutoAWQ is W4A16_GPTQ with use_autoawq)."""
+    bits = qc.get("bits", qc.get("w_bit", 4))
+    name = "GPTQ" if scheme == "gptq" else "AWQ"
+    if bits != 4:
+        raise BadInput(f"{where}: {name} {bits}-bit is not converted: TensorRT-LLM's convert_checkpoint.py reads "
+                       f"4-bit {name} (int4_gptq) only; {RECALIBRATE}")
+    if scheme == "gptq" and qc.get("desc_act"):
         raise BadInput(f"{where}: GPTQ with desc_act (act-order: input channels permuted by g_idx) is not converted: "
-                       f"{FOUR_BIT}; " + FOUR_BIT_FIX.format(how="--use_weight_only --weight_only_precision int4_gptq "
-                                                               "on a model quantized without desc_act") +
-                       ", or convert from the unquantized model")
-    raise BadInput(f"{where}: GPTQ {bits}-bit is not converted: {FOUR_BIT}; " +
-                   FOUR_BIT_FIX.format(how="--use_weight_only --weight_only_precision int4_gptq --per_group"))
+                       f"TensorRT-LLM 0.9-0.12 read qweight, qzeros and scales and ignore g_idx (models/llama/convert.py "
+                       f"load_weights_from_gptq), 1.x refuses it ('GPTQ with desc_act=True is not implemented!'); "
+                       f"use a GPTQ export with desc_act false, or convert from the unquantized model")
+    if scheme == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
+        raise BadInput(f"{where}: AWQ version {qc.get('version')!r} is not converted: TensorRT-LLM reads AutoAWQ's "
+                       f"GEMM layout; re-export with version gemm, or convert from the unquantized model")
+    group = qc.get("group_size", qc.get("q_group_size", 128))
+    if not isinstance(group, int) or group <= 0:
+        raise BadInput(f"{where}: {name} group_size {group!r} is not converted: TensorRT-LLM's 4-bit weights are "
+                       f"group-wise (--per_group --group_size N); use a group-wise export, e.g. group_size 128")
+    return Quantization(source=scheme, quant_algo="W4A16_GPTQ", external=scheme, group_size=group, where=where)
+
+
+def _gptq(qc: dict, where: str) -> Quantization:
+    return _four_bit(qc, where, "gptq")
 
 
 def _awq(qc: dict, where: str) -> Quantization:
-    raise BadInput(f"{where}: AWQ {qc.get('bits', 4)}-bit is not converted: {FOUR_BIT}; " +
-                   FOUR_BIT_FIX.format(how="examples/quantization/quantize.py --qformat int4_awq from the "
-                                           "unquantized model"))
+    return _four_bit(qc, where, "awq")
 
 
 ROWWISE = "FP8_PER_CHANNEL_PER_TOKEN"
