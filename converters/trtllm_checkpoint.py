@@ -344,7 +344,8 @@ def plan_rank(arch: Architecture, ck: Checkpoint, opts: ConvertOptions, tp_rank:
             plan += _rowwise_linear(e, target, sources, ck, ctx, _keeps_rowwise(opts, arch, target, layer))
             continue
         if quant.quant_algo == ROWWISE and e.get("linear") and _keeps_rowwise(opts, arch, target, layer):
-            raise BadInput(f"{ck.tensors[sources[0]].file}: tensor {sources[0]!r} is {ck.tensors[sources[0]].dtype}, but "
+            first = ck.tensors[sources[0]]
+            raise BadInput(f"{first.file}: tensor {sources[0]!r} is {first.dtype}, but "
                            f"TensorRT-LLM builds {target.removesuffix('.weight')} as an FP8 per-channel Linear "
                            f"(Fp8RowwiseLinear) and reads no float weight there; the checkpoint does not follow the "
                            f"layout TensorRT-LLM's FP8_PER_CHANNEL_PER_TOKEN expects (every MLP but the first and last "
@@ -390,8 +391,8 @@ def check_quantization(arch: Architecture, quant: Quantization, opts: ConvertOpt
     if quant.quant_algo == ROWWISE and arch.is_moe:
         raise BadInput(f"{where}: per-channel FP8 {arch.name} checkpoints are not converted: TensorRT-LLM's "
                        f"FP8_PER_CHANNEL_PER_TOKEN replaces dense GatedMLPs only (quantization/quantize.py "
-                       f"fp8_rowwise_quantize), its MoE layer has no per-channel FP8; convert from the unquantized model "
-                       f"or a per-tensor FP8 export")
+                       f"fp8_rowwise_quantize), its MoE layer has no per-channel FP8; convert from the unquantized "
+                       f"model or a per-tensor FP8 export")
     if opts.kv_cache_quant_algo not in (None, "FP8"):
         raise BadInput(f"KV cache {opts.kv_cache_quant_algo} is not converted by lmi-compile; use fp8")
 

@@ -33,7 +33,8 @@ def fp8_mixtral(dense: Path, out: Path) -> Path:
             scale = w.abs().max().reshape(1) / 448.0
             tensors[name] = (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
             tensors[name.removesuffix("weight") + "weight_scale"] = scale
-            tensors[name.removesuffix("weight") + "input_scale"] = torch.tensor([0.01 + 0.001 * (sum(map(ord, name)) % 97)])
+            static = 0.01 + 0.001 * (sum(map(ord, name)) % 97)  # distinct per Linear, as a calibration gives
+            tensors[name.removesuffix("weight") + "input_scale"] = torch.tensor([static])
         else:
             tensors[name] = t
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})

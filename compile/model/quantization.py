@@ -79,7 +79,8 @@ class Quantization:
 
     def describe(self) -> str:
         if self.external:
-            return f"4-bit {self.source} (group size {self.group_size}), converted by TensorRT-LLM's convert_checkpoint.py"
+            return (f"4-bit {self.source} (group size {self.group_size}), converted by TensorRT-LLM's "
+                    f"convert_checkpoint.py")
         if not self.quant_algo and not self.kv_cache:
             return "dense"
         parts = [f"{self.quant_algo} weights" if self.quant_algo else "dense weights"]
@@ -128,8 +129,9 @@ def _four_bit(qc: dict, where: str, scheme: str) -> Quantization:
                        f"4-bit {name} (int4_gptq) only; {RECALIBRATE}")
     if scheme == "gptq" and qc.get("desc_act"):
         raise BadInput(f"{where}: GPTQ with desc_act (act-order: input channels permuted by g_idx) is not converted: "
-                       f"TensorRT-LLM 0.9-0.12 read qweight, qzeros and scales and ignore g_idx (models/llama/convert.py "
-                       f"load_weights_from_gptq), 1.x refuses it ('GPTQ with desc_act=True is not implemented!'); "
+                       f"TensorRT-LLM 0.9-0.12 read qweight, qzeros and scales and ignore g_idx "
+                       f"(models/llama/convert.py load_weights_from_gptq), 1.x refuses it "
+                       f"('GPTQ with desc_act=True is not implemented!'); "
                        f"use a GPTQ export with desc_act false, or convert from the unquantized model")
     if scheme == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
         raise BadInput(f"{where}: AWQ version {qc.get('version')!r} is not converted: TensorRT-LLM reads AutoAWQ's "

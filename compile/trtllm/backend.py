@@ -87,7 +87,8 @@ def check_quantization(job: TrtllmJob, config) -> tuple:
         from lmi_compile.trtllm.convert_script import check_scheme
 
         check_scheme(job.target, config, quant, _first_release)
-    for algo, key, what in ((None if quant.external else quant.quant_algo, "quant_algos", f"{quant.quant_algo} weights"),
+    weights = None if quant.external else quant.quant_algo
+    for algo, key, what in ((weights, "quant_algos", f"{quant.quant_algo} weights"),
                             (kv, "kv_cache_quant_algos", f"an {kv} KV cache")):
         if algo and algo not in facts.get(key, ()):
             raise BadInput(f"{config.path}: {what} cannot be served by {job.target.describe()}: TensorRT-LLM "
@@ -96,9 +97,9 @@ def check_quantization(job: TrtllmJob, config) -> tuple:
     if quant.quant_algo and not quant.external and resolve(config).is_moe and \
             quant.quant_algo not in facts.get("moe_quant_algos", ()):
         algo = quant.quant_algo
+        first = _first_release(algo, lambda t: algo in t.get("quantization", {}).get("moe_quant_algos", []))
         raise BadInput(f"{config.path}: {algo} experts cannot be served by {job.target.describe()}: the MoE layer of "
-                       f"TensorRT-LLM {tool['version']} has no {algo} (tensorrt_llm/layers/moe.py); "
-                       f"{_first_release(algo, lambda t: algo in t.get('quantization', {}).get('moe_quant_algos', ()))}")
+                       f"TensorRT-LLM {tool['version']} has no {algo} (tensorrt_llm/layers/moe.py); {first}")
     quant.require_converted()
     return quant, kv
 

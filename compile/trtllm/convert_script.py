@@ -40,11 +40,15 @@ def check_scheme(target, config, quant, first_release) -> None:
                "its convert_checkpoint.py reads no GPTQ checkpoint")
         raise BadInput(f"{config.path}: 4-bit {name} cannot be converted for {target.describe()}: TensorRT-LLM "
                        f"{version}: {why}; "
-                       f"{first_release(name, lambda t: quant.external in t.get('convert_checkpoint', {}).get('schemes', {}))}")
+                       f"{first_release(name, lambda t: quant.external in _schemes(t))}")
     if arch not in f.get("families", ()):
         raise BadInput(f"{config.path}: 4-bit {arch} is not converted: lmi-compile runs TensorRT-LLM's "
                        f"{f['script']} for {', '.join(f['families'])} only; convert it with that family's "
                        f"convert_checkpoint.py yourself, or from the unquantized model")
+
+
+def _schemes(tool: dict) -> dict:
+    return tool.get("convert_checkpoint", {}).get("schemes", {})
 
 
 def find_script(path: str | None, target, quant) -> Path:

@@ -147,7 +147,7 @@ def main() -> None:
     split_in = {"attention.dense", "mlp.proj"}
     st = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}[dtype]
     for r in range(world):
-        tp, pp = r % args.tp_size, r // args.tp_size
+        pp = r // args.tp_size
         per = layers // args.pp_size
         tensors = []
         if pp == 0:
@@ -172,7 +172,8 @@ def main() -> None:
            "norm_epsilon": hf.get("rms_norm_eps", 1e-5), "position_embedding_type": "rope_gpt_neox",
            "rotary_base": hf.get("rope_theta", 10000.0), "rotary_scaling": hf.get("rope_scaling"),
            "mapping": {"world_size": world, "tp_size": args.tp_size, "pp_size": args.pp_size},
-           "quantization": quant, **extra, "lmi_compile_standin": f"convert_checkpoint.py {version}+lmi-compile-standin"}
+           "quantization": quant, **extra,
+           "lmi_compile_standin": f"convert_checkpoint.py {version}+lmi-compile-standin"}
     (out / "config.json").write_text(json.dumps(cfg, indent=4))
     print(f"[TensorRT-LLM] STAND-IN: wrote {world} placeholder rank files to {out}", flush=True)
 
