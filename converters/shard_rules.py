@@ -317,6 +317,14 @@ class Dequantized:
                 yield rows.float().mul_(scale[a:b, None])
 
 
+class ChannelScaleQKV(FusedQKV):
+    """The per_channel_scale of an FP8 per-channel fused qkv: the rank's rows of the q, k and v scales ([out, 1] or
+    [out]) in the weight's order, as float32 (out_features,)."""
+
+    def shape(self, src, ctx):
+        return super().shape(src, ctx)[:1]
+
+
 class ChannelScale:
     """A per-channel scale as TensorRT-LLM's Fp8RowwiseLinear holds it: float32 (out_features,), the rank's rows of a
     column-parallel Linear (split) or every row for a row-parallel one, whose output rows are not split."""
@@ -339,6 +347,7 @@ RULES = {"replicate": Replicate(), "column": Column(), "row": Row(), "vocab": Vo
          "scale_max": ScaleMax(), "scale_one": ScaleOne(), "dequant_column": Dequantized(Column()),
          "dequant_row": Dequantized(Row()), "dequant_fused_qkv": Dequantized(FusedQKV()),
          "channel_scale_column": ChannelScale(split=True), "channel_scale_row": ChannelScale(split=False),
+         "channel_scale_fused_qkv": ChannelScaleQKV(),
          "expert_column_fp8": ExpertColumnFP8(), "expert_scale_max": ExpertScaleMax()}
 
 

@@ -7,7 +7,7 @@ tensor at a time; ranks are written in parallel. Memory follows the few tensors 
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -26,6 +26,18 @@ from lmi_compile.converters.tensor_reader import TensorReader
 from lmi_compile.model.dtypes import FLOAT_DTYPES, FP8, itemsize
 
 log = logging.getLogger("lmi_compile")
+
+
+@dataclass(frozen=True)
+class RowwiseLayout:
+    """Which Linears TensorRT-LLM builds as Fp8RowwiseLinear (suffixes of their target names), whether it keeps the
+    first and last layers unquantized ("Meta's recipe"), and the QuantConfig keys that select this layout. Every other
+    FP8 Linear is written dequantized in the model dtype. The default is the layout of every version that has
+    FP8_PER_CHANNEL_PER_TOKEN (0.12's only one)."""
+
+    linears: tuple[str, ...] = ("mlp.fc", "mlp.gate", "mlp.proj")
+    skip_edge_layers: bool = True
+    config: tuple[tuple[str, object], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,13 +61,9 @@ class ConvertOptions:
     # 1.0 at build). The target table's toolchain row says which ("quantization" -> "kv_cache_scale").
     kv_cache_quant_algo: str | None = None
     kv_cache_scale: str = "max"
-    # Per-channel FP8 (FP8_PER_CHANNEL_PER_TOKEN): the Linears the target's TensorRT-LLM builds as Fp8RowwiseLinear
-    # (suffixes of their target names), whether it keeps the first and last layers unquantized ("Meta's recipe"), and
-    # the quantization keys its QuantConfig needs for that layout (configs/targets.json toolchains -> quantization ->
-    # fp8_rowwise). Every other FP8 Linear is dequantized to the model dtype.
-    rowwise_linears: tuple[str, ...] = ("mlp.fc", "mlp.gate", "mlp.proj")
-    rowwise_skip_edge_layers: bool = True
-    rowwise_config: tuple[tuple[str, object], ...] = ()
+    # Per-channel FP8 (FP8_PER_CHANNEL_PER_TOKEN): the layouts the target's TensorRT-LLM builds, in order of preference
+    # (configs/targets.json toolchains -> quantization -> fp8_rowwise); convert() keeps the one it writes first.
+    rowwise_layouts: tuple["RowwiseLayout", ...] = ()
 
     def moe_split(self) -> tuple[int, int]:
         """(moe_tp, moe_ep) with unset values filled in; check_parallelism says whether they fit tp."""
@@ -259,14 +267,27 @@ def _fp8_experts(e: dict, target: str, sources: tuple, ck: Checkpoint, ctx: Rank
             PlanEntry(f"{stem}.activation_scaling_factor", "scale_max", input_scales, (1,), "float32")]
 
 
-def _keeps_rowwise(opts: ConvertOptions, arch: Architecture, target: str, layer: int | None) -> bool:
-    """Whether the target's TensorRT-LLM builds this Linear as Fp8RowwiseLinear under FP8_PER_CHANNEL_PER_TOKEN:
-    its Fp8RowwiseGatedMLP replaces the MLP of every layer but the first and the last ("Meta's recipe",
-    tensorrt_llm/quantization/quantize.py fp8_rowwise_quantize; models/llama/convert.py exclude_layers_id at main
-    be9cd719), attention stays in the model dtype."""
-    if layer is None or not target.removesuffix(".weight").endswith(opts.rowwise_linears):
+def _keeps_rowwise(layout: RowwiseLayout, arch: Architecture, target: str, layer: int | None) -> bool:
+    """Whether the target's TensorRT-LLM builds this Linear as Fp8RowwiseLinear in this layout. Meta's recipe (0.12,
+    1.x with use_meta_recipe): Fp8RowwiseGatedMLP replaces the MLP of every layer but the first and the last, attention
+    stays in the model dtype (tensorrt_llm/quantization/quantize.py fp8_rowwise_quantize; models/llama/convert.py
+    exclude_layers_id at main be9cd719). 1.x without it: every Linear but lm_head (Fp8RowwiseAttention too)."""
+    if layer is None or not target.removesuffix(".weight").endswith(layout.linears):
         return False
-    return not (opts.rowwise_skip_edge_layers and layer in (0, arch.dims.num_layers - 1))
+    return not (layout.skip_edge_layers and layer in (0, arch.dims.num_layers - 1))
+
+
+def choose_rowwise(arch: Architecture, ck: Checkpoint, opts: ConvertOptions) -> ConvertOptions:
+    """The options with the one rowwise layout written: the first of the target's whose Fp8RowwiseLinears are all FP8
+    in the checkpoint (nothing dequantized), else the last (plan_rank dequantizes or refuses)."""
+    layouts = opts.rowwise_layouts or (RowwiseLayout(),)
+    per_layer = [e for e in arch.layout["layer"] if e.get("linear")]
+    for layout in layouts:
+        if all(ck.tensors[s].dtype == FP8 for i in range(arch.dims.num_layers) for e in per_layer
+               if _keeps_rowwise(layout, arch, e["target"].format(i=0), i)
+               for s in arch.sources(e, i) if s in ck):
+            break
+    return replace(opts, rowwise_layouts=(layout,))
 
 
 def _channel_scale_source(ck: Checkpoint, weight: str) -> str:
@@ -293,9 +314,10 @@ def _rowwise_linear(e: dict, target: str, sources: tuple, ck: Checkpoint, ctx: R
     shape = shape_for(e["rule"], [ck.tensors[s].shape for s in sources], ctx)
     if not keep:
         return [PlanEntry(target, f"dequant_{e['rule']}", sources + scales, shape)]
-    if e["rule"] not in ("column", "row"):
-        raise BadInput(f"{target}: a {e['rule']} Linear is not written as FP8 per channel (only column and row "
-                       f"ones are); the target table's fp8_rowwise linears do not fit this layout")
+    if e["rule"] not in ("column", "row", "fused_qkv"):
+        raise BadInput(f"{target}: a {e['rule']} Linear is not written as FP8 per channel (only column, row and fused "
+                       f"qkv ones are); the target table's fp8_rowwise linears do not fit this layout")
+    # the fused qkv keeps q, k and v bytes and concatenates their rows' scales the same way: exact, no requantization
     stem = target.removesuffix(".weight")
     return [PlanEntry(target, e["rule"], sources, shape, FP8),
             PlanEntry(f"{stem}.per_channel_scale", f"channel_scale_{e['rule']}", scales,
@@ -325,6 +347,7 @@ def plan_rank(arch: Architecture, ck: Checkpoint, opts: ConvertOptions, tp_rank:
               quant: Quantization = DENSE) -> list[PlanEntry]:
     ctx = rank_context(arch, opts, tp_rank)
     dims = _expected_shapes(arch)
+    rowwise = (opts.rowwise_layouts or (RowwiseLayout(),))[0]
     plan = []
     for e, target, sources, layer in _entries(arch, ck, pp_rank, opts.pp, moe_style(arch, opts).get("rename", {})):
         src_shapes = [ck.tensors[s].shape for s in sources]
@@ -341,9 +364,9 @@ def plan_rank(arch: Architecture, ck: Checkpoint, opts: ConvertOptions, tp_rank:
             plan += _fp8_experts(e, target, sources, ck, ctx)
             continue
         if quant.quant_algo == ROWWISE and e.get("linear") and any(ck.tensors[s].dtype == FP8 for s in sources):
-            plan += _rowwise_linear(e, target, sources, ck, ctx, _keeps_rowwise(opts, arch, target, layer))
+            plan += _rowwise_linear(e, target, sources, ck, ctx, _keeps_rowwise(rowwise, arch, target, layer))
             continue
-        if quant.quant_algo == ROWWISE and e.get("linear") and _keeps_rowwise(opts, arch, target, layer):
+        if quant.quant_algo == ROWWISE and e.get("linear") and _keeps_rowwise(rowwise, arch, target, layer):
             first = ck.tensors[sources[0]]
             raise BadInput(f"{first.file}: tensor {sources[0]!r} is {first.dtype}, but "
                            f"TensorRT-LLM builds {target.removesuffix('.weight')} as an FP8 per-channel Linear "
@@ -464,7 +487,7 @@ def trtllm_config(arch: Architecture, config: ModelConfig, opts: ConvertOptions,
 def _rowwise_config(quant: Quantization, opts: ConvertOptions) -> dict:
     """QuantConfig keys of FP8_PER_CHANNEL_PER_TOKEN: clamp_val, which Fp8RowwiseGatedMLP needs (its forward reads
     clamp_val.value), and the target's own keys (1.x: use_meta_recipe, for the layout written here)."""
-    return {"clamp_val": [-quant.clamp, quant.clamp], **dict(opts.rowwise_config)}
+    return {"clamp_val": [-quant.clamp, quant.clamp], **dict((opts.rowwise_layouts or (RowwiseLayout(),))[0].config)}
 
 
 def rank_id(tp_rank: int, pp_rank: int, tp: int) -> int:
@@ -541,6 +564,8 @@ def convert(arch: Architecture, config: ModelConfig, ck: Checkpoint, out: Path, 
     check_parallelism(arch, opts, config.path)
     quant = read_quantization(config)
     check_quantization(arch, quant, opts, config.path)
+    if quant.quant_algo == ROWWISE:
+        opts = choose_rowwise(arch, ck, opts)
     dtype = resolve_dtype(opts, config, ck)
     out.mkdir(parents=True, exist_ok=True)
     jobs = []

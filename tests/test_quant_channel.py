@@ -15,7 +15,7 @@ from conftest import error_line, run_cli, trtllm_standin
 from safetensors.torch import load_file, save_file
 from test_fp8 import build, fake_gpu
 
-from lmi_compile.converters.trtllm_checkpoint import ConvertOptions, convert
+from lmi_compile.converters.trtllm_checkpoint import ConvertOptions, RowwiseLayout, convert
 from lmi_compile.model.architectures import resolve
 from lmi_compile.model.validate import validate_model_dir
 
@@ -89,12 +89,21 @@ def deq(t: dict, weight: str) -> torch.Tensor:
     return w.float() * scale.float().reshape(-1, 1)
 
 
-def kept(layer: int, target: str) -> bool:
+def meta(layer: int, target: str) -> bool:
     """What TensorRT-LLM 0.12 / 1.x (use_meta_recipe) build as Fp8RowwiseLinear: the MLP of the middle layers."""
     return target.startswith("mlp.") and layer not in (0, LAYERS - 1)
 
 
-def check_ranks(src: dict, ck: Path, tp: int, pp: int) -> None:
+def every(layer: int, target: str) -> bool:
+    """1.x without use_meta_recipe: every Linear of every layer (Fp8RowwiseAttention included)."""
+    return True
+
+
+ALL = RowwiseLayout(("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj"), False,
+                    (("use_meta_recipe", False),))
+
+
+def check_ranks(src: dict, ck: Path, tp: int, pp: int, kept=meta) -> None:
     """Every rank's Linears against the rank's slice of the dequantized source: kept ones exactly in FP8 with their
     rows' scales, the others exactly the dequantized values rounded once to bfloat16."""
     per = LAYERS // pp
@@ -120,7 +129,11 @@ def check_ranks(src: dict, ck: Path, tp: int, pp: int) -> None:
             want = torch.cat([deq(src, f"{hf}self_attn.q_proj.weight")[tp_rank * q_rows:(tp_rank + 1) * q_rows],
                               *(deq(src, f"{hf}self_attn.{p}_proj.weight")[tp_rank * kv_rows:(tp_rank + 1) * kv_rows]
                                 for p in "kv")])
-            assert torch.equal(rank[f"{trt}attention.qkv.weight"], want.to(torch.bfloat16)), (r, g)
+            if kept(g, "attention.qkv"):  # q, k, v bytes kept, their rows' scales concatenated alike
+                assert rank[f"{trt}attention.qkv.weight"].dtype == torch.float8_e4m3fn
+                assert torch.equal(deq(rank, f"{trt}attention.qkv.weight"), want), (r, g)
+            else:
+                assert torch.equal(rank[f"{trt}attention.qkv.weight"], want.to(torch.bfloat16)), (r, g)
 
 
 @pytest.mark.parametrize("fmt", ["fbgemm_fp8", "compressed-tensors"])
@@ -149,33 +162,52 @@ def test_rank_tensors_are_slices_of_the_dequantized_source(models, tmp_path, fmt
             check_ranks(src, bad, TP, 2)
 
 
-@pytest.mark.parametrize("release,extra", [("0.30", {}), ("0.33", {"use_meta_recipe": True})])
-def test_per_channel_through_the_release_standin(models, tmp_path, release, extra):
+def test_every_linear_kept_where_the_target_has_that_layout(models, tmp_path):
+    """compressed-tensors FP8_DYNAMIC quantizes every Linear: where the target also builds every one as
+    Fp8RowwiseLinear (1.x without use_meta_recipe), nothing is dequantized; the fbgemm model (attention in bfloat16)
+    takes Meta's layout from the same list."""
+    for fmt, kept, want in (("compressed-tensors", every, False), ("fbgemm_fp8", meta, True)):
+        m = validate_model_dir(models[fmt])
+        ck = tmp_path / fmt
+        layouts = (ALL, RowwiseLayout(config=(("use_meta_recipe", True),)))
+        convert(resolve(m.config), m.config, m.checkpoint, ck, ConvertOptions(tp=TP, workers=2, rowwise_layouts=layouts))
+        assert json.loads((ck / "config.json").read_text())["quantization"]["use_meta_recipe"] is want
+        check_ranks(load_file(str(models[fmt] / "model.safetensors")), ck, TP, 1, kept)
+
+
+# (release, model, its QuantConfig keys, how the config under the other layout's keys fails that stand-in)
+THROUGH = {
+    "0.30-fbgemm": ("0.30", "fbgemm_fp8", {"clamp_val": [-1000.0, 1000.0]},
+                    ({"use_meta_recipe": True}, "unexpected keyword argument 'use_meta_recipe'")),
+    "0.33-fbgemm": ("0.33", "fbgemm_fp8", {"clamp_val": [-1000.0, 1000.0], "use_meta_recipe": True},
+                    ({"use_meta_recipe": False}, "attention.qkv.weight is BF16, not fp8")),
+    "0.33-compressed-tensors": ("0.33", "compressed-tensors", {"clamp_val": [-65504.0, 65504.0],
+                                                               "use_meta_recipe": False},
+                                ({"use_meta_recipe": True}, "keeps it in bfloat16")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(THROUGH))
+def test_per_channel_through_the_release_standin(models, tmp_path, case):
     """Through the CLI and the stand-in of the release's TensorRT-LLM, which enforces its QuantConfig keys (0.12 has
-    no use_meta_recipe; 1.x needs it for this layout) and its Fp8RowwiseLinear tensors, to a tree `check` reports."""
-    proc = build(models["fbgemm_fp8"], tmp_path, release, "--tp", "2", "--kv-cache-dtype", "fp8",
+    no use_meta_recipe; 1.x builds every Linear as Fp8RowwiseLinear without it, Meta's layout with it) and its
+    Fp8RowwiseLinear tensors, to a tree `check` reports."""
+    release, fmt, keys, (flip, failure) = THROUGH[case]
+    proc = build(models[fmt], tmp_path, release, "--tp", "2", "--kv-cache-dtype", "fp8",
                  env=fake_gpu(tmp_path, "NVIDIA L40S", "8.9"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     cfg = json.loads((tmp_path / "work" / "checkpoint" / "config.json").read_text())
-    assert cfg["quantization"] == {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN", "kv_cache_quant_algo": "FP8",
-                                   "clamp_val": [-1000.0, 1000.0], **extra}
+    assert cfg["quantization"] == {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN", "kv_cache_quant_algo": "FP8", **keys}
     report = json.loads(run_cli("check", tmp_path / "out", "--lmi-version", release, "--json").stdout)
     assert report["quantization"] == {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN", "kv_cache_quant_algo": "FP8"}
     assert [p for p in report["problems"] if "stand-in" not in p] == []
-    # the same checkpoint under the other version's keys fails this version's stand-in, as its QuantConfig would
+    # the same checkpoint under the other layout's keys fails this version's stand-in, as its TensorRT-LLM would
     other = tmp_path / "other"
     shutil.copytree(tmp_path / "work" / "checkpoint", other)
-    q = dict(cfg["quantization"])
-    if extra:
-        del q["use_meta_recipe"]  # 1.x without it: every Linear, attention included, is Fp8RowwiseLinear
-    else:
-        q["use_meta_recipe"] = True  # 0.12's QuantConfig has no such field
-    (other / "config.json").write_text(json.dumps(dict(cfg, quantization=q)))
+    (other / "config.json").write_text(json.dumps(dict(cfg, quantization={**cfg["quantization"], **flip})))
     proc = subprocess.run([str(trtllm_standin(release)), "--checkpoint_dir", str(other), "--output_dir",
                            str(tmp_path / "engines")], capture_output=True, text=True)
-    assert proc.returncode != 0
-    assert ("attention.qkv.weight is BF16, not fp8" if extra else "unexpected keyword argument 'use_meta_recipe'") \
-        in proc.stderr + proc.stdout
+    assert proc.returncode != 0 and failure in proc.stderr + proc.stdout, proc.stderr
 
 
 def test_a_float_mlp_where_tensorrt_llm_wants_fp8_is_refused(models, tmp_path):

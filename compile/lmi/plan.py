@@ -164,12 +164,13 @@ FP8_SCALE_BYTES = 2 * 4  # weights_scaling_factor and activation_scaling_factor,
 
 
 def rowwise_saving(arch: Architecture, b: int) -> int:
-    """Bytes per-channel FP8 saves over the model dtype: the Linears TensorRT-LLM builds as Fp8RowwiseLinear (the
-    converter's default set, every target's: the MLP of every layer but the first and last) at one byte per
-    parameter plus a float32 scale per output row. Ranks are still sized as if dense (an upper bound)."""
-    from lmi_compile.converters.trtllm_checkpoint import ConvertOptions
+    """Bytes per-channel FP8 saves over the model dtype: the Linears TensorRT-LLM builds as Fp8RowwiseLinear in Meta's
+    layout, which every target has (the MLP of every layer but the first and last), at one byte per parameter plus a
+    float32 scale per output row. Where 1.x keeps every Linear in FP8 the engine is smaller still; ranks are sized as
+    if dense. Both are upper bounds."""
+    from lmi_compile.converters.trtllm_checkpoint import RowwiseLayout
 
-    d, linears = arch.dims, ConvertOptions().rowwise_linears
+    d, linears = arch.dims, RowwiseLayout().linears
     sym = {"hidden": d.hidden_size, "inter": d.intermediate_size, "q": d.num_heads * d.head_dim,
            "kv": d.num_kv_heads * d.head_dim}
     per_layer = 0

@@ -141,11 +141,14 @@ def _first_release(arch: str, serves) -> str:
 def rowwise_options(tool) -> dict:
     """ConvertOptions for per-channel FP8 from the toolchain row (quantization -> fp8_rowwise); {} where the target's
     TensorRT-LLM has none (check_quantization has refused such checkpoints already)."""
+    from lmi_compile.converters.trtllm_checkpoint import RowwiseLayout
+
     rowwise = tool.get("quantization", {}).get("fp8_rowwise")
     if not rowwise:
         return {}
-    return {"rowwise_linears": tuple(rowwise["linears"]), "rowwise_skip_edge_layers": rowwise["skip_edge_layers"],
-            "rowwise_config": tuple(sorted(rowwise.get("config", {}).items()))}
+    return {"rowwise_layouts": tuple(RowwiseLayout(tuple(x["linears"]), x["skip_edge_layers"],
+                                                   tuple(sorted(x.get("config", {}).items())))
+                                     for x in rowwise["layouts"])}
 
 
 def convert_stage(job: TrtllmJob, model, architecture: str, stream=None) -> tuple[Path, str]:
@@ -168,7 +171,7 @@ def convert_stage(job: TrtllmJob, model, architecture: str, stream=None) -> tupl
                             parallel_embedding=job.parallel_embedding, sharding_dim=job.embedding_sharding_dim,
                             architecture=architecture, moe=(opts.moe_split(), opts.moe_config_style),
                             kv_cache=(opts.kv_cache_quant_algo, opts.kv_cache_scale),
-                            rowwise=(opts.rowwise_linears, opts.rowwise_skip_edge_layers, opts.rowwise_config))
+                            rowwise=opts.rowwise_layouts)
 
     def work(staging: Path) -> dict:
         # rank files hold the model once, plus replicated embeddings and vocab padding: bounded by tp copies
