@@ -73,6 +73,8 @@ FP8_FORMATS = {
     # fbgemm_fp8 (transformers FbgemmFp8Linear, Meta's FP8 checkpoints): per-channel, the MLP Linears only, weight_scale
     # float32 [out, 1], no input scale (activations are quantized per token at run time)
     "fbgemm_fp8": {"scale_shape": "rows", "kv": None, "linears": ("gate_proj", "up_proj", "down_proj")},
+    # compressed-tensors FP8_DYNAMIC (llm-compressor): per-channel, every decoder Linear, weight_scale [out, 1]
+    "compressed-tensors-channel": {"scale_shape": "rows", "kv": None},
 }
 FP8_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -90,6 +92,13 @@ def fp8_quantization_config(spec: TinySpec) -> dict | None:
                                     "dynamic": False} if spec.kv_scales else None}
     if spec.fp8 == "fp8":
         return {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]}
+    if spec.fp8 == "compressed-tensors-channel":
+        arg = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None}
+        return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+                "config_groups": {"group_0": {"targets": ["Linear"],
+                                              "weights": {**arg, "strategy": "channel", "dynamic": False},
+                                              "input_activations": {**arg, "strategy": "token", "dynamic": True}}},
+                "ignore": ["lm_head"], "kv_cache_scheme": None}
     if spec.fp8 == "fbgemm_fp8":
         return {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0,
                 "modules_to_not_convert": [f"model.layers.{i}.self_attn.{p}_proj" for i in range(spec.num_layers)
