@@ -187,6 +187,9 @@ def trtllm(
         "More trtllm-build flags, passed through (quoted)."), show_default=False)] = None,
     trtllm_build_path: Annotated[Optional[str], typer.Option("--trtllm-build", help=(
         "The trtllm-build executable (default: from PATH)."), show_default=False)] = None,
+    trtllm_convert_script: Annotated[Optional[str], typer.Option("--trtllm-convert-script", help=(
+        "TensorRT-LLM's examples/llama/convert_checkpoint.py at the target's version: converts 4-bit GPTQ / AWQ "
+        "checkpoints (lmi-compile does not pack 4-bit weights itself)."), show_default=False)] = None,
     build_workers: Annotated[Optional[int], typer.Option("--build-workers", min=1, help=(
         "trtllm-build --workers (default: min(GPUs, ranks))."), show_default=False)] = None,
     engine_path: Annotated[str, typer.Option("--engine-path", help=(
@@ -241,7 +244,9 @@ def trtllm(
                     target=target, tp=s.pick("tp", tp, 1), pp=s.pick("pp", pp, 1),
                     dtype=s.pick("dtype", dtype, "auto"), parallel_embedding=parallel_embedding,
                     embedding_sharding_dim=embedding_sharding_dim, moe_tp=moe_tp, moe_ep=moe_ep, build=build,
-                    kv_cache_dtype=kv_cache_dtype, trtllm_build=trtllm_build_path, engine_path=engine_path, upload=upload,
+                    kv_cache_dtype=kv_cache_dtype, trtllm_build=trtllm_build_path,
+                    trtllm_convert_script=str(_abs(Path(trtllm_convert_script))) if trtllm_convert_script else None,
+                    engine_path=engine_path, upload=upload,
                     allow_longer=allow_longer, revision=s.pick("revision", revision, None), token=token,
                     trust_remote_code=trust_remote_code or s.lmi.get("trust_remote_code", False),
                     overwrite=overwrite, force=force)

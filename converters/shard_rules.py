@@ -1,5 +1,6 @@
 """Tensor-parallel split rules, by layer kind (not by model): replicate, column, row, fused QKV, vocab, the
-two MoE expert kinds, and the FP8 kinds (a fused QKV requantized to one scale, per-tensor scales).
+two MoE expert kinds, and the FP8 kinds (a fused QKV requantized to one scale, per-tensor and per-channel scales,
+per-channel FP8 weights dequantized into the model dtype).
 
 Each rule kind is one class that answers both questions for one rank, side by side: the output shape
 (from source shapes alone, so rank files can be planned before any data is read) and the output's
@@ -98,6 +99,10 @@ class Column:
     def pieces(self, reader, names, ctx):
         return [reader.row_range(names[0], *_part(reader.info(names[0]).shape[0], ctx.tp, ctx.rank))]
 
+    def spans(self, reader, names, ctx):
+        """(source, first row, end row, (first column, end column) or None) of the rank's slice, in order."""
+        return [(names[0], *_part(reader.info(names[0]).shape[0], ctx.tp, ctx.rank), None)]
+
 
 class Row:
     """Split along dim 1 (input features): rank outputs are partial sums, all-reduced at run time."""
@@ -107,6 +112,10 @@ class Row:
 
     def pieces(self, reader, names, ctx):
         return column_slice(reader, names[0], *_part(reader.info(names[0]).shape[1], ctx.tp, ctx.rank))
+
+    def spans(self, reader, names, ctx):
+        return [(names[0], 0, reader.info(names[0]).shape[0],
+                 _part(reader.info(names[0]).shape[1], ctx.tp, ctx.rank))]
 
 
 class Vocab:
@@ -144,6 +153,12 @@ class FusedQKV:
         for src in (k, v):
             # consecutive heads are one contiguous range
             yield reader.row_range(src, heads[0] * hd, (heads[-1] + 1) * hd)
+
+    def spans(self, reader, names, ctx):
+        q, k, v = names
+        hd, heads = ctx.head_dim, kv_heads_for_rank(ctx)
+        q0, q1 = _part(ctx.num_heads, ctx.tp, ctx.rank)
+        return [(q, q0 * hd, q1 * hd, None)] + [(n, heads[0] * hd, (heads[-1] + 1) * hd, None) for n in (k, v)]
 
 
 class ExpertColumn:
@@ -186,7 +201,7 @@ def requantized(piece, reader: TensorReader, ratio: float):
     if not isinstance(piece, FileRange):
         yield _requant(piece, ratio)
         return
-    per = max(1, reader.block_bytes // itemsize(piece.dtype))
+    per = max(1, reader.block_bytes // 4)  # sized by the float32 values a block becomes
     for first in range(0, piece.numel, per):
         n = min(per, piece.numel - first)
         yield _requant(reader.read(FileRange(piece.path, piece.offset + first * itemsize(piece.dtype), n, piece.dtype)),
@@ -194,7 +209,7 @@ def requantized(piece, reader: TensorReader, ratio: float):
 
 
 def _requant(q: torch.Tensor, ratio: float) -> torch.Tensor:
-    return (q.float() * ratio).clamp(-FP8_MAX, FP8_MAX).to(getattr(torch, FP8))
+    return q.float().mul_(ratio).clamp_(-FP8_MAX, FP8_MAX).to(getattr(torch, FP8))
 
 
 class FusedQKVFP8(FusedQKV):
@@ -215,6 +230,42 @@ class FusedQKVFP8(FusedQKV):
                 yield piece
             else:
                 yield from requantized(piece, reader, s / top)
+
+
+class ExpertColumnFP8(ExpertColumn):
+    """FP8 experts' [w3; w1] (names: the weights expert by expert, then their per-tensor weight scales in the same
+    order) with one scale per expert, as TensorRT-LLM's MoE holds them (layers/moe.py MOEWeightWrapper:
+    weights_scaling_factor (experts_per_node, 1)): the source with the expert's largest scale keeps its bytes, the
+    other is dequantized and quantized again to that scale (as FusedQKVFP8 does for q, k, v)."""
+
+    def shape(self, src, ctx):
+        return super().shape(src[:len(src) // 2], ctx)
+
+    def pieces(self, reader, names, ctx):
+        half = len(names) // 2
+        weights, scales = names[:half], [scalar(reader, n) for n in names[half:]]
+        per = half // ctx.num_experts
+        for e in ctx.experts():
+            top = max(scales[e * per:(e + 1) * per])
+            for name, s in zip(weights[e * per:(e + 1) * per], scales[e * per:(e + 1) * per]):
+                piece = reader.row_range(name, *_part(reader.info(name).shape[0], ctx.moe_tp, ctx.moe_tp_rank))
+                if s == top:
+                    yield piece
+                else:
+                    yield from requantized(piece, reader, s / top)
+
+
+class ExpertScaleMax:
+    """The rank's experts' weight scales, float32 (experts / moe_ep, 1): per expert the largest of its sources' (names
+    listed expert by expert)."""
+
+    def shape(self, src, ctx):
+        return (ctx.num_experts // ctx.moe_ep, 1)
+
+    def pieces(self, reader, names, ctx):
+        per = len(names) // ctx.num_experts
+        return [torch.tensor([[max(scalar(reader, n) for n in names[e * per:(e + 1) * per])] for e in ctx.experts()],
+                             dtype=torch.float32)]
 
 
 class ScaleMax:
@@ -239,9 +290,65 @@ class ScaleOne(ScaleMax):
         return [torch.ones(1, dtype=torch.float32)]
 
 
+class Dequantized:
+    """Per-channel FP8 weights (names: the weights, then their [out, 1] scales) written in the model dtype, as the
+    rank's slice of the base rule (column, row or fused qkv): each row q * its scale, computed in float32 one row
+    block at a time, then cast once by the writer. For the Linears TensorRT-LLM keeps unquantized under
+    FP8_PER_CHANNEL_PER_TOKEN (attention, the first and last layers' MLP)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def shape(self, src, ctx):
+        return self.base.shape(src[:len(src) // 2], ctx)
+
+    def pieces(self, reader, names, ctx):
+        half = len(names) // 2
+        scales = dict(zip(names[:half], names[half:]))
+        for name, r0, r1, cols in self.base.spans(reader, names[:half], ctx):
+            scale = reader.full(scales[name]).float().reshape(-1).clone()  # the reader's scratch is reused below
+            # a block is sized by its float32 values (4x the FP8 bytes), so a worker holds about one block_bytes
+            block = max(1, reader.block_bytes // (reader.row_elems(name) * 4))
+            for a in range(r0, r1, block):
+                b = min(r1, a + block)
+                rows = reader.rows(name, a, b)
+                if cols:
+                    rows = rows[:, cols[0]:cols[1]]
+                yield rows.float().mul_(scale[a:b, None])
+
+
+class ChannelScaleQKV(FusedQKV):
+    """The per_channel_scale of an FP8 per-channel fused qkv: the rank's rows of the q, k and v scales ([out, 1] or
+    [out]) in the weight's order, as float32 (out_features,)."""
+
+    def shape(self, src, ctx):
+        return super().shape(src, ctx)[:1]
+
+
+class ChannelScale:
+    """A per-channel scale as TensorRT-LLM's Fp8RowwiseLinear holds it: float32 (out_features,), the rank's rows of a
+    column-parallel Linear (split) or every row for a row-parallel one, whose output rows are not split."""
+
+    def __init__(self, split: bool):
+        self.split = split
+
+    def shape(self, src, ctx):
+        rows = src[0][0]
+        return (rows // ctx.tp if self.split else rows,)
+
+    def pieces(self, reader, names, ctx):
+        rows = reader.info(names[0]).shape[0]
+        r0, r1 = _part(rows, ctx.tp, ctx.rank) if self.split else (0, rows)
+        return [reader.full(names[0]).float().reshape(-1)[r0:r1].clone()]
+
+
 RULES = {"replicate": Replicate(), "column": Column(), "row": Row(), "vocab": Vocab(), "fused_qkv": FusedQKV(),
          "expert_column": ExpertColumn(), "expert_row": ExpertRow(), "fused_qkv_fp8": FusedQKVFP8(),
-         "scale_max": ScaleMax(), "scale_one": ScaleOne()}
+         "scale_max": ScaleMax(), "scale_one": ScaleOne(), "dequant_column": Dequantized(Column()),
+         "dequant_row": Dequantized(Row()), "dequant_fused_qkv": Dequantized(FusedQKV()),
+         "channel_scale_column": ChannelScale(split=True), "channel_scale_row": ChannelScale(split=False),
+         "channel_scale_fused_qkv": ChannelScaleQKV(),
+         "expert_column_fp8": ExpertColumnFP8(), "expert_scale_max": ExpertScaleMax()}
 
 
 def rule_for(name: str, ctx: RankContext):

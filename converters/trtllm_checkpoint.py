@@ -7,7 +7,7 @@ tensor at a time; ranks are written in parallel. Memory follows the few tensors 
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -15,7 +15,7 @@ from lmi_compile.model.architectures import Architecture
 from lmi_compile.model.checkpoint import Checkpoint
 from lmi_compile.errors import BadInput
 from lmi_compile.model.config import ModelConfig
-from lmi_compile.model.quantization import DENSE, Quantization, read_quantization
+from lmi_compile.model.quantization import DENSE, ROWWISE, Quantization, read_quantization
 from lmi_compile.pipeline.interrupts import check
 from lmi_compile.pipeline.progress import bytes_bar
 from lmi_compile.pipeline.stages import fingerprint, write_json_atomic
@@ -26,6 +26,18 @@ from lmi_compile.converters.tensor_reader import TensorReader
 from lmi_compile.model.dtypes import FLOAT_DTYPES, FP8, itemsize
 
 log = logging.getLogger("lmi_compile")
+
+
+@dataclass(frozen=True)
+class RowwiseLayout:
+    """Which Linears TensorRT-LLM builds as Fp8RowwiseLinear (suffixes of their target names), whether it keeps the
+    first and last layers unquantized ("Meta's recipe"), and the QuantConfig keys that select this layout. Every other
+    FP8 Linear is written dequantized in the model dtype. The default is the layout of every version that has
+    FP8_PER_CHANNEL_PER_TOKEN (0.12's only one)."""
+
+    linears: tuple[str, ...] = ("mlp.fc", "mlp.gate", "mlp.proj")
+    skip_edge_layers: bool = True
+    config: tuple[tuple[str, object], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,9 @@ class ConvertOptions:
     # 1.0 at build). The target table's toolchain row says which ("quantization" -> "kv_cache_scale").
     kv_cache_quant_algo: str | None = None
     kv_cache_scale: str = "max"
+    # Per-channel FP8 (FP8_PER_CHANNEL_PER_TOKEN): the layouts the target's TensorRT-LLM builds, in order of preference
+    # (configs/targets.json toolchains -> quantization -> fp8_rowwise); convert() keeps the one it writes first.
+    rowwise_layouts: tuple["RowwiseLayout", ...] = ()
 
     def moe_split(self) -> tuple[int, int]:
         """(moe_tp, moe_ep) with unset values filled in; check_parallelism says whether they fit tp."""
@@ -157,7 +172,8 @@ def _merge(into: dict, extra: dict) -> dict:
 
 
 def _entries(arch: Architecture, ck: Checkpoint, pp_rank: int, pp: int, rename: dict):
-    """(table entry, target, sources) for one pipeline stage, layer indices renumbered from 0."""
+    """(table entry, target, sources, source layer index or None) for one pipeline stage, layer indices renumbered
+    from 0 in the targets."""
     d, lay = arch.dims, arch.layout
     per = d.num_layers // pp
     out = []
@@ -180,7 +196,7 @@ def _entries(arch: Architecture, ck: Checkpoint, pp_rank: int, pp: int, rename: 
                 continue
             raise BadInput(f"{ck.root}: tensor {missing[0]!r} is missing from the checkpoint "
                            f"({arch.name} needs it for {target}); the checkpoint is incomplete")
-        yield e, target, tuple(sources)
+        yield e, target, tuple(sources), src_i
 
 
 def _expected_shapes(arch: Architecture) -> dict[str, int]:
@@ -225,6 +241,89 @@ def _fp8_linear(e: dict, target: str, sources: tuple, ck: Checkpoint, ctx: RankC
             PlanEntry(f"{stem}.activation_scaling_factor", "scale_max", input_scales, (1,), "float32")]
 
 
+EXPERT_RULES = {"expert_column": "expert_column_fp8", "expert_row": "expert_row"}
+"""The MoE expert rules and what FP8 experts use instead: w3 and w1 of an expert share one scale in TensorRT-LLM's
+fc (requantized); w2 keeps its bytes."""
+
+
+def _fp8_experts(e: dict, target: str, sources: tuple, ck: Checkpoint, ctx: RankContext) -> list[PlanEntry]:
+    """FP8 experts as TensorRT-LLM's MoE holds them under quant_algo FP8 (layers/moe.py MOEWeightWrapper at v0.11.0,
+    main be9cd719 and the 1.0 era): the stacked weight in fp8, weights_scaling_factor float32 (experts_per_node, 1),
+    one per local expert, and activation_scaling_factor float32 (1,) for all experts: the largest input scale of any
+    expert (every expert reads the same hidden states; the largest keeps them all in range). The router stays in
+    float32 (quantization/quantize.py excludes '*router')."""
+    for s in sources:
+        if ck.tensors[s].dtype != FP8:
+            raise BadInput(f"{ck.tensors[s].file}: tensor {s!r} is {ck.tensors[s].dtype} while its checkpoint declares "
+                           f"FP8 weights; a mix of float and FP8 experts is not converted")
+    weight_scales = tuple(_scale_source(ck, s, SCALES["weights_scaling_factor"]) for s in sources)
+    input_scales = tuple(_scale_source(ck, s, SCALES["activation_scaling_factor"]) for s in sources)
+    rule = EXPERT_RULES[e["rule"]]
+    srcs = sources + weight_scales if rule != e["rule"] else sources
+    stem = target.removesuffix(".weight")
+    return [PlanEntry(target, rule, srcs, shape_for(rule, [ck.tensors[s].shape for s in srcs], ctx), FP8),
+            PlanEntry(f"{stem}.weights_scaling_factor", "expert_scale_max", weight_scales,
+                      shape_for("expert_scale_max", [], ctx), "float32"),
+            PlanEntry(f"{stem}.activation_scaling_factor", "scale_max", input_scales, (1,), "float32")]
+
+
+def _keeps_rowwise(layout: RowwiseLayout, arch: Architecture, target: str, layer: int | None) -> bool:
+    """Whether the target's TensorRT-LLM builds this Linear as Fp8RowwiseLinear in this layout. Meta's recipe (0.12,
+    1.x with use_meta_recipe): Fp8RowwiseGatedMLP replaces the MLP of every layer but the first and the last, attention
+    stays in the model dtype (tensorrt_llm/quantization/quantize.py fp8_rowwise_quantize; models/llama/convert.py
+    exclude_layers_id at main be9cd719). 1.x without it: every Linear but lm_head (Fp8RowwiseAttention too)."""
+    if layer is None or not target.removesuffix(".weight").endswith(layout.linears):
+        return False
+    return not (layout.skip_edge_layers and layer in (0, arch.dims.num_layers - 1))
+
+
+def choose_rowwise(arch: Architecture, ck: Checkpoint, opts: ConvertOptions) -> ConvertOptions:
+    """The options with the one rowwise layout written: the first of the target's whose Fp8RowwiseLinears are all FP8
+    in the checkpoint (nothing dequantized), else the last (plan_rank dequantizes or refuses)."""
+    layouts = opts.rowwise_layouts or (RowwiseLayout(),)
+    per_layer = [e for e in arch.layout["layer"] if e.get("linear")]
+    for layout in layouts:
+        if all(ck.tensors[s].dtype == FP8 for i in range(arch.dims.num_layers) for e in per_layer
+               if _keeps_rowwise(layout, arch, e["target"].format(i=0), i)
+               for s in arch.sources(e, i) if s in ck):
+            break
+    return replace(opts, rowwise_layouts=(layout,))
+
+
+def _channel_scale_source(ck: Checkpoint, weight: str) -> str:
+    name = weight.removesuffix("weight") + "weight_scale"
+    info, rows = ck.tensors.get(name), ck.tensors[weight].shape[0]
+    if info is None or _numel(info.shape) != rows or info.dtype not in FLOAT_DTYPES:
+        what = "is missing" if info is None else f"is {info.dtype} {list(info.shape)}"
+        raise BadInput(f"{ck.tensors[weight].file}: FP8 tensor {weight!r} needs one scale per output channel "
+                       f"([{rows}, 1]), but {name!r} {what}; the checkpoint is incomplete or not per-channel FP8")
+    return name
+
+
+def _rowwise_linear(e: dict, target: str, sources: tuple, ck: Checkpoint, ctx: RankContext,
+                    keep: bool) -> list[PlanEntry]:
+    """A per-channel FP8 Linear. Kept (Fp8RowwiseLinear, tensorrt_llm/quantization/layers.py): the weight's bytes split
+    like the dense one, per_channel_scale float32 (out_features,) split with the rows of a column-parallel Linear and
+    whole for a row-parallel one (models/llama/convert.py fp8_rowwise_quantization, split_scale for gate/up only).
+    Otherwise the weight is dequantized (q * its row's scale) into the model dtype, where TensorRT-LLM keeps it."""
+    for s in sources:
+        if ck.tensors[s].dtype != FP8:
+            raise BadInput(f"{ck.tensors[s].file}: tensor {s!r} is {ck.tensors[s].dtype} while the other weights of "
+                           f"{target} are FP8; a mix of float and FP8 weights in one Linear is not converted")
+    scales = tuple(_channel_scale_source(ck, s) for s in sources)
+    shape = shape_for(e["rule"], [ck.tensors[s].shape for s in sources], ctx)
+    if not keep:
+        return [PlanEntry(target, f"dequant_{e['rule']}", sources + scales, shape)]
+    if e["rule"] not in ("column", "row", "fused_qkv"):
+        raise BadInput(f"{target}: a {e['rule']} Linear is not written as FP8 per channel (only column, row and fused "
+                       f"qkv ones are); the target table's fp8_rowwise linears do not fit this layout")
+    # the fused qkv keeps q, k and v bytes and concatenates their rows' scales the same way: exact, no requantization
+    stem = target.removesuffix(".weight")
+    return [PlanEntry(target, e["rule"], sources, shape, FP8),
+            PlanEntry(f"{stem}.per_channel_scale", f"channel_scale_{e['rule']}", scales,
+                      (shape[0],), "float32")]
+
+
 def kv_scale_sources(arch: Architecture, ck: Checkpoint, layer: int) -> tuple[str, ...]:
     """The checkpoint's [k, v] FP8 KV-cache scales of one layer, in whichever naming it uses; () when it has none."""
     spec = arch.layout.get("kv_cache_scale")
@@ -248,8 +347,9 @@ def plan_rank(arch: Architecture, ck: Checkpoint, opts: ConvertOptions, tp_rank:
               quant: Quantization = DENSE) -> list[PlanEntry]:
     ctx = rank_context(arch, opts, tp_rank)
     dims = _expected_shapes(arch)
+    rowwise = (opts.rowwise_layouts or (RowwiseLayout(),))[0]
     plan = []
-    for e, target, sources in _entries(arch, ck, pp_rank, opts.pp, moe_style(arch, opts).get("rename", {})):
+    for e, target, sources, layer in _entries(arch, ck, pp_rank, opts.pp, moe_style(arch, opts).get("rename", {})):
         src_shapes = [ck.tensors[s].shape for s in sources]
         specs = e["shape"] if isinstance(e["shape"][0], list) else [e["shape"]]
         for s, shp, want in zip(sources, src_shapes, specs * (len(sources) // len(specs))):
@@ -260,6 +360,19 @@ def plan_rank(arch: Architecture, ck: Checkpoint, opts: ConvertOptions, tp_rank:
         if quant.quant_algo == "FP8" and e.get("linear"):
             plan += _fp8_linear(e, target, sources, ck, ctx)
             continue
+        if quant.quant_algo == "FP8" and e["rule"] in EXPERT_RULES:
+            plan += _fp8_experts(e, target, sources, ck, ctx)
+            continue
+        if quant.quant_algo == ROWWISE and e.get("linear") and any(ck.tensors[s].dtype == FP8 for s in sources):
+            plan += _rowwise_linear(e, target, sources, ck, ctx, _keeps_rowwise(rowwise, arch, target, layer))
+            continue
+        if quant.quant_algo == ROWWISE and e.get("linear") and _keeps_rowwise(rowwise, arch, target, layer):
+            first = ck.tensors[sources[0]]
+            raise BadInput(f"{first.file}: tensor {sources[0]!r} is {first.dtype}, but "
+                           f"TensorRT-LLM builds {target.removesuffix('.weight')} as an FP8 per-channel Linear "
+                           f"(Fp8RowwiseLinear) and reads no float weight there; the checkpoint does not follow the "
+                           f"layout TensorRT-LLM's FP8_PER_CHANNEL_PER_TOKEN expects (every MLP but the first and last "
+                           f"layers' in FP8); convert from the unquantized model")
         for s in sources:
             if ck.tensors[s].dtype in FLOAT_DTYPES:
                 continue
@@ -296,11 +409,13 @@ def check_all_used(arch: Architecture, ck: Checkpoint, plans) -> None:
 
 def check_quantization(arch: Architecture, quant: Quantization, opts: ConvertOptions, where: Path) -> None:
     """What the converter writes: dense or FP8 per-tensor weights; a dense or FP8 KV cache."""
-    if quant.quant_algo not in (None, "FP8"):
+    if quant.external or quant.quant_algo not in (None, "FP8", ROWWISE):
         raise BadInput(f"{where}: {quant.describe()} is not converted by lmi-compile")
-    if quant.quant_algo and arch.is_moe:
-        raise BadInput(f"{where}: FP8 {arch.name} checkpoints are not converted (TensorRT-LLM's MoE layer keeps its "
-                       f"FP8 expert scales in a layout of its own); convert from the unquantized model")
+    if quant.quant_algo == ROWWISE and arch.is_moe:
+        raise BadInput(f"{where}: per-channel FP8 {arch.name} checkpoints are not converted: TensorRT-LLM's "
+                       f"FP8_PER_CHANNEL_PER_TOKEN replaces dense GatedMLPs only (quantization/quantize.py "
+                       f"fp8_rowwise_quantize), its MoE layer has no per-channel FP8; convert from the unquantized "
+                       f"model or a per-tensor FP8 export")
     if opts.kv_cache_quant_algo not in (None, "FP8"):
         raise BadInput(f"KV cache {opts.kv_cache_quant_algo} is not converted by lmi-compile; use fp8")
 
@@ -356,7 +471,8 @@ def trtllm_config(arch: Architecture, config: ModelConfig, opts: ConvertOptions,
         "attn_bias": attn_bias,
         "mlp_bias": False,
         "mapping": {"world_size": opts.tp * opts.pp, "tp_size": opts.tp, "pp_size": opts.pp},
-        "quantization": {"quant_algo": quant.quant_algo, "kv_cache_quant_algo": opts.kv_cache_quant_algo},
+        "quantization": {"quant_algo": quant.quant_algo, "kv_cache_quant_algo": opts.kv_cache_quant_algo,
+                         **(_rowwise_config(quant, opts) if quant.quant_algo == ROWWISE else {})},
         **arch.entry.get("trtllm_config", {}),
     }
     style = moe_style(arch, opts)
@@ -366,6 +482,12 @@ def trtllm_config(arch: Architecture, config: ModelConfig, opts: ConvertOptions,
         _merge(cfg, _fill(style["config"], {"num_experts": d.num_experts, "top_k": d.top_k, "moe_tp": moe_tp,
                                             "moe_ep": moe_ep, "moe_tp_mode": mode}))
     return cfg
+
+
+def _rowwise_config(quant: Quantization, opts: ConvertOptions) -> dict:
+    """QuantConfig keys of FP8_PER_CHANNEL_PER_TOKEN: clamp_val, which Fp8RowwiseGatedMLP needs (its forward reads
+    clamp_val.value), and the target's own keys (1.x: use_meta_recipe, for the layout written here)."""
+    return {"clamp_val": [-quant.clamp, quant.clamp], **dict((opts.rowwise_layouts or (RowwiseLayout(),))[0].config)}
 
 
 def rank_id(tp_rank: int, pp_rank: int, tp: int) -> int:
@@ -442,6 +564,8 @@ def convert(arch: Architecture, config: ModelConfig, ck: Checkpoint, out: Path, 
     check_parallelism(arch, opts, config.path)
     quant = read_quantization(config)
     check_quantization(arch, quant, opts, config.path)
+    if quant.quant_algo == ROWWISE:
+        opts = choose_rowwise(arch, ck, opts)
     dtype = resolve_dtype(opts, config, ck)
     out.mkdir(parents=True, exist_ok=True)
     jobs = []

@@ -10,7 +10,9 @@ Each runs in its own process; peak RSS is that process's ru_maxrss. Prints a tab
 
   python scripts/bench_convert.py --shape llama3-8b --layers 8 --tp 1 2 4 8 --dir /tmp/bench
   python scripts/bench_convert.py --shape mixtral-8x7b --layers 8 --tp 2 4 8 --moe-ep 1
-  python scripts/bench_convert.py --shape llama3-8b --fp8 compressed-tensors --tp 1 2 --skip-baseline
+  python scripts/bench_convert.py --shape llama3-8b --fp8 compressed-tensors --tp 1 2 4 8 --skip-baseline
+  python scripts/bench_convert.py --shape llama3-8b --fp8 fbgemm_fp8 --tp 1 2 4 8 --skip-baseline
+  python scripts/bench_convert.py --shape llama3-8b --fp8 compressed-tensors-channel --tp 1 2 4 8 --skip-baseline
 """
 
 import argparse
@@ -51,9 +53,14 @@ def child_ours(model: Path, out: Path, tp: int, moe_ep: int) -> None:
     from lmi_compile.converters.trtllm_checkpoint import ConvertOptions, convert
     from lmi_compile.model.validate import validate_model_dir
 
+    from lmi_compile.lmi.targets import resolve as resolve_target
+    from lmi_compile.trtllm.backend import rowwise_options
+
     m = validate_model_dir(model)
+    # per-channel FP8 in the layouts of the default target's TensorRT-LLM, as `lmi-compile trtllm` converts it
     convert(resolve(m.config), m.config, m.checkpoint, out,
-            ConvertOptions(tp=tp, moe_ep=moe_ep, workers=max(1, min(8, os.cpu_count() or 1))))
+            ConvertOptions(tp=tp, moe_ep=moe_ep, workers=max(1, min(8, os.cpu_count() or 1)),
+                           **rowwise_options(resolve_target("trtllm", None)["tool"])))
 
 
 def child_baseline(model: Path, out: Path, tp: int, moe_ep: int = 1) -> None:
@@ -131,8 +138,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="runs per contender; the fastest counts")
     ap.add_argument("--moe-ep", type=int, default=1, help="expert parallelism for MoE shapes (moe_tp = tp / moe_ep)")
     ap.add_argument("--skip-baseline", action="store_true", help="e.g. when the model does not fit in RAM twice")
-    ap.add_argument("--fp8", choices=["compressed-tensors", "modelopt", "fp8"],
-                    help="FP8 per-tensor Linears in this Hub format (the fused qkv is requantized); needs --skip-baseline")
+    ap.add_argument("--fp8", choices=["compressed-tensors", "modelopt", "fp8", "fbgemm_fp8",
+                                      "compressed-tensors-channel"],
+                    help="FP8 Linears in this Hub format: per tensor (the fused qkv is requantized), or per channel: "
+                         "fbgemm_fp8 (MLPs in FP8; the first and last layers' dequantized) or compressed-tensors-channel "
+                         "(every Linear in FP8, kept as it is for the default target); needs --skip-baseline")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:

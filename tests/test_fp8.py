@@ -124,10 +124,11 @@ def qc(tmp_path: Path, quantization_config: dict, *, file: dict | None = None) -
 
 CT_FP8 = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}
 REFUSED = {
-    "gptq-desc-act": ({"quant_method": "gptq", "bits": 4, "desc_act": True}, ["GPTQ with desc_act", "GPU architecture",
-                                                                             "convert_checkpoint.py"]),
-    "gptq": ({"quant_method": "gptq", "bits": 4, "desc_act": False}, ["GPTQ 4-bit", "int4_gptq", "target LMI container"]),
-    "awq": ({"quant_method": "awq", "bits": 4}, ["AWQ 4-bit", "preprocess_weights_for_mixed_gemm", "int4_awq"]),
+    "gptq-desc-act": ({"quant_method": "gptq", "bits": 4, "desc_act": True}, ["GPTQ with desc_act", "g_idx",
+                                                                             "desc_act false"]),
+    "gptq-8bit": ({"quant_method": "gptq", "bits": 8, "desc_act": False}, ["GPTQ 8-bit", "int4_gptq"]),
+    "gptq-per-channel": ({"quant_method": "gptq", "bits": 4, "group_size": -1}, ["group_size -1", "group-wise"]),
+    "awq-gemv": ({"quant_method": "awq", "bits": 4, "version": "gemv"}, ["AWQ version 'gemv'", "GEMM"]),
     "ct-int4": ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {
         "weights": {"num_bits": 4, "type": "int", "strategy": "group"}}}}, ["4-bit int weights"]),
     "ct-dynamic": ({"quant_method": "compressed-tensors", "config_groups": {"g": {
@@ -138,7 +139,10 @@ REFUSED = {
                     "input_activations": CT_FP8}}, "kv_cache_scheme": {"num_bits": 8, "type": "int"}},
                    ["calibrated from activations"]),
     "bnb": ({"quant_method": "bitsandbytes", "load_in_4bit": True}, ["'bitsandbytes' is not converted"]),
-    "fbgemm": ({"quant_method": "fbgemm_fp8"}, ["fbgemm_fp8", "FP8_PER_CHANNEL_PER_TOKEN"]),
+    "ct-channel-static": ({"quant_method": "compressed-tensors", "config_groups": {"g": {
+        "weights": {**CT_FP8, "strategy": "channel"}, "input_activations": CT_FP8}}}, ["channel strategy and static"]),
+    "modelopt-rowwise": ({"quant_method": "modelopt", "quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"},
+                         ["ModelOpt FP8_PER_CHANNEL_PER_TOKEN is not converted", "fbgemm_fp8"]),
 }
 
 

@@ -99,7 +99,8 @@ def test_cli_plan_reads_only_config_from_hub(hub_env, tmp_path):
     assert out["parameters"] == PARAMS["mistral-7b"] and out["weight_bytes"] == 14_483_464_192
     assert out["fits"] is True
     fetched = {r[1].rsplit("/", 1)[-1] for r in hub_env.requests[n:] if "/resolve/" in r[1]}
-    assert fetched <= {"config.json", "model.safetensors.index.json"}
+    # small config files only (ModelOpt's hf_quant_config.json declares a quantization), never weights
+    assert fetched <= {"config.json", "model.safetensors.index.json", "hf_quant_config.json"}
 
 
 def test_cli_plan_unknown_instance(tmp_path):

@@ -70,6 +70,11 @@ FP8_FORMATS = {
     "compressed-tensors": {"scale_shape": (1,), "kv": ("self_attn.k_scale", "self_attn.v_scale")},
     "modelopt": {"scale_shape": (), "kv": ("self_attn.k_proj.k_scale", "self_attn.v_proj.v_scale")},
     "fp8": {"scale_shape": (), "kv": None},
+    # fbgemm_fp8 (transformers FbgemmFp8Linear, Meta's FP8 checkpoints): per-channel, the MLP Linears only, weight_scale
+    # float32 [out, 1], no input scale (activations are quantized per token at run time)
+    "fbgemm_fp8": {"scale_shape": "rows", "kv": None, "linears": ("gate_proj", "up_proj", "down_proj")},
+    # compressed-tensors FP8_DYNAMIC (llm-compressor): per-channel, every decoder Linear, weight_scale [out, 1]
+    "compressed-tensors-channel": {"scale_shape": "rows", "kv": None},
 }
 FP8_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -87,11 +92,23 @@ def fp8_quantization_config(spec: TinySpec) -> dict | None:
                                     "dynamic": False} if spec.kv_scales else None}
     if spec.fp8 == "fp8":
         return {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]}
+    if spec.fp8 == "compressed-tensors-channel":
+        arg = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None}
+        return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+                "config_groups": {"group_0": {"targets": ["Linear"],
+                                              "weights": {**arg, "strategy": "channel", "dynamic": False},
+                                              "input_activations": {**arg, "strategy": "token", "dynamic": True}}},
+                "ignore": ["lm_head"], "kv_cache_scheme": None}
+    if spec.fp8 == "fbgemm_fp8":
+        return {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0,
+                "modules_to_not_convert": [f"model.layers.{i}.self_attn.{p}_proj" for i in range(spec.num_layers)
+                                           for p in ("q", "k", "v", "o")] + ["lm_head"]}
     return None
 
 
 def is_fp8_linear(spec: TinySpec, name: str) -> bool:
-    return bool(spec.fp8) and name.endswith(".weight") and name.split(".")[-2] in FP8_LINEARS
+    linears = FP8_FORMATS[spec.fp8].get("linears", FP8_LINEARS) if spec.fp8 else ()
+    return name.endswith(".weight") and name.split(".")[-2] in linears
 
 
 def hf_config(spec: TinySpec) -> dict:
@@ -182,12 +199,14 @@ def fp8_entries(spec: TinySpec, name: str, shape):
     if not is_fp8_linear(spec, name):
         return [(name, None, shape, lambda make: make(name, shape))]
     fmt = FP8_FORMATS[spec.fp8]
-    base, sshape = name.removesuffix("weight"), fmt["scale_shape"]
+    rows = fmt["scale_shape"] == "rows"  # per channel: one scale per output row
+    base, sshape = name.removesuffix("weight"), (shape[0], 1) if rows else fmt["scale_shape"]
     memo = {}
 
     def weight(make):
         w = make(name, shape).float()
-        memo["scale"] = torch.tensor(spec.fp8_scale) if spec.fp8_scale else w.abs().max() / 448.0
+        memo["scale"] = (w.abs().amax(dim=1, keepdim=True) / 448.0 if rows else
+                         torch.tensor(spec.fp8_scale) if spec.fp8_scale else w.abs().max() / 448.0)
         return (w / memo["scale"]).clamp(-448, 448).to(torch.float8_e4m3fn)
 
     def scale(make):
@@ -196,8 +215,9 @@ def fp8_entries(spec: TinySpec, name: str, shape):
     def input_scale(make):  # a static activation scale: distinct per Linear, as a calibration would give
         return torch.tensor(0.01 + 0.001 * (sum(map(ord, name)) % 97)).reshape(sshape)
 
-    out = [(name, "float8_e4m3fn", shape, weight), (base + "weight_scale", "float32", sshape, scale),
-           (base + "input_scale", "float32", sshape, input_scale)]
+    out = [(name, "float8_e4m3fn", shape, weight), (base + "weight_scale", "float32", sshape, scale)]
+    if not rows:
+        out.append((base + "input_scale", "float32", sshape, input_scale))
     if spec.kv_scales and name.endswith("v_proj.weight") and fmt["kv"]:
         layer = name.split(".self_attn.")[0]
         for i, kv in enumerate(fmt["kv"]):

@@ -131,6 +131,9 @@ def _check_engines(loc: Location, folder: str, report: Report, container: str | 
     if STANDIN_MARK in version:
         report.problems.append(f"{pre}config.json: engines were made by a stand-in trtllm-build; they are "
                                f"placeholders, not compiled engines")
+    if STANDIN_MARK in str(cfg.get("pretrained_config", {}).get("lmi_compile_standin", "")):
+        report.problems.append(f"{pre}config.json: the checkpoint was written by a stand-in convert_checkpoint.py; "
+                               f"its weights are placeholders, not a conversion")
     if container and version != container:
         report.problems.append(f"engines were built with TensorRT-LLM {version}, the container has {container}: "
                                f"rebuild them in the serving container")

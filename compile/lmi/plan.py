@@ -15,7 +15,7 @@ from lmi_compile.configs import load_json
 from lmi_compile.errors import BadInput
 from lmi_compile.model.config import ModelConfig
 from lmi_compile.model.dtypes import DTYPE_BYTES, FLOAT_DTYPES, FP8
-from lmi_compile.model.quantization import DENSE, read_quantization
+from lmi_compile.model.quantization import DENSE, ROWWISE, read_quantization
 from lmi_compile.model.limits import sequence_problem
 
 GiB = 1024 ** 3
@@ -129,6 +129,8 @@ def make_plan(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: str = "au
         c = fp8_counts(c)
         weight_bytes = (params - arch.dims.num_layers * c["layer_linear"]) * b + arch.dims.num_layers * (
             c["layer_linear"] * DTYPE_BYTES[FP8] + c["layer_linears"] * FP8_SCALE_BYTES)
+    elif quant.quant_algo == ROWWISE:
+        weight_bytes = params * b - rowwise_saving(arch, b)
     else:
         # The index's total_size is exact (at the checkpoint's dtype); rescale it to the target dtype.
         src_b = DTYPE_BYTES.get(config.dtype or "", b)
@@ -159,6 +161,24 @@ def make_plan(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: str = "au
 
 
 FP8_SCALE_BYTES = 2 * 4  # weights_scaling_factor and activation_scaling_factor, float32 (1,), on every rank
+
+
+def rowwise_saving(arch: Architecture, b: int) -> int:
+    """Bytes per-channel FP8 saves over the model dtype: the Linears TensorRT-LLM builds as Fp8RowwiseLinear in Meta's
+    layout, which every target has (the MLP of every layer but the first and last), at one byte per parameter plus a
+    float32 scale per output row. Where 1.x keeps every Linear in FP8 the engine is smaller still; ranks are sized as
+    if dense. Both are upper bounds."""
+    from lmi_compile.converters.trtllm_checkpoint import RowwiseLayout
+
+    d, linears = arch.dims, RowwiseLayout().linears
+    sym = {"hidden": d.hidden_size, "inter": d.intermediate_size, "q": d.num_heads * d.head_dim,
+           "kv": d.num_kv_heads * d.head_dim}
+    per_layer = 0
+    for e in arch.layout["layer"]:
+        if e.get("linear") and e["target"].removesuffix(".weight").endswith(linears):
+            rows, cols = (sym[w] for w in e["shape"])
+            per_layer += rows * cols * (b - DTYPE_BYTES[FP8]) - rows * 4
+    return max(0, d.num_layers - 2) * per_layer
 
 
 def fp8_counts(c: dict) -> dict:

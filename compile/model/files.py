@@ -10,8 +10,9 @@ from pathlib import Path, PurePosixPath
 from lmi_compile.model.checkpoint import PYTORCH_INDEX, PYTORCH_SINGLE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, SHARD_RE
 from lmi_compile.errors import BadInput
 
-# Small files that travel with the model into every output layout.
-CONFIG_FILES = ("config.json", "generation_config.json")
+# Small files that travel with the model into every output layout. hf_quant_config.json: ModelOpt's quantization,
+# which the converter reads (model/quantization.py).
+CONFIG_FILES = ("config.json", "generation_config.json", "hf_quant_config.json")
 TOKENIZER_FILES = (
     "tokenizer_config.json", "tokenizer.json", "tokenizer.model", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.json", "chat_template.jinja",

@@ -1,5 +1,6 @@
-"""Read a model's config.json (and its index's total size) without downloading weights: the first look that lets
-`plan` size a model, and the backends refuse what their target cannot serve before any download."""
+"""Read a model's config.json (and its index's total size, and ModelOpt's hf_quant_config.json) without downloading
+weights: the first look that lets `plan` size a model, and the backends refuse what their target cannot serve (a
+quantization scheme included) before any download."""
 
 import dataclasses
 import json
@@ -7,7 +8,8 @@ import tempfile
 from pathlib import Path
 
 from lmi_compile.errors import BadInput
-from lmi_compile.model.config import ModelConfig
+from lmi_compile.model.config import ModelConfig, read_json
+from lmi_compile.model.quantization import MODELOPT_FILE, with_modelopt_file
 
 
 def read_remote_config(model: str, revision: str | None, token: str | None) -> tuple[ModelConfig, int | None]:
@@ -32,7 +34,7 @@ def _read(source, model: str, revision: str | None, token: str | None, tmp: Path
         from lmi_compile.remote.hub import translate_error
 
         root = tmp
-        for name in ("config.json", "model.safetensors.index.json"):
+        for name in ("config.json", "model.safetensors.index.json", MODELOPT_FILE):
             try:
                 hf_hub_download(model, name, revision=revision, token=token, local_dir=tmp)
             except EntryNotFoundError:
@@ -46,7 +48,7 @@ def _read(source, model: str, revision: str | None, token: str | None, tmp: Path
         uri = parse_s3_uri(source.location)
         client = make_client()
         root = tmp
-        for name in ("config.json", "model.safetensors.index.json"):
+        for name in ("config.json", "model.safetensors.index.json", MODELOPT_FILE):
             try:
                 client.download_file(uri.bucket, uri.key(name), str(tmp / name))
             except Exception as e:
@@ -55,6 +57,9 @@ def _read(source, model: str, revision: str | None, token: str | None, tmp: Path
     config = ModelConfig.load(root / "config.json")
     if source.kind != "local":
         config = dataclasses.replace(config, path=Path(f"{source.location.rstrip('/')}/config.json"))
+        if (root / MODELOPT_FILE).is_file():  # the copy goes with the temporary folder: carried in the config
+            config = with_modelopt_file(config, read_json(root / MODELOPT_FILE),
+                                        f"{source.location.rstrip('/')}/{MODELOPT_FILE}")
     total = None
     idx = root / "model.safetensors.index.json"
     if idx.is_file():

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmi_compile import __version__
-from lmi_compile.errors import BadInput
+from lmi_compile.errors import STANDIN_MARK, BadInput
 from lmi_compile.lmi.targets import Target, releases, resolve as resolve_target
 from lmi_compile.model.architectures import resolve
 from lmi_compile.model.config import read_json
@@ -44,6 +44,7 @@ class TrtllmJob(Job):
     kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8: FP8 KV cache (the checkpoint's k/v scales if stored)
     workers: int = field(default_factory=lambda: max(1, min(8, os.cpu_count() or 1)))
     trtllm_build: str | None = None
+    trtllm_convert_script: str | None = None  # TensorRT-LLM's convert_checkpoint.py, for 4-bit GPTQ / AWQ
     engine_path: str = DEFAULT_ENGINE_PATH
 
 
@@ -82,12 +83,23 @@ def check_quantization(job: TrtllmJob, config) -> tuple:
     quant = read_quantization(config)
     tool = job.target["tool"]
     facts = tool.get("quantization", {})
-    for algo, key, what in ((quant.quant_algo, "quant_algos", f"{quant.quant_algo} weights"),
+    if quant.external:  # 4-bit: what the target's own convert_checkpoint.py reads decides
+        from lmi_compile.trtllm.convert_script import check_scheme
+
+        check_scheme(job.target, config, quant, _first_release)
+    weights = None if quant.external else quant.quant_algo
+    for algo, key, what in ((weights, "quant_algos", f"{quant.quant_algo} weights"),
                             (kv, "kv_cache_quant_algos", f"an {kv} KV cache")):
         if algo and algo not in facts.get(key, ()):
             raise BadInput(f"{config.path}: {what} cannot be served by {job.target.describe()}: TensorRT-LLM "
                            f"{tool['version']} has no {algo} (tensorrt_llm/quantization/mode.py); "
                            f"{_first_release(algo, lambda t: algo in t.get('quantization', {}).get(key, ()))}")
+    if quant.quant_algo and not quant.external and resolve(config).is_moe and \
+            quant.quant_algo not in facts.get("moe_quant_algos", ()):
+        algo = quant.quant_algo
+        first = _first_release(algo, lambda t: algo in t.get("quantization", {}).get("moe_quant_algos", []))
+        raise BadInput(f"{config.path}: {algo} experts cannot be served by {job.target.describe()}: the MoE layer of "
+                       f"TensorRT-LLM {tool['version']} has no {algo} (tensorrt_llm/layers/moe.py); {first}")
     quant.require_converted()
     return quant, kv
 
@@ -126,6 +138,19 @@ def _first_release(arch: str, serves) -> str:
     return f"the first LMI release that can is {ok[0]} (--lmi-version {ok[0]})" if ok else "no LMI release can"
 
 
+def rowwise_options(tool) -> dict:
+    """ConvertOptions for per-channel FP8 from the toolchain row (quantization -> fp8_rowwise); {} where the target's
+    TensorRT-LLM has none (check_quantization has refused such checkpoints already)."""
+    from lmi_compile.converters.trtllm_checkpoint import RowwiseLayout
+
+    rowwise = tool.get("quantization", {}).get("fp8_rowwise")
+    if not rowwise:
+        return {}
+    return {"rowwise_layouts": tuple(RowwiseLayout(tuple(x["linears"]), x["skip_edge_layers"],
+                                                   tuple(sorted(x.get("config", {}).items())))
+                                     for x in rowwise["layouts"])}
+
+
 def convert_stage(job: TrtllmJob, model, architecture: str, stream=None) -> tuple[Path, str]:
     """`stream`: the model is still downloading (remote/streaming.py); tensors are read as they land and the
     stage is recorded only once the fetch has verified every byte."""
@@ -138,13 +163,15 @@ def convert_stage(job: TrtllmJob, model, architecture: str, stream=None) -> tupl
                           architecture=architecture, moe_tp=job.moe_tp, moe_ep=job.moe_ep,
                           moe_config_style=tool["moe_config_style"],
                           kv_cache_quant_algo=KV_CACHE_DTYPES.get(job.kv_cache_dtype),
-                          kv_cache_scale=tool.get("quantization", {}).get("kv_cache_scale", "max"))
+                          kv_cache_scale=tool.get("quantization", {}).get("kv_cache_scale", "max"),
+                          **rowwise_options(tool))
     check_parallelism(arch, opts, model.config.path)
     fp = stages.fingerprint(files=model.checkpoint.identity(), root=str(model.root.resolve()),
                             config=model.config.raw, tp=job.tp, pp=job.pp, dtype=job.dtype,
                             parallel_embedding=job.parallel_embedding, sharding_dim=job.embedding_sharding_dim,
                             architecture=architecture, moe=(opts.moe_split(), opts.moe_config_style),
-                            kv_cache=(opts.kv_cache_quant_algo, opts.kv_cache_scale))
+                            kv_cache=(opts.kv_cache_quant_algo, opts.kv_cache_scale),
+                            rowwise=opts.rowwise_layouts)
 
     def work(staging: Path) -> dict:
         # rank files hold the model once, plus replicated embeddings and vocab padding: bounded by tp copies
@@ -161,6 +188,38 @@ def convert_stage(job: TrtllmJob, model, architecture: str, stream=None) -> tupl
     return job.work.checkpoint, fp
 
 
+def external_convert_stage(job: TrtllmJob, model, quant, script: Path) -> tuple[Path, str]:
+    """A 4-bit checkpoint converted by the target's own convert_checkpoint.py (trtllm/convert_script.py), recorded
+    like our convert: the same folder, the same stage name, so build and layout follow unchanged."""
+    from lmi_compile.trtllm import convert_script
+    from lmi_compile.converters.trtllm_checkpoint import ConvertOptions, resolve_dtype
+
+    f = convert_script.facts(job.target)
+    dtype = job.dtype if job.dtype != "auto" or f.get("dtype_auto") else \
+        resolve_dtype(ConvertOptions(dtype="auto"), model.config, model.checkpoint)
+    world = job.tp * job.pp
+    stat = script.stat()
+    fp = stages.fingerprint(files=model.checkpoint.identity(), root=str(model.root.resolve()), config=model.config.raw,
+                            tp=job.tp, pp=job.pp, dtype=dtype, script=(str(script), stat.st_size, stat.st_mtime_ns),
+                            target=job.target["tool"]["version"], scheme=(quant.external, quant.group_size))
+    log_path = job.work.logs / "convert_checkpoint.log"
+
+    def work(staging: Path) -> dict:
+        ensure_room(staging, model.checkpoint.total_bytes * 2, "convert")  # dequantized embeddings and lm_head
+        cmd = convert_script.command(script, job.target, quant, model.root.resolve(), staging.resolve(), tp=job.tp,
+                                     pp=job.pp, dtype=dtype, workers=max(1, min(job.workers, world)),
+                                     weight_files=[p.name for p in model.checkpoint.files])
+        convert_script.run(cmd, staging, world, log_path)
+        cfg = convert_script.check_output(staging, world, log_path)
+        return {"tp": job.tp, "pp": job.pp, "dtype": cfg["dtype"],
+                "converter": {"script": str(script), "tensorrt_llm": job.target["tool"]["version"],
+                              "scheme": quant.external, "stand_in": convert_script.is_standin(script) or
+                              STANDIN_MARK in str(cfg.get("lmi_compile_standin", ""))}}
+
+    stages.run(job.work.checkpoint, "convert", fp, work, force=job.force)
+    return job.work.checkpoint, fp
+
+
 def build_stage(job: TrtllmJob, tool, ckpt: Path, ckpt_fp: str) -> tuple[Path, dict]:
     fp = stages.fingerprint(checkpoint=ckpt_fp, build=dataclasses.asdict(job.build) | {"workers": None},
                             tool=str(tool.executable), target=job.target["tool"]["version"])
@@ -172,7 +231,7 @@ def build_stage(job: TrtllmJob, tool, ckpt: Path, ckpt_fp: str) -> tuple[Path, d
     return job.work.engines, stages.run(job.work.engines, "build", fp, work, force=job.force)["build"]
 
 
-def layout_stage(job: TrtllmJob, model, engines: Path, build: dict, dtype: str) -> Path:
+def layout_stage(job: TrtllmJob, model, engines: Path, build: dict, dtype: str, converter: dict | None = None) -> Path:
     out = job.output
     layout = job.target["layout"]
     staging = fresh_layout_staging(out, overwrite=job.overwrite)
@@ -184,6 +243,8 @@ def layout_stage(job: TrtllmJob, model, engines: Path, build: dict, dtype: str) 
         "model": job.model, "revision": job.revision, "tensor_parallel_degree": job.tp,
         "pipeline_parallel_degree": job.pp, "dtype": dtype,
         "quantization": (read_json(engines / "config.json").get("pretrained_config") or {}).get("quantization"),
+        # who wrote the checkpoint: lmi-compile, or TensorRT-LLM's convert_checkpoint.py (4-bit; a stand-in in tests)
+        "checkpoint_converter": converter or {"tool": "lmi-compile"},
         **build,
     }
     props = serving_properties(job, build, dtype, job.upload, job.target)
@@ -197,7 +258,7 @@ def layout_stage(job: TrtllmJob, model, engines: Path, build: dict, dtype: str) 
             "max_attention_window_size": window if window and window < seq else ""})
     write_layout(layout, staging, engines, model.root, props, manifest, pbtxt=pbtxt)
     return finish_layout(staging, out, stages.fingerprint(**manifest, upload=job.upload),
-                         stand_in=bool(build.get("stand_in")), what="engines")
+                         stand_in=bool(build.get("stand_in") or (converter or {}).get("stand_in")), what="engines")
 
 
 def run(job: TrtllmJob, until: str = "layout") -> Path:
@@ -231,6 +292,10 @@ def run(job: TrtllmJob, until: str = "layout") -> Path:
         quant, kv = check_quantization(job, remote)
         if tool:
             check_gpus(job, tool, quant, kv)
+        if quant.external:
+            from lmi_compile.trtllm.convert_script import find_script
+
+            job.trtllm_convert_script = str(find_script(job.trtllm_convert_script, job.target, quant))
     with job.work.locked():
         return _run(job, until, tool)
 
@@ -265,7 +330,15 @@ def _stages(job: TrtllmJob, until: str, tool, stream) -> Path:
     if until == "fetch":
         return model.root
     observe.stage("convert")
-    ckpt, ckpt_fp = convert_stage(job, model, architecture, stream)
+    if quant.external:  # 4-bit: TensorRT-LLM's own script reads the whole, verified source folder
+        from lmi_compile.trtllm.convert_script import find_script
+
+        if stream:
+            model = stream.settle()
+        ckpt, ckpt_fp = external_convert_stage(job, model, quant, find_script(job.trtllm_convert_script, job.target,
+                                                                              quant))
+    else:
+        ckpt, ckpt_fp = convert_stage(job, model, architecture, stream)
     if stream:
         model = stream.settle()  # the verified source folder, for the stages below
     if until == "convert":
@@ -274,9 +347,10 @@ def _stages(job: TrtllmJob, until: str, tool, stream) -> Path:
     engines, build = build_stage(job, tool, ckpt, ckpt_fp)
     if until == "build":
         return engines
-    dtype = stages.read_record(ckpt).get("dtype", job.dtype)
+    record = stages.read_record(ckpt)
+    dtype = record.get("dtype", job.dtype)
     observe.stage("layout")
-    out = layout_stage(job, model, engines, build, dtype)
+    out = layout_stage(job, model, engines, build, dtype, record.get("converter"))
     if job.upload:
         observe.stage("push")
     push_stage(out, job.upload, overwrite=job.overwrite)
