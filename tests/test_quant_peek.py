@@ -33,3 +33,32 @@ def test_hub_modelopt_fp8_fetched_with_its_quant_file(hub_env, model_factory, tm
     assert proc.returncode == 0, proc.stderr[-2000:]
     cfg = json.loads((tmp_path / "work" / "checkpoint" / "config.json").read_text())
     assert cfg["quantization"]["quant_algo"] == "FP8"
+
+
+def test_neuron_refuses_a_quantized_hub_model_before_any_weight_is_fetched(hub_env, model_factory, tmp_path):
+    """transformers-neuronx reads dense weights only: a pre-quantized checkpoint is refused for Neuron, from its
+    config.json, before the download (it used to fail later with an unrelated message, or be split as dense)."""
+    hub_env.add("org/fp8-for-neuron", model_factory(fp8="compressed-tensors", num_layers=2))
+    n = len(hub_env.requests)
+    proc = run_cli("neuron", "org/fp8-for-neuron", "--work-dir", tmp_path / "work", "--until", "split")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = error_line(proc)
+    assert "org/fp8-for-neuron/config.json" in line and "compressed-tensors" in line and "Neuron" in line, line
+    fetched = [path for _, path in hub_env.requests[n:] if "/resolve/" in path]
+    assert not [p for p in fetched if p.endswith((".safetensors", ".bin"))], fetched
+    assert not (tmp_path / "work" / "split").exists()
+
+
+def test_neuron_refuses_dense_weights_declared_quantized_by_a_modelopt_file(model_factory, tmp_path):
+    """A local model whose scheme is declared only in hf_quant_config.json: refused naming that file, not split as
+    dense; a dense model beside it still splits."""
+    model = tmp_path / "models" / "m"
+    shutil.copytree(model_factory(num_layers=2), model)
+    proc = run_cli("neuron", "models/m", "--work-dir", "w0", "--until", "split", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (model / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))
+    proc = run_cli("neuron", "models/m", "--work-dir", "w1", "--until", "split", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = error_line(proc)
+    assert "hf_quant_config.json" in line and "modelopt" in line, line
+    assert not (tmp_path / "w1" / "split").exists()

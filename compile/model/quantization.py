@@ -92,6 +92,23 @@ class Quantization:
 DENSE = Quantization()
 
 
+def declared_scheme(config: ModelConfig) -> tuple[str, str] | None:
+    """(the quant_method a checkpoint declares, where) from config.json's quantization_config or a
+    hf_quant_config.json beside it (or read before the download); None for a dense checkpoint. For backends that
+    read no quantized checkpoint at all (Neuron), so any declared scheme is refused without judging it."""
+    qc = config.raw.get("quantization_config")
+    if qc is not None:
+        method = qc.get("quant_method", "unnamed") if isinstance(qc, dict) else "unreadable"
+        return str(method), f"{config.path}: quantization_config"
+    carried = config.raw.get(MODELOPT_KEY)
+    if carried:
+        return "modelopt", carried["where"]
+    modelopt = Path(config.path).parent / MODELOPT_FILE
+    if modelopt.is_file():
+        return "modelopt", str(modelopt)
+    return None
+
+
 def read_quantization(config: ModelConfig) -> Quantization:
     """The checkpoint's quantization (DENSE when none is declared), or a one-line BadInput for a scheme that is
     not converted. Reads config.json's quantization_config, and hf_quant_config.json when it lies beside it."""

@@ -92,6 +92,20 @@ def validate(job: NeuronJob, arch, config, target) -> LoaderCalls:
         raise BadInput(f"{where}: {e}") from None
 
 
+def check_dense(config) -> None:
+    """transformers-neuronx loads dense float weights and quantizes (int8) itself at load time
+    (aws-neuron/transformers-neuronx@release-2.21:src/transformers_neuronx/module.py load_state_dict_dir reads
+    the HF tensors as they are; NeuronConfig(quant=QuantizationConfig) quantizes them), so a pre-quantized
+    checkpoint would be split as if its FP8 / int4 tensors and scales were float weights: refused."""
+    from lmi_compile.model.quantization import declared_scheme
+
+    declared = declared_scheme(config)
+    if declared:
+        method, where = declared
+        raise BadInput(f"{where}: a {method}-quantized checkpoint cannot be compiled for Neuron: transformers-neuronx "
+                       f"reads dense float16/bfloat16 weights only; compile the unquantized model it was made from")
+
+
 def entry_prefix(job: NeuronJob) -> list[str]:
     """The compile entry command; a relative script path in it is made absolute (it must not depend on a cwd)."""
     if not job.compile_entry:
@@ -214,6 +228,10 @@ def run(job: NeuronJob, until: str = "layout") -> Path:
     preflight_upload(job.upload)
     if STAGES.index(until) >= STAGES.index("compile"):
         preflight_sdk(job, target)
+    if until != "fetch":
+        from lmi_compile.remote.peek import read_remote_config
+
+        check_dense(read_remote_config(job.model, job.revision, job.token)[0])  # before any download
     with job.work.locked():
         return _run(job, until, target)
 
@@ -228,6 +246,7 @@ def _run(job: NeuronJob, until: str, target) -> Path:
     calls = validate(job, arch, model.config, target)
     if until == "fetch":
         return model.root
+    check_dense(model.config)  # what was fetched, as well as what the peek read
     observe.stage("split")
     split, split_fp = split_stage(job, model, arch)
     if until == "split":
