@@ -80,57 +80,110 @@ def test_interrupted_fetch_resumes_and_rechecks_kept_files(published, tmp_path):
     assert digests(out) == digests(model)
 
 
-def test_stream_that_drops_mid_range_is_retried(published, s3_env, tmp_path):
-    """A connection that ends early mid-range: the range is fetched again and the file is still verified."""
+class CuttingProxy:
+    """A TCP proxy in front of the S3 server that cuts the first `cuts` responses running past `after` bytes:
+    a connection dropped mid-body, as a real network drops it."""
+
+    def __init__(self, upstream: str, cuts: int, after: int):
+        import socket
+        import threading
+        from urllib.parse import urlsplit
+
+        u = urlsplit(upstream)
+        self.upstream = (u.hostname, u.port)
+        self.cuts, self.after, self.cut = cuts, after, 0
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        while True:
+            try:
+                down, _ = self.sock.accept()
+            except OSError:
+                return
+            up = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pipe, args=(down, up, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(up, down, True), daemon=True).start()
+
+    def _pipe(self, src, dst, response: bool):
+        sent = 0
+        try:
+            while data := src.recv(1 << 16):
+                if response and sent + len(data) > self.after:
+                    with self.lock:
+                        cut = self.cut < self.cuts
+                        self.cut += cut
+                    if cut:
+                        dst.sendall(data[:self.after - sent])
+                        break
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(2)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_stream_that_drops_mid_range_is_retried(published, s3_env, tmp_path, monkeypatch):
+    """A connection that ends mid-range (a real one, cut by a proxy): the range is fetched again through the
+    fetch's worker processes and the file is still verified."""
     from lmi_compile.remote.fetch import _manifest_objects
     from lmi_compile.remote.s3 import download_files, list_objects, make_client
 
     model, prefix = published
-    client, u = make_client(), parse_s3_uri(prefix)
-    objects = list_objects(client, u)
-    drops = {"n": 0}
-
-    class Dropping:
-        """get_object whose first two bodies end after 1 MiB."""
-
-        def get_object(self, **kw):
-            resp = client.get_object(**kw)
-            if drops["n"] < 2 and resp["ContentLength"] > 1 << 20:
-                drops["n"] += 1
-                real = resp["Body"]
-                left = {"n": 1 << 20}
-
-                class Short:
-                    def readinto(self, view):
-                        if left["n"] <= 0:
-                            return 0
-                        k = real.readinto(view[:left["n"]])
-                        left["n"] -= k
-                        return k
-
-                    def close(self):
-                        real.close()
-
-                resp["Body"] = Short()
-            return resp
-
-    weights = sorted(k for k in objects if k.endswith(".safetensors"))
-    download_files(Dropping(), u, weights, tmp_path / "d", objects, desc="d", expect=_manifest_objects(client, u))
-    assert drops["n"] == 2
+    proxy = CuttingProxy(s3_env.endpoint, cuts=2, after=1 << 20)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+    try:
+        client, u = make_client(), parse_s3_uri(prefix)
+        objects = list_objects(client, u)
+        weights = sorted(k for k in objects if k.endswith(".safetensors"))
+        download_files(client, u, weights, tmp_path / "d", objects, desc="d", expect=_manifest_objects(client, u))
+    finally:
+        proxy.close()
+    assert proxy.cut == 2
     assert digests(tmp_path / "d") == {k: v for k, v in digests(model).items() if k in weights}
+    assert not list((tmp_path / "d").glob(".*.tmp-*"))
 
 
-def test_bodies_are_read_straight_from_the_socket(published, s3_env):
-    """The shipped path reads the HTTP response under botocore's body (no copy through urllib3); if a botocore
-    or urllib3 upgrade moves it, downloads stay correct through the public API but slower: this says so."""
-    from lmi_compile.remote.s3 import _raw_readinto, make_client
+def test_ranged_gets_run_in_worker_processes(published, s3_env, tmp_path):
+    """The shipped engine: big ranges go to worker processes (remote/getter.py) that exit once the download is
+    done; a request error there comes back as one translated line."""
+    import psutil
+
+    from lmi_compile.errors import LmiCompileError
+    from lmi_compile.remote.s3 import Getters, download_files, list_objects, make_client
 
     _, prefix = published
-    u = parse_s3_uri(prefix)
-    body = make_client().get_object(Bucket=u.bucket, Key=u.key(MANIFEST_KEY))["Body"]
-    readinto = _raw_readinto(body)
-    assert type(readinto.__self__).__module__ == "http.client"
-    body.close()
+    client, u = make_client(), parse_s3_uri(prefix)
+    objects = list_objects(client, u)
+    weights = sorted(k for k in objects if k.endswith(".safetensors"))
+    getters = Getters(client, processes=2)
+    try:
+        download_files(client, u, weights, tmp_path / "d", objects, desc="d", getters=getters)
+        procs = list(getters._all)
+        assert procs and all("getter.py" in " ".join(psutil.Process(p.pid).cmdline()) for p in procs)
+        # an object deleted after the listing: the worker's 404 becomes the fetch's error line
+        gone = dict(objects, **{"missing.safetensors": 10 << 20})
+        with pytest.raises(LmiCompileError, match=r"missing.safetensors: S3 request failed \(NoSuchKey"):
+            download_files(client, u, ["missing.safetensors"], tmp_path / "e", gone, desc="e", getters=getters)
+    finally:
+        getters.close()
+    assert all(p.poll() is not None for p in procs)
+    assert not list((tmp_path / "e").glob(".*.tmp-*"))
 
 
 def rank_tensors(folder: Path) -> dict:

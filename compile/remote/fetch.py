@@ -109,7 +109,7 @@ def _download(source: ModelSource, staging: Path, *, token, trust_remote_code, l
 def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool, listener=None) -> str:
     from lmi_compile.model.files import preferred_index, small_files, weight_files
     from lmi_compile.remote.manifest import MANIFEST_KEY, MARKER_KEY
-    from lmi_compile.remote.s3 import download_files, list_objects, make_client, parse_s3_uri
+    from lmi_compile.remote.s3 import Getters, download_files, list_objects, make_client, parse_s3_uri
 
     uri = parse_s3_uri(location)
     client = make_client()
@@ -126,16 +126,20 @@ def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool, listener=No
     # A prefix published by lmi-compile: every fetched byte is checked against the manifest as it arrives.
     expect = _manifest_objects(client, uri) if MANIFEST_KEY in objects else {}
     small = small_files(objects, trust_remote_code=trust_remote_code, source=str(uri))
-    download_files(client, uri, small, dest, objects, desc="fetch small files", expect=expect, mtimes=mtimes,
-                   listener=listener)
-    index_name = preferred_index(objects)
-    index = read_json(dest / index_name) if index_name else None
-    weights = weight_files(objects, index, index_name, source=str(uri))
-    ensure_room(dest, sum(objects[w] for w in weights), "fetch")
-    if listener:
-        listener.weights(weights)
-    download_files(client, uri, weights, dest, objects, desc="fetch weights", expect=expect, mtimes=mtimes,
-                   listener=listener)
+    getters = Getters(client).start()  # one set of GET workers for the small files and the weights
+    try:
+        download_files(client, uri, small, dest, objects, desc="fetch small files", expect=expect, mtimes=mtimes,
+                       listener=listener, getters=getters)
+        index_name = preferred_index(objects)
+        index = read_json(dest / index_name) if index_name else None
+        weights = weight_files(objects, index, index_name, source=str(uri))
+        ensure_room(dest, sum(objects[w] for w in weights), "fetch")
+        if listener:
+            listener.weights(weights)
+        download_files(client, uri, weights, dest, objects, desc="fetch weights", expect=expect, mtimes=mtimes,
+                       listener=listener, getters=getters)
+    finally:
+        getters.close()
     return str(uri)
 
 
