@@ -297,3 +297,27 @@ def test_no_hard_links_means_convert_after_download(tmp_path, monkeypatch):
     (tmp_path / "f.tmp").write_bytes(b"x")
     arriving.opened("model.safetensors", tmp_path / "f.tmp")
     assert arriving.unlinkable and arriving.wait_weights() == []
+
+
+def test_no_keep_source_leaves_one_copy_and_reruns(published, reference_ranks, tmp_path):
+    """--no-keep-source: after the convert (fed while the model downloads) the fetched weights are gone, config and
+    tokenizer stay; a rerun finds the convert done; a stage that needs the weights again (a neuron split in the
+    same work dir) fetches them again, verified, and removes them after it."""
+    model, prefix = published
+    work = tmp_path / "w"
+    args = ("trtllm", prefix, "--tp", "2", "--until", "convert", "--work-dir", work, "--no-keep-source")
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert same_tensors(rank_tensors(work / "checkpoint"), reference_ranks)
+    kept = sorted(p.name for p in (work / "source").iterdir() if not p.name.startswith("."))
+    assert kept == sorted(p.name for p in model.iterdir() if not p.name.endswith(".safetensors")), kept
+    assert "tokenizer.json" in kept and "model.safetensors.index.json" in kept
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith(".") and p.is_dir()) == []  # no partial copy
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "is up to date, skipping" in again.stderr
+    assert not list((work / "source").glob("*.safetensors"))
+    split = run_cli("neuron", prefix, "--tp", "2", "--until", "split", "--work-dir", work, "--no-keep-source")
+    assert split.returncode == 0, split.stderr
+    assert "fetching them again" in split.stderr and "removed 2 weight file(s)" in split.stderr
+    assert any((work / "split").iterdir()) and not list((work / "source").glob("*.safetensors"))

@@ -67,6 +67,9 @@ def fetch(source: ModelSource, output: Path | None, *, token: str | None = None,
     if stages.is_done(output, "fetch", fp):
         log.info("fetch: %s already in %s, skipping", source.describe(), output)
         return validate_model_dir(output, trust_remote_code=trust_remote_code)
+    if (stages.read_record(output) or {}).get("weights_removed"):
+        log.info("fetch: the weights in %s were removed after an earlier run converted them (--no-keep-source); "
+                 "fetching them again", output)
     stages.claim_output(output, "fetch", overwrite=overwrite)
     staging = stages.staging_dir(output)
     staging.mkdir(parents=True, exist_ok=True)
@@ -162,3 +165,29 @@ def _manifest_objects(client, uri) -> dict[str, dict]:
 
     return {rel: e for rel, e in objects.items() if isinstance(e, dict) and {"size", "part_size"} <= e.keys()
             and verifying_checksum(e)}
+
+
+def remove_weights(model: ValidatedModel, source: Path) -> None:
+    """--no-keep-source: once a stage has consumed them, delete the weight files of a model this tool fetched into
+    `source` (never a user's own folder), keep its config and tokenizer, and mark the fetch as not done, so a
+    rerun that needs the weights fetches them again instead of trusting a folder that lacks them."""
+    root = Path(model.root).resolve()
+    if root != Path(source).resolve():
+        return  # a local model folder is the user's
+    rec = stages.read_record(root)
+    if not rec or rec.get("stage") != "fetch":
+        return
+    files = [Path(f) for f in model.checkpoint.files]
+    model.checkpoint.close()
+    # the record first: a crash between the two leaves a folder that reads "fetch again", never a false "done"
+    stages.write_json_atomic(root / stages.STAGE_RECORD, {**rec, "fingerprint": None, "weights_removed": [
+        f.relative_to(root).as_posix() for f in files]})
+    freed = 0
+    for f in files:
+        try:
+            freed += f.stat().st_size
+            f.unlink()
+        except FileNotFoundError:
+            pass
+    log.info("fetch: removed %d weight file(s), %.1f GiB, from %s (--no-keep-source); a rerun that needs them "
+             "fetches them again", len(files), freed / 2**30, root)
