@@ -314,8 +314,10 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
             ranges = t.ranges()
             t.left = len(ranges)
             tasks += [(t, first, count) for first, count in ranges]
-        # every file's first range (its header) first; then big files first, their ranges keep every worker busy
-        tasks.sort(key=lambda task: (task[1] != 0, -task[0].size, task[1]))
+        # every file's first range (its header) first; then the files' ranges interleaved, so the workers write
+        # into several files at once (a filesystem serialises buffered writes to one file on its inode lock)
+        order = {id(t): i for i, t in enumerate(sorted(targets, key=lambda t: -t.size))}
+        tasks.sort(key=lambda task: (task[1] != 0, task[1], order[id(task[0])]))
         with ThreadPoolExecutor(concurrency or getters.processes, thread_name_prefix="get") as pool:
             futures = [pool.submit(fetch_range, *task) for task in tasks]
             try:
