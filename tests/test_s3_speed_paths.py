@@ -172,6 +172,7 @@ def test_ranged_gets_run_in_worker_processes(published, s3_env, tmp_path):
     objects = list_objects(client, u)
     weights = sorted(k for k in objects if k.endswith(".safetensors"))
     getters = Getters(client, processes=2)
+    assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in getters.presign(u, weights[0])  # SigV4: every region accepts it
     try:
         download_files(client, u, weights, tmp_path / "d", objects, desc="d", getters=getters)
         procs = list(getters._all)
@@ -184,6 +185,39 @@ def test_ranged_gets_run_in_worker_processes(published, s3_env, tmp_path):
         getters.close()
     assert all(p.poll() is not None for p in procs)
     assert not list((tmp_path / "e").glob(".*.tmp-*"))
+
+
+def test_a_put_whose_bytes_do_not_match_its_signed_checksum_is_refused(s3_env, tmp_path):
+    """Push's PUTs go through the same workers; the checksum is a signed header, and the server checks the bytes
+    against it: a part announced with another part's SHA256 is refused (BadDigest), not stored."""
+    import base64
+    import os
+
+    from lmi_compile.remote.s3 import Getters, make_client
+
+    client = make_client()
+    data = tmp_path / "part.bin"
+    data.write_bytes(os.urandom(5 << 20))
+    getters = Getters(client, processes=1)
+    task = {"op": "put", "path": str(data), "offset": 0, "size": 5 << 20, "algorithms": ["sha256", "crc32"]}
+
+    def sign(reply, tamper):
+        digest = bytearray(bytes.fromhex(reply["digests"]["sha256"]))
+        digest[0] ^= tamper
+        b64 = base64.b64encode(bytes(digest)).decode()
+        url = client.generate_presigned_url("put_object", Params={"Bucket": "models", "Key": "put-check/p",
+                                                                  "ChecksumSHA256": b64}, ExpiresIn=60)
+        return {"url": url, "headers": {"x-amz-checksum-sha256": b64}}
+
+    try:
+        bad = getters.run(task, then=lambda r: sign(r, 1))
+        assert not bad["ok"] and bad["status"] == 400 and "BadDigest" in bad["body"], bad
+        good = getters.run(task, then=lambda r: sign(r, 0))
+        assert good["ok"] and good["etag"], good
+        assert len(getters._all) == 1  # a 5 MiB PUT runs in a worker process, not in this one
+    finally:
+        getters.close()
+    assert client.get_object(Bucket="models", Key="put-check/p")["Body"].read() == data.read_bytes()
 
 
 def rank_tensors(folder: Path) -> dict:

@@ -1,4 +1,5 @@
-"""A ranged-GET worker process of the S3 fetch (s3.download_files): standard library only, started as a script.
+"""A transfer worker process of the S3 fetch (ranged GETs, s3.download_files) and push (part PUTs,
+publish.Publisher): standard library only, started as a script.
 
 Why a process: one Python process moving several GB/s spends its time handing the GIL between threads for every
 socket read, checksum and write; separate processes each read, hash and pwrite without waiting on one another
@@ -7,10 +8,16 @@ Why plain http.client: the URL comes presigned (SigV4, by botocore in the parent
 regions and credentials), so a GET is one request line; the body is read straight from the socket into one
 reused buffer, hashed there (zlib.crc32 and hashlib release the GIL) and written in place with pwrite.
 
+A PUT is the mirror image: the part is read with preadv into one reused buffer, hashed there, and sent from it
+(a memoryview: no copy) on a URL presigned with its checksum as a signed header, which S3 verifies.
+
 Protocol: one JSON task per line on stdin, one JSON reply per line on stdout, in order.
-  task:  {"url", "path" (an existing temporary, written in place), "size" (the object's),
+  get:   {"url", "path" (an existing temporary, written in place), "size" (the object's),
           "parts": [[offset, length], ...] (consecutive; one GET covers them), "algorithm": "crc32"|"sha256"|null}
-  reply: {"ok": true, "digests": [hex per part]}  or  {"ok": false, "kind": "http"|"net"|"disk", ...}
+         -> {"ok": true, "digests": [hex per part]}
+  put:   {"op": "put", "path", "offset", "size", "algorithms": [...]} -> {"ok": true, "digests": {name: hex}};
+         then {"url", "headers"} (signed for those digests) -> {"ok": true, "etag"}, or {"skip": true} -> nothing
+  a failure: {"ok": false, "kind": "http"|"net"|"disk"|"gone", ...}
 The worker ignores SIGINT (a terminal's Ctrl-C reaches the whole process group): the parent decides, and ends
 workers by closing stdin or with SIGTERM before it removes the temporaries they write.
 """
@@ -135,10 +142,55 @@ class Getter:
             raise ConnectionError("the server sent more bytes than it announced")
         return digests
 
+    def read_part(self, task: dict) -> tuple[memoryview, dict]:
+        """The part's bytes (in a buffer reused for parts of one size) and their digests."""
+        n = task["size"]
+        if getattr(self, "pbuf", None) is None or len(self.pbuf) != n:
+            self.pbuf = memoryview(bytearray(n))
+        view = self.pbuf
+        try:
+            fd = os.open(task["path"], os.O_RDONLY)
+        except OSError as e:
+            raise DiskError(f"{task['path']}: {e.strerror}") from None
+        try:
+            got = 0
+            while got < n:
+                k = os.preadv(fd, [view[got:]], task["offset"] + got)
+                if k <= 0:
+                    raise DiskError(f"{task['path']}: file shrank during upload; do not modify artifacts while pushing")
+                got += k
+        finally:
+            os.close(fd)
+        digests = {}
+        for name in task["algorithms"]:
+            h = HASHES[name]()
+            h.update(view)
+            digests[name] = h.digest().hex()
+        return view, digests
 
-def run(g: Getter, task: dict) -> dict:
-    """One task's reply (never raises for a failed transfer)."""
+    def put(self, view: memoryview, msg: dict) -> str:
+        """PUT the part on its presigned URL; its ETag."""
+        u = urllib.parse.urlsplit(msg["url"])
+        conn = self.connection(u)
+        conn.request("PUT", f"{u.path}?{u.query}" if u.query else u.path, body=view,
+                     headers={"Content-Length": str(len(view)), **msg.get("headers", {})})
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise HttpError(resp.status, body[:2000])
+        return resp.getheader("ETag") or ""
+
+
+def run(g: Getter, task: dict, then=None) -> dict:
+    """One task's reply (never raises for a failed transfer). A put hands its digests to `then`, which returns
+    the signed URL message (or None to skip), and replies with the ETag."""
     try:
+        if task.get("op") == "put":
+            view, digests = g.read_part(task)
+            msg = then({"ok": True, "digests": digests})
+            if not msg or msg.get("skip"):
+                return {"ok": True, "skipped": True}
+            return {"ok": True, "etag": g.put(view, msg)}
         return {"ok": True, "digests": g.get(task)}
     except HttpError as e:
         g.drop()
@@ -155,9 +207,20 @@ def run(g: Getter, task: dict) -> dict:
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     g = Getter()
-    for line in sys.stdin:
-        sys.stdout.write(json.dumps(run(g, json.loads(line))) + "\n")
+
+    def send(reply: dict) -> None:
+        sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
+
+    def then(reply: dict) -> dict | None:
+        send(reply)
+        line = sys.stdin.readline()
+        return json.loads(line) if line else None
+
+    for line in sys.stdin:
+        reply = run(g, json.loads(line), then)
+        if not reply.get("skipped"):
+            send(reply)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def make_client(max_pool: int = 64):
     if endpoint and endpoint.startswith("http://"):
         # Over plain http botocore hashes every body for SigV4; checksums still protect the data.
         s3cfg["payload_signing_enabled"] = False
-    cfg = Config(retries={"mode": "adaptive", "max_attempts": 8}, max_pool_connections=max_pool,
+    # SigV4 for presigned URLs too (botocore presigns S3 with SigV2 by default; regions since 2014 accept only V4)
+    cfg = Config(retries={"mode": "adaptive", "max_attempts": 8}, max_pool_connections=max_pool, signature_version="s3v4",
                  s3=s3cfg, connect_timeout=10, read_timeout=120,
                  request_checksum_calculation="when_required", response_checksum_validation="when_required")
     return boto3.session.Session().client("s3", config=cfg)
@@ -174,15 +175,15 @@ class Getters:
         self._all.append(proc)
         return proc
 
-    def run(self, task: dict) -> dict:
+    def run(self, task: dict, then=None) -> dict:
         """Hand one task to a free worker (started on first need) and wait for its reply; a small one runs here,
-        with the same code."""
-        if task["parts"][-1][0] + task["parts"][-1][1] - task["parts"][0][0] < IN_PROCESS_BYTES:
+        with the same code. A put's digests go to `then`, whose answer (the signed URL) goes back to the worker."""
+        if _task_bytes(task) < IN_PROCESS_BYTES:
             from lmi_compile.remote import getter
 
             g = getter.Getter()
             try:
-                return getter.run(g, task)
+                return getter.run(g, task, then)
             finally:
                 g.close()
         with self._lock:
@@ -190,18 +191,35 @@ class Getters:
                 raise Interrupted(received())
             proc = self._free.pop() if self._free else self._spawn()
         try:
-            proc.stdin.write(json.dumps(task) + "\n")
-            proc.stdin.flush()
-            line = proc.stdout.readline()
+            reply = self._ask(proc, task)
+            if reply and reply.get("ok") and task.get("op") == "put":
+                try:
+                    msg = then(reply)
+                except BaseException:
+                    self._tell(proc, {"skip": True})  # the worker waits for an answer: it gets one, and stays usable
+                    with self._lock:
+                        self._free.append(proc)
+                    raise
+                reply = self._ask(proc, msg)
         except (BrokenPipeError, ValueError, OSError):
-            line = ""
-        if not line:  # the worker died (killed by close(), or crashed): never reuse it
+            reply = None
+        if reply is None:  # the worker died (killed by close(), or crashed): never reuse it
             if STOP.is_set() or self.closed:
                 raise Interrupted(received())
             return {"ok": False, "kind": "net", "error": f"transfer process ended (exit {proc.poll()})"}
         with self._lock:
             self._free.append(proc)
-        return json.loads(line)
+        return reply
+
+    @staticmethod
+    def _tell(proc, msg: dict) -> None:
+        proc.stdin.write(json.dumps(msg) + "\n")
+        proc.stdin.flush()
+
+    def _ask(self, proc, msg: dict) -> dict | None:
+        self._tell(proc, msg)
+        line = proc.stdout.readline()
+        return json.loads(line) if line else None
 
     def close(self) -> None:
         """End every worker and wait for it, so none writes a temporary after this returns."""
@@ -222,6 +240,12 @@ class Getters:
                     f.close()
                 except OSError:
                     pass
+
+
+def _task_bytes(task: dict) -> int:
+    if task.get("op") == "put":
+        return task["size"]
+    return task["parts"][-1][0] + task["parts"][-1][1] - task["parts"][0][0]
 
 
 def download_processes() -> int:
@@ -358,23 +382,29 @@ def _get_parts(getters: Getters, uri: S3Uri, t: _Target, first: int, count: int,
         reply = getters.run(task)
         if reply["ok"]:
             break
-        kind = reply["kind"]
-        if kind == "disk":  # the local disk, not the transfer: no retry
+        if reply["kind"] == "disk":  # the local disk, not the transfer: no retry
             raise LmiCompileError(f"{t.target}: cannot write ({reply['error']}); free disk space or choose another "
                                   f"--output / --work-dir")
-        if kind == "gone":
-            raise Interrupted(received())
-        if kind == "http" and reply["status"] == -1:
+        if reply["kind"] == "http" and reply["status"] == -1:
             raise LmiCompileError(f"{uri}{t.rel}: {reply['body']}; the object changed during the download, rerun")
-        if kind == "http" and not _retryable(reply["status"], reply["body"]):
-            raise _http_error(reply["status"], reply["body"], f"{uri}{t.rel}")
-        if attempt == RANGE_ATTEMPTS - 1:
-            what = reply.get("error") or f"HTTP {reply.get('status')}"
-            raise LmiCompileError(f"{uri}{t.rel}: bytes {start}-{end - 1} failed {RANGE_ATTEMPTS} times ({what}); "
-                                  f"check the network and rerun (finished files are kept)")
-        time.sleep(0.2 * 2 ** attempt)
+        failed(reply, f"{uri}{t.rel}", f"bytes {start}-{end - 1}", attempt, "rerun (finished files are kept)")
     t.digests[first:first + count] = [bytes.fromhex(d) for d in reply["digests"]]
     bar.update(end - start)
+
+
+def failed(reply: dict, where: str, what: str, attempt: int, fix: str) -> None:
+    """A worker's failed reply: raise the one-line error if it will not get better, else wait before the retry."""
+    kind = reply["kind"]
+    if kind == "gone":
+        raise Interrupted(received())
+    if kind == "disk":
+        raise LmiCompileError(f"{where}: {reply['error']}")
+    if kind == "http" and not _retryable(reply["status"], reply["body"]):
+        raise _http_error(reply["status"], reply["body"], where)
+    if attempt == RANGE_ATTEMPTS - 1:
+        why = reply.get("error") or f"HTTP {reply.get('status')}"
+        raise LmiCompileError(f"{where}: {what} failed {RANGE_ATTEMPTS} times ({why}); check the network and {fix}")
+    time.sleep(0.2 * 2 ** attempt)
 
 
 def _retryable(status: int, body: str) -> bool:
