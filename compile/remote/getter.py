@@ -183,15 +183,23 @@ class Getter:
 
 def run(g: Getter, task: dict, then=None) -> dict:
     """One task's reply (never raises for a failed transfer). A put hands its digests to `then`, which returns
-    the signed URL message (or None to skip), and replies with the ETag."""
+    the signed URL message (or None to skip), and replies with the ETag; what `then` raises is the caller's and
+    propagates."""
+    if task.get("op") != "put":
+        return _guard(g, lambda: {"ok": True, "digests": g.get(task)})
+    read = _guard(g, lambda: g.read_part(task))
+    if isinstance(read, dict):
+        return read
+    view, digests = read
+    msg = then({"ok": True, "digests": digests})
+    if not msg or msg.get("skip"):
+        return {"ok": True, "skipped": True}
+    return _guard(g, lambda: {"ok": True, "etag": g.put(view, msg)})
+
+
+def _guard(g: Getter, fn):
     try:
-        if task.get("op") == "put":
-            view, digests = g.read_part(task)
-            msg = then({"ok": True, "digests": digests})
-            if not msg or msg.get("skip"):
-                return {"ok": True, "skipped": True}
-            return {"ok": True, "etag": g.put(view, msg)}
-        return {"ok": True, "digests": g.get(task)}
+        return fn()
     except HttpError as e:
         g.drop()
         return {"ok": False, "kind": "http", "status": e.status, "body": e.body.decode("utf-8", "replace")}

@@ -127,11 +127,8 @@ class Publisher:
         def sign(reply: dict) -> dict:
             sums.update({name: bytes.fromhex(d) for name, d in reply["digests"].items()})
             digest = b64(sums["sha256"])
-            try:
-                url = self.client.generate_presigned_url(op, Params={"Bucket": self.uri.bucket, "Key": key, **params,
-                                                                     "ChecksumSHA256": digest}, ExpiresIn=3600)
-            except Exception as e:
-                raise translate(e, f"{self.uri}{f.rel}") from None
+            url = self.workers.sign(op, {"Bucket": self.uri.bucket, "Key": key, **params, "ChecksumSHA256": digest},
+                                    f"{self.uri}{f.rel}")
             return {"url": url, "headers": {"x-amz-checksum-sha256": digest}}
 
         for attempt in range(RANGE_ATTEMPTS):
@@ -139,6 +136,8 @@ class Publisher:
             reply = self.workers.run(task, then=sign)
             if reply["ok"]:
                 return reply["etag"], sums["sha256"], sums["crc32"]
+            if self.workers.redirected(reply):
+                continue
             failed(reply, f"{self.uri}{f.rel}", f"the PUT of bytes {offset}-{offset + size - 1}", attempt,
                    "rerun to resume")
         raise AssertionError("unreachable")  # failed() raises on the last attempt

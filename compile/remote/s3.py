@@ -47,7 +47,7 @@ def parse_s3_uri(uri: str) -> S3Uri:
     return S3Uri(bucket, prefix + "/" if prefix else "")
 
 
-def make_client(max_pool: int = 64):
+def make_client(max_pool: int = 64, region: str | None = None):
     """One S3 client with adaptive retries (throttling, 5xx, dropped connections) and a big pool."""
     import boto3
     from botocore.config import Config
@@ -61,7 +61,7 @@ def make_client(max_pool: int = 64):
     cfg = Config(retries={"mode": "adaptive", "max_attempts": 8}, max_pool_connections=max_pool, signature_version="s3v4",
                  s3=s3cfg, connect_timeout=10, read_timeout=120,
                  request_checksum_calculation="when_required", response_checksum_validation="when_required")
-    return boto3.session.Session().client("s3", config=cfg)
+    return boto3.session.Session().client("s3", config=cfg, region_name=region)
 
 
 def translate(e: Exception, where: str) -> LmiCompileError:
@@ -152,11 +152,25 @@ class Getters:
         self.closed = False
 
     def presign(self, uri: S3Uri, rel: str) -> str:
+        return self.sign("get_object", {"Bucket": uri.bucket, "Key": uri.key(rel)}, f"{uri}{rel}")
+
+    def sign(self, op: str, params: dict, where: str) -> str:
+        """A SigV4 URL for one request of `op`, valid for an hour (signed again for every retry)."""
         try:
-            return self.client.generate_presigned_url("get_object", Params={"Bucket": uri.bucket,
-                                                                            "Key": uri.key(rel)}, ExpiresIn=3600)
+            return self.client.generate_presigned_url(op, Params=params, ExpiresIn=3600)
         except Exception as e:
-            raise translate(e, f"{uri}{rel}") from None
+            raise translate(e, where) from None
+
+    def redirected(self, reply: dict) -> bool:
+        """A URL signed for the wrong region (no AWS_REGION set for a bucket elsewhere): S3 names the bucket's
+        region in its error; sign for that region from now on. (botocore's own calls follow such redirects.)"""
+        region = re.search(r"<Region>([a-z0-9-]+)</Region>", reply.get("body") or "")
+        if reply.get("kind") != "http" or reply.get("status") not in (301, 400) or not region:
+            return False
+        if region.group(1) == self.client.meta.region_name:
+            return False
+        self.client = make_client(region=region.group(1))
+        return True
 
     def start(self) -> "Getters":
         """Start every worker now, so their start-up overlaps the listing and the small files."""
@@ -385,6 +399,8 @@ def _get_parts(getters: Getters, uri: S3Uri, t: _Target, first: int, count: int,
         if reply["kind"] == "disk":  # the local disk, not the transfer: no retry
             raise LmiCompileError(f"{t.target}: cannot write ({reply['error']}); free disk space or choose another "
                                   f"--output / --work-dir")
+        if getters.redirected(reply):
+            continue
         if reply["kind"] == "http" and reply["status"] == -1:
             raise LmiCompileError(f"{uri}{t.rel}: {reply['body']}; the object changed during the download, rerun")
         failed(reply, f"{uri}{t.rel}", f"bytes {start}-{end - 1}", attempt, "rerun (finished files are kept)")
