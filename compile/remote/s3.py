@@ -318,7 +318,7 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
     bar = bytes_bar(sum(t.size for t in targets), desc)
     lock = threading.Lock()
     own = getters is None
-    getters = getters or Getters(client)
+    getters = getters or Getters(client, processes=min(download_processes(), len(targets) * 4)).start()
 
     def fetch_range(t: _Target, first: int, count: int) -> None:
         check()
