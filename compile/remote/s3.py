@@ -140,8 +140,9 @@ class _Target:
 
 
 class Getters:
-    """The fetch's transfer engine: worker processes (remote/getter.py) doing ranged GETs of URLs this process
-    presigns with its botocore client. A thread of ours drives one worker at a time; close() ends them all."""
+    """The transfer engine of fetch and push: worker processes (remote/getter.py) doing ranged GETs and part PUTs
+    on URLs this process presigns with its botocore client. A thread of ours drives one worker at a time; close()
+    ends them all."""
 
     def __init__(self, client, processes: int | None = None):
         self.client = client
@@ -210,9 +211,12 @@ class Getters:
                 try:
                     msg = then(reply)
                 except BaseException:
-                    self._tell(proc, {"skip": True})  # the worker waits for an answer: it gets one, and stays usable
-                    with self._lock:
-                        self._free.append(proc)
+                    try:  # the worker waits for an answer: it gets one, and stays usable
+                        self._tell(proc, {"skip": True})
+                        with self._lock:
+                            self._free.append(proc)
+                    except OSError:
+                        pass
                     raise
                 reply = self._ask(proc, msg)
         except (BrokenPipeError, ValueError, OSError):
@@ -375,11 +379,6 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
             getters.close()  # (a failure closed shared workers already: none writes a temporary removed below)
         for t in targets:  # anything unfinished: drop its temporary
             t.tmp.unlink(missing_ok=True)
-
-
-def download_concurrency() -> int:
-    """GETs in flight: the worker processes, each with one connection."""
-    return download_processes()
 
 
 def _get_parts(getters: Getters, uri: S3Uri, t: _Target, first: int, count: int, bar) -> None:
