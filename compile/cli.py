@@ -41,6 +41,10 @@ Upload = Annotated[Optional[str], typer.Option(
 WorkDirOpt = Annotated[Optional[Path], typer.Option(
     "--work-dir", help="Stage folders, kept for resuming (default ./lmi-compile-work/NAME).", show_default=False)]
 Force = Annotated[bool, typer.Option("--force", help="Redo every stage.")]
+KeepSource = Annotated[bool, typer.Option("--keep-source/--no-keep-source", help=(
+    "Keep the weights of a model fetched into the work dir once they are converted (trtllm) or split (neuron); "
+    "--no-keep-source removes them then (config and tokenizer stay), so the work dir holds one copy. A rerun "
+    "fetches them again where a stage needs them."))]
 JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 AllowLonger = Annotated[bool, typer.Option(
     "--allow-longer", help="Allow sequences above max_position_embeddings when the model's rope scaling covers it.")]
@@ -220,6 +224,7 @@ def trtllm(
     trust_remote_code: TrustRemoteCode = False,
     overwrite: Overwrite = False,
     force: Force = False,
+    keep_source: KeepSource = True,
 ):
     """Compile MODEL for TensorRT-LLM: fetch, convert to a rank-sharded TRT-LLM checkpoint, build engines
     with trtllm-build, and lay out the tree LMI loads with its serving.properties."""
@@ -249,7 +254,7 @@ def trtllm(
                     engine_path=engine_path, upload=upload,
                     allow_longer=allow_longer, revision=s.pick("revision", revision, None), token=token,
                     trust_remote_code=trust_remote_code or s.lmi.get("trust_remote_code", False),
-                    overwrite=overwrite, force=force)
+                    overwrite=overwrite, force=force, keep_source=keep_source)
     if workers:
         job.workers = workers
     s.picked["lmi_version"] = (target.release, "flag" if lmi_version else "default")
@@ -290,6 +295,7 @@ def neuron(
     trust_remote_code: TrustRemoteCode = False,
     overwrite: Overwrite = False,
     force: Force = False,
+    keep_source: KeepSource = True,
 ):
     """Compile MODEL for AWS Neuron (inf2/trn1): fetch, write split weights, compile NEFF graphs with
     transformers-neuronx, and lay out the tree LMI loads with its serving.properties."""
@@ -313,7 +319,8 @@ def neuron(
                     neuron_cache=_abs(neuron_cache), compile_entry=compile_entry, upload=upload,
                     revision=s.pick("revision", revision, None), token=token,
                     trust_remote_code=trust_remote_code or s.lmi.get("trust_remote_code", False),
-                    overwrite=overwrite, force=force, source_kind=parse_source(model, revision).kind)
+                    overwrite=overwrite, force=force, source_kind=parse_source(model, revision).kind,
+                    keep_source=keep_source)
     s.log("neuron")
     out = run(job, until)
     typer.echo(f"{until}: {out}" + (f" (published to {upload})" if upload and until == "layout" else ""))

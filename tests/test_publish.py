@@ -102,7 +102,8 @@ def test_injected_failure_aborts_multipart_and_leaves_incomplete_marker(s3_env, 
         if calls["n"] == 3:
             raise ConnectionResetError("injected: connection dropped")
 
-    client.meta.events.register("before-call.s3.UploadPart", fail_third_part)
+    # parts go out on URLs presigned per part (remote/getter.py sends them): the third part's request fails
+    client.meta.events.register("before-parameter-build.s3.UploadPart", fail_third_part)
     tree = make_tree(tmp_path / "art")
     with pytest.raises(LmiCompileError) as e:
         push(tree, s3_prefix, part_size=5 * MIB, concurrency=2, client=client, delete_local=True)

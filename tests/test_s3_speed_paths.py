@@ -80,57 +80,144 @@ def test_interrupted_fetch_resumes_and_rechecks_kept_files(published, tmp_path):
     assert digests(out) == digests(model)
 
 
-def test_stream_that_drops_mid_range_is_retried(published, s3_env, tmp_path):
-    """A connection that ends early mid-range: the range is fetched again and the file is still verified."""
+class CuttingProxy:
+    """A TCP proxy in front of the S3 server that cuts the first `cuts` responses running past `after` bytes:
+    a connection dropped mid-body, as a real network drops it."""
+
+    def __init__(self, upstream: str, cuts: int, after: int):
+        import socket
+        import threading
+        from urllib.parse import urlsplit
+
+        u = urlsplit(upstream)
+        self.upstream = (u.hostname, u.port)
+        self.cuts, self.after, self.cut = cuts, after, 0
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        while True:
+            try:
+                down, _ = self.sock.accept()
+            except OSError:
+                return
+            up = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pipe, args=(down, up, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(up, down, True), daemon=True).start()
+
+    def _pipe(self, src, dst, response: bool):
+        sent = 0
+        try:
+            while data := src.recv(1 << 16):
+                if response and sent + len(data) > self.after:
+                    with self.lock:
+                        cut = self.cut < self.cuts
+                        self.cut += cut
+                    if cut:
+                        dst.sendall(data[:self.after - sent])
+                        break
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(2)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_stream_that_drops_mid_range_is_retried(published, s3_env, tmp_path, monkeypatch):
+    """A connection that ends mid-range (a real one, cut by a proxy): the range is fetched again through the
+    fetch's worker processes and the file is still verified."""
     from lmi_compile.remote.fetch import _manifest_objects
     from lmi_compile.remote.s3 import download_files, list_objects, make_client
 
     model, prefix = published
-    client, u = make_client(), parse_s3_uri(prefix)
-    objects = list_objects(client, u)
-    drops = {"n": 0}
-
-    class Dropping:
-        """get_object whose first two bodies end after 1 MiB."""
-
-        def get_object(self, **kw):
-            resp = client.get_object(**kw)
-            if drops["n"] < 2 and resp["ContentLength"] > 1 << 20:
-                drops["n"] += 1
-                real = resp["Body"]
-                left = {"n": 1 << 20}
-
-                class Short:
-                    def readinto(self, view):
-                        if left["n"] <= 0:
-                            return 0
-                        k = real.readinto(view[:left["n"]])
-                        left["n"] -= k
-                        return k
-
-                    def close(self):
-                        real.close()
-
-                resp["Body"] = Short()
-            return resp
-
-    weights = sorted(k for k in objects if k.endswith(".safetensors"))
-    download_files(Dropping(), u, weights, tmp_path / "d", objects, desc="d", expect=_manifest_objects(client, u))
-    assert drops["n"] == 2
+    proxy = CuttingProxy(s3_env.endpoint, cuts=2, after=1 << 20)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+    try:
+        client, u = make_client(), parse_s3_uri(prefix)
+        objects = list_objects(client, u)
+        weights = sorted(k for k in objects if k.endswith(".safetensors"))
+        download_files(client, u, weights, tmp_path / "d", objects, desc="d", expect=_manifest_objects(client, u))
+    finally:
+        proxy.close()
+    assert proxy.cut == 2
     assert digests(tmp_path / "d") == {k: v for k, v in digests(model).items() if k in weights}
+    assert not list((tmp_path / "d").glob(".*.tmp-*"))
 
 
-def test_bodies_are_read_straight_from_the_socket(published, s3_env):
-    """The shipped path reads the HTTP response under botocore's body (no copy through urllib3); if a botocore
-    or urllib3 upgrade moves it, downloads stay correct through the public API but slower: this says so."""
-    from lmi_compile.remote.s3 import _raw_readinto, make_client
+def test_ranged_gets_run_in_worker_processes(published, s3_env, tmp_path):
+    """The shipped engine: big ranges go to worker processes (remote/getter.py) that exit once the download is
+    done; a request error there comes back as one translated line."""
+    import psutil
+
+    from lmi_compile.errors import LmiCompileError
+    from lmi_compile.remote.s3 import Getters, download_files, list_objects, make_client
 
     _, prefix = published
-    u = parse_s3_uri(prefix)
-    body = make_client().get_object(Bucket=u.bucket, Key=u.key(MANIFEST_KEY))["Body"]
-    readinto = _raw_readinto(body)
-    assert type(readinto.__self__).__module__ == "http.client"
-    body.close()
+    client, u = make_client(), parse_s3_uri(prefix)
+    objects = list_objects(client, u)
+    weights = sorted(k for k in objects if k.endswith(".safetensors"))
+    getters = Getters(client, processes=2)
+    assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in getters.presign(u, weights[0])  # SigV4: every region accepts it
+    try:
+        download_files(client, u, weights, tmp_path / "d", objects, desc="d", getters=getters)
+        procs = list(getters._all)
+        assert procs and all("getter.py" in " ".join(psutil.Process(p.pid).cmdline()) for p in procs)
+        # an object deleted after the listing: the worker's 404 becomes the fetch's error line
+        gone = dict(objects, **{"missing.safetensors": 10 << 20})
+        with pytest.raises(LmiCompileError, match=r"missing.safetensors: S3 request failed \(NoSuchKey"):
+            download_files(client, u, ["missing.safetensors"], tmp_path / "e", gone, desc="e", getters=getters)
+    finally:
+        getters.close()
+    assert all(p.poll() is not None for p in procs)
+    assert not list((tmp_path / "e").glob(".*.tmp-*"))
+
+
+def test_a_put_whose_bytes_do_not_match_its_signed_checksum_is_refused(s3_env, tmp_path):
+    """Push's PUTs go through the same workers; the checksum is a signed header, and the server checks the bytes
+    against it: a part announced with another part's SHA256 is refused (BadDigest), not stored."""
+    import base64
+    import os
+
+    from lmi_compile.remote.s3 import Getters, make_client
+
+    client = make_client()
+    data = tmp_path / "part.bin"
+    data.write_bytes(os.urandom(5 << 20))
+    getters = Getters(client, processes=1)
+    task = {"op": "put", "path": str(data), "offset": 0, "size": 5 << 20, "algorithms": ["sha256", "crc32"]}
+
+    def sign(reply, tamper):
+        digest = bytearray(bytes.fromhex(reply["digests"]["sha256"]))
+        digest[0] ^= tamper
+        b64 = base64.b64encode(bytes(digest)).decode()
+        url = client.generate_presigned_url("put_object", Params={"Bucket": "models", "Key": "put-check/p",
+                                                                  "ChecksumSHA256": b64}, ExpiresIn=60)
+        return {"url": url, "headers": {"x-amz-checksum-sha256": b64}}
+
+    try:
+        bad = getters.run(task, then=lambda r: sign(r, 1))
+        assert not bad["ok"] and bad["status"] == 400 and "BadDigest" in bad["body"], bad
+        good = getters.run(task, then=lambda r: sign(r, 0))
+        assert good["ok"] and good["etag"], good
+        assert len(getters._all) == 1  # a 5 MiB PUT runs in a worker process, not in this one
+    finally:
+        getters.close()
+    assert client.get_object(Bucket="models", Key="put-check/p")["Body"].read() == data.read_bytes()
 
 
 def rank_tensors(folder: Path) -> dict:
@@ -244,3 +331,27 @@ def test_no_hard_links_means_convert_after_download(tmp_path, monkeypatch):
     (tmp_path / "f.tmp").write_bytes(b"x")
     arriving.opened("model.safetensors", tmp_path / "f.tmp")
     assert arriving.unlinkable and arriving.wait_weights() == []
+
+
+def test_no_keep_source_leaves_one_copy_and_reruns(published, reference_ranks, tmp_path):
+    """--no-keep-source: after the convert (fed while the model downloads) the fetched weights are gone, config and
+    tokenizer stay; a rerun finds the convert done; a stage that needs the weights again (a neuron split in the
+    same work dir) fetches them again, verified, and removes them after it."""
+    model, prefix = published
+    work = tmp_path / "w"
+    args = ("trtllm", prefix, "--tp", "2", "--until", "convert", "--work-dir", work, "--no-keep-source")
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert same_tensors(rank_tensors(work / "checkpoint"), reference_ranks)
+    kept = sorted(p.name for p in (work / "source").iterdir() if not p.name.startswith("."))
+    assert kept == sorted(p.name for p in model.iterdir() if not p.name.endswith(".safetensors")), kept
+    assert "tokenizer.json" in kept and "model.safetensors.index.json" in kept
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith(".") and p.is_dir()) == []  # no partial copy
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "is up to date, skipping" in again.stderr
+    assert not list((work / "source").glob("*.safetensors"))
+    split = run_cli("neuron", prefix, "--tp", "2", "--until", "split", "--work-dir", work, "--no-keep-source")
+    assert split.returncode == 0, split.stderr
+    assert "fetching them again" in split.stderr and "removed 2 weight file(s)" in split.stderr
+    assert any((work / "split").iterdir()) and not list((work / "source").glob("*.safetensors"))

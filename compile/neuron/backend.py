@@ -26,6 +26,7 @@ from lmi_compile.model.limits import check_sequence_length
 from lmi_compile.pipeline import observe, stages
 from lmi_compile.pipeline.diskspace import ensure_room
 from lmi_compile.pipeline.workdir import Job, check_until, finish_layout, fresh_layout_staging, preflight_output
+from lmi_compile.remote.fetch import remove_weights
 from lmi_compile.remote.stages import fetch_stage, preflight_upload, push_stage
 
 log = logging.getLogger("lmi_compile")
@@ -249,6 +250,8 @@ def _run(job: NeuronJob, until: str, target) -> Path:
     check_dense(model.config)  # what was fetched, as well as what the peek read
     observe.stage("split")
     split, split_fp = split_stage(job, model, arch)
+    if not job.keep_source:
+        remove_weights(model, job.work.source)
     if until == "split":
         return split
     observe.stage("compile")

@@ -165,3 +165,4 @@ class Job:
     allow_longer: bool = False
     overwrite: bool = False
     force: bool = False
+    keep_source: bool = True  # False: a fetched model's weights are removed once converted/split (remote/fetch.py)

@@ -67,6 +67,9 @@ def fetch(source: ModelSource, output: Path | None, *, token: str | None = None,
     if stages.is_done(output, "fetch", fp):
         log.info("fetch: %s already in %s, skipping", source.describe(), output)
         return validate_model_dir(output, trust_remote_code=trust_remote_code)
+    if (stages.read_record(output) or {}).get("weights_removed"):
+        log.info("fetch: the weights in %s were removed after an earlier run converted them (--no-keep-source); "
+                 "fetching them again", output)
     stages.claim_output(output, "fetch", overwrite=overwrite)
     staging = stages.staging_dir(output)
     staging.mkdir(parents=True, exist_ok=True)
@@ -109,7 +112,7 @@ def _download(source: ModelSource, staging: Path, *, token, trust_remote_code, l
 def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool, listener=None) -> str:
     from lmi_compile.model.files import preferred_index, small_files, weight_files
     from lmi_compile.remote.manifest import MANIFEST_KEY, MARKER_KEY
-    from lmi_compile.remote.s3 import download_files, list_objects, make_client, parse_s3_uri
+    from lmi_compile.remote.s3 import Getters, download_files, list_objects, make_client, parse_s3_uri
 
     uri = parse_s3_uri(location)
     client = make_client()
@@ -126,16 +129,20 @@ def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool, listener=No
     # A prefix published by lmi-compile: every fetched byte is checked against the manifest as it arrives.
     expect = _manifest_objects(client, uri) if MANIFEST_KEY in objects else {}
     small = small_files(objects, trust_remote_code=trust_remote_code, source=str(uri))
-    download_files(client, uri, small, dest, objects, desc="fetch small files", expect=expect, mtimes=mtimes,
-                   listener=listener)
-    index_name = preferred_index(objects)
-    index = read_json(dest / index_name) if index_name else None
-    weights = weight_files(objects, index, index_name, source=str(uri))
-    ensure_room(dest, sum(objects[w] for w in weights), "fetch")
-    if listener:
-        listener.weights(weights)
-    download_files(client, uri, weights, dest, objects, desc="fetch weights", expect=expect, mtimes=mtimes,
-                   listener=listener)
+    getters = Getters(client).start()  # one set of GET workers for the small files and the weights
+    try:
+        download_files(client, uri, small, dest, objects, desc="fetch small files", expect=expect, mtimes=mtimes,
+                       listener=listener, getters=getters)
+        index_name = preferred_index(objects)
+        index = read_json(dest / index_name) if index_name else None
+        weights = weight_files(objects, index, index_name, source=str(uri))
+        ensure_room(dest, sum(objects[w] for w in weights), "fetch")
+        if listener:
+            listener.weights(weights)
+        download_files(client, uri, weights, dest, objects, desc="fetch weights", expect=expect, mtimes=mtimes,
+                       listener=listener, getters=getters)
+    finally:
+        getters.close()
     return str(uri)
 
 
@@ -158,3 +165,29 @@ def _manifest_objects(client, uri) -> dict[str, dict]:
 
     return {rel: e for rel, e in objects.items() if isinstance(e, dict) and {"size", "part_size"} <= e.keys()
             and verifying_checksum(e)}
+
+
+def remove_weights(model: ValidatedModel, source: Path) -> None:
+    """--no-keep-source: once a stage has consumed them, delete the weight files of a model this tool fetched into
+    `source` (never a user's own folder), keep its config and tokenizer, and mark the fetch as not done, so a
+    rerun that needs the weights fetches them again instead of trusting a folder that lacks them."""
+    root = Path(model.root).resolve()
+    if root != Path(source).resolve():
+        return  # a local model folder is the user's
+    rec = stages.read_record(root)
+    if not rec or rec.get("stage") != "fetch":
+        return
+    files = [Path(f) for f in model.checkpoint.files]
+    model.checkpoint.close()
+    # the record first: a crash between the two leaves a folder that reads "fetch again", never a false "done"
+    stages.write_json_atomic(root / stages.STAGE_RECORD, {**rec, "fingerprint": None, "weights_removed": [
+        f.relative_to(root).as_posix() for f in files]})
+    freed = 0
+    for f in files:
+        try:
+            freed += f.stat().st_size
+            f.unlink()
+        except FileNotFoundError:
+            pass
+    log.info("fetch: removed %d weight file(s), %.1f GiB, from %s (--no-keep-source); a rerun that needs them "
+             "fetches them again", len(files), freed / 2**30, root)

@@ -26,9 +26,10 @@ from lmi_compile.errors import BadInput, Interrupted, LmiCompileError
 from lmi_compile.pipeline.interrupts import check
 from lmi_compile.paths import resolve_inside
 from lmi_compile.pipeline.progress import bytes_bar
-from lmi_compile.remote.manifest import (LAYOUT_MANIFEST, MANIFEST_KEY, MARKER_KEY, MIB, Crc32, b64, composite,
+from lmi_compile.remote.manifest import (LAYOUT_MANIFEST, MANIFEST_KEY, MARKER_KEY, MIB, b64, composite,
                                          file_checksums)
-from lmi_compile.remote.s3 import S3Uri, default_concurrency, list_objects, make_client, parse_s3_uri, translate
+from lmi_compile.remote.s3 import (RANGE_ATTEMPTS, Getters, S3Uri, default_concurrency, failed, list_objects, make_client,
+                                   parse_s3_uri, translate)
 
 log = logging.getLogger("lmi_compile")
 
@@ -71,34 +72,12 @@ def part_size_for(size: int, configured: int = DEFAULT_PART) -> int:
 
 
 
-_buffers = threading.local()
-
-
-def _read(path: Path, offset: int, n: int) -> bytearray:
-    """Read into a per-thread reused buffer of exactly n bytes (full parts all share one size), so a part
-    costs no allocation, no page faults and no copy before it is sent."""
-    buf = getattr(_buffers, "buf", None)
-    if buf is None or len(buf) != n:
-        buf = bytearray(n)
-        if n >= MIB:
-            _buffers.buf = buf
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        got = 0
-        while got < n:
-            k = os.preadv(f.fileno(), [view[got:]], offset + got)
-            if k <= 0:
-                raise LmiCompileError(f"{path}: file shrank during upload; do not modify artifacts while pushing")
-            got += k
-    return buf
-
-
-
 class Publisher:
     def __init__(self, client, uri: S3Uri, *, concurrency: int, part_size: int):
         self.client, self.uri = client, uri
         self.concurrency, self.part_size = concurrency, part_size
         self.parts = ThreadPoolExecutor(concurrency, thread_name_prefix="part")
+        self.workers = Getters(client, processes=concurrency)  # every PUT goes through them (remote/getter.py)
         self.open_uploads: dict[str, str] = {}  # key -> UploadId, until completed
         self._lock = threading.Lock()
         self.bar = None
@@ -138,17 +117,40 @@ class Publisher:
         self._call("put_object", Key=self.uri.key(rel), Body=body, ChecksumSHA256=b64(hashlib.sha256(body).digest()),
                    ContentType="application/json")
 
+    def send(self, op: str, key: str, f: LocalFile, offset: int, size: int, **params) -> tuple[str, bytes, bytes]:
+        """PUT bytes [offset, offset + size) of `f` (put_object or upload_part `op`) through a transfer worker: it
+        reads and hashes them, the URL is presigned here with their SHA256 as a signed header (S3 verifies it),
+        and it sends them from the same buffer. Returns (ETag, SHA256, CRC32); retried like a GET."""
+        task = {"op": "put", "path": str(f.path), "offset": offset, "size": size, "algorithms": ["sha256", "crc32"]}
+        sums: dict[str, bytes] = {}
+
+        def sign(reply: dict) -> dict:
+            sums.update({name: bytes.fromhex(d) for name, d in reply["digests"].items()})
+            digest = b64(sums["sha256"])
+            url = self.workers.sign(op, {"Bucket": self.uri.bucket, "Key": key, **params, "ChecksumSHA256": digest},
+                                    f"{self.uri}{f.rel}")
+            return {"url": url, "headers": {"x-amz-checksum-sha256": digest}}
+
+        for attempt in range(RANGE_ATTEMPTS):
+            check()
+            reply = self.workers.run(task, then=sign)
+            if reply["ok"]:
+                return reply["etag"], sums["sha256"], sums["crc32"]
+            if self.workers.redirected(reply):
+                continue
+            failed(reply, f"{self.uri}{f.rel}", f"the PUT of bytes {offset}-{offset + size - 1}", attempt,
+                   "rerun to resume")
+        raise AssertionError("unreachable")  # failed() raises on the last attempt
+
     def upload(self, f: LocalFile, part_size: int) -> dict[str, str]:
         """Upload one file in parts of `part_size`; return its checksums: SHA256 (what S3 verified and now
         reports) and CRC32 (computed from the same bytes, for fetch to check cheaply)."""
         check()
         testhooks.pause("push-file")
         if f.size <= part_size:
-            data = _read(f.path, 0, f.size)
-            digest = b64(hashlib.sha256(data).digest())
-            self._call("put_object", Key=self.uri.key(f.rel), Body=data, ChecksumSHA256=digest)
+            _, sha, crc = self.send("put_object", self.uri.key(f.rel), f, 0, f.size)
             self.bar.update(f.size)
-            return {"checksum_sha256": digest, "checksum_crc32": b64(Crc32(data).digest())}
+            return {"checksum_sha256": b64(sha), "checksum_crc32": b64(crc)}
         key = self.uri.key(f.rel)
         upload_id = self._call("create_multipart_upload", Key=key, ChecksumAlgorithm="SHA256")["UploadId"]
         with self._lock:
@@ -160,12 +162,9 @@ class Publisher:
             testhooks.pause("push-part")
             off = i * part_size
             size = min(part_size, f.size - off)
-            data = _read(f.path, off, size)
-            raw, crc = hashlib.sha256(data).digest(), Crc32(data).digest()
-            r = self._call("upload_part", Key=key, UploadId=upload_id, PartNumber=i + 1, Body=data,
-                           ChecksumSHA256=b64(raw))
+            etag, raw, crc = self.send("upload_part", key, f, off, size, UploadId=upload_id, PartNumber=i + 1)
             self.bar.update(size)
-            return {"PartNumber": i + 1, "ETag": r["ETag"], "ChecksumSHA256": b64(raw)}, raw, crc
+            return {"PartNumber": i + 1, "ETag": etag, "ChecksumSHA256": b64(raw)}, raw, crc
 
         futures = [self.parts.submit(part, i) for i in range(n)]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
@@ -194,6 +193,11 @@ class Publisher:
             except Exception as e:  # best effort: report, the lifecycle rule is the user's last resort
                 log.warning("push: could not abort multipart upload of %s (%s)", key, type(e).__name__)
         return aborted
+
+
+def push_concurrency() -> int:
+    """PUTs in flight, each in its own worker process: one per core, 4 to 16."""
+    return max(4, min(16, os.cpu_count() or 2))
 
 
 def preflight(uri_text: str) -> S3Uri:
@@ -236,7 +240,7 @@ def push(root: Path, uri_text: str, *, overwrite: bool = False, delete_local: bo
     files = local_files(root)
     cid = content_id(root, files)
     client = client or make_client(max_pool=max(64, 2 * (concurrency or default_concurrency())))
-    pub = Publisher(client, uri, concurrency=concurrency or default_concurrency(),
+    pub = Publisher(client, uri, concurrency=concurrency or push_concurrency(),
                     part_size=part_size or DEFAULT_PART)
     existing = list_objects(client, uri)
     manifest = pub.get_json(MANIFEST_KEY) if MANIFEST_KEY in existing else None
@@ -293,11 +297,11 @@ def push(root: Path, uri_text: str, *, overwrite: bool = False, delete_local: bo
 
             futures = [files_pool.submit(one, item) for item in todo]
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [fut for fut in futures if fut.done() and fut.exception()]
-            if failed:
+            errors = [fut for fut in futures if fut.done() and fut.exception()]
+            if errors:
                 for fut in futures:
                     fut.cancel()
-                raise failed[0].exception()
+                raise errors[0].exception()
         verify(pub, files, entries)
         if overwrite:
             for stale in sorted(foreign - ours):
@@ -328,6 +332,7 @@ def push(root: Path, uri_text: str, *, overwrite: bool = False, delete_local: bo
     finally:
         pub.bar.close()
         pub.parts.shutdown(wait=False)
+        pub.workers.close()
     log.info("push: %d object(s), %.1f MiB at %s, verified; manifest written last", len(files),
              sum(f.size for f in files) / MIB, uri)
     if delete_local:

@@ -4,6 +4,7 @@ Credentials come from the standard AWS chain and are never logged. `AWS_ENDPOINT
 `AWS_ENDPOINT_URL` are honoured by botocore itself, as in every AWS SDK.
 """
 
+import json
 import os
 import re
 import threading
@@ -14,7 +15,7 @@ from pathlib import Path
 from lmi_compile.errors import BadInput, Interrupted, LmiCompileError
 from lmi_compile.pipeline import testhooks
 from lmi_compile.pipeline.interrupts import STOP, check, received
-from lmi_compile.remote.manifest import HASHES, composite, part_bounds, s3_checksum, verifying_checksum
+from lmi_compile.remote.manifest import composite, part_bounds, s3_checksum, verifying_checksum
 
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
@@ -46,7 +47,7 @@ def parse_s3_uri(uri: str) -> S3Uri:
     return S3Uri(bucket, prefix + "/" if prefix else "")
 
 
-def make_client(max_pool: int = 64):
+def make_client(max_pool: int = 64, region: str | None = None):
     """One S3 client with adaptive retries (throttling, 5xx, dropped connections) and a big pool."""
     import boto3
     from botocore.config import Config
@@ -56,10 +57,11 @@ def make_client(max_pool: int = 64):
     if endpoint and endpoint.startswith("http://"):
         # Over plain http botocore hashes every body for SigV4; checksums still protect the data.
         s3cfg["payload_signing_enabled"] = False
-    cfg = Config(retries={"mode": "adaptive", "max_attempts": 8}, max_pool_connections=max_pool,
+    # SigV4 for presigned URLs too (botocore presigns S3 with SigV2 by default; regions since 2014 accept only V4)
+    cfg = Config(retries={"mode": "adaptive", "max_attempts": 8}, max_pool_connections=max_pool, signature_version="s3v4",
                  s3=s3cfg, connect_timeout=10, read_timeout=120,
                  request_checksum_calculation="when_required", response_checksum_validation="when_required")
-    return boto3.session.Session().client("s3", config=cfg)
+    return boto3.session.Session().client("s3", config=cfg, region_name=region)
 
 
 def translate(e: Exception, where: str) -> LmiCompileError:
@@ -109,17 +111,9 @@ def default_concurrency() -> int:
     return max(8, min(32, 4 * (os.cpu_count() or 2)))
 
 
-RANGE_BYTES = 64 * 1024 * 1024  # one GET (a whole number of manifest parts): few requests, as botocore's cost is per request
-CHUNK_BYTES = 1024 * 1024  # read, hashed and written in these: small enough to stay in cache (1 MiB: 12% less CPU than 4)
-RANGE_ATTEMPTS = 4  # botocore retries the request; this also covers a stream that drops mid-body
-_buffers = threading.local()
-
-
-def _chunk_buffer() -> memoryview:
-    buf = getattr(_buffers, "buf", None)
-    if buf is None:
-        buf = _buffers.buf = memoryview(bytearray(CHUNK_BYTES))
-    return buf
+RANGE_BYTES = 64 * 1024 * 1024  # one GET (a whole number of manifest parts): few requests, each streamed whole
+IN_PROCESS_BYTES = 4 * 1024 * 1024  # smaller GETs (config, tokenizer) run in this process: no worker to wait for
+RANGE_ATTEMPTS = 5  # per range: dropped connections, 5xx and throttling (the worker's GET has no retries of its own)
 
 
 class _Target:
@@ -133,7 +127,7 @@ class _Target:
         self.parts = part_bounds(size, self.part_size)
         self.digests: list[bytes | None] = [None] * len(self.parts)
         self.tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        self.fd: int | None = None
+        self.created = False
         self.left = 0
 
     def ranges(self) -> list[tuple[int, int]]:
@@ -145,12 +139,146 @@ class _Target:
         return composite(self.digests, self.size, self.part_size, self.algorithm)
 
 
+class Getters:
+    """The transfer engine of fetch and push: worker processes (remote/getter.py) doing ranged GETs and part PUTs
+    on URLs this process presigns with its botocore client. A thread of ours drives one worker at a time; close()
+    ends them all."""
+
+    def __init__(self, client, processes: int | None = None):
+        self.client = client
+        self.processes = processes or download_processes()
+        self._free: list = []
+        self._all: list = []
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def presign(self, uri: S3Uri, rel: str) -> str:
+        return self.sign("get_object", {"Bucket": uri.bucket, "Key": uri.key(rel)}, f"{uri}{rel}")
+
+    def sign(self, op: str, params: dict, where: str) -> str:
+        """A SigV4 URL for one request of `op`, valid for an hour (signed again for every retry)."""
+        try:
+            return self.client.generate_presigned_url(op, Params=params, ExpiresIn=3600)
+        except Exception as e:
+            raise translate(e, where) from None
+
+    def redirected(self, reply: dict) -> bool:
+        """A URL signed for the wrong region (no AWS_REGION set for a bucket elsewhere): S3 names the bucket's
+        region in its error; sign for that region from now on. (botocore's own calls follow such redirects.)"""
+        region = re.search(r"<Region>([a-z0-9-]+)</Region>", reply.get("body") or "")
+        if reply.get("kind") != "http" or reply.get("status") not in (301, 400) or not region:
+            return False
+        if region.group(1) == self.client.meta.region_name:
+            return False
+        self.client = make_client(region=region.group(1))
+        return True
+
+    def start(self) -> "Getters":
+        """Start every worker now, so their start-up overlaps the listing and the small files."""
+        with self._lock:
+            while len(self._all) < self.processes:
+                self._free.append(self._spawn())
+        return self
+
+    def _spawn(self):
+        import subprocess
+        import sys
+
+        # -I -S: the worker needs the standard library only; nothing of the user's site or PYTHON* variables
+        proc = subprocess.Popen([sys.executable, "-I", "-S", str(Path(__file__).with_name("getter.py"))],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self._all.append(proc)
+        return proc
+
+    def run(self, task: dict, then=None) -> dict:
+        """Hand one task to a free worker (started on first need) and wait for its reply; a small one runs here,
+        with the same code. A put's digests go to `then`, whose answer (the signed URL) goes back to the worker."""
+        if _task_bytes(task) < IN_PROCESS_BYTES:
+            from lmi_compile.remote import getter
+
+            g = getter.Getter()
+            try:
+                return getter.run(g, task, then)
+            finally:
+                g.close()
+        with self._lock:
+            if self.closed:
+                raise Interrupted(received())
+            proc = self._free.pop() if self._free else self._spawn()
+        try:
+            reply = self._ask(proc, task)
+            if reply and reply.get("ok") and task.get("op") == "put":
+                try:
+                    msg = then(reply)
+                except BaseException:
+                    try:  # the worker waits for an answer: it gets one, and stays usable
+                        self._tell(proc, {"skip": True})
+                        with self._lock:
+                            self._free.append(proc)
+                    except OSError:
+                        pass
+                    raise
+                reply = self._ask(proc, msg)
+        except (BrokenPipeError, ValueError, OSError):
+            reply = None
+        if reply is None:  # the worker died (killed by close(), or crashed): never reuse it
+            if STOP.is_set() or self.closed:
+                raise Interrupted(received())
+            return {"ok": False, "kind": "net", "error": f"transfer process ended (exit {proc.poll()})"}
+        with self._lock:
+            self._free.append(proc)
+        return reply
+
+    @staticmethod
+    def _tell(proc, msg: dict) -> None:
+        proc.stdin.write(json.dumps(msg) + "\n")
+        proc.stdin.flush()
+
+    def _ask(self, proc, msg: dict) -> dict | None:
+        self._tell(proc, msg)
+        line = proc.stdout.readline()
+        return json.loads(line) if line else None
+
+    def close(self) -> None:
+        """End every worker and wait for it, so none writes a temporary after this returns."""
+        with self._lock:
+            self.closed = True
+            procs, self._all, self._free = self._all, [], []
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except Exception:
+                p.kill()
+                p.wait()
+            for f in (p.stdin, p.stdout):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+
+def _task_bytes(task: dict) -> int:
+    if task.get("op") == "put":
+        return task["size"]
+    return task["parts"][-1][0] + task["parts"][-1][1] - task["parts"][0][0]
+
+
+def download_processes() -> int:
+    """GET worker processes: half the cores, 4 to 8 (8 were the fastest of 8/16/32 on the 16-core host, and 4
+    hide the request latency on 2 cores)."""
+    return max(4, min(8, (os.cpu_count() or 2) // 2))
+
+
 def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[str, int], *, desc: str,
                    concurrency: int | None = None, expect: dict[str, dict] | None = None,
-                   mtimes: dict[str, int] | None = None, listener=None) -> None:
-    """Download `rels` under `uri` into `dest` with parallel ranged GETs, each streamed in CHUNK_BYTES pieces
-    straight from the socket into a reused buffer, hashed there (per upload part, in the worker, so hashing
-    runs in parallel and never re-reads the file) and written in place with pwrite.
+                   mtimes: dict[str, int] | None = None, listener=None, getters: Getters | None = None) -> None:
+    """Download `rels` under `uri` into `dest` with parallel ranged GETs, done by worker processes
+    (remote/getter.py) on URLs presigned here: each streams its range from the socket into a reused buffer,
+    hashes it there (per upload part, so hashing runs in parallel and never re-reads the file) and writes it in
+    place with pwrite.
 
     `expect` maps a key to its manifest entry (size, part_size, checksum_crc32 and/or checksum_sha256): such a
     file appears under its name only once every byte matches the checksum the upload recorded (CRC32 where the
@@ -162,7 +290,8 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
     Each file's first range (a safetensors header) is fetched before any other range. `listener`, when given,
     hears `kept(rel, path)` for a file already present, `opened(rel, temporary)` before a file's first GET and
     `arrived(rel, start, end)` once those bytes are written (unverified until the file is finished): what a
-    convert that runs while the model downloads reads from."""
+    convert that runs while the model downloads reads from. `getters` (the workers) may be shared by calls;
+    without it this call starts and ends its own."""
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     from lmi_compile.paths import safe_relpath
@@ -188,22 +317,17 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
                     listener.kept(rel, t.target)
                 continue
         targets.append(t)
+    if not targets:
+        return
     bar = bytes_bar(sum(t.size for t in targets), desc)
     lock = threading.Lock()
+    own = getters is None
+    getters = getters or Getters(client, processes=min(download_processes(), len(targets) * 4)).start()
 
     def fetch_range(t: _Target, first: int, count: int) -> None:
         check()
         testhooks.pause("fetch-range")
-        for attempt in range(RANGE_ATTEMPTS):
-            try:
-                _get_parts(client, uri, t, first, count, bar)
-                break
-            except LmiCompileError:
-                raise  # already says what and where; retrying does not help
-            except Exception as e:
-                if attempt == RANGE_ATTEMPTS - 1:
-                    raise translate(e, f"{uri}{t.rel}") from None
-                time.sleep(0.2 * 2 ** attempt)
+        _get_parts(getters, uri, t, first, count, bar)
         if listener:
             start, (last_off, last_n) = t.parts[first][0], t.parts[first + count - 1]
             listener.arrived(t.rel, start, last_off + last_n)
@@ -217,115 +341,104 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
         tasks = []
         for t in targets:
             t.target.parent.mkdir(parents=True, exist_ok=True)
-            t.fd = os.open(t.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.ftruncate(t.fd, t.size)
+            try:
+                fd = os.open(t.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                t.created = True
+                try:
+                    os.ftruncate(fd, t.size)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise LmiCompileError(f"{t.target}: cannot write ({e.strerror}); free disk space or choose another "
+                                      f"--output / --work-dir") from None
             if listener:
                 listener.opened(t.rel, t.tmp)
             ranges = t.ranges()
             t.left = len(ranges)
             tasks += [(t, first, count) for first, count in ranges]
-        # every file's first range (its header) first; then big files first, their ranges keep every worker busy
-        tasks.sort(key=lambda task: (task[1] != 0, -task[0].size, task[1]))
-        with ThreadPoolExecutor(concurrency or download_concurrency(), thread_name_prefix="get") as pool:
+        # every file's first range (its header) first; then the files' ranges interleaved, so the workers write
+        # into several files at once (a filesystem serialises buffered writes to one file on its inode lock)
+        order = {id(t): i for i, t in enumerate(sorted(targets, key=lambda t: -t.size))}
+        tasks.sort(key=lambda task: (task[1] != 0, task[1], order[id(task[0])]))
+        with ThreadPoolExecutor(concurrency or getters.processes, thread_name_prefix="get") as pool:
             futures = [pool.submit(fetch_range, *task) for task in tasks]
-            wait(futures, return_when=FIRST_EXCEPTION)
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:  # interrupted: end the workers so the threads waiting on them return
+                getters.close()
+                raise
             for f in futures:
                 if f.done() and f.exception():
                     for other in futures:
                         other.cancel()
+                    getters.close()
                     raise f.exception()
     finally:
         bar.close()
-        for t in targets:  # anything unfinished: close and drop its temporary
-            if t.fd is not None:
-                try:
-                    os.close(t.fd)
-                except OSError:
-                    pass
-                t.tmp.unlink(missing_ok=True)
+        if own:
+            getters.close()  # (a failure closed shared workers already: none writes a temporary removed below)
+        for t in targets:  # anything unfinished: drop its temporary
+            t.tmp.unlink(missing_ok=True)
 
 
-def download_concurrency() -> int:
-    """GETs in flight: each streams at memory speed once its bytes arrive, so a few per core suffice."""
-    return max(4, min(32, 2 * (os.cpu_count() or 2)))
-
-
-def _get_parts(client, uri: S3Uri, t: _Target, first: int, count: int, bar) -> None:
-    """GET parts first..first+count-1 of `t` as one range: hash each part, pwrite every chunk."""
+def _get_parts(getters: Getters, uri: S3Uri, t: _Target, first: int, count: int, bar) -> None:
+    """GET parts first..first+count-1 of `t` as one range through a worker: it hashes each part and pwrites
+    every chunk; retried (on a fresh URL) when the connection drops or the server is busy."""
     start = t.parts[first][0]
     end = t.parts[first + count - 1][0] + t.parts[first + count - 1][1]
-    kw = {"Range": f"bytes={start}-{end - 1}"} if (start, end) != (0, t.size) else {}
-    resp = client.get_object(Bucket=uri.bucket, Key=uri.key(t.rel), **kw)
-    body = resp["Body"]
-    if resp.get("ContentLength") != end - start:
-        body.close()
-        raise LmiCompileError(f"{uri}{t.rel}: asked for bytes {start}-{end - 1}, the server sent "
-                              f"{resp.get('ContentLength')} bytes; the object changed during the download, rerun")
-    readinto = _raw_readinto(body)
-    buf = _chunk_buffer()
-    digests, sent = [], 0
-    try:
-        for i in range(first, first + count):
-            off, n = t.parts[i]
-            h = HASHES[t.algorithm]() if t.expect else None
-            pos = off
-            while pos < off + n:
-                want = min(len(buf), off + n - pos)
-                view = buf[:want]
-                got = 0
-                while got < want:
-                    k = readinto(view[got:])
-                    if not k:
-                        raise ConnectionError(f"stream ended after {pos - start + got} of {end - start} bytes")
-                    got += k
-                if STOP.is_set():
-                    raise Interrupted(received())
-                if h:
-                    h.update(view)
-                _pwrite_all(t, view, pos)
-                pos += want
-            bar.update(n)
-            sent += n
-            digests.append(h.digest() if h else b"")
-    except BaseException:
-        bar.update(-sent)  # the retry counts these bytes again
-        body.close()
-        raise
-    _release(body)
-    t.digests[first:first + count] = digests
+    task = {"path": str(t.tmp), "size": t.size, "parts": t.parts[first:first + count],
+            "algorithm": t.algorithm if t.expect else None}
+    for attempt in range(RANGE_ATTEMPTS):
+        if STOP.is_set():
+            raise Interrupted(received())
+        task["url"] = getters.presign(uri, t.rel)
+        reply = getters.run(task)
+        if reply["ok"]:
+            break
+        if reply["kind"] == "disk":  # the local disk, not the transfer: no retry
+            raise LmiCompileError(f"{t.target}: cannot write ({reply['error']}); free disk space or choose another "
+                                  f"--output / --work-dir")
+        if getters.redirected(reply):
+            continue
+        if reply["kind"] == "http" and reply["status"] == -1:
+            raise LmiCompileError(f"{uri}{t.rel}: {reply['body']}; the object changed during the download, rerun")
+        failed(reply, f"{uri}{t.rel}", f"bytes {start}-{end - 1}", attempt, "rerun (finished files are kept)")
+    t.digests[first:first + count] = [bytes.fromhex(d) for d in reply["digests"]]
+    bar.update(end - start)
 
 
-def _pwrite_all(t: _Target, view: memoryview, pos: int) -> None:
-    try:
-        while view:
-            k = os.pwrite(t.fd, view, pos)
-            view, pos = view[k:], pos + k
-    except OSError as e:  # the local disk, not the transfer: no retry
-        raise LmiCompileError(f"{t.target}: cannot write ({e.strerror}); free disk space or choose another "
-                              f"--output / --work-dir") from None
+def failed(reply: dict, where: str, what: str, attempt: int, fix: str) -> None:
+    """A worker's failed reply: raise the one-line error if it will not get better, else wait before the retry."""
+    kind = reply["kind"]
+    if kind == "gone":
+        raise Interrupted(received())
+    if kind == "disk":
+        raise LmiCompileError(f"{where}: {reply['error']}")
+    if kind == "http" and not _retryable(reply["status"], reply["body"]):
+        raise _http_error(reply["status"], reply["body"], where)
+    if attempt == RANGE_ATTEMPTS - 1:
+        why = reply.get("error") or f"HTTP {reply.get('status')}"
+        raise LmiCompileError(f"{where}: {what} failed {RANGE_ATTEMPTS} times ({why}); check the network and {fix}")
+    time.sleep(0.2 * 2 ** attempt)
 
 
-def _raw_readinto(body):
-    """readinto of the HTTP response under botocore's StreamingBody: straight from the socket into our buffer
-    (urllib3's readinto reads into a new bytes object and copies it). Falls back to the public API."""
-    fp = getattr(getattr(body, "_raw_stream", None), "_fp", None)
-    if fp is not None and hasattr(fp, "readinto") and not getattr(body._raw_stream, "_decoder", None):
-        return fp.readinto
-    return body.readinto
+def _retryable(status: int, body: str) -> bool:
+    """5xx, throttling, and a presigned URL that expired in a queue (it is signed again on retry)."""
+    return status >= 500 or status in (408, 429) or (status == 403 and "expired" in body.lower())
 
 
-def _release(body) -> None:
-    raw = getattr(body, "_raw_stream", None)
-    if raw is not None and hasattr(raw, "release_conn"):
-        raw.release_conn()  # fully read: the connection goes back to the pool
-    else:
-        body.close()
+def _http_error(status: int, body: str, where: str) -> LmiCompileError:
+    """An S3 error response as botocore would raise it, through the same one-line translation."""
+    from botocore.exceptions import ClientError
+
+    code = re.search(r"<Code>([^<]*)</Code>", body)
+    msg = re.search(r"<Message>([^<]*)</Message>", body)
+    err = {"Code": code.group(1) if code else str(status), "Message": msg.group(1) if msg else ""}
+    return translate(ClientError({"Error": err, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"), where)
 
 
 def _finish(uri: S3Uri, t: _Target) -> None:
     """All ranges are in: check the checksum, then give the file its name."""
-    os.close(t.fd)
-    t.fd = None
     if t.expect and t.checksum() != t.want:
         t.tmp.unlink(missing_ok=True)
         raise LmiCompileError(f"{uri}{t.rel}: downloaded bytes do not match the upload manifest's checksum "

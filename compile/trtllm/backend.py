@@ -8,6 +8,7 @@ job's target (configs/targets.json), never from a version test here.
 import dataclasses
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from lmi_compile.pipeline import observe, stages
 from lmi_compile.pipeline.diskspace import ensure_room, tree_bytes
 from lmi_compile.pipeline.workdir import Job, check_until, finish_layout, fresh_layout_staging, preflight_output
 from lmi_compile.remote import streaming
+from lmi_compile.remote.fetch import remove_weights
 from lmi_compile.remote.stages import fetch_stage, preflight_upload, push_stage
 from lmi_compile.trtllm.build import BuildOptions, build_engines, check_interface, find_trtllm_build
 from lmi_compile.trtllm.layout import DEFAULT_ENGINE_PATH, render_pbtxt, serving_properties, write_layout
@@ -339,8 +341,15 @@ def _stages(job: TrtllmJob, until: str, tool, stream) -> Path:
                                                                               quant))
     else:
         ckpt, ckpt_fp = convert_stage(job, model, architecture, stream)
+    if stream and until == "convert" and not job.keep_source and not stream.arriving.done:
+        # the convert was already done (a convert that runs waits for the verified fetch): nothing needs the weights
+        stream.close()
+        shutil.rmtree(stages.staging_dir(job.work.source), ignore_errors=True)  # a partial second copy
+        return ckpt
     if stream:
         model = stream.settle()  # the verified source folder, for the stages below
+    if not job.keep_source:
+        remove_weights(model, job.work.source)
     if until == "convert":
         return ckpt
     observe.stage("build")
