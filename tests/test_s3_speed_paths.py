@@ -171,7 +171,7 @@ def test_ranged_gets_run_in_worker_processes(published, s3_env, tmp_path):
     client, u = make_client(), parse_s3_uri(prefix)
     objects = list_objects(client, u)
     weights = sorted(k for k in objects if k.endswith(".safetensors"))
-    getters = Getters(client, processes=2)
+    getters = Getters(client, processes=2, in_process=False)
     assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in getters.presign(u, weights[0])  # SigV4: every region accepts it
     try:
         download_files(client, u, weights, tmp_path / "d", objects, desc="d", getters=getters)
@@ -198,7 +198,7 @@ def test_a_put_whose_bytes_do_not_match_its_signed_checksum_is_refused(s3_env, t
     client = make_client()
     data = tmp_path / "part.bin"
     data.write_bytes(os.urandom(5 << 20))
-    getters = Getters(client, processes=1)
+    getters = Getters(client, processes=1, in_process=False)
     task = {"op": "put", "path": str(data), "offset": 0, "size": 5 << 20, "algorithms": ["sha256", "crc32"]}
 
     def sign(reply, tamper):
@@ -355,3 +355,40 @@ def test_no_keep_source_leaves_one_copy_and_reruns(published, reference_ranks, t
     assert split.returncode == 0, split.stderr
     assert "fetching them again" in split.stderr and "removed 2 weight file(s)" in split.stderr
     assert any((work / "split").iterdir()) and not list((work / "source").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("processes", ["0", "1"])
+def test_push_and_fetch_in_either_engine(processes, s3_env, s3_prefix, s3_client, model_factory, tmp_path,
+                                         monkeypatch):
+    """The transfer code runs in worker processes on many cores and in threads of the CLI's own process on few
+    (LMI_COMPILE_TRANSFER_PROCESSES forces one): each engine pushes and fetches byte for byte, and refuses an
+    object whose bytes are not the manifest's."""
+    monkeypatch.setenv("LMI_COMPILE_TRANSFER_PROCESSES", processes)
+    model = model_factory(shards=2, **MULTIPART)
+    proc = run_cli("push", model, s3_prefix, "--part-size-mb", "5")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("fetch", s3_prefix, "--output", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert digests(tmp_path / "out") == digests(model)
+    u, shard = parse_s3_uri(s3_prefix), "model-00001-of-00002.safetensors"
+    body = bytearray((model / shard).read_bytes())
+    body[-1] ^= 0xFF
+    s3_client.put_object(Bucket=u.bucket, Key=u.key(shard), Body=bytes(body))
+    proc = run_cli("fetch", s3_prefix, "--output", tmp_path / "bad")
+    assert proc.returncode == 1, proc.stderr
+    assert shard in error_line(proc) and "checksum" in error_line(proc)
+    assert not (tmp_path / "bad" / shard).exists()
+
+
+def test_engine_choice_follows_the_cores(monkeypatch):
+    import os
+
+    from lmi_compile.remote import s3
+
+    monkeypatch.delenv("LMI_COMPILE_TRANSFER_PROCESSES", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert not s3.use_processes() and s3.Getters(None).in_process
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert s3.use_processes() and not s3.Getters(None).in_process
+    monkeypatch.setenv("LMI_COMPILE_TRANSFER_PROCESSES", "0")
+    assert not s3.use_processes()

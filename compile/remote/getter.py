@@ -87,6 +87,9 @@ class Getter:
 
     def close(self) -> None:
         self.drop()
+        self.close_file()
+
+    def close_file(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
         self.fd = self.fd_path = None
