@@ -113,10 +113,12 @@ def s3_prefix(request):
 def upload_folder(client, folder: Path, uri: str) -> None:
     from lmi_compile.remote.s3 import parse_s3_uri
 
-    u = parse_s3_uri(uri)
+    from boto3.s3.transfer import S3Transfer  # as `aws s3 cp` would upload it (multipart above 8 MB), no manifest
+
+    u, transfer = parse_s3_uri(uri), S3Transfer(client)
     for p in sorted(Path(folder).rglob("*")):
         if p.is_file():
-            client.upload_file(str(p), u.bucket, u.key(str(p.relative_to(folder))))
+            transfer.upload_file(str(p), u.bucket, u.key(str(p.relative_to(folder))))
 
 
 @pytest.fixture(scope="session")

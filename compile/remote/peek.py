@@ -50,7 +50,7 @@ def _read(source, model: str, revision: str | None, token: str | None, tmp: Path
         root = tmp
         for name in ("config.json", "model.safetensors.index.json", MODELOPT_FILE):
             try:
-                client.download_file(uri.bucket, uri.key(name), str(tmp / name))
+                (tmp / name).write_bytes(client.get_object(Bucket=uri.bucket, Key=uri.key(name))["Body"].read())
             except Exception as e:
                 if name == "config.json":
                     raise translate(e, f"{uri}{name}") from None

@@ -48,8 +48,9 @@ def parse_s3_uri(uri: str) -> S3Uri:
 
 
 def make_client(max_pool: int = 64, region: str | None = None):
-    """One S3 client with adaptive retries (throttling, 5xx, dropped connections) and a big pool."""
-    import boto3
+    """One S3 client with adaptive retries (throttling, 5xx, dropped connections) and a big pool. botocore's own
+    session, not boto3's: nothing here uses boto3's additions, and importing them was 0.09 s of every command."""
+    import botocore.session
     from botocore.config import Config
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -61,7 +62,7 @@ def make_client(max_pool: int = 64, region: str | None = None):
     cfg = Config(retries={"mode": "adaptive", "max_attempts": 8}, max_pool_connections=max_pool, signature_version="s3v4",
                  s3=s3cfg, connect_timeout=10, read_timeout=120,
                  request_checksum_calculation="when_required", response_checksum_validation="when_required")
-    return boto3.session.Session().client("s3", config=cfg, region_name=region)
+    return botocore.session.get_session().create_client("s3", config=cfg, region_name=region)
 
 
 def translate(e: Exception, where: str) -> LmiCompileError:
