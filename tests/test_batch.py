@@ -86,7 +86,7 @@ def keys(s3_client, uri: str) -> list[str]:
 def test_jobs_run_on_the_nodes_with_their_resources_and_a_rerun_skips_them(cluster, model_factory, s3_env,
                                                                            s3_prefix, s3_client, tmp_path):
     jobs = write_jobs(tmp_path / "jobs.yaml", model_factory(), s3_prefix)
-    args = ("batch", jobs, "--address", cluster.address, "--staging", f"{s3_prefix}staging/", "--json")
+    args = ("--verbose", "batch", jobs, "--address", cluster.address, "--staging", f"{s3_prefix}staging/", "--json")
     proc = run_cli(*args, env=FAST_RETRY)
     assert proc.returncode == 1, proc.stderr[-3000:]  # one job failed
     r = report(proc)

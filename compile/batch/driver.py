@@ -1,11 +1,15 @@
 """`lmi-compile batch`: many compile jobs on Ray, embedded on this machine or on a cluster.
 
-Ray schedules; this module only decides what to ask of it. Each job is one Ray task placed on a node that has
-the job's resources (GPUs of its accelerator type, NeuronCores, memory), which runs every stage of the job
-there (runner.py). Before anything is scheduled: JOBS.yaml is checked against the backend commands, a job
-whose upload prefix already holds this job's manifest is skipped, a job that cannot fit its instance is
-reported, and local model folders are published to --staging (on a cluster no node sees this disk).
-Failures of one job never stop the others; a lost node or an S3 5xx is retried with backoff, bad input is not.
+Ray schedules; this module only decides what to ask of it. On a cluster with --staging a job runs as two Ray
+tasks (runner.py): its CPU stages (fetch, convert/split) on any node with a CPU and the memory `plan` sizes for
+them, which hand over to --staging on S3 (handover.py); then its build/compile, layout and push on a node with
+the job's resources (GPUs of its accelerator type, NeuronCores), which starts from that hand-over. Embedded (one
+machine, the work dir serves) or on a cluster without --staging, a job is one task that runs every stage on its
+build node. Before anything is scheduled: JOBS.yaml is checked against the backend commands, a job whose upload
+prefix already holds this job's manifest is skipped, a job whose hand-over is already published starts at its
+build, a job that cannot fit its instance is reported, and local model folders are published to --staging (on a
+cluster no node sees this disk). One job's failure never stops the others; a lost node or an S3 5xx is retried
+with backoff, bad input is not.
 """
 
 import json
@@ -20,6 +24,7 @@ from pathlib import Path
 
 from lmi_compile.batch.jobs import Job
 from lmi_compile.errors import EXIT_BAD_INPUT, BadInput, Interrupted, LmiCompileError
+from lmi_compile.pipeline.interrupts import install as install_signals
 
 log = logging.getLogger("lmi_compile")
 
@@ -38,7 +43,11 @@ class JobState:
     job: Job
     status: str = "pending"  # pending, running, retrying, done, skipped, failed
     stage: str = ""
-    node: str | None = None
+    phase: str = "all"  # the task to run next: cpu (then build), build (from the hand-over), or all
+    handover: str | None = None  # STAGING/handover/NAME-FINGERPRINT/ (cluster with --staging)
+    cpu_request: dict = field(default_factory=dict)
+    node: str | None = None  # where the build or compile ran
+    stage_nodes: dict = field(default_factory=dict)  # {stage: node id}
     stages: dict = field(default_factory=dict)
     output: str | None = None
     error: str | None = None
@@ -60,7 +69,7 @@ class JobState:
 
     def report(self) -> dict:
         return {"name": self.job.name, "status": self.status, "node": self.node, "stages": self.stages,
-                "output": self.output, "error": self.error}
+                "output": self.output, "error": self.error, "stage_nodes": self.stage_nodes}
 
 
 def run_batch(jobs_file: Path, commands: dict, *, address: str | None, staging: str | None,
@@ -74,14 +83,18 @@ def run_batch(jobs_file: Path, commands: dict, *, address: str | None, staging: 
     states = [JobState(j) for j in jobs]
     for s in states:
         s.job.source = _staged_uri(s.job, staging) if cluster else s.job.model
+    if cluster and not staging:
+        log.warning("no --staging: each job runs all its stages on its build node (give --staging s3://bucket/prefix/ "
+                    "to run fetch and convert/split on CPU nodes)")
     for s in states:  # before any work: done already, or cannot fit
-        _skip_or_plan(s)
+        _skip_or_plan(s, staging if cluster else None)
     if cluster:
         _stage_local_models([s for s in states if not s.finished])
     if not all(s.finished for s in states):  # else nothing to schedule: Ray is not started
         stdout, sys.stdout = sys.stdout, sys.stderr  # Ray prints cluster events; stdout is the report's alone
         try:
             _start_ray(ray, address)
+            install_signals()  # ray.init replaced our SIGTERM handler with a bare exit: Ctrl-C and SIGTERM cancel
             _schedule(ray, states, embedded=not cluster, max_parallel=max_parallel)
         except Interrupted:
             sys.stdout = stdout
@@ -130,8 +143,12 @@ def _check_sources(jobs: list[Job], jobs_file: Path, *, cluster: bool, staging: 
                            f"there first, or use a Hub or S3 model")
 
 
-def _skip_or_plan(s: JobState) -> None:
-    from lmi_compile.batch.fit import check_fit
+def _skip_or_plan(s: JobState, staging: str | None) -> None:
+    """Done already (skipped), cannot fit (failed, not run), or which task comes first: with --staging on a cluster
+    the CPU stages, unless their hand-over for this job fingerprint is already published (then the build)."""
+    from lmi_compile.batch import handover
+    from lmi_compile.batch.fit import check_fit, cpu_stage_request
+    from lmi_compile.remote.peek import read_remote_config
 
     if s.job.upload:
         recorded = _published_job(s.job.upload)
@@ -139,13 +156,25 @@ def _skip_or_plan(s: JobState) -> None:
             s.status, s.node, s.output = "skipped", recorded.get("node"), s.job.upload
             log.info("job %s: %s already holds this job's verified output; skipped", s.job.name, s.job.upload)
             return
+    o = s.job.options
     try:
-        why = check_fit(s.job)
+        config = read_remote_config(s.job.model, o.get("revision"), o.get("token"))[0]
+        why = check_fit(s.job, config)
+        if staging and not why:
+            s.cpu_request = cpu_stage_request(s.job, config)
     except LmiCompileError as e:
         why = str(e)
     if why:
         s.status, s.error = "failed", f"not run: {why}"
         log.error("job %s: %s", s.job.name, s.error)
+        return
+    if staging:
+        s.handover = f"{staging.rstrip('/')}/handover/{s.job.name}-{s.job.fingerprint()[:16]}/"
+        s.phase = "cpu"
+        if handover.published(s.handover):
+            s.phase = "build"
+            log.info("job %s: %s holds its %s stage; resuming at the build", s.job.name, s.handover,
+                     handover.STAGE_OF[s.job.backend])
 
 
 def _published_job(upload: str) -> dict | None:
@@ -215,7 +244,7 @@ def _schedule(ray, states: list[JobState], *, embedded: bool, max_parallel: int 
                     continue
                 if max_parallel and len(running) >= max_parallel:
                     break
-                req = ray_resources(s.job)
+                req = s.cpu_request if s.phase == "cpu" else ray_resources(s.job)
                 if embedded:
                     req = _local_request(ray, s, req)
                 missing = _unplaceable(ray, req)
@@ -226,10 +255,7 @@ def _schedule(ray, states: list[JobState], *, embedded: bool, max_parallel: int 
                               f"{SCHEDULE_TIMEOUT_S:.0f}s; start a node with it or fix the job's resources)"))
                     continue
                 s.waiting_since = None
-                spec = {"name": s.job.name, "backend": s.job.backend, "source": s.job.source,
-                        "argv": s.job.argv, "options": s.job.options, "fingerprint": s.job.fingerprint(),
-                        "work_root": work_root, "overwrite_upload": s.attempts > 0 and _incomplete(s.job.upload)}
-                s.ref = task.options(**req).remote(spec, board)
+                s.ref = task.options(**req).remote(_spec(s, work_root), board)
                 s.attempts += 1
                 s.status, s.stage = "running", "queued"
                 s.started = s.started or now
@@ -252,6 +278,22 @@ def _schedule(ray, states: list[JobState], *, embedded: bool, max_parallel: int 
             raise Interrupted(signal.SIGINT) from None
         raise
     view.close()
+
+
+def _spec(s: JobState, work_root: str | None) -> dict:
+    """What the task runs: the job's command line, and the phase's own options (runner.py)."""
+    from lmi_compile.batch.handover import STAGE_OF
+
+    phase_argv = {"cpu": ["--until", STAGE_OF[s.job.backend], "--handover-out", s.handover],
+                  "build": ["--handover-in", s.handover], "all": []}[s.phase]
+    # TEST-ONLY (pipeline/testhooks.py): LMI_COMPILE_TEST_JOB_<X> of the driver becomes LMI_COMPILE_TEST_<X> of
+    # the job's command, so a test holds a job at a known point without holding the driver there too.
+    hooks = {"LMI_COMPILE_TEST_" + k[len("LMI_COMPILE_TEST_JOB_"):]: v for k, v in os.environ.items()
+             if k.startswith("LMI_COMPILE_TEST_JOB_")}
+    return {"name": s.job.name, "backend": s.job.backend, "source": s.job.source, "argv": s.job.argv,
+            "options": s.job.options, "fingerprint": s.job.fingerprint(), "work_root": work_root,
+            "phase": s.phase, "phase_argv": phase_argv, "handover": s.handover, "env": hooks,
+            "overwrite_upload": s.phase != "cpu" and s.attempts > 0 and _incomplete(s.job.upload)}
 
 
 def _local_request(ray, s: JobState, req: dict) -> dict:
@@ -308,11 +350,16 @@ def _finished(ray, s: JobState) -> None:
         else:
             _fail(s, f"{name}: {message}")
         return
-    s.node, s.output = r["node"], r["output"]
+    if r["phase"] != "cpu":
+        s.node, s.output = r["node"], r["output"]
     for stage, secs in r["stages"].items():
         s.stages[stage] = round(s.stages.get(stage, 0.0) + secs, 3)
+        s.stage_nodes[stage] = r["node"]
     code, error = r["exit_code"], r["error"]
-    if code == 0:
+    if code == 0 and r["phase"] == "cpu":  # handed over: the build comes next, on a node with the job's resources
+        s.phase, s.status, s.stage, s.attempts = "build", "pending", "", 0
+        log.info("job %s: %s handed over on node %s", s.job.name, " + ".join(r["stages"]), r["node"][:8])
+    elif code == 0:
         s.status, s.stage, s.error, s.ended = "done", "", None, time.time()
         log.info("job %s: done on node %s in %.1fs", s.job.name, s.node[:8], s.elapsed())
     elif code == EXIT_BAD_INPUT:

@@ -1,9 +1,11 @@
-"""What runs on a node: one job, as the backend command in a subprocess, with its stages reported as they go.
+"""What runs on a node: one phase of a job, as the backend command in a subprocess, its stages reported as they go.
 
-The subprocess is the same `lmi-compile trtllm|neuron` a user runs, so a batch job has exactly its checks,
-stage skipping, clean interruption (SIGTERM stops at the next boundary and aborts open multipart uploads) and
-one-line errors. Its work folder is on this node's own disk (LMI_COMPILE_BATCH_WORK, default
-~/.cache/lmi-compile/batch): a rerun that lands on the same node resumes at the first unfinished stage.
+Phases: "cpu" (fetch and convert/split, then the hand-over to --staging), "build" (from the hand-over: build or
+compile, layout, push) or "all" (every stage here: embedded mode, or a cluster without --staging). The subprocess
+is the same `lmi-compile trtllm|neuron` a user runs, so a batch job has exactly its checks, stage skipping, clean
+interruption (SIGTERM stops at the next boundary and aborts open multipart uploads) and one-line errors. Its work
+folder is on this node's own disk (LMI_COMPILE_BATCH_WORK, default ~/.cache/lmi-compile/batch): a rerun that lands
+on the same node resumes at the first unfinished stage.
 """
 
 import json
@@ -45,19 +47,22 @@ def run_job(spec: dict, board=None) -> dict:
     from lmi_compile.pipeline.observe import JOB_ENV, STAGE_LOG_ENV
 
     node = ray.get_runtime_context().get_node_id()
+    phase = spec.get("phase", "all")
     root = work_root(spec.get("work_root")) / spec["name"]
     root.mkdir(parents=True, exist_ok=True)
-    stage_log, cli_log = root / "stages.jsonl", root / "lmi-compile.log"
+    stage_log, cli_log = root / f"stages-{phase}.jsonl", root / f"lmi-compile-{phase}.log"
     stage_log.write_text("")
     argv = [sys.executable, "-m", "lmi_compile", spec["backend"], spec["source"], *spec["argv"],
-            "--work-dir", str(root / "work")]
+            *spec.get("phase_argv", []), "--work-dir", str(root / "work")]
     output = spec["options"].get("output")
-    if not output:
+    if phase == "cpu":
+        output = spec.get("handover")
+    elif not output:
         output = str(root / "output")
         argv += ["--output", output]
     if spec.get("overwrite_upload") and "--overwrite" not in argv:
         argv.append("--overwrite")  # a retry replaces the incomplete upload its lost attempt left
-    env = {**os.environ, STAGE_LOG_ENV: str(stage_log), "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, **spec.get("env", {}), STAGE_LOG_ENV: str(stage_log), "PYTHONUNBUFFERED": "1",
            JOB_ENV: json.dumps({"name": spec["name"], "fingerprint": spec["fingerprint"], "node": node})}
     started = time.time()
     with open(cli_log, "w") as log:
@@ -72,9 +77,10 @@ def run_job(spec: dict, board=None) -> dict:
         raise
     _report(stage_log, seen, spec["name"], board)
     ended = time.time()
-    return {"node": node, "exit_code": proc.returncode, "stages": stage_seconds(stage_log, ended),
+    return {"node": node, "phase": phase, "exit_code": proc.returncode, "stages": stage_seconds(stage_log, ended),
             "error": _error_line(cli_log) if proc.returncode else None,
-            "output": spec["options"].get("upload") or output, "log": str(cli_log), "seconds": ended - started}
+            "output": output if phase == "cpu" else spec["options"].get("upload") or output, "log": str(cli_log),
+            "seconds": ended - started}
 
 
 def _die_with_parent() -> None:

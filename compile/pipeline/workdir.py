@@ -165,3 +165,7 @@ class Job:
     allow_longer: bool = False
     overwrite: bool = False
     force: bool = False
+    # `lmi-compile batch` on a cluster (batch/handover.py): publish the CPU stages' output to this S3 prefix, or
+    # start from the output published there (the CPU stages ran on another node)
+    handover_out: str | None = None
+    handover_in: str | None = None

@@ -54,8 +54,9 @@ class RayCluster:
         """What a driver needs to join: a loopback test cluster runs without Ray's token authentication."""
         return {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
-    def ray(self) -> str:
-        return str(Path(sys.executable).parent / "ray")
+    def ray(self) -> list[str]:
+        # This interpreter, not the `ray` script's shebang: workers run the Python that started their node.
+        return [sys.executable, "-m", "ray.scripts.scripts"]
 
     def start_head(self, name: str = "head", **kw) -> RayNode:
         port, client = free_ports(2)
@@ -73,7 +74,7 @@ class RayCluster:
         temp.mkdir(parents=True)
         work.mkdir(parents=True)
         log = self.root / name / "node.log"
-        cmd = [self.ray(), "start", *args, "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp),
+        cmd = [*self.ray(), "start", *args, "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp),
                "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus), "--resources", json.dumps(resources or {}),
                "--disable-usage-stats", "--block"]
         full_env = {**self.env, **(env or {}), **self.client_env(), "LMI_COMPILE_BATCH_WORK": str(work)}
