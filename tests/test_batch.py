@@ -1,12 +1,14 @@
 """`lmi-compile batch` (#19) on a real Ray cluster of two nodes on this machine, each with its own temp and work
-folders (no shared disk), SeaweedFS for staging and uploads, and the per-release compiler stand-ins.
+folders (no shared disk), SeaweedFS for staging, stage hand-over and uploads, and the per-release compiler stand-ins.
 
 The head node stands for an inf2 machine (`neuron_cores`), the second node for a g5 (one GPU, A10G). Nodes are
-started and stopped by PID (servers/ray_cluster.py), never with `ray stop`.
+started and stopped by PID (servers/ray_cluster.py), never with `ray stop`. One cluster serves the module; the test
+that replaces the GPU node runs last.
 """
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ISOLATED_ENV, STANDINS, STRIPPED_ENV, error_line, run_cli, trtllm_standin
+from lmi_compile.pipeline.stages import read_record
 from servers.ray_cluster import RayCluster
 
 pytestmark = pytest.mark.s3
@@ -35,7 +38,8 @@ def node_env(s3_server) -> dict:
 def cluster(s3_server):
     c = RayCluster(node_env(s3_server))
     try:
-        c.start_head("inf2", resources={"neuron_cores": 2}, env=QUICK_HEALTH_CHECK)
+        # two CPUs on the inf2 node: a CPU stage and a compile can run there at once, as on a real inf2 machine
+        c.start_head("inf2", num_cpus=2, resources={"neuron_cores": 2}, env=QUICK_HEALTH_CHECK)
         c.add_node("g5", **GPU)
         yield c
     finally:
@@ -83,25 +87,42 @@ def keys(s3_client, uri: str) -> list[str]:
     return sorted(list_objects(s3_client, parse_s3_uri(uri)))
 
 
+def node_of(cluster, node_id: str):
+    return next(n for n in cluster.nodes if n.node_id() == node_id)
+
+
 def test_jobs_run_on_the_nodes_with_their_resources_and_a_rerun_skips_them(cluster, model_factory, s3_env,
                                                                            s3_prefix, s3_client, tmp_path):
     jobs = write_jobs(tmp_path / "jobs.yaml", model_factory(), s3_prefix)
-    args = ("--verbose", "batch", jobs, "--address", cluster.address, "--staging", f"{s3_prefix}staging/", "--json")
+    args = ("batch", jobs, "--address", cluster.address, "--staging", f"{s3_prefix}staging/", "--json")
     proc = run_cli(*args, env=FAST_RETRY)
     assert proc.returncode == 1, proc.stderr[-3000:]  # one job failed
     r = report(proc)
     inf2, g5 = cluster.nodes
+    handed_over_between_nodes = 0
     for name, node in (("trt-030", g5), ("trt-033", g5), ("inf2", inf2)):
         job = r[name]
         assert job["status"] == "done" and job["error"] is None, job
         assert job["node"] == node.node_id(), (name, job["node"])  # the build/compile ran where its resources are
-        assert (node.work / name / "work").is_dir()  # and its stages there, on that node's disk only
-        assert not any((other.work / name).exists() for other in cluster.nodes if other is not node)
-        stage = "compile" if name == "inf2" else "build"
-        assert {"fetch", stage, "layout", "push"} <= set(job["stages"]) and job["output"] == f"{s3_prefix}{name}/"
+        cpu_stage, stage = ("split", "compile") if name == "inf2" else ("convert", "build")
+        assert list(job["stages"]) == ["fetch", cpu_stage, "handover-push", "handover-fetch", stage, "layout", "push"]
+        assert {job["stage_nodes"][k] for k in (stage, "layout", "push")} == {node.node_id()}  # layout + push there
+        assert job["output"] == f"{s3_prefix}{name}/"
+        # the build node started from the hand-over, recognised by its fingerprint, never from the weights
+        work = node.work / name / "work"
+        folder = work / ("split" if name == "inf2" else "checkpoint")
+        handover = f"{s3_prefix}staging/handover/"
+        assert read_record(folder)["handed_over_from"].startswith(handover), read_record(folder)
+        assert read_record(folder)["fingerprint"] == manifest(s3_client, read_record(folder)["handed_over_from"])[
+            "content_id"]
+        cpu = node_of(cluster, job["stage_nodes"][cpu_stage])
+        if cpu is not node:  # no shared disk: the weights were fetched and converted only on the CPU stage's node
+            handed_over_between_nodes += 1
+            assert not (work / "source").exists() and not (cpu.work / name / "work" / "engines").exists()
         m = manifest(s3_client, job["output"])
         assert m and m["job"]["name"] == name and m["job"]["node"] == node.node_id()
         assert "lmi-compile-upload-in-progress.json" not in keys(s3_client, job["output"])
+    assert handed_over_between_nodes  # Ray keeps CPU-only work off the GPU node while another node has room
     bad = r["too-long"]
     assert bad["status"] == "failed" and "--n-positions 100000 exceeds max_position_embeddings" in bad["error"], bad
     assert manifest(s3_client, f"{s3_prefix}too-long/") is None
@@ -110,17 +131,74 @@ def test_jobs_run_on_the_nodes_with_their_resources_and_a_rerun_skips_them(clust
     assert "rank0.engine" in keys(s3_client, f"{s3_prefix}trt-033/")
     assert "tensorrt_llm/1/rank0.engine" in keys(s3_client, f"{s3_prefix}trt-030/")
 
+    # A rerun skips what is published, and resumes the rest at its first unfinished stage: trt-030's output is
+    # gone, but its hand-over is in --staging, so no CPU task runs and the build node finds every stage done.
+    for k in keys(s3_client, f"{s3_prefix}trt-030/"):
+        s3_client.delete_object(Bucket="models", Key=f"{s3_prefix}trt-030/{k}".removeprefix("s3://models/"))
     again = run_cli(*args, env=FAST_RETRY)
-    assert again.returncode == 1
+    assert again.returncode == 1, again.stderr[-3000:]
     r2 = report(again)
-    for name in ("trt-030", "trt-033", "inf2"):
+    for name in ("trt-033", "inf2"):
         assert r2[name]["status"] == "skipped" and r2[name]["node"] == r[name]["node"], r2[name]
+    resumed = r2["trt-030"]
+    assert resumed["status"] == "done" and list(resumed["stages"]) == ["handover-fetch", "build", "layout", "push"]
+    log = (g5.work / "trt-030" / "lmi-compile-build.log").read_text()
+    assert f"convert: {g5.work / 'trt-030' / 'work' / 'checkpoint'} is up to date, skipping" in log, log
+    assert manifest(s3_client, f"{s3_prefix}trt-030/")
     assert r2["too-long"]["status"] == "failed"  # bad input is not retried, and fails the same way again
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_cancels_the_running_tasks_and_leaves_nothing_half_published(
+        signum, cluster, model_factory, s3_env, s3_prefix, s3_client, tmp_path):
+    """The job is held (pipeline/testhooks.py) while its hand-over push has a multipart upload open; the batch is
+    then signalled: the task is cancelled, its command stops at that boundary, the upload is aborted."""
+    model = model_factory(vocab_size=17000, hidden_size=256, num_layers=1)
+    jobs = write_jobs(tmp_path / "jobs.yaml", model, s3_prefix, bad=False)
+    data = json.loads(jobs.read_text())
+    data["jobs"] = [dict(data["jobs"][0], dtype="float32")]  # a 34 MiB rank file: a multipart upload
+    jobs.write_text(json.dumps(data))
+    ready = tmp_path / "paused"
+    hold = {"LMI_COMPILE_TEST_JOB_PAUSE_AT": "push-part", "LMI_COMPILE_TEST_JOB_PAUSE_READY": str(ready),
+            "LMI_COMPILE_TEST_JOB_PAUSE_S": "120"}
+    out, err = tmp_path / "out.json", tmp_path / "err.log"
+    with open(out, "w") as o, open(err, "w") as e:
+        driver = subprocess.Popen([sys.executable, "-m", "lmi_compile", "batch", str(jobs), "--address",
+                                   cluster.address, "--staging", f"{s3_prefix}staging/", "--json"],
+                                  env={**os.environ, **FAST_RETRY, **hold}, stdout=o, stderr=e)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert driver.poll() is None and time.monotonic() < deadline, err.read_text()[-3000:]
+            time.sleep(0.1)
+        from lmi_compile.remote.s3 import parse_s3_uri
+
+        bucket, prefix = parse_s3_uri(s3_prefix).bucket, parse_s3_uri(s3_prefix).prefix
+        assert s3_client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads")  # held mid-upload
+        driver.send_signal(signum)
+        code = driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    stderr = err.read_text()
+    assert code == (130 if signum == signal.SIGINT else 143), stderr[-3000:]
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("error: ")]
+    assert lines == [f"error: interrupted by {signum.name}; finished work is kept, rerun the same command to resume"]
+    job = json.loads(out.read_text())["jobs"][0]
+    assert job["status"] == "failed" and "interrupted" in job["error"], job
+    # the task was cancelled: its command stopped at the held part, as on SIGTERM, and aborted its upload
+    logs = [n.work / "trt-030" / "lmi-compile-cpu.log" for n in cluster.nodes if n.alive()]
+    log = next(p.read_text() for p in logs if p.exists())
+    assert "error: interrupted by SIGTERM" in log, log
+    assert not s3_client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads")
+    handover = keys(s3_client, f"{s3_prefix}staging/handover/")
+    assert not any(k.endswith("lmi-compile-manifest.json") for k in handover), handover  # reads incomplete
+    assert keys(s3_client, f"{s3_prefix}trt-030/") == []
 
 
 def test_a_lost_gpu_node_mid_build_is_retried_and_nothing_is_half_published(cluster, model_factory, s3_env,
                                                                              s3_prefix, s3_client, tmp_path):
-    """Runs last in this module: it replaces the GPU node."""
+    """Runs last in this module: it replaces the GPU node. The retry starts from the hand-over on a fresh node."""
     slow = cluster.nodes[1]
     upload = f"{s3_prefix}trt-030/"
     jobs = tmp_path / "jobs.yaml"
@@ -134,8 +212,8 @@ def test_a_lost_gpu_node_mid_build_is_retried_and_nothing_is_half_published(clus
     data["jobs"] = [dict(data["jobs"][0], trtllm_build=str(wrapper))]
     jobs.write_text(json.dumps(data))
     out, err = tmp_path / "out.json", tmp_path / "err.log"
-    stages = slow.work / "trt-030" / "stages.jsonl"
-    stages.unlink(missing_ok=True)  # the first test's run of this job name on this node
+    stages = slow.work / "trt-030" / "stages-build.jsonl"
+    stages.unlink(missing_ok=True)  # an earlier test's run of this job name on this node
     with open(out, "w") as o, open(err, "w") as e:
         driver = subprocess.Popen([sys.executable, "-m", "lmi_compile", "batch", str(jobs), "--address",
                                    cluster.address, "--staging", f"{s3_prefix}staging/", "--json"],
@@ -144,9 +222,8 @@ def test_a_lost_gpu_node_mid_build_is_retried_and_nothing_is_half_published(clus
         deadline = time.monotonic() + 120
         while '"build"' not in (stages.read_text() if stages.exists() else ""):
             assert driver.poll() is None and time.monotonic() < deadline, err.read_text()[-3000:]
-            time.sleep(0.2)
-        time.sleep(1)  # trtllm-build is running (for 60 s)
-        cluster.kill(slow)
+            time.sleep(0.1)
+        cluster.kill(slow)  # the build stage has begun; its trtllm-build takes 60 s on this node
         assert manifest(s3_client, upload) is None and keys(s3_client, upload) == []  # nothing published
         fresh = cluster.add_node("g5-fresh", **GPU)
         assert driver.wait(timeout=180) == 0, err.read_text()[-3000:]
@@ -155,6 +232,8 @@ def test_a_lost_gpu_node_mid_build_is_retried_and_nothing_is_half_published(clus
             driver.kill()
     job = json.loads(out.read_text())["jobs"][0]
     assert job["status"] == "done" and job["node"] == fresh.node_id(), job
+    assert job["stage_nodes"]["convert"] != fresh.node_id()  # the CPU stages did not run again
+    assert read_record(fresh.work / "trt-030" / "work" / "checkpoint")["handed_over_from"].startswith(s3_prefix)
     assert "node lost" in err.read_text() and "retrying" in err.read_text()
     m = manifest(s3_client, upload)
     assert m and m["job"]["node"] == fresh.node_id()
@@ -181,6 +260,7 @@ def test_embedded_mode_runs_the_same_file_on_this_machine(model_factory, s3_env,
     (lambda d: d["jobs"][0].update(tp="two"), "job 'trt-030': Invalid value for '--tp'"),
     (lambda d: d["jobs"][2].update(resources={"neuron_core": 2}), "job 'inf2': resources: unknown key 'neuron_core'"),
     (lambda d: d["jobs"][0].update(work_dir="/tmp/x"), "job 'trt-030': 'work_dir' cannot be set"),
+    (lambda d: d["jobs"][0].update(handover_in="s3://models/x/"), "job 'trt-030': 'handover_in' cannot be set"),
     (lambda d: d["jobs"][1].update(upload=d["jobs"][0]["upload"]), "job 'trt-033': upload"),
     (lambda d: d.update(default={}), "unknown top-level key 'default'"),
     (lambda d: d["jobs"][2].update(n_positions=256, backend="trtllm"), "job 'inf2': unknown key 'n_positions'"),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from lmi_compile.batch.jobs import Job
 from lmi_compile.errors import EXIT_BAD_INPUT, BadInput, Interrupted, LmiCompileError
-from lmi_compile.pipeline.interrupts import install as install_signals
+from lmi_compile.pipeline.interrupts import STOP, install_deferred, received
 
 log = logging.getLogger("lmi_compile")
 
@@ -94,7 +94,8 @@ def run_batch(jobs_file: Path, commands: dict, *, address: str | None, staging: 
         stdout, sys.stdout = sys.stdout, sys.stderr  # Ray prints cluster events; stdout is the report's alone
         try:
             _start_ray(ray, address)
-            install_signals()  # ray.init replaced our SIGTERM handler with a bare exit: Ctrl-C and SIGTERM cancel
+            # ray.init replaced the SIGTERM handler with a bare exit; a signal now marks the stop, the loop cancels
+            install_deferred()
             _schedule(ray, states, embedded=not cluster, max_parallel=max_parallel)
         except Interrupted:
             sys.stdout = stdout
@@ -237,6 +238,8 @@ def _schedule(ray, states: list[JobState], *, embedded: bool, max_parallel: int 
     view = Progress(states)
     try:
         while not all(s.finished for s in states):
+            if STOP.is_set():
+                raise Interrupted(received())
             now = time.time()
             running = [s for s in states if s.ref is not None]
             for s in states:
