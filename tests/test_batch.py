@@ -91,6 +91,19 @@ def node_of(cluster, node_id: str):
     return next(n for n in cluster.nodes if n.node_id() == node_id)
 
 
+def test_embedded_mode_runs_the_same_file_on_this_machine(model_factory, s3_env, s3_prefix, s3_client, tmp_path):
+    """Runs before the module's cluster starts: the two would share this machine's two cores."""
+    jobs = write_jobs(tmp_path / "jobs.yaml", model_factory(), s3_prefix)
+    proc = run_cli("batch", jobs, "--json", env={**FAST_RETRY, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    r = report(proc)
+    assert {n: j["status"] for n, j in r.items()} == {"trt-030": "done", "trt-033": "done", "inf2": "done",
+                                                       "too-long": "failed"}
+    assert len({j["node"] for j in r.values()}) == 1  # one machine
+    assert all(manifest(s3_client, f"{s3_prefix}{n}/") for n in ("trt-030", "trt-033", "inf2"))
+    assert (Path.cwd() / "lmi-compile-work" / "batch" / "inf2" / "output" / "serving.properties").is_file()
+
+
 def test_jobs_run_on_the_nodes_with_their_resources_and_a_rerun_skips_them(cluster, model_factory, s3_env,
                                                                            s3_prefix, s3_client, tmp_path):
     jobs = write_jobs(tmp_path / "jobs.yaml", model_factory(), s3_prefix)
@@ -238,18 +251,6 @@ def test_a_lost_gpu_node_mid_build_is_retried_and_nothing_is_half_published(clus
     m = manifest(s3_client, upload)
     assert m and m["job"]["node"] == fresh.node_id()
     assert "lmi-compile-upload-in-progress.json" not in keys(s3_client, upload)
-
-
-def test_embedded_mode_runs_the_same_file_on_this_machine(model_factory, s3_env, s3_prefix, s3_client, tmp_path):
-    jobs = write_jobs(tmp_path / "jobs.yaml", model_factory(), s3_prefix)
-    proc = run_cli("batch", jobs, "--json", env={**FAST_RETRY, "RAY_USAGE_STATS_ENABLED": "0"})
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    r = report(proc)
-    assert {n: j["status"] for n, j in r.items()} == {"trt-030": "done", "trt-033": "done", "inf2": "done",
-                                                       "too-long": "failed"}
-    assert len({j["node"] for j in r.values()}) == 1  # one machine
-    assert all(manifest(s3_client, f"{s3_prefix}{n}/") for n in ("trt-030", "trt-033", "inf2"))
-    assert (Path.cwd() / "lmi-compile-work" / "batch" / "inf2" / "output" / "serving.properties").is_file()
 
 
 # Refused before any work (exit 2), naming the job and the key; none of these needs Ray to be reached.

@@ -265,7 +265,8 @@ def _schedule(ray, states: list[JobState], *, embedded: bool, max_parallel: int 
                 running.append(s)
             refs = [s.ref for s in states if s.ref is not None]
             if refs:
-                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=TICK_S)
+                ray.wait(refs, num_returns=1, timeout=TICK_S)  # back the moment any task ends: its next phase goes out
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
                 for s in states:
                     if s.ref is not None and s.ref in ready:
                         _finished(ray, s)
@@ -395,7 +396,7 @@ def _live_stages(ray, board, states: list[JobState]) -> None:
     except Exception:
         return
     for s in states:
-        if s.status == "running" and s.job.name in current:
+        if s.status == "running" and s.job.name in current and current[s.job.name][2] == s.phase:
             s.stage = current[s.job.name][0]
 
 
@@ -459,8 +460,10 @@ def _final_report(states: list[JobState], json_out: bool) -> None:
 
     if json_out:
         typer.echo(json.dumps({"jobs": [s.report() for s in states]}, indent=2))
-        return
-    for line in table(states):
-        typer.echo(line.rstrip())
-    counts = {k: sum(s.status == k for s in states) for k in ("done", "skipped", "failed")}
-    typer.echo(", ".join(f"{v} {k}" for k, v in counts.items()))
+    else:
+        for line in table(states):
+            typer.echo(line.rstrip())
+        counts = {k: sum(s.status == k for s in states) for k in ("done", "skipped", "failed")}
+        typer.echo(", ".join(f"{v} {k}" for k, v in counts.items()))
+    # Out now: a process Ray forks at exit would otherwise inherit the buffered report and print it again.
+    sys.stdout.flush()

@@ -31,10 +31,10 @@ class Board:
     """A Ray actor (no CPU) the running jobs tell their stage to, and the driver reads for live progress."""
 
     def __init__(self):
-        self.stages: dict[str, tuple[str, float]] = {}
+        self.stages: dict[str, tuple[str, float, str]] = {}
 
-    def update(self, name: str, stage: str, at: float) -> None:
-        self.stages[name] = (stage, at)
+    def update(self, name: str, stage: str, at: float, phase: str = "all") -> None:
+        self.stages[name] = (stage, at, phase)
 
     def read(self) -> dict:
         return dict(self.stages)
@@ -70,12 +70,15 @@ def run_job(spec: dict, board=None) -> dict:
     seen = 0
     try:
         while proc.poll() is None:
-            seen = _report(stage_log, seen, spec["name"], board)
-            time.sleep(POLL_S)
+            seen = _report(stage_log, seen, spec["name"], board, phase)
+            try:
+                proc.wait(timeout=POLL_S)  # returns the moment the command ends
+            except subprocess.TimeoutExpired:
+                pass
     except BaseException:  # ray.cancel (KeyboardInterrupt) or the worker going down: stop the run cleanly
         _stop(proc)
         raise
-    _report(stage_log, seen, spec["name"], board)
+    _report(stage_log, seen, spec["name"], board, phase)
     ended = time.time()
     return {"node": node, "phase": phase, "exit_code": proc.returncode, "stages": stage_seconds(stage_log, ended),
             "error": _error_line(cli_log) if proc.returncode else None,
@@ -118,10 +121,10 @@ def _events(stage_log: Path) -> list[dict]:
     return out
 
 
-def _report(stage_log: Path, seen: int, name: str, board) -> int:
+def _report(stage_log: Path, seen: int, name: str, board, phase: str) -> int:
     events = _events(stage_log)
     if board is not None and len(events) > seen:
-        board.update.remote(name, events[-1]["stage"], events[-1]["at"])
+        board.update.remote(name, events[-1]["stage"], events[-1]["at"], phase)
     return len(events)
 
 
