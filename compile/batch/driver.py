@@ -55,6 +55,7 @@ class JobState:
     started: float | None = None
     ended: float | None = None
     not_before: float = 0.0
+    dispatched: float = 0.0  # when its current task went out
     waiting_since: float | None = None
     ref: object = None
 
@@ -233,8 +234,9 @@ def _schedule(ray, states: list[JobState], *, embedded: bool, max_parallel: int 
     from lmi_compile.batch.runner import Board, run_job
 
     task = ray.remote(max_retries=0)(run_job)
-    board = ray.remote(num_cpus=0)(Board).remote()
     work_root = str(Path("lmi-compile-work/batch").resolve()) if embedded else None
+    # Live stages: on one machine from the jobs' stage logs, on a cluster through an actor (no shared disk).
+    board = None if embedded else ray.remote(num_cpus=0)(Board).remote()
     view = Progress(states)
     try:
         while not all(s.finished for s in states):
@@ -260,7 +262,7 @@ def _schedule(ray, states: list[JobState], *, embedded: bool, max_parallel: int 
                 s.waiting_since = None
                 s.ref = task.options(**req).remote(_spec(s, work_root), board)
                 s.attempts += 1
-                s.status, s.stage = "running", "queued"
+                s.status, s.stage, s.dispatched = "running", "queued", now
                 s.started = s.started or now
                 running.append(s)
             refs = [s.ref for s in states if s.ref is not None]
@@ -270,7 +272,7 @@ def _schedule(ray, states: list[JobState], *, embedded: bool, max_parallel: int 
                 for s in states:
                     if s.ref is not None and s.ref in ready:
                         _finished(ray, s)
-                _live_stages(ray, board, states)
+                _live_stages(ray, board, states, work_root)
             else:
                 time.sleep(TICK_S)
             view.update()
@@ -390,11 +392,19 @@ def _fail(s: JobState, why: str | None) -> None:
     log.error("job %s: failed: %s", s.job.name, s.error)
 
 
-def _live_stages(ray, board, states: list[JobState]) -> None:
-    try:
-        current = ray.get(board.read.remote(), timeout=5)
-    except Exception:
-        return
+def _live_stages(ray, board, states: list[JobState], work_root: str | None) -> None:
+    from lmi_compile.batch.runner import last_stage
+
+    if board is None:
+        current = {s.job.name: last_stage(Path(work_root) / s.job.name, s.phase) for s in states if s.ref is not None}
+        # a stage log left by an earlier run holds older events (one machine: one clock)
+        current = {s.job.name: current[s.job.name] for s in states
+                   if current.get(s.job.name) and current[s.job.name][1] >= s.dispatched}
+    else:
+        try:
+            current = ray.get(board.read.remote(), timeout=5)
+        except Exception:
+            return
     for s in states:
         if s.status == "running" and s.job.name in current and current[s.job.name][2] == s.phase:
             s.stage = current[s.job.name][0]

@@ -128,6 +128,12 @@ def _report(stage_log: Path, seen: int, name: str, board, phase: str) -> int:
     return len(events)
 
 
+def last_stage(root: Path, phase: str) -> tuple[str, float, str] | None:
+    """The stage a job's phase is in, from its stage log (what the Board holds, where the driver sees the disk)."""
+    events = _events(root / f"stages-{phase}.jsonl")
+    return (events[-1]["stage"], events[-1]["at"], phase) if events else None
+
+
 def stage_seconds(stage_log: Path, ended: float) -> dict[str, float]:
     """Seconds per stage: from entering it to entering the next (the last ends with the run)."""
     events = _events(stage_log)
