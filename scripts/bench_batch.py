@@ -8,7 +8,7 @@ Embedded Ray (local outputs):
   batch -p 1   `lmi-compile batch jobs.yaml --max-parallel 1`: the same order, so the difference is batch's
                overhead per job (Ray start and stop, task dispatch, the job subprocess)
   batch        `lmi-compile batch jobs.yaml`: as many jobs at once as this machine's CPUs allow
-Two-node Ray cluster on this machine (tests/servers/ray_cluster.py: two g5-like nodes, 1 CPU + 1 GPU each) and
+Two-node Ray cluster on this machine (tests/servers/ray_cluster.py: two g5-like nodes, 2 CPUs + 1 GPU each) and
 SeaweedFS (every job uploads, as a cluster requires):
   sequential   `lmi-compile trtllm ... --upload s3://...` once per job
   batch        `lmi-compile batch jobs.yaml --address ... --staging s3://...`: stage placement (CPU stages, hand-over
@@ -92,7 +92,8 @@ def cluster_runs(specs: list[dict], d: Path, env: dict) -> tuple[float, float]:
         env = {**env, **ISOLATED_ENV, **s3.env(), **RayCluster.client_env()}
         seq = sequential(specs, d / "sequential-upload", env, upload=f"s3://{BUCKET}/sequential/")
         cluster = RayCluster(env)
-        gpu = {"num_cpus": 1, "num_gpus": 1, "resources": {"accelerator_type:A10G": 1}}
+        # a GPU node has CPUs besides its GPU: a job's CPU stages run there while another job builds
+        gpu = {"num_cpus": 2, "num_gpus": 1, "resources": {"accelerator_type:A10G": 1}}
         cluster.start_head("g5-a", **gpu)
         cluster.add_node("g5-b", **gpu)
         uploaded = [dict(j, upload=f"s3://{BUCKET}/batch/{j['name']}/", resources={"accelerator_type": "A10G"})
@@ -139,7 +140,7 @@ def main() -> None:
           f"per job beyond it: {(results['batch -p 1'] - one) / (n - 1) - seq / n:+.2f} s")
     if not args.no_cluster:
         seq_up, two = cluster_runs(specs, d, env)
-        print("two-node Ray cluster on this machine (1 CPU + 1 GPU each), uploads and staging on SeaweedFS:")
+        print("two-node Ray cluster on this machine (2 CPUs + 1 GPU each, sharing its cores), uploads and staging on SeaweedFS:")
         print(f"  sequential CLI   {seq_up:7.1f} s  ({seq_up / n:.2f} s per job)")
         print(f"  batch, 2 nodes   {two:7.1f} s  ({two / n:.2f} s per job)  ratio to sequential {two / seq_up:.2f}x")
 

@@ -121,16 +121,16 @@ def test_jobs_run_on_the_nodes_with_their_resources_and_a_rerun_skips_them(clust
         assert list(job["stages"]) == ["fetch", cpu_stage, "handover-push", "handover-fetch", stage, "layout", "push"]
         assert {job["stage_nodes"][k] for k in (stage, "layout", "push")} == {node.node_id()}  # layout + push there
         assert job["output"] == f"{s3_prefix}{name}/"
-        # the build node started from the hand-over, recognised by its fingerprint, never from the weights
+        # the build started from the hand-over (published, verified), its stage recognised by its fingerprint
+        [handover] = {k.split("/")[0] for k in keys(s3_client, f"{s3_prefix}staging/handover/") if k.startswith(name)}
+        handover = f"{s3_prefix}staging/handover/{handover}/"
         work = node.work / name / "work"
-        folder = work / ("split" if name == "inf2" else "checkpoint")
-        handover = f"{s3_prefix}staging/handover/"
-        assert read_record(folder)["handed_over_from"].startswith(handover), read_record(folder)
-        assert read_record(folder)["fingerprint"] == manifest(s3_client, read_record(folder)["handed_over_from"])[
-            "content_id"]
+        record = read_record(work / ("split" if name == "inf2" else "checkpoint"))
+        assert record["stage"] == cpu_stage and record["fingerprint"] == manifest(s3_client, handover)["content_id"]
         cpu = node_of(cluster, job["stage_nodes"][cpu_stage])
-        if cpu is not node:  # no shared disk: the weights were fetched and converted only on the CPU stage's node
+        if cpu is not node:  # no shared disk: fetched from S3 there, and the weights never were
             handed_over_between_nodes += 1
+            assert record["handed_over_from"] == handover, record
             assert not (work / "source").exists() and not (cpu.work / name / "work" / "engines").exists()
         m = manifest(s3_client, job["output"])
         assert m and m["job"]["name"] == name and m["job"]["node"] == node.node_id()

@@ -244,11 +244,18 @@ def _schedule(ray, states: list[JobState], *, embedded: bool, max_parallel: int 
                 raise Interrupted(received())
             now = time.time()
             running = [s for s in states if s.ref is not None]
-            for s in states:
+            # CPU stages run ahead of the builds by at most as many jobs as can build at once: converting every job
+            # first would leave the GPUs idle until the CPUs are through (builds first within a tick, too)
+            ahead = sum(s.phase == "cpu" and s.ref is not None or s.phase == "build" and s.ref is None and
+                        not s.finished for s in states)
+            slots = _build_slots(ray) if any(s.phase == "cpu" and s.ref is None for s in states) else 0
+            for s in sorted(states, key=lambda s: s.phase == "cpu"):
                 if s.status not in ("pending", "retrying") or now < s.not_before:
                     continue
                 if max_parallel and len(running) >= max_parallel:
                     break
+                if s.phase == "cpu" and ahead >= slots:
+                    continue
                 req = s.cpu_request if s.phase == "cpu" else ray_resources(s.job)
                 if embedded:
                     req = _local_request(ray, s, req)
@@ -263,6 +270,7 @@ def _schedule(ray, states: list[JobState], *, embedded: bool, max_parallel: int 
                 s.ref = task.options(**req).remote(_spec(s, work_root), board)
                 s.attempts += 1
                 s.status, s.stage, s.dispatched = "running", "queued", now
+                ahead += s.phase == "cpu"
                 s.started = s.started or now
                 running.append(s)
             refs = [s.ref for s in states if s.ref is not None]
@@ -313,6 +321,12 @@ def _local_request(ray, s: JobState, req: dict) -> dict:
     if dropped and s.attempts == 0:
         log.warning("job %s: this machine offers no %s; running here without it", s.job.name, ", ".join(dropped))
     return out
+
+
+def _build_slots(ray) -> int:
+    """How many builds or compiles the alive nodes can run at once: their GPUs, and a NeuronCore pair each."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    return max(1, sum(int(n.get("GPU", 0)) + int(n.get("neuron_cores", 0)) // 2 for n in nodes))
 
 
 def _unplaceable(ray, req: dict) -> str | None:
