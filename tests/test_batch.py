@@ -294,3 +294,33 @@ def test_a_job_that_cannot_fit_its_instance_is_reported_not_run(model_factory, s
     job = report(proc)["trt-030"]
     assert job["status"] == "failed" and job["error"].startswith("not run: does not fit ml.g5.xlarge"), job
     assert not (Path.cwd() / "lmi-compile-work").exists()  # nothing was started
+
+
+def test_the_example_aws_cluster_offers_what_batch_asks_of_ray(model_factory):
+    """configs/ray-cluster-aws.yaml stays consistent with the requests of fit.py: every README job's build task has a
+    worker type to land on, its CPU stages one without GPUs, and nothing lands on the head."""
+    import yaml
+
+    from lmi_compile.batch.fit import cpu_stage_request, ray_resources
+    from lmi_compile.batch.jobs import Job
+    from lmi_compile.model.config import ModelConfig
+
+    cfg = yaml.safe_load((Path(__file__).parent.parent / "configs" / "ray-cluster-aws.yaml").read_text())
+    types = {name: t["resources"] for name, t in cfg["available_node_types"].items()}
+    head = cfg["head_node_type"]
+    assert types[head]["CPU"] == 0 and any("--head --num-cpus=0" in c for c in cfg["head_start_ray_commands"])
+
+    def landing(req: dict) -> set[str]:
+        need = {"CPU": req.get("num_cpus", 1), "GPU": req.get("num_gpus", 0), **req.get("resources", {})}
+        return {n for n, have in types.items() if all(have.get(k, 0) >= v for k, v in need.items() if v)}
+
+    model = model_factory()
+    config = ModelConfig.load(model / "config.json")
+    for backend, options, resources, expected in (
+            ("trtllm", {"tp": 4}, {"accelerator_type": "A10G", "gpus": 4}, {"g5-a10g"}),
+            ("trtllm", {"tp": 8}, {"accelerator_type": "A100-40GB", "gpus": 8}, {"p4d-a100"}),
+            ("neuron", {"tp": 8}, {"neuron_cores": 8}, {"inf2"})):
+        job = Job(name="j", backend=backend, model=str(model), options=options, resources=resources)
+        assert landing(ray_resources(job)) == expected, (backend, resources)
+        cpu_nodes = landing(cpu_stage_request(job, config))
+        assert head not in cpu_nodes and any("GPU" not in types[n] for n in cpu_nodes), cpu_nodes
