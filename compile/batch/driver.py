@@ -91,22 +91,23 @@ def run_batch(jobs_file: Path, commands: dict, *, address: str | None, staging: 
         _skip_or_plan(s, staging if cluster else None)
     if cluster:
         _stage_local_models([s for s in states if not s.finished])
+    report = sys.stdout
     if not all(s.finished for s in states):  # else nothing to schedule: Ray is not started
-        stdout, sys.stdout = sys.stdout, sys.stderr  # Ray prints cluster events; stdout is the report's alone
+        # Ray prints cluster events with print(), some late (a node's death, at exit): stdout is the report's alone,
+        # so everything else that prints from now on goes to stderr
+        sys.stdout = sys.stderr
         try:
             _start_ray(ray, address)
             # ray.init replaced the SIGTERM handler with a bare exit; a signal now marks the stop, the loop cancels
             install_deferred()
             _schedule(ray, states, embedded=not cluster, max_parallel=max_parallel)
         except Interrupted:
-            sys.stdout = stdout
-            _final_report(states, json_out)
+            _final_report(states, json_out, report)
             raise
         finally:
-            sys.stdout = stdout
             if not cluster:
                 ray.shutdown()
-    _final_report(states, json_out)
+    _final_report(states, json_out, report)
     return 1 if any(s.status == "failed" for s in states) else 0
 
 
@@ -479,15 +480,12 @@ def table(states: list[JobState], *, live: bool = False) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + ("  " + r[-1] if r[-1] else "") for r in rows]
 
 
-def _final_report(states: list[JobState], json_out: bool) -> None:
-    import typer
-
+def _final_report(states: list[JobState], json_out: bool, out) -> None:
     if json_out:
-        typer.echo(json.dumps({"jobs": [s.report() for s in states]}, indent=2))
+        out.write(json.dumps({"jobs": [s.report() for s in states]}, indent=2) + "\n")
     else:
         for line in table(states):
-            typer.echo(line.rstrip())
+            out.write(line.rstrip() + "\n")
         counts = {k: sum(s.status == k for s in states) for k in ("done", "skipped", "failed")}
-        typer.echo(", ".join(f"{v} {k}" for k, v in counts.items()))
-    # Out now: a process Ray forks at exit would otherwise inherit the buffered report and print it again.
-    sys.stdout.flush()
+        out.write(", ".join(f"{v} {k}" for k, v in counts.items()) + "\n")
+    out.flush()
