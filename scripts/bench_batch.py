@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/bench-batch"))
     ap.add_argument("--build-seconds", type=float, default=0.0, help="stand-in build time per engine (sleeps)")
     ap.add_argument("--no-cluster", action="store_true", help="embedded runs only")
+    ap.add_argument("--no-embedded", action="store_true", help="cluster runs only")
     args = ap.parse_args()
     from tiny_models import TinySpec, write_checkpoint
 
@@ -124,13 +125,24 @@ def main() -> None:
            "TRTLLM_BUILD_STANDIN_DELAY": str(args.build_seconds)}
     specs = jobs(args.jobs, model)
 
+    n = args.jobs
+    print(f"{n} jobs (tiny Llama, trtllm-build stand-in, {args.build_seconds:g} s build per engine), "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    if not args.no_embedded:
+        embedded(specs, d, env, n)
+    if not args.no_cluster:
+        seq_up, two = cluster_runs(specs, d, env)
+        print("two-node Ray cluster on this machine (2 CPUs + 1 GPU each, sharing its cores), uploads and staging on "
+              "SeaweedFS:")
+        print(f"  sequential CLI   {seq_up:7.1f} s  ({seq_up / n:.2f} s per job)")
+        print(f"  batch, 2 nodes   {two:7.1f} s  ({two / n:.2f} s per job)  ratio to sequential {two / seq_up:.2f}x")
+
+
+def embedded(specs: list[dict], d: Path, env: dict, n: int) -> None:
     seq = sequential(specs, d / "sequential", env)
     results = {"batch -p 1": batch(specs, d / "batch-p1", env, "--max-parallel", "1"),
                "batch": batch(specs, d / "batch", env)}
     one = batch(specs[:1], d / "batch-one", env)  # what a batch costs once, whatever its size
-    n = args.jobs
-    print(f"{n} jobs (tiny Llama, trtllm-build stand-in, {args.build_seconds:g} s build per engine), "
-          f"{os.cpu_count()} CPUs")
     print("embedded Ray, local outputs:")
     print(f"  sequential CLI   {seq:7.1f} s  ({seq / n:.2f} s per job)")
     for label, t in results.items():
@@ -138,11 +150,6 @@ def main() -> None:
     print(f"  batch overhead per job (batch -p 1 vs sequential): {(results['batch -p 1'] - seq) / n:+.2f} s, of which "
           f"once per batch (Ray start and stop, JOBS checks; a 1-job batch less one job): {one - seq / n:.2f} s, "
           f"per job beyond it: {(results['batch -p 1'] - one) / (n - 1) - seq / n:+.2f} s")
-    if not args.no_cluster:
-        seq_up, two = cluster_runs(specs, d, env)
-        print("two-node Ray cluster on this machine (2 CPUs + 1 GPU each, sharing its cores), uploads and staging on SeaweedFS:")
-        print(f"  sequential CLI   {seq_up:7.1f} s  ({seq_up / n:.2f} s per job)")
-        print(f"  batch, 2 nodes   {two:7.1f} s  ({two / n:.2f} s per job)  ratio to sequential {two / seq_up:.2f}x")
 
 
 if __name__ == "__main__":
