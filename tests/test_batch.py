@@ -217,26 +217,27 @@ def test_a_lost_gpu_node_mid_build_is_retried_and_nothing_is_half_published(clus
     jobs = tmp_path / "jobs.yaml"
     write_jobs(jobs, model_factory(), s3_prefix, bad=False)
     data = json.loads(jobs.read_text())
-    # the same trtllm-build stand-in, slowed down to 60 s per rank on the node about to be lost
+    # the same trtllm-build stand-in, slowed down to 30 s per rank on the node about to be lost
     wrapper = tmp_path / "trtllm-build-slow"
-    wrapper.write_text(f"#!/bin/sh\n[ \"$LMI_COMPILE_BATCH_WORK\" = {slow.work} ] && export TRTLLM_BUILD_STANDIN_DELAY=60\n"
+    wrapper.write_text(f"#!/bin/sh\n[ \"$LMI_COMPILE_BATCH_WORK\" = {slow.work} ] && export TRTLLM_BUILD_STANDIN_DELAY=30\n"
                        f"TRTLLM_STANDIN_VERSION=0.12.0 exec {trtllm_standin('0.30')} \"$@\"\n")
     wrapper.chmod(0o755)
     data["jobs"] = [dict(data["jobs"][0], trtllm_build=str(wrapper))]
     jobs.write_text(json.dumps(data))
     out, err = tmp_path / "out.json", tmp_path / "err.log"
-    stages = slow.work / "trt-030" / "stages-build.jsonl"
-    stages.unlink(missing_ok=True)  # an earlier test's run of this job name on this node
+    # mid-build: the trtllm-build stand-in has started its (30 s) engine, so its command is in the build's wait
+    building = slow.work / "trt-030" / "work" / "logs" / "trtllm-build.log"
+    building.unlink(missing_ok=True)  # an earlier test's run of this job name on this node
     with open(out, "w") as o, open(err, "w") as e:
         driver = subprocess.Popen([sys.executable, "-m", "lmi_compile", "batch", str(jobs), "--address",
                                    cluster.address, "--staging", f"{s3_prefix}staging/", "--json"],
                                   env={**os.environ, **FAST_RETRY}, stdout=o, stderr=e)
     try:
         deadline = time.monotonic() + 120
-        while '"build"' not in (stages.read_text() if stages.exists() else ""):
+        while "pretending to build rank 0" not in (building.read_text() if building.exists() else ""):
             assert driver.poll() is None and time.monotonic() < deadline, err.read_text()[-3000:]
             time.sleep(0.1)
-        cluster.kill(slow)  # the build stage has begun; its trtllm-build takes 60 s on this node
+        cluster.kill(slow)
         assert manifest(s3_client, upload) is None and keys(s3_client, upload) == []  # nothing published
         fresh = cluster.add_node("g5-fresh", **GPU)
         assert driver.wait(timeout=180) == 0, err.read_text()[-3000:]
