@@ -51,6 +51,10 @@ AllowLonger = Annotated[bool, typer.Option(
 LmiVersion = Annotated[Optional[str], typer.Option(
     "--lmi-version", help="The LMI release the artifacts are for (its TensorRT-LLM / Neuron SDK, layout and options); "
                           "`lmi-compile targets` lists them. [default: the newest supported]", show_default=False)]
+HandoverOut = Annotated[Optional[str], typer.Option(
+    "--handover-out", hidden=True, help="lmi-compile batch: publish the CPU stages' output to this S3 prefix.")]
+HandoverIn = Annotated[Optional[str], typer.Option(
+    "--handover-in", hidden=True, help="lmi-compile batch: start from the CPU stages' output at this S3 prefix.")]
 TensorParallel = Annotated[Optional[int], typer.Option("--tp", min=1, help="Tensor-parallel degree "
                                                         "(option.tensor_parallel_degree).", show_default=False)]
 
@@ -203,6 +207,8 @@ def trtllm(
     upload: Upload = None,
     work_dir: WorkDirOpt = None,
     until: Annotated[str, typer.Option(help="Stop after this stage: fetch, convert, build or layout.")] = "layout",
+    handover_out: HandoverOut = None,
+    handover_in: HandoverIn = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help=(
         "Parallel rank writers in convert (default: CPU count, at most 8)."), show_default=False)] = None,
     parallel_embedding: Annotated[bool, typer.Option("--parallel-embedding", help=(
@@ -254,7 +260,8 @@ def trtllm(
                     engine_path=engine_path, upload=upload,
                     allow_longer=allow_longer, revision=s.pick("revision", revision, None), token=token,
                     trust_remote_code=trust_remote_code or s.lmi.get("trust_remote_code", False),
-                    overwrite=overwrite, force=force, keep_source=keep_source)
+                    overwrite=overwrite, force=force, keep_source=keep_source, handover_out=handover_out,
+                    handover_in=handover_in)
     if workers:
         job.workers = workers
     s.picked["lmi_version"] = (target.release, "flag" if lmi_version else "default")
@@ -290,6 +297,8 @@ def neuron(
     upload: Upload = None,
     work_dir: WorkDirOpt = None,
     until: Annotated[str, typer.Option(help="Stop after this stage: fetch, split, compile or layout.")] = "layout",
+    handover_out: HandoverOut = None,
+    handover_in: HandoverIn = None,
     revision: Revision = None,
     token: Token = None,
     trust_remote_code: TrustRemoteCode = False,
@@ -320,7 +329,7 @@ def neuron(
                     revision=s.pick("revision", revision, None), token=token,
                     trust_remote_code=trust_remote_code or s.lmi.get("trust_remote_code", False),
                     overwrite=overwrite, force=force, source_kind=parse_source(model, revision).kind,
-                    keep_source=keep_source)
+                    keep_source=keep_source, handover_out=handover_out, handover_in=handover_in)
     s.log("neuron")
     out = run(job, until)
     typer.echo(f"{until}: {out}" + (f" (published to {upload})" if upload and until == "layout" else ""))

@@ -1,11 +1,15 @@
 """`lmi-compile batch`: many compile jobs on Ray, embedded on this machine or on a cluster.
 
-Ray schedules; this module only decides what to ask of it. Each job is one Ray task placed on a node that has
-the job's resources (GPUs of its accelerator type, NeuronCores, memory), which runs every stage of the job
-there (runner.py). Before anything is scheduled: JOBS.yaml is checked against the backend commands, a job
-whose upload prefix already holds this job's manifest is skipped, a job that cannot fit its instance is
-reported, and local model folders are published to --staging (on a cluster no node sees this disk).
-Failures of one job never stop the others; a lost node or an S3 5xx is retried with backoff, bad input is not.
+Ray schedules; this module only decides what to ask of it. On a cluster with --staging a job runs as two Ray
+tasks (runner.py): its CPU stages (fetch, convert/split) on any node with a CPU and the memory `plan` sizes for
+them, which hand over to --staging on S3 (handover.py); then its build/compile, layout and push on a node with
+the job's resources (GPUs of its accelerator type, NeuronCores), which starts from that hand-over. Embedded (one
+machine, the work dir serves) or on a cluster without --staging, a job is one task that runs every stage on its
+build node. Before anything is scheduled: JOBS.yaml is checked against the backend commands, a job whose upload
+prefix already holds this job's manifest is skipped, a job whose hand-over is already published starts at its
+build, a job that cannot fit its instance is reported, and local model folders are published to --staging (on a
+cluster no node sees this disk). One job's failure never stops the others; a lost node or an S3 5xx is retried
+with backoff, bad input is not.
 """
 
 import json
@@ -20,6 +24,7 @@ from pathlib import Path
 
 from lmi_compile.batch.jobs import Job
 from lmi_compile.errors import EXIT_BAD_INPUT, BadInput, Interrupted, LmiCompileError
+from lmi_compile.pipeline.interrupts import STOP, install_deferred, received
 
 log = logging.getLogger("lmi_compile")
 
@@ -38,7 +43,11 @@ class JobState:
     job: Job
     status: str = "pending"  # pending, running, retrying, done, skipped, failed
     stage: str = ""
-    node: str | None = None
+    phase: str = "all"  # the task to run next: cpu (then build), build (from the hand-over), or all
+    handover: str | None = None  # STAGING/handover/NAME-FINGERPRINT/ (cluster with --staging)
+    cpu_request: dict = field(default_factory=dict)
+    node: str | None = None  # where the build or compile ran
+    stage_nodes: dict = field(default_factory=dict)  # {stage: node id}
     stages: dict = field(default_factory=dict)
     output: str | None = None
     error: str | None = None
@@ -46,6 +55,7 @@ class JobState:
     started: float | None = None
     ended: float | None = None
     not_before: float = 0.0
+    dispatched: float = 0.0  # when its current task went out
     waiting_since: float | None = None
     ref: object = None
 
@@ -60,7 +70,7 @@ class JobState:
 
     def report(self) -> dict:
         return {"name": self.job.name, "status": self.status, "node": self.node, "stages": self.stages,
-                "output": self.output, "error": self.error}
+                "output": self.output, "error": self.error, "stage_nodes": self.stage_nodes}
 
 
 def run_batch(jobs_file: Path, commands: dict, *, address: str | None, staging: str | None,
@@ -74,24 +84,30 @@ def run_batch(jobs_file: Path, commands: dict, *, address: str | None, staging: 
     states = [JobState(j) for j in jobs]
     for s in states:
         s.job.source = _staged_uri(s.job, staging) if cluster else s.job.model
+    if cluster and not staging:
+        log.warning("no --staging: each job runs all its stages on its build node (give --staging s3://bucket/prefix/ "
+                    "to run fetch and convert/split on CPU nodes)")
     for s in states:  # before any work: done already, or cannot fit
-        _skip_or_plan(s)
+        _skip_or_plan(s, staging if cluster else None)
     if cluster:
         _stage_local_models([s for s in states if not s.finished])
+    report = sys.stdout
     if not all(s.finished for s in states):  # else nothing to schedule: Ray is not started
-        stdout, sys.stdout = sys.stdout, sys.stderr  # Ray prints cluster events; stdout is the report's alone
+        # Ray prints cluster events with print(), some late (a node's death, at exit): stdout is the report's alone,
+        # so everything else that prints from now on goes to stderr
+        sys.stdout = sys.stderr
         try:
             _start_ray(ray, address)
+            # ray.init replaced the SIGTERM handler with a bare exit; a signal now marks the stop, the loop cancels
+            install_deferred()
             _schedule(ray, states, embedded=not cluster, max_parallel=max_parallel)
         except Interrupted:
-            sys.stdout = stdout
-            _final_report(states, json_out)
+            _final_report(states, json_out, report)
             raise
         finally:
-            sys.stdout = stdout
             if not cluster:
                 ray.shutdown()
-    _final_report(states, json_out)
+    _final_report(states, json_out, report)
     return 1 if any(s.status == "failed" for s in states) else 0
 
 
@@ -130,8 +146,12 @@ def _check_sources(jobs: list[Job], jobs_file: Path, *, cluster: bool, staging: 
                            f"there first, or use a Hub or S3 model")
 
 
-def _skip_or_plan(s: JobState) -> None:
-    from lmi_compile.batch.fit import check_fit
+def _skip_or_plan(s: JobState, staging: str | None) -> None:
+    """Done already (skipped), cannot fit (failed, not run), or which task comes first: with --staging on a cluster
+    the CPU stages, unless their hand-over for this job fingerprint is already published (then the build)."""
+    from lmi_compile.batch import handover
+    from lmi_compile.batch.fit import check_fit, cpu_stage_request
+    from lmi_compile.remote.peek import read_remote_config
 
     if s.job.upload:
         recorded = _published_job(s.job.upload)
@@ -139,13 +159,25 @@ def _skip_or_plan(s: JobState) -> None:
             s.status, s.node, s.output = "skipped", recorded.get("node"), s.job.upload
             log.info("job %s: %s already holds this job's verified output; skipped", s.job.name, s.job.upload)
             return
+    o = s.job.options
     try:
-        why = check_fit(s.job)
+        config = read_remote_config(s.job.model, o.get("revision"), o.get("token"))[0]
+        why = check_fit(s.job, config)
+        if staging and not why:
+            s.cpu_request = cpu_stage_request(s.job, config)
     except LmiCompileError as e:
         why = str(e)
     if why:
         s.status, s.error = "failed", f"not run: {why}"
         log.error("job %s: %s", s.job.name, s.error)
+        return
+    if staging:
+        s.handover = f"{staging.rstrip('/')}/handover/{s.job.name}-{s.job.fingerprint()[:16]}/"
+        s.phase = "cpu"
+        if handover.published(s.handover):
+            s.phase = "build"
+            log.info("job %s: %s holds its %s stage; resuming at the build", s.job.name, s.handover,
+                     handover.STAGE_OF[s.job.backend])
 
 
 def _published_job(upload: str) -> dict | None:
@@ -203,19 +235,29 @@ def _schedule(ray, states: list[JobState], *, embedded: bool, max_parallel: int 
     from lmi_compile.batch.runner import Board, run_job
 
     task = ray.remote(max_retries=0)(run_job)
-    board = ray.remote(num_cpus=0)(Board).remote()
     work_root = str(Path("lmi-compile-work/batch").resolve()) if embedded else None
+    # Live stages: on one machine from the jobs' stage logs, on a cluster through an actor (no shared disk).
+    board = None if embedded else ray.remote(num_cpus=0)(Board).remote()
     view = Progress(states)
     try:
         while not all(s.finished for s in states):
+            if STOP.is_set():
+                raise Interrupted(received())
             now = time.time()
             running = [s for s in states if s.ref is not None]
-            for s in states:
+            # CPU stages run ahead of the builds by at most as many jobs as can build at once: converting every job
+            # first would leave the GPUs idle until the CPUs are through (builds first within a tick, too)
+            ahead = sum(s.phase == "cpu" and s.ref is not None or s.phase == "build" and s.ref is None and
+                        not s.finished for s in states)
+            slots = _build_slots(ray) if any(s.phase == "cpu" and s.ref is None for s in states) else 0
+            for s in sorted(states, key=lambda s: s.phase == "cpu"):
                 if s.status not in ("pending", "retrying") or now < s.not_before:
                     continue
                 if max_parallel and len(running) >= max_parallel:
                     break
-                req = ray_resources(s.job)
+                if s.phase == "cpu" and ahead >= slots:
+                    continue
+                req = s.cpu_request if s.phase == "cpu" else ray_resources(s.job)
                 if embedded:
                     req = _local_request(ray, s, req)
                 missing = _unplaceable(ray, req)
@@ -226,21 +268,20 @@ def _schedule(ray, states: list[JobState], *, embedded: bool, max_parallel: int 
                               f"{SCHEDULE_TIMEOUT_S:.0f}s; start a node with it or fix the job's resources)"))
                     continue
                 s.waiting_since = None
-                spec = {"name": s.job.name, "backend": s.job.backend, "source": s.job.source,
-                        "argv": s.job.argv, "options": s.job.options, "fingerprint": s.job.fingerprint(),
-                        "work_root": work_root, "overwrite_upload": s.attempts > 0 and _incomplete(s.job.upload)}
-                s.ref = task.options(**req).remote(spec, board)
+                s.ref = task.options(**req).remote(_spec(s, work_root), board)
                 s.attempts += 1
-                s.status, s.stage = "running", "queued"
+                s.status, s.stage, s.dispatched = "running", "queued", now
+                ahead += s.phase == "cpu"
                 s.started = s.started or now
                 running.append(s)
             refs = [s.ref for s in states if s.ref is not None]
             if refs:
-                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=TICK_S)
+                ray.wait(refs, num_returns=1, timeout=TICK_S)  # back the moment any task ends: its next phase goes out
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
                 for s in states:
                     if s.ref is not None and s.ref in ready:
                         _finished(ray, s)
-                _live_stages(ray, board, states)
+                _live_stages(ray, board, states, work_root)
             else:
                 time.sleep(TICK_S)
             view.update()
@@ -254,6 +295,22 @@ def _schedule(ray, states: list[JobState], *, embedded: bool, max_parallel: int 
     view.close()
 
 
+def _spec(s: JobState, work_root: str | None) -> dict:
+    """What the task runs: the job's command line, and the phase's own options (runner.py)."""
+    from lmi_compile.batch.handover import STAGE_OF
+
+    phase_argv = {"cpu": ["--until", STAGE_OF[s.job.backend], "--handover-out", s.handover],
+                  "build": ["--handover-in", s.handover], "all": []}[s.phase]
+    # TEST-ONLY (pipeline/testhooks.py): LMI_COMPILE_TEST_JOB_<X> of the driver becomes LMI_COMPILE_TEST_<X> of
+    # the job's command, so a test holds a job at a known point without holding the driver there too.
+    hooks = {"LMI_COMPILE_TEST_" + k[len("LMI_COMPILE_TEST_JOB_"):]: v for k, v in os.environ.items()
+             if k.startswith("LMI_COMPILE_TEST_JOB_")}
+    return {"name": s.job.name, "backend": s.job.backend, "source": s.job.source, "argv": s.job.argv,
+            "options": s.job.options, "fingerprint": s.job.fingerprint(), "work_root": work_root,
+            "phase": s.phase, "phase_argv": phase_argv, "handover": s.handover, "env": hooks,
+            "overwrite_upload": s.phase != "cpu" and s.attempts > 0 and _incomplete(s.job.upload)}
+
+
 def _local_request(ray, s: JobState, req: dict) -> dict:
     """One machine: ask only for what it has (placement is moot; a GPU it lacks is the build tool's concern)."""
     have = ray.cluster_resources()
@@ -265,6 +322,12 @@ def _local_request(ray, s: JobState, req: dict) -> dict:
     if dropped and s.attempts == 0:
         log.warning("job %s: this machine offers no %s; running here without it", s.job.name, ", ".join(dropped))
     return out
+
+
+def _build_slots(ray) -> int:
+    """How many builds or compiles the alive nodes can run at once: their GPUs, and a NeuronCore pair each."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    return max(1, sum(int(n.get("GPU", 0)) + int(n.get("neuron_cores", 0)) // 2 for n in nodes))
 
 
 def _unplaceable(ray, req: dict) -> str | None:
@@ -308,11 +371,16 @@ def _finished(ray, s: JobState) -> None:
         else:
             _fail(s, f"{name}: {message}")
         return
-    s.node, s.output = r["node"], r["output"]
+    if r["phase"] != "cpu":
+        s.node, s.output = r["node"], r["output"]
     for stage, secs in r["stages"].items():
         s.stages[stage] = round(s.stages.get(stage, 0.0) + secs, 3)
+        s.stage_nodes[stage] = r["node"]
     code, error = r["exit_code"], r["error"]
-    if code == 0:
+    if code == 0 and r["phase"] == "cpu":  # handed over: the build comes next, on a node with the job's resources
+        s.phase, s.status, s.stage, s.attempts = "build", "pending", "", 0
+        log.info("job %s: %s handed over on node %s", s.job.name, " + ".join(r["stages"]), r["node"][:8])
+    elif code == 0:
         s.status, s.stage, s.error, s.ended = "done", "", None, time.time()
         log.info("job %s: done on node %s in %.1fs", s.job.name, s.node[:8], s.elapsed())
     elif code == EXIT_BAD_INPUT:
@@ -339,13 +407,21 @@ def _fail(s: JobState, why: str | None) -> None:
     log.error("job %s: failed: %s", s.job.name, s.error)
 
 
-def _live_stages(ray, board, states: list[JobState]) -> None:
-    try:
-        current = ray.get(board.read.remote(), timeout=5)
-    except Exception:
-        return
+def _live_stages(ray, board, states: list[JobState], work_root: str | None) -> None:
+    from lmi_compile.batch.runner import last_stage
+
+    if board is None:
+        current = {s.job.name: last_stage(Path(work_root) / s.job.name, s.phase) for s in states if s.ref is not None}
+        # a stage log left by an earlier run holds older events (one machine: one clock)
+        current = {s.job.name: current[s.job.name] for s in states
+                   if current.get(s.job.name) and current[s.job.name][1] >= s.dispatched}
+    else:
+        try:
+            current = ray.get(board.read.remote(), timeout=5)
+        except Exception:
+            return
     for s in states:
-        if s.status == "running" and s.job.name in current:
+        if s.status == "running" and s.job.name in current and current[s.job.name][2] == s.phase:
             s.stage = current[s.job.name][0]
 
 
@@ -404,13 +480,12 @@ def table(states: list[JobState], *, live: bool = False) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + ("  " + r[-1] if r[-1] else "") for r in rows]
 
 
-def _final_report(states: list[JobState], json_out: bool) -> None:
-    import typer
-
+def _final_report(states: list[JobState], json_out: bool, out) -> None:
     if json_out:
-        typer.echo(json.dumps({"jobs": [s.report() for s in states]}, indent=2))
-        return
-    for line in table(states):
-        typer.echo(line.rstrip())
-    counts = {k: sum(s.status == k for s in states) for k in ("done", "skipped", "failed")}
-    typer.echo(", ".join(f"{v} {k}" for k, v in counts.items()))
+        out.write(json.dumps({"jobs": [s.report() for s in states]}, indent=2) + "\n")
+    else:
+        for line in table(states):
+            out.write(line.rstrip() + "\n")
+        counts = {k: sum(s.status == k for s in states) for k in ("done", "skipped", "failed")}
+        out.write(", ".join(f"{v} {k}" for k, v in counts.items()) + "\n")
+    out.flush()

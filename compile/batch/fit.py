@@ -25,8 +25,26 @@ def instance_for(resources: dict, kind: str, count: int) -> str | None:
     return min(fits, key=lambda f: f[0])[1] if fits else None  # the first of the smallest, in table order
 
 
+# What a CPU-stage process holds besides tensors: the interpreter, torch, safetensors, boto3.
+CPU_STAGE_BASE = 1 * GiB
+
+
+def cpu_stage_request(job: Job, config) -> dict:
+    """The Ray request of the job's CPU stages (fetch, convert/split, hand-over), sized from the model as `plan`
+    reads it: the converters stream tensor by tensor, so memory is bounded by the largest tensor (the embedding or
+    a linear, read and written once each) times the writers that run at once, plus the process itself."""
+    from lmi_compile.model.architectures import resolve
+
+    d = resolve(config).dims
+    width = 4 if config.dtype == "float32" else 2
+    largest = max(d.vocab_size * d.hidden_size, d.intermediate_size * d.hidden_size) * width
+    tp, pp = int(job.options.get("tp") or (1 if job.backend == "trtllm" else 2)), int(job.options.get("pp") or 1)
+    writers = min(job.options.get("workers") or 8, tp * pp) if job.backend == "trtllm" else 4
+    return {"num_cpus": 1, "memory": int(CPU_STAGE_BASE + 2 * largest * writers)}
+
+
 def ray_resources(job: Job) -> dict:
-    """The Ray request of the job's task: GPUs of its accelerator type, NeuronCores, memory."""
+    """The Ray request of the job's build/compile task: GPUs of its accelerator type, NeuronCores, memory."""
     r = job.resources
     req = {"num_cpus": 1, "resources": {}}
     if job.backend == "trtllm":
@@ -40,15 +58,14 @@ def ray_resources(job: Job) -> dict:
     return req
 
 
-def check_fit(job: Job) -> str | None:
-    """None when the job fits its instance (or names none), else why not, in one line."""
+def check_fit(job: Job, config) -> str | None:
+    """None when the job fits its instance (or names none), else why not, in one line. `config`: the model's
+    config.json (remote/peek.py: read_remote_config)."""
     from lmi_compile.lmi.plan import make_plan
     from lmi_compile.lmi.targets import resolve as resolve_target
-    from lmi_compile.remote.peek import read_remote_config
 
     o = job.options
     tp, pp = int(o.get("tp") or (1 if job.backend == "trtllm" else 2)), int(o.get("pp") or 1)
-    config, total = read_remote_config(job.model, o.get("revision"), o.get("token"))
     if job.backend == "trtllm":
         d = resolve_target("trtllm", o.get("lmi_version"))["defaults"]
         batch = int(o.get("max_batch_size") or d["max_batch_size"])

@@ -19,7 +19,9 @@ JOB_KEYS = ("name", "backend", "model", "resources")
 RESOURCE_KEYS = ("accelerator_type", "gpus", "neuron_cores", "memory_gb", "instance")
 # Options the batch runner owns: it gives every job its own work folder on the node and runs every stage.
 MANAGED = {"work_dir": "the batch runner gives each job its own work folder on the node it runs on",
-           "until": "a batch job runs every stage"}
+           "until": "a batch job runs every stage",
+           "handover_out": "the batch runner hands stages over between nodes through --staging",
+           "handover_in": "the batch runner hands stages over between nodes through --staging"}
 # Not part of what a job builds (so not of its fingerprint): secrets and how a rerun treats earlier output.
 NOT_FINGERPRINTED = ("token", "overwrite", "force")
 

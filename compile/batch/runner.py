@@ -1,9 +1,11 @@
-"""What runs on a node: one job, as the backend command in a subprocess, with its stages reported as they go.
+"""What runs on a node: one phase of a job, as the backend command in a subprocess, its stages reported as they go.
 
-The subprocess is the same `lmi-compile trtllm|neuron` a user runs, so a batch job has exactly its checks,
-stage skipping, clean interruption (SIGTERM stops at the next boundary and aborts open multipart uploads) and
-one-line errors. Its work folder is on this node's own disk (LMI_COMPILE_BATCH_WORK, default
-~/.cache/lmi-compile/batch): a rerun that lands on the same node resumes at the first unfinished stage.
+Phases: "cpu" (fetch and convert/split, then the hand-over to --staging), "build" (from the hand-over: build or
+compile, layout, push) or "all" (every stage here: embedded mode, or a cluster without --staging). The subprocess
+is the same `lmi-compile trtllm|neuron` a user runs, so a batch job has exactly its checks, stage skipping, clean
+interruption (SIGTERM stops at the next boundary and aborts open multipart uploads) and one-line errors. Its work
+folder is on this node's own disk (LMI_COMPILE_BATCH_WORK, default ~/.cache/lmi-compile/batch): a rerun that lands
+on the same node resumes at the first unfinished stage.
 """
 
 import json
@@ -29,10 +31,10 @@ class Board:
     """A Ray actor (no CPU) the running jobs tell their stage to, and the driver reads for live progress."""
 
     def __init__(self):
-        self.stages: dict[str, tuple[str, float]] = {}
+        self.stages: dict[str, tuple[str, float, str]] = {}
 
-    def update(self, name: str, stage: str, at: float) -> None:
-        self.stages[name] = (stage, at)
+    def update(self, name: str, stage: str, at: float, phase: str = "all") -> None:
+        self.stages[name] = (stage, at, phase)
 
     def read(self) -> dict:
         return dict(self.stages)
@@ -45,19 +47,22 @@ def run_job(spec: dict, board=None) -> dict:
     from lmi_compile.pipeline.observe import JOB_ENV, STAGE_LOG_ENV
 
     node = ray.get_runtime_context().get_node_id()
+    phase = spec.get("phase", "all")
     root = work_root(spec.get("work_root")) / spec["name"]
     root.mkdir(parents=True, exist_ok=True)
-    stage_log, cli_log = root / "stages.jsonl", root / "lmi-compile.log"
+    stage_log, cli_log = root / f"stages-{phase}.jsonl", root / f"lmi-compile-{phase}.log"
     stage_log.write_text("")
     argv = [sys.executable, "-m", "lmi_compile", spec["backend"], spec["source"], *spec["argv"],
-            "--work-dir", str(root / "work")]
+            *spec.get("phase_argv", []), "--work-dir", str(root / "work")]
     output = spec["options"].get("output")
-    if not output:
+    if phase == "cpu":
+        output = spec.get("handover")
+    elif not output:
         output = str(root / "output")
         argv += ["--output", output]
     if spec.get("overwrite_upload") and "--overwrite" not in argv:
         argv.append("--overwrite")  # a retry replaces the incomplete upload its lost attempt left
-    env = {**os.environ, STAGE_LOG_ENV: str(stage_log), "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, **spec.get("env", {}), STAGE_LOG_ENV: str(stage_log), "PYTHONUNBUFFERED": "1",
            JOB_ENV: json.dumps({"name": spec["name"], "fingerprint": spec["fingerprint"], "node": node})}
     started = time.time()
     with open(cli_log, "w") as log:
@@ -65,16 +70,20 @@ def run_job(spec: dict, board=None) -> dict:
     seen = 0
     try:
         while proc.poll() is None:
-            seen = _report(stage_log, seen, spec["name"], board)
-            time.sleep(POLL_S)
+            seen = _report(stage_log, seen, spec["name"], board, phase)
+            try:
+                proc.wait(timeout=POLL_S)  # returns the moment the command ends
+            except subprocess.TimeoutExpired:
+                pass
     except BaseException:  # ray.cancel (KeyboardInterrupt) or the worker going down: stop the run cleanly
         _stop(proc)
         raise
-    _report(stage_log, seen, spec["name"], board)
+    _report(stage_log, seen, spec["name"], board, phase)
     ended = time.time()
-    return {"node": node, "exit_code": proc.returncode, "stages": stage_seconds(stage_log, ended),
+    return {"node": node, "phase": phase, "exit_code": proc.returncode, "stages": stage_seconds(stage_log, ended),
             "error": _error_line(cli_log) if proc.returncode else None,
-            "output": spec["options"].get("upload") or output, "log": str(cli_log), "seconds": ended - started}
+            "output": output if phase == "cpu" else spec["options"].get("upload") or output, "log": str(cli_log),
+            "seconds": ended - started}
 
 
 def _die_with_parent() -> None:
@@ -112,11 +121,17 @@ def _events(stage_log: Path) -> list[dict]:
     return out
 
 
-def _report(stage_log: Path, seen: int, name: str, board) -> int:
+def _report(stage_log: Path, seen: int, name: str, board, phase: str) -> int:
     events = _events(stage_log)
     if board is not None and len(events) > seen:
-        board.update.remote(name, events[-1]["stage"], events[-1]["at"])
+        board.update.remote(name, events[-1]["stage"], events[-1]["at"], phase)
     return len(events)
+
+
+def last_stage(root: Path, phase: str) -> tuple[str, float, str] | None:
+    """The stage a job's phase is in, from its stage log (what the Board holds, where the driver sees the disk)."""
+    events = _events(root / f"stages-{phase}.jsonl")
+    return (events[-1]["stage"], events[-1]["at"], phase) if events else None
 
 
 def stage_seconds(stage_log: Path, ended: float) -> dict[str, float]:

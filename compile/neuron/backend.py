@@ -238,22 +238,41 @@ def run(job: NeuronJob, until: str = "layout") -> Path:
 
 
 def _run(job: NeuronJob, until: str, target) -> Path:
+    if job.handover_in:  # `lmi-compile batch`: fetch and split ran on a CPU node (batch/handover.py)
+        from lmi_compile.batch.handover import receive
+
+        observe.stage("handover-fetch")
+        model, split, split_fp = receive(job.handover_in, job.work, "split", job.work.split)
+        return _from_compile(job, until, target, model, _calls(job, model, target)[1], split, split_fp)
     observe.stage("fetch")
     model = fetch_stage(job.model, job.work, revision=job.revision, token=job.token,
                         trust_remote_code=job.trust_remote_code)
-    arch = resolve(model.config)
-    if job.n_positions is None:
-        job.n_positions = min(DEFAULT_MAX_N_POSITIONS, arch.dims.max_position_embeddings)
-    calls = validate(job, arch, model.config, target)
+    arch, calls = _calls(job, model, target)
     if until == "fetch":
         return model.root
     check_dense(model.config)  # what was fetched, as well as what the peek read
     observe.stage("split")
     split, split_fp = split_stage(job, model, arch)
+    if job.handover_out:  # `lmi-compile batch`: the compile runs on another node (batch/handover.py)
+        from lmi_compile.batch.handover import send
+
+        observe.stage("handover-push")
+        send(job.handover_out, job.work.root, model.root, split, "split")
     if not job.keep_source:
         remove_weights(model, job.work.source)
     if until == "split":
         return split
+    return _from_compile(job, until, target, model, calls, split, split_fp)
+
+
+def _calls(job: NeuronJob, model, target):
+    arch = resolve(model.config)
+    if job.n_positions is None:
+        job.n_positions = min(DEFAULT_MAX_N_POSITIONS, arch.dims.max_position_embeddings)
+    return arch, validate(job, arch, model.config, target)
+
+
+def _from_compile(job: NeuronJob, until: str, target, model, calls: LoaderCalls, split: Path, split_fp: str) -> Path:
     observe.stage("compile")
     compiled, facts = compile_stage(job, calls, target, split, split_fp)
     if until == "compile":

@@ -36,3 +36,17 @@ def check() -> None:
     testhooks.pause("boundary")
     if STOP.is_set():
         raise Interrupted(received())
+
+
+def install_deferred() -> None:
+    """Record SIGINT/SIGTERM without raising, for a main thread that waits in C calls a raising handler corrupts
+    (Ray's ray.wait turns it into SystemError): the caller polls STOP and raises Interrupted(received())."""
+
+    def mark(signum, frame):
+        if not STOP.is_set():
+            _received.append(signum)
+        STOP.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, mark)
+        signal.signal(signal.SIGTERM, mark)

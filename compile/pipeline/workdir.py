@@ -166,3 +166,7 @@ class Job:
     overwrite: bool = False
     force: bool = False
     keep_source: bool = True  # False: a fetched model's weights are removed once converted/split (remote/fetch.py)
+    # `lmi-compile batch` on a cluster (batch/handover.py): publish the CPU stages' output to this S3 prefix, or
+    # start from the output published there (the CPU stages ran on another node)
+    handover_out: str | None = None
+    handover_in: str | None = None

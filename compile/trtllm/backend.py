@@ -303,6 +303,13 @@ def run(job: TrtllmJob, until: str = "layout") -> Path:
 
 
 def _run(job: TrtllmJob, until: str, tool) -> Path:
+    if job.handover_in:  # `lmi-compile batch`: fetch and convert ran on a CPU node (batch/handover.py)
+        from lmi_compile.batch.handover import receive
+
+        observe.stage("handover-fetch")
+        model, ckpt, ckpt_fp = receive(job.handover_in, job.work, "convert", job.work.checkpoint)
+        _check_model(job, tool, model)
+        return _from_build(job, until, tool, model, ckpt, ckpt_fp)
     # An S3 model is converted while it downloads (remote/streaming.py); other sources are fetched first.
     observe.stage("fetch")
     stream = None if until == "fetch" else streaming.start(job.model, job.work, revision=job.revision,
@@ -314,9 +321,9 @@ def _run(job: TrtllmJob, until: str, tool) -> Path:
             stream.close()
 
 
-def _stages(job: TrtllmJob, until: str, tool, stream) -> Path:
-    model = stream.model() if stream else fetch_stage(job.model, job.work, revision=job.revision, token=job.token,
-                                                      trust_remote_code=job.trust_remote_code)
+def _check_model(job: TrtllmJob, tool, model) -> tuple:
+    """What the model itself must satisfy for this target and these lengths; (the architecture's TRT-LLM name,
+    the checkpoint's Quantization)."""
     arch = resolve(model.config)  # unsupported architectures fail here
     architecture = check_target(job.target, model.config)
     quant, kv = check_quantization(job, model.config)  # again: ModelOpt's hf_quant_config.json arrives with the model
@@ -329,6 +336,13 @@ def _stages(job: TrtllmJob, until: str, tool, stream) -> Path:
                            f"in the model's {job.build.seq_len} positions; lower it or set --max-output-len")
     check_sequence_length(model.config, arch.dims, job.build.seq_len, allow_longer=job.allow_longer,
                           flag="--max-seq-len (prompt plus output)")
+    return architecture, quant
+
+
+def _stages(job: TrtllmJob, until: str, tool, stream) -> Path:
+    model = stream.model() if stream else fetch_stage(job.model, job.work, revision=job.revision, token=job.token,
+                                                      trust_remote_code=job.trust_remote_code)
+    architecture, quant = _check_model(job, tool, model)
     if until == "fetch":
         return model.root
     observe.stage("convert")
@@ -348,10 +362,19 @@ def _stages(job: TrtllmJob, until: str, tool, stream) -> Path:
         return ckpt
     if stream:
         model = stream.settle()  # the verified source folder, for the stages below
+    if job.handover_out:  # `lmi-compile batch`: the build runs on another node (batch/handover.py)
+        from lmi_compile.batch.handover import send
+
+        observe.stage("handover-push")
+        send(job.handover_out, job.work.root, model.root, ckpt, "convert")
     if not job.keep_source:
         remove_weights(model, job.work.source)
     if until == "convert":
         return ckpt
+    return _from_build(job, until, tool, model, ckpt, ckpt_fp)
+
+
+def _from_build(job: TrtllmJob, until: str, tool, model, ckpt: Path, ckpt_fp: str) -> Path:
     observe.stage("build")
     engines, build = build_stage(job, tool, ckpt, ckpt_fp)
     if until == "build":

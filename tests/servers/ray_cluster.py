@@ -54,8 +54,9 @@ class RayCluster:
         """What a driver needs to join: a loopback test cluster runs without Ray's token authentication."""
         return {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
-    def ray(self) -> str:
-        return str(Path(sys.executable).parent / "ray")
+    def ray(self) -> list[str]:
+        # This interpreter, not the `ray` script's shebang: workers run the Python that started their node.
+        return [sys.executable, "-m", "ray.scripts.scripts"]
 
     def start_head(self, name: str = "head", **kw) -> RayNode:
         port, client = free_ports(2)
@@ -73,7 +74,7 @@ class RayCluster:
         temp.mkdir(parents=True)
         work.mkdir(parents=True)
         log = self.root / name / "node.log"
-        cmd = [self.ray(), "start", *args, "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp),
+        cmd = [*self.ray(), "start", *args, "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp),
                "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus), "--resources", json.dumps(resources or {}),
                "--disable-usage-stats", "--block"]
         full_env = {**self.env, **(env or {}), **self.client_env(), "LMI_COMPILE_BATCH_WORK": str(work)}
@@ -92,12 +93,16 @@ class RayCluster:
         return node
 
     def kill(self, node: RayNode) -> None:
-        """The node is lost: SIGKILL to its whole process group (raylet, agents); Ray ends its workers."""
-        try:
-            os.killpg(node.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        node.proc.wait()
+        """The node is lost: SIGKILL to its whole process group (raylet, agents, workers and what they run). Twice:
+        a process forking at the first signal can leave a child in the group that the first one missed."""
+        for attempt in range(2):
+            try:
+                os.killpg(node.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if attempt == 0:
+                node.proc.wait()
+                time.sleep(0.2)
 
     def stop(self, node: RayNode, timeout: float = 20) -> None:
         """A graceful stop of one node: SIGTERM to its `ray start --block`, which ends its processes."""
@@ -109,16 +114,9 @@ class RayCluster:
                 pass
         self.kill(node)
 
-    def shutdown(self, timeout: float = 20) -> None:
-        """Stop every node at once (each by its PID), then remove their folders."""
+    def shutdown(self) -> None:
+        """Stop every node (each by its PID: SIGKILL to its process group, as a test cluster keeps nothing worth a
+        graceful stop, which takes seconds per node), then remove their folders."""
         for node in self.nodes:
-            if node.alive():
-                node.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for node in self.nodes:
-            try:
-                node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
             self.kill(node)
         shutil.rmtree(self.root, ignore_errors=True)
