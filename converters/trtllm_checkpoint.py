@@ -220,17 +220,22 @@ def _scale_source(ck: Checkpoint, weight: str, suffix: str) -> str:
     return name
 
 
+def _fp8_sources(sources: tuple, ck: Checkpoint, what: str) -> tuple[tuple, tuple]:
+    """(weight scale sources, input scale sources) of FP8 weights, each weight checked to be FP8."""
+    for s in sources:
+        if ck.tensors[s].dtype != FP8:
+            raise BadInput(f"{ck.tensors[s].file}: tensor {s!r} is {ck.tensors[s].dtype} while its checkpoint declares "
+                           f"FP8 weights; a mix of float and FP8 {what} is not converted")
+    return (tuple(_scale_source(ck, s, SCALES["weights_scaling_factor"]) for s in sources),
+            tuple(_scale_source(ck, s, SCALES["activation_scaling_factor"]) for s in sources))
+
+
 def _fp8_linear(e: dict, target: str, sources: tuple, ck: Checkpoint, ctx: RankContext) -> list[PlanEntry]:
     """A Linear as TensorRT-LLM's FP8Linear holds it (tensorrt_llm/quantization/layers.py): the weight in fp8 split
     like the dense one, weights_scaling_factor and activation_scaling_factor float32 (1,) on every rank. Separate
     Linears keep their bytes and scales exactly (gate and up stay apart: fuse_gate_mlp fuses them at build, each with
     its own scale, models/modeling_utils.py); the fused qkv is requantized to its largest scale (FusedQKVFP8)."""
-    for s in sources:
-        if ck.tensors[s].dtype != FP8:
-            raise BadInput(f"{ck.tensors[s].file}: tensor {s!r} is {ck.tensors[s].dtype} while its checkpoint declares "
-                           f"FP8 weights; a mix of float and FP8 Linears is not converted")
-    weight_scales = tuple(_scale_source(ck, s, SCALES["weights_scaling_factor"]) for s in sources)
-    input_scales = tuple(_scale_source(ck, s, SCALES["activation_scaling_factor"]) for s in sources)
+    weight_scales, input_scales = _fp8_sources(sources, ck, "Linears")
     fused = e["rule"] == "fused_qkv"
     rule = "fused_qkv_fp8" if fused else e["rule"]
     srcs = sources + weight_scales if fused else sources
@@ -252,12 +257,7 @@ def _fp8_experts(e: dict, target: str, sources: tuple, ck: Checkpoint, ctx: Rank
     one per local expert, and activation_scaling_factor float32 (1,) for all experts: the largest input scale of any
     expert (every expert reads the same hidden states; the largest keeps them all in range). The router stays in
     float32 (quantization/quantize.py excludes '*router')."""
-    for s in sources:
-        if ck.tensors[s].dtype != FP8:
-            raise BadInput(f"{ck.tensors[s].file}: tensor {s!r} is {ck.tensors[s].dtype} while its checkpoint declares "
-                           f"FP8 weights; a mix of float and FP8 experts is not converted")
-    weight_scales = tuple(_scale_source(ck, s, SCALES["weights_scaling_factor"]) for s in sources)
-    input_scales = tuple(_scale_source(ck, s, SCALES["activation_scaling_factor"]) for s in sources)
+    weight_scales, input_scales = _fp8_sources(sources, ck, "experts")
     rule = EXPERT_RULES[e["rule"]]
     srcs = sources + weight_scales if rule != e["rule"] else sources
     stem = target.removesuffix(".weight")

@@ -12,12 +12,11 @@ import re
 import shlex
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmi_compile.errors import STANDIN_MARK, LmiCompileError
-from lmi_compile.pipeline.progress import Progress
+from lmi_compile.pipeline.tool import quoted, run_watched
 
 log = logging.getLogger("lmi_compile")
 
@@ -161,30 +160,13 @@ def build_engines(tool: Toolchain, ckpt: Path, out: Path, opts: BuildOptions, lo
     if missing:
         raise LmiCompileError(f"{ckpt}: {', '.join(missing)} missing for world size {world}; rerun with --force")
     out.mkdir(parents=True, exist_ok=True)
-    log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "trtllm-build.log"
     cmd = build_command(tool, ckpt, out, opts, world, target["tool"], cfg["dtype"])
-    log.info("build: %s", " ".join(shlex.quote(c) for c in cmd))
-    bar = Progress(total=world, desc="build engines", unit="rank")
-    with open(log_path, "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=out)
-        try:
-            while proc.poll() is None:
-                time.sleep(0.5)
-                bar.update(len(list(out.glob("rank*.engine"))) - bar.n)
-        except BaseException:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            raise
-        finally:
-            bar.update(len(list(out.glob("rank*.engine"))) - bar.n)
-            bar.close()
-    if proc.returncode != 0:
-        tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-1:] or ["(no output)"]
-        raise LmiCompileError(f"trtllm-build failed with exit code {proc.returncode}; see {log_path}: {tail[0][:300]}")
+    log.info("build: %s", quoted(cmd))
+    code, tail = run_watched(cmd, cwd=out, log_path=log_path, total=world, desc="build engines", unit="rank",
+                             pattern="rank*.engine")
+    if code != 0:
+        raise LmiCompileError(f"trtllm-build failed with exit code {code}; see {log_path}: {tail}")
     missing = [f"rank{r}.engine" for r in range(world) if not (out / f"rank{r}.engine").is_file()]
     engine_cfg_path = out / "config.json"
     if missing or not engine_cfg_path.is_file():

@@ -12,14 +12,11 @@ serving/docker/tensorrt-llm.Dockerfile at each release). So the user names it: -
 
 import json
 import logging
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from lmi_compile.errors import STANDIN_MARK, BadInput, LmiCompileError
-from lmi_compile.pipeline.progress import Progress
+from lmi_compile.pipeline.tool import quoted, run_watched
 
 log = logging.getLogger("lmi_compile")
 
@@ -87,29 +84,11 @@ def command(script: Path, target, quant, model_root: Path, out: Path, *, tp: int
 
 def run(cmd: list[str], out: Path, world: int, log_path: Path) -> None:
     """Run the script, its output in log_path; progress follows the rank files it writes."""
-    log.info("convert: %s", " ".join(shlex.quote(c) for c in cmd))
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    bar = Progress(total=world, desc="convert_checkpoint.py", unit="rank")
-    with open(log_path, "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=out)
-        try:
-            while proc.poll() is None:
-                time.sleep(0.2)
-                bar.update(len(list(out.glob("rank*.safetensors"))) - bar.n)
-        except BaseException:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            raise
-        finally:
-            bar.update(len(list(out.glob("rank*.safetensors"))) - bar.n)
-            bar.close()
-    if proc.returncode != 0:
-        tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-1:] or ["(no output)"]
-        raise LmiCompileError(f"convert_checkpoint.py failed with exit code {proc.returncode}; see {log_path}: "
-                              f"{tail[0][:300]}")
+    log.info("convert: %s", quoted(cmd))
+    code, tail = run_watched(cmd, cwd=out, log_path=log_path, total=world, desc="convert_checkpoint.py", unit="rank",
+                             pattern="rank*.safetensors", poll_s=0.2)
+    if code != 0:
+        raise LmiCompileError(f"convert_checkpoint.py failed with exit code {code}; see {log_path}: {tail}")
 
 
 def check_output(out: Path, world: int, log_path: Path) -> dict:
