@@ -79,10 +79,10 @@ def median(runs: list[tuple[float, float]]) -> tuple[float, float]:
 DOWNLOAD = """
 import sys
 from pathlib import Path
-from lmi_compile.remote.fetch import _manifest_objects
+from lmi_compile.remote.fetch import manifest_objects
 from lmi_compile.remote.s3 import download_files, list_objects, make_client, parse_s3_uri
 uri = parse_s3_uri(sys.argv[1]); c = make_client(); objs = list_objects(c, uri)
-download_files(c, uri, sorted(objs), Path(sys.argv[2]), objs, desc="download", expect=_manifest_objects(c, uri))
+download_files(c, uri, sorted(objs), Path(sys.argv[2]), objs, desc="download", expect=manifest_objects(c, uri))
 """
 
 

@@ -141,7 +141,7 @@ class CuttingProxy:
 def test_stream_that_drops_mid_range_is_retried(published, s3_env, tmp_path, monkeypatch):
     """A connection that ends mid-range (a real one, cut by a proxy): the range is fetched again through the
     fetch's worker processes and the file is still verified."""
-    from lmi_compile.remote.fetch import _manifest_objects
+    from lmi_compile.remote.fetch import manifest_objects
     from lmi_compile.remote.s3 import download_files, list_objects, make_client
 
     model, prefix = published
@@ -151,7 +151,7 @@ def test_stream_that_drops_mid_range_is_retried(published, s3_env, tmp_path, mon
         client, u = make_client(), parse_s3_uri(prefix)
         objects = list_objects(client, u)
         weights = sorted(k for k in objects if k.endswith(".safetensors"))
-        download_files(client, u, weights, tmp_path / "d", objects, desc="d", expect=_manifest_objects(client, u))
+        download_files(client, u, weights, tmp_path / "d", objects, desc="d", expect=manifest_objects(client, u))
     finally:
         proxy.close()
     assert proxy.cut == 2

@@ -182,16 +182,12 @@ def _skip_or_plan(s: JobState, staging: str | None) -> None:
 
 def _published_job(upload: str) -> dict | None:
     """The `job` record of the manifest at `upload`, when a verified upload is there."""
-    from lmi_compile.remote.manifest import MANIFEST_KEY
+    from lmi_compile.remote.manifest import read_manifest
     from lmi_compile.remote.s3 import make_client, parse_s3_uri
 
-    uri = parse_s3_uri(upload)
-    try:
-        body = make_client().get_object(Bucket=uri.bucket, Key=uri.key(MANIFEST_KEY))["Body"].read()
-        manifest = json.loads(body)
-    except Exception:  # no manifest (or no access): the job runs, and its own pre-flight says what is wrong
-        return None
-    return manifest.get("job") if isinstance(manifest, dict) else None
+    # no manifest (or no access): the job runs, and its own pre-flight says what is wrong
+    manifest = read_manifest(make_client(), parse_s3_uri(upload))
+    return manifest.get("job") if manifest else None
 
 
 def _staged_uri(job: Job, staging: str | None) -> str:

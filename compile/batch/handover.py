@@ -31,16 +31,9 @@ MODEL = "model"
 OUT_DIR, IN_DIR = "handover-out", "handover-in"
 
 
-def _model_files(root: Path) -> list[Path]:
-    from lmi_compile.model.files import carried_files
-    from lmi_compile.model.quantization import MODELOPT_FILE
-
-    extra = [root / MODELOPT_FILE] if (root / MODELOPT_FILE).is_file() else []
-    return carried_files(root) + extra
-
-
 def send(uri: str, work_root: Path, model_root: Path, folder: Path, stage: str) -> None:
     """Publish the finished stage `folder` and the model's small files to `uri` (verified push, manifest last)."""
+    from lmi_compile.model.files import carried_files
     from lmi_compile.pipeline.workdir import place
     from lmi_compile.remote.publish import push
 
@@ -53,7 +46,7 @@ def send(uri: str, work_root: Path, model_root: Path, folder: Path, stage: str) 
         rel = p.relative_to(folder)
         if p.is_file() and not any(part.startswith(".") for part in rel.parts):
             place(p, out / stage / rel)  # hard links: no copy of the checkpoint
-    for f in _model_files(Path(model_root)):
+    for f in carried_files(Path(model_root)):  # hf_quant_config.json included
         place(f, out / MODEL / f.name)
     stages.write_json_atomic(out / RECORDS, {"stage": stage, "record": record,
                                              "fetch": stages.read_record(model_root)})
@@ -66,17 +59,11 @@ def send(uri: str, work_root: Path, model_root: Path, folder: Path, stage: str) 
 
 def published(uri: str, client=None) -> dict | None:
     """The hand-over's manifest when its push finished (None: absent or incomplete)."""
-    from lmi_compile.remote.manifest import MANIFEST_KEY
+    from lmi_compile.remote.manifest import read_manifest
     from lmi_compile.remote.s3 import make_client, parse_s3_uri
 
-    u = parse_s3_uri(uri)
-    client = client or make_client()
-    try:
-        body = client.get_object(Bucket=u.bucket, Key=u.key(MANIFEST_KEY))["Body"].read()
-        manifest = json.loads(body)
-    except Exception:
-        return None
-    return manifest if isinstance(manifest, dict) and manifest.get("content_id") else None
+    manifest = read_manifest(client or make_client(), parse_s3_uri(uri))
+    return manifest if manifest and manifest.get("content_id") else None
 
 
 def receive(uri: str, work, stage: str, final: Path):
@@ -86,7 +73,7 @@ def receive(uri: str, work, stage: str, final: Path):
     from lmi_compile.model.config import ModelConfig
     from lmi_compile.model.validate import ValidatedModel
     from lmi_compile.pipeline.workdir import place
-    from lmi_compile.remote.fetch import _manifest_objects
+    from lmi_compile.remote.fetch import manifest_objects
     from lmi_compile.remote.manifest import MANIFEST_KEY, MARKER_KEY
     from lmi_compile.remote.s3 import download_files, list_objects, make_client, parse_s3_uri
 
@@ -97,7 +84,7 @@ def receive(uri: str, work, stage: str, final: Path):
     if MANIFEST_KEY not in objects:
         state = "is incomplete (its push never finished)" if MARKER_KEY in objects else "is empty"
         raise LmiCompileError(f"{u}: the hand-over of the {stage} stage {state}; rerun the batch to redo it")
-    expect = _manifest_objects(client, u)  # every byte below is checked against the push's checksums
+    expect = manifest_objects(client, u)  # every byte below is checked against the push's checksums
     dest = Path(work.root) / IN_DIR
     small = [k for k in objects if k == RECORDS or k.startswith(f"{MODEL}/")]
     download_files(client, u, small, dest, objects, desc="handover: model files", expect=expect, mtimes=mtimes)

@@ -127,7 +127,7 @@ def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool, listener=No
         raise BadInput(f"{uri}: no objects under this prefix; check the bucket and prefix (it needs a trailing "
                        f"model folder, e.g. s3://bucket/models/llama/)")
     # A prefix published by lmi-compile: every fetched byte is checked against the manifest as it arrives.
-    expect = _manifest_objects(client, uri) if MANIFEST_KEY in objects else {}
+    expect = manifest_objects(client, uri) if MANIFEST_KEY in objects else {}
     small = small_files(objects, trust_remote_code=trust_remote_code, source=str(uri))
     getters = Getters(client).start()  # one set of GET workers for the small files and the weights
     try:
@@ -146,7 +146,7 @@ def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool, listener=No
     return str(uri)
 
 
-def _manifest_objects(client, uri) -> dict[str, dict]:
+def manifest_objects(client, uri) -> dict[str, dict]:
     """{key: entry} from the upload manifest: entries with a size, a part size and a checksum fetch can check."""
     import json
 

@@ -84,3 +84,15 @@ def file_checksums(path: Path, size: int, part_size: int, algorithms=("sha256",)
 def s3_checksum(path: Path, size: int, part_size: int, algorithm: str = "sha256") -> str:
     """The checksum S3 reports for this file uploaded with this part size (composite if multipart)."""
     return file_checksums(path, size, part_size, (algorithm,))[algorithm]
+
+
+def read_manifest(client, uri) -> dict | None:
+    """The upload manifest under `uri` (an S3Uri) when a push finished there; None when it is absent, unreadable
+    or not a JSON object (callers that must explain why use remote/fetch.py manifest_objects)."""
+    import json
+
+    try:
+        data = json.loads(client.get_object(Bucket=uri.bucket, Key=uri.key(MANIFEST_KEY))["Body"].read())
+    except Exception:
+        return None
+    return data if isinstance(data, dict) else None
