@@ -95,8 +95,9 @@ def validate(job: NeuronJob, arch, config, target) -> LoaderCalls:
 
 def check_dense(config) -> None:
     """transformers-neuronx loads dense float weights and quantizes (int8) itself at load time
-    (aws-neuron/transformers-neuronx@release-2.21:src/transformers_neuronx/module.py load_state_dict_dir reads
-    the HF tensors as they are; NeuronConfig(quant=QuantizationConfig) quantizes them), so a pre-quantized
+    (aws-neuron/transformers-neuronx@release-2.21:src/transformers_neuronx/module.py l.434-460 load_state_dict_dir
+    reads the HF tensors as they are; config.py l.29 QuantizationConfig, passed as NeuronConfig(quant=...) l.206,
+    quantizes them), so a pre-quantized
     checkpoint would be split as if its FP8 / int4 tensors and scales were float weights: refused."""
     from lmi_compile.model.quantization import declared_scheme
 
