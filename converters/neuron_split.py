@@ -71,8 +71,10 @@ def split_plan(arch: Architecture, ck: Checkpoint) -> list[tuple[str, str]]:
     return plan
 
 
-def write_split(arch: Architecture, ck: Checkpoint, out: Path, amp: str | None, workers: int = 4) -> dict:
-    """Write out/pytorch_model.bin/ (files kept when already complete from an interrupted run).
+def write_split(arch: Architecture, ck: Checkpoint, out: Path, amp: str | None, workers: int = 4,
+                feed=None) -> dict:
+    """Write out/pytorch_model.bin/ (files kept when already complete from an interrupted run). `feed`: a model
+    still downloading (remote/streaming.py Feed), as for converters/trtllm_checkpoint.py write_ranks.
 
     Up to `workers` tensors are written at once, but the bytes in flight never exceed the largest
     tensor (or 512 MiB, when larger): the embedding and lm_head, 1 GB each for Llama 3, never overlap.
@@ -91,8 +93,12 @@ def write_split(arch: Architecture, ck: Checkpoint, out: Path, amp: str | None, 
         check()
         path = split / mapping[key]
         if path.exists():
+            if feed:
+                feed.done((src,))
             bar.update(ck.tensors[src].nbytes)
             return
+        if feed:
+            feed.ready((src,))
         with budget.hold(ck.tensors[src].nbytes * (2 if target else 1)):  # a cast holds source and result
             reader = getattr(readers, "r", None)
             if reader is None:
@@ -106,8 +112,12 @@ def write_split(arch: Architecture, ck: Checkpoint, out: Path, amp: str | None, 
             torch.save(t, tmp)
             os.replace(tmp, path)
             del t
+        if feed:
+            feed.done((src,))
         bar.update(ck.tensors[src].nbytes)
 
+    if feed:
+        feed.plan([(src,) for _, src in plan])
     try:
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for f in [pool.submit(one, key, src) for key, src in plan]:

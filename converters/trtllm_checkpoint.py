@@ -507,11 +507,12 @@ def _rank_done(path: Path, plan_fp: str) -> bool:
         return False
 
 
-def write_ranks(ck: Checkpoint, todo: list, contexts: dict, dtype: str, workers: int, bar, ready=None) -> None:
+def write_ranks(ck: Checkpoint, todo: list, contexts: dict, dtype: str, workers: int, bar, feed=None) -> None:
     """Write every planned rank file with one pool over (rank, tensor) tasks, so even a single rank uses
     every worker: each tensor has a fixed offset in its file. Memory: one row block per worker (byte
-    ranges are copied by the kernel). `ready(sources)`, when given, blocks until those source tensors'
-    bytes are readable (a model still downloading: remote/streaming.py)."""
+    ranges are copied by the kernel). `feed`, when given, is a model still downloading (remote/streaming.py
+    Feed): it hears every task's sources first, and each task's before (it blocks until their bytes are
+    readable) and after it reads them."""
     writers = {}
     left = {}
     lock = threading.Lock()
@@ -520,14 +521,16 @@ def write_ranks(ck: Checkpoint, todo: list, contexts: dict, dtype: str, workers:
 
     def task(r: int, i: int, p: PlanEntry, ctx: RankContext) -> None:
         check()
-        if ready:
-            ready(p.sources)
+        if feed:
+            feed.ready(p.sources)
         reader = getattr(readers, "r", None)
         if reader is None:
             reader = readers.r = TensorReader(ck)
             with lock:
                 opened.append(reader)
         writers[r].write_pieces_at(i, pieces(p.rule, reader, list(p.sources), ctx), reader.read)
+        if feed:
+            feed.done(p.sources)
         bar.update(_numel(p.shape) * itemsize(p.dtype or dtype))
         with lock:
             left[r] -= 1
@@ -543,6 +546,8 @@ def write_ranks(ck: Checkpoint, todo: list, contexts: dict, dtype: str, workers:
         # interleave ranks so parallel workers spread over files and sources
         tasks = [(r, i, plan[i], contexts[tp_rank]) for i in range(max((len(t[2]) for t in todo), default=0))
                  for r, tp_rank, plan, _, _ in todo if i < len(plan)]
+        if feed:
+            feed.plan([t[2].sources for t in tasks])
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for f in [pool.submit(task, *t) for t in tasks]:
                 f.result()
@@ -558,8 +563,8 @@ def write_ranks(ck: Checkpoint, todo: list, contexts: dict, dtype: str, workers:
 
 
 def convert(arch: Architecture, config: ModelConfig, ck: Checkpoint, out: Path, opts: ConvertOptions,
-            ready=None) -> dict:
-    """Write config.json and every rank file into `out`; ranks already complete there are kept. `ready`: see
+            feed=None) -> dict:
+    """Write config.json and every rank file into `out`; ranks already complete there are kept. `feed`: see
     write_ranks."""
     check_parallelism(arch, opts, config.path)
     quant = read_quantization(config)
@@ -589,7 +594,7 @@ def convert(arch: Architecture, config: ModelConfig, ck: Checkpoint, out: Path, 
         total += nbytes
         todo.append((r, tp_rank, plan, path, plan_fp))
     write_ranks(ck, todo, {tp_rank: rank_context(arch, opts, tp_rank) for tp_rank in range(opts.tp)}, dtype,
-                opts.workers, bytes_bar(total, f"convert tp={opts.tp} pp={opts.pp}"), ready=ready)
+                opts.workers, bytes_bar(total, f"convert tp={opts.tp} pp={opts.pp}"), feed=feed)
     write_json_atomic(out / "config.json", cfg)
     return cfg
 

@@ -353,8 +353,134 @@ def test_no_keep_source_leaves_one_copy_and_reruns(published, reference_ranks, t
     assert not list((work / "source").glob("*.safetensors"))
     split = run_cli("neuron", prefix, "--tp", "2", "--until", "split", "--work-dir", work, "--no-keep-source")
     assert split.returncode == 0, split.stderr
-    assert "fetching them again" in split.stderr and "removed 2 weight file(s)" in split.stderr
+    # the split reads the model as it lands too, and consumed the shards it fetched again
+    assert "fetching them again" in split.stderr and "2 weight file(s) removed" in split.stderr
     assert any((work / "split").iterdir()) and not list((work / "source").glob("*.safetensors"))
+
+
+def slowed_gets(monkeypatch, slow: str, seconds: float) -> None:
+    """Ranges of 5 MiB; every range of the files whose names hold `slow` (after their header) arrives late."""
+    import time
+
+    import lmi_compile.remote.s3 as s3
+
+    monkeypatch.setattr(s3, "RANGE_BYTES", 5 * 1024 * 1024)
+    real_get = s3._get_parts
+
+    def slow_get(client, uri, t, first, count, bar):
+        if first and slow in t.rel:
+            time.sleep(seconds)
+        return real_get(client, uri, t, first, count, bar)
+
+    monkeypatch.setattr(s3, "_get_parts", slow_get)
+
+
+@pytest.fixture
+def published4(s3_env, s3_prefix, model_factory):
+    model = model_factory(shards=4, **MULTIPART)
+    proc = run_cli("push", model, s3_prefix, "--part-size-mb", "5")
+    assert proc.returncode == 0, proc.stderr
+    return model, s3_prefix
+
+
+def test_no_keep_source_removes_each_shard_after_its_last_read(published4, model_factory, tmp_path, monkeypatch):
+    """--no-keep-source with a convert fed as the model lands: a shard goes as soon as it is verified and every
+    task reading it is done, while later shards are still downloading (the source on disk never becomes a
+    second copy of the model); the rank files equal a convert of the local model; the fetch is recorded as
+    consumed (config and tokenizer kept), and a rerun finds the convert done."""
+    import lmi_compile.remote.streaming as streaming
+    from lmi_compile.cli import app
+
+    model, prefix = published4
+    slowed_gets(monkeypatch, "-00004-of-", 0.4)
+    removals = []
+    real_remove = streaming.ArrivingModel._remove
+
+    def recording_remove(self, rel):
+        removals.append((rel, set(self._verified)))
+        return real_remove(self, rel)
+
+    monkeypatch.setattr(streaming.ArrivingModel, "_remove", recording_remove)
+    ref = tmp_path / "ref"
+    assert run_cli("trtllm", model, "--tp", "2", "--until", "convert", "--work-dir", ref).returncode == 0
+    work = tmp_path / "w"
+    args = ["trtllm", prefix, "--tp", "2", "--until", "convert", "--work-dir", str(work), "--no-keep-source"]
+    app(args, standalone_mode=False)
+    shards = sorted(p.name for p in model.glob("*.safetensors"))
+    assert sorted(rel for rel, _ in removals) == shards
+    first, verified_then = removals[0]
+    assert first == shards[0] and shards[-1] not in verified_then, removals  # gone before the last shard landed
+    assert same_tensors(rank_tensors(work / "checkpoint"), rank_tensors(ref / "checkpoint"))
+    kept = sorted(p.name for p in (work / "source").iterdir() if not p.name.startswith("."))
+    assert kept == sorted(p.name for p in model.iterdir() if not p.name.endswith(".safetensors")), kept
+    rec = json.loads((work / "source" / ".lmi-compile-stage.json").read_text())
+    assert rec["stage"] == "fetch" and rec["fingerprint"] is None and rec["weights_removed"] == shards
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith(".") and p.is_dir()) == []
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "is up to date, skipping" in again.stderr and not list(work.rglob("*.safetensors.tmp-*"))
+
+
+def test_neuron_splits_while_the_model_downloads(published4, model_factory, tmp_path, monkeypatch):
+    """neuron s3://... --until split reads tensors as they land (a task waits for bytes still downloading); the
+    split weights equal those of the local model's split, and the stage is recorded once the fetch is verified
+    (a rerun skips both)."""
+    import torch
+
+    import lmi_compile.remote.streaming as streaming
+    from lmi_compile.cli import app
+
+    model, prefix = published4
+    slowed_gets(monkeypatch, "-of-", 0.15)
+    waited = []
+    real_wait = streaming.ArrivingModel.wait_range
+
+    def counting_wait(self, rel, start, end):
+        with self._cv:
+            waited.append(not any(s <= start and end <= e for s, e in self._ranges.get(rel, [])))
+        return real_wait(self, rel, start, end)
+
+    monkeypatch.setattr(streaming.ArrivingModel, "wait_range", counting_wait)
+    ref = tmp_path / "ref"
+    assert run_cli("neuron", model, "--tp", "2", "--until", "split", "--work-dir", ref).returncode == 0
+    work = tmp_path / "w"
+    args = ["neuron", prefix, "--tp", "2", "--until", "split", "--work-dir", str(work)]
+    app(args, standalone_mode=False)
+    assert any(waited), "no split task had to wait: the split did not overlap the download"
+    ours, theirs = work / "split" / "pytorch_model.bin", ref / "split" / "pytorch_model.bin"
+    assert (ours / "key_to_filename.json").read_text() == (theirs / "key_to_filename.json").read_text()
+    names = sorted(p.name for p in theirs.iterdir())
+    assert sorted(p.name for p in ours.iterdir()) == names and len(names) > 10
+    for name in names:
+        if name != "key_to_filename.json":
+            assert torch.equal(torch.load(ours / name), torch.load(theirs / name)), name
+    assert sorted(p.name for p in (work / "source").glob("*.safetensors")) == \
+        sorted(p.name for p in model.glob("*.safetensors"))  # kept: no --no-keep-source
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "already in" in again.stderr and "is up to date, skipping" in again.stderr
+
+
+def test_split_fed_a_corrupt_download_is_never_kept(published4, s3_client, tmp_path, monkeypatch):
+    """A split that read bytes failing the manifest's checksum (the last shard, slowed down so the split has
+    written files before the check fails) is neither recorded nor kept for a rerun, which would otherwise keep
+    every file already written."""
+    from lmi_compile.cli import app
+    from lmi_compile.errors import LmiCompileError
+
+    model, prefix = published4
+    u = parse_s3_uri(prefix)
+    shard = "model-00004-of-00004.safetensors"
+    body = bytearray((model / shard).read_bytes())
+    body[-1000] ^= 0xFF
+    s3_client.put_object(Bucket=u.bucket, Key=u.key(shard), Body=bytes(body))
+    slowed_gets(monkeypatch, "-00004-of-", 0.4)
+    work = tmp_path / "w"
+    with pytest.raises(LmiCompileError, match="checksum") as e:
+        app(["neuron", prefix, "--tp", "2", "--until", "split", "--work-dir", str(work)], standalone_mode=False)
+    assert shard in str(e.value)
+    assert not (work / "split").exists() and not (work / ".split.partial").exists()
+    assert not (work / ".source.arriving").exists()
 
 
 @pytest.mark.parametrize("processes", ["0", "1"])

@@ -26,6 +26,7 @@ from lmi_compile.model.limits import check_sequence_length
 from lmi_compile.pipeline import observe, stages
 from lmi_compile.pipeline.diskspace import ensure_room
 from lmi_compile.pipeline.workdir import Job, check_until, finish_layout, fresh_layout_staging, preflight_output
+from lmi_compile.remote import streaming
 from lmi_compile.remote.fetch import remove_weights
 from lmi_compile.remote.stages import fetch_stage, preflight_upload, push_stage
 
@@ -146,7 +147,9 @@ def preflight_sdk(job: NeuronJob, target) -> dict:
     return facts
 
 
-def split_stage(job: NeuronJob, model, arch) -> tuple[Path, str]:
+def split_stage(job: NeuronJob, model, arch, stream=None) -> tuple[Path, str]:
+    """`stream`: the model is still downloading (remote/streaming.py); tensors are read as they land and the
+    stage is recorded only once the fetch has verified every byte."""
     from lmi_compile.converters.neuron_split import write_split
 
     fp = stages.fingerprint(files=model.checkpoint.identity(), root=str(model.root.resolve()),
@@ -154,7 +157,11 @@ def split_stage(job: NeuronJob, model, arch) -> tuple[Path, str]:
 
     def work(staging: Path) -> dict:
         ensure_room(staging, model.checkpoint.total_bytes * (2 if job.amp == "f32" else 1), "split")
-        write_split(arch, model.checkpoint, staging, job.amp, workers=max(1, min(4, os.cpu_count() or 1)))
+        with streaming.unverified_output_discarded(stream, staging):
+            write_split(arch, model.checkpoint, staging, job.amp, workers=max(1, min(4, os.cpu_count() or 1)),
+                        feed=stream.feed(model.checkpoint) if stream else None)
+            if stream:
+                stream.settle()  # recorded only once the fetch has verified every byte
         shutil.copy2(model.root / "config.json", staging / "config.json")
         return {"amp": job.amp}
 
@@ -245,15 +252,31 @@ def _run(job: NeuronJob, until: str, target) -> Path:
         observe.stage("handover-fetch")
         model, split, split_fp = receive(job.handover_in, job.work, "split", job.work.split)
         return _from_compile(job, until, target, model, _calls(job, model, target)[1], split, split_fp)
+    # An S3 model is split while it downloads (remote/streaming.py); other sources are fetched first.
     observe.stage("fetch")
-    model = fetch_stage(job.model, job.work, revision=job.revision, token=job.token,
-                        trust_remote_code=job.trust_remote_code)
+    stream = None if until == "fetch" else streaming.start(job.model, job.work, revision=job.revision,
+                                                           trust_remote_code=job.trust_remote_code,
+                                                           consume=not job.keep_source)
+    try:
+        return _stages(job, until, target, stream)
+    finally:
+        if stream:
+            stream.close()
+
+
+def _stages(job: NeuronJob, until: str, target, stream) -> Path:
+    model = stream.model() if stream else fetch_stage(job.model, job.work, revision=job.revision, token=job.token,
+                                                      trust_remote_code=job.trust_remote_code)
     arch, calls = _calls(job, model, target)
     if until == "fetch":
         return model.root
     check_dense(model.config)  # what was fetched, as well as what the peek read
     observe.stage("split")
-    split, split_fp = split_stage(job, model, arch)
+    split, split_fp = split_stage(job, model, arch, stream)
+    if until == "split" and streaming.dropped_unneeded(stream, job.work, job.keep_source):
+        return split
+    if stream:
+        model = stream.settle()  # the verified source folder, for the stages below
     if job.handover_out:  # `lmi-compile batch`: the compile runs on another node (batch/handover.py)
         from lmi_compile.batch.handover import send
 

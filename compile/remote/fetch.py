@@ -67,6 +67,25 @@ def fetch(source: ModelSource, output: Path | None, *, token: str | None = None,
     if stages.is_done(output, "fetch", fp):
         log.info("fetch: %s already in %s, skipping", source.describe(), output)
         return validate_model_dir(output, trust_remote_code=trust_remote_code)
+    staging, resolved = download(source, output, token=token, trust_remote_code=trust_remote_code,
+                                 overwrite=overwrite, listener=listener)
+    return record(staging, output, source, resolved, trust_remote_code=trust_remote_code)
+
+
+def record(staging: Path, output: Path, source: ModelSource, resolved: str, *,
+           trust_remote_code: bool) -> ValidatedModel:
+    """Record a finished download as the fetch stage (staging renamed to output); the validated model."""
+    stages.finish(staging, output, "fetch", stage_fingerprint(source, trust_remote_code), source=source.describe(),
+                  resolved=resolved)
+    log.info("fetch: %s -> %s", source.describe(), output)
+    return validate_model_dir(output, trust_remote_code=trust_remote_code)
+
+
+def download(source: ModelSource, output: Path, *, token: str | None = None, trust_remote_code: bool = False,
+             overwrite: bool = False, listener=None, validate: bool = True) -> tuple[Path, str]:
+    """The fetch stage's work, unrecorded: download into output's staging folder (resuming what an interrupted
+    run left there); (staging, what the source resolved to). `validate=False`: the caller validates (a
+    convert that consumes the weights as they land, remote/streaming.py, leaves none to validate)."""
     if (stages.read_record(output) or {}).get("weights_removed"):
         log.info("fetch: the weights in %s were removed after an earlier run converted them (--no-keep-source); "
                  "fetching them again", output)
@@ -75,6 +94,8 @@ def fetch(source: ModelSource, output: Path | None, *, token: str | None = None,
     staging.mkdir(parents=True, exist_ok=True)
     try:
         resolved = _download(source, staging, token=token, trust_remote_code=trust_remote_code, listener=listener)
+        if validate:
+            validate_model_dir(staging, trust_remote_code=trust_remote_code).checkpoint.close()
     except BadInput:
         # Bad input will not get better on a rerun: leave nothing behind.
         shutil.rmtree(staging, ignore_errors=True)
@@ -84,9 +105,7 @@ def fetch(source: ModelSource, output: Path | None, *, token: str | None = None,
         if not any(p.is_file() for p in staging.rglob("*")):
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    stages.finish(staging, output, "fetch", fp, source=source.describe(), resolved=resolved)
-    log.info("fetch: %s -> %s", source.describe(), output)
-    return validate_model_dir(output, trust_remote_code=trust_remote_code)
+    return staging, resolved
 
 
 def stage_fingerprint(source: ModelSource, trust_remote_code: bool) -> str:
@@ -96,7 +115,7 @@ def stage_fingerprint(source: ModelSource, trust_remote_code: bool) -> str:
 
 
 def _download(source: ModelSource, staging: Path, *, token, trust_remote_code, listener=None) -> str:
-    """Download into `staging` and validate it there; return what the source resolved to."""
+    """Download into `staging`; return what the source resolved to."""
     if source.kind == "hub":
         from lmi_compile.remote.hub import fetch_hub
 
@@ -105,7 +124,6 @@ def _download(source: ModelSource, staging: Path, *, token, trust_remote_code, l
         shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's resume metadata
     else:
         resolved = _fetch_s3(source.location, staging, trust_remote_code=trust_remote_code, listener=listener)
-    validate_model_dir(staging, trust_remote_code=trust_remote_code).checkpoint.close()
     return resolved
 
 
@@ -167,6 +185,16 @@ def manifest_objects(client, uri) -> dict[str, dict]:
             and verifying_checksum(e)}
 
 
+def finish_consumed(staging: Path, output: Path, source: ModelSource, resolved: str, removed: list[str]) -> None:
+    """Record a fetch whose weight files a convert consumed as they landed (--no-keep-source, remote/streaming.py)
+    as remove_weights leaves one: config and tokenizer kept, `weights_removed` listed, no fingerprint, so a rerun
+    that needs the weights fetches them again instead of trusting a folder that lacks them."""
+    stages.finish(staging, output, "fetch", None, source=source.describe(), resolved=resolved,
+                  weights_removed=sorted(removed))
+    log.info("fetch: %d weight file(s) removed from %s as they were converted (--no-keep-source); a rerun that "
+             "needs them fetches them again", len(removed), output)
+
+
 def remove_weights(model: ValidatedModel, source: Path) -> None:
     """--no-keep-source: once a stage has consumed them, delete the weight files of a model this tool fetched into
     `source` (never a user's own folder), keep its config and tokenizer, and mark the fetch as not done, so a
@@ -175,8 +203,8 @@ def remove_weights(model: ValidatedModel, source: Path) -> None:
     if root != Path(source).resolve():
         return  # a local model folder is the user's
     rec = stages.read_record(root)
-    if not rec or rec.get("stage") != "fetch":
-        return
+    if not rec or rec.get("stage") != "fetch" or rec.get("weights_removed"):
+        return  # not fetched by us, or consumed already (remote/streaming.py)
     files = [Path(f) for f in model.checkpoint.files]
     model.checkpoint.close()
     # the record first: a crash between the two leaves a folder that reads "fetch again", never a false "done"

@@ -319,8 +319,9 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
 
     Each file's first range (a safetensors header) is fetched before any other range. `listener`, when given,
     hears `kept(rel, path)` for a file already present, `opened(rel, temporary)` before a file's first GET and
-    `arrived(rel, start, end)` once those bytes are written (unverified until the file is finished): what a
-    convert that runs while the model downloads reads from. `getters` (the workers) may be shared by calls;
+    `arrived(rel, start, end)` once those bytes are written (unverified until the file is finished) and
+    `verified(rel, path)` once the file is checked and named: what a convert that runs while the model
+    downloads reads from. `getters` (the workers) may be shared by calls;
     without it this call starts and ends its own."""
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
@@ -366,6 +367,8 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
             done = t.left == 0
         if done:
             _finish(uri, t)
+            if listener:
+                listener.verified(t.rel, t.target)
 
     try:
         tasks = []
@@ -386,10 +389,14 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
             ranges = t.ranges()
             t.left = len(ranges)
             tasks += [(t, first, count) for first, count in ranges]
-        # every file's first range (its header) first; then the files' ranges interleaved, so the workers write
-        # into several files at once (a filesystem serialises buffered writes to one file on its inode lock)
-        order = {id(t): i for i, t in enumerate(sorted(targets, key=lambda t: -t.size))}
-        tasks.sort(key=lambda task: (task[1] != 0, task[1], order[id(task[0])]))
+        # Every file's first range (its header) first; then the files in their listed order (shards hold the
+        # layers in order) a few at a time, their ranges interleaved: the workers write into several files at once
+        # (a filesystem serialises buffered writes to one file on its inode lock), while a convert reading the
+        # model as it lands finds its next tensors arriving, and can delete each shard it is done with
+        # (--no-keep-source) long before the last one lands.
+        window = max(2, getters.processes // 4)
+        order = {id(t): i for i, t in enumerate(targets)}
+        tasks.sort(key=lambda task: (task[1] != 0, order[id(task[0])] // window, task[1], order[id(task[0])]))
         with ThreadPoolExecutor(concurrency or getters.processes, thread_name_prefix="get") as pool:
             futures = [pool.submit(fetch_range, *task) for task in tasks]
             try:

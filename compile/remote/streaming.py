@@ -9,11 +9,21 @@ any order; each convert task waits for its source bytes. The convert stage count
 fetch finished and verified every byte against the upload manifest: a convert fed a corrupt byte is never
 recorded as finished, and a rerun converts again from the verified source.
 
+With --no-keep-source the convert consumes the model: each safetensors shard is deleted (truncated first, so
+its blocks are freed though readers hold it open) once the fetch has verified it and every convert task that
+reads it has finished, and the fetch is recorded as remove_weights leaves one (config and tokenizer kept). The
+download brings the shards in order, a few at a time, so the source on disk stays a few shards, not a second
+copy of the model. Pickled .bin files are mmapped by torch and go only at the end.
+
+The fetch thread downloads and verifies; the stage is recorded by settle(), in the main thread, once the
+convert is done with the files.
+
 The convert's fingerprint is taken from the listing (names, sizes, LastModified), which is what the fetched
 files carry once complete (the fetch gives them their object's LastModified as mtime), so a rerun on the
 finished source folder finds the convert up to date.
 """
 
+import contextlib
 import logging
 import os
 import shutil
@@ -34,8 +44,8 @@ class Cancelled(Exception):
 class ArrivingModel:
     """What has landed of a model being fetched: files (by relative name) and their byte ranges."""
 
-    def __init__(self, view: Path):
-        self.view = view
+    def __init__(self, view: Path, staging: Path | None = None):
+        self.view, self.staging = view, staging
         self._cv = threading.Condition()
         self._ranges: dict[str, list[tuple[int, int]]] = {}  # rel -> merged [start, end) ranges
         self._sizes: dict[str, int] = {}
@@ -46,6 +56,9 @@ class ArrivingModel:
         self.done = False
         self.cancelled = False
         self.unlinkable = False  # the filesystem refused a hard link: the convert waits for the whole fetch
+        self._verified: set[str] = set()
+        self.reads: dict[str, int] | None = None  # consuming (--no-keep-source): reads left per weight file
+        self.removed: list[str] = []
 
     # --- heard from the fetch (download threads) ---
     def listed(self, sizes: dict[str, int], mtimes: dict[str, int]) -> None:
@@ -71,6 +84,7 @@ class ArrivingModel:
         with self._cv:
             self._ranges[rel] = [(0, path.stat().st_size)]
             self._cv.notify_all()
+        self.verified(rel, path)  # kept files were checked again from disk
 
     def opened(self, rel: str, tmp: Path) -> None:
         self._check_cancelled()
@@ -83,6 +97,11 @@ class ArrivingModel:
         with self._cv:
             self._ranges[rel] = _merge(self._ranges.get(rel, []), (start, end))
             self._cv.notify_all()
+
+    def verified(self, rel: str, path: Path) -> None:
+        with self._cv:
+            self._verified.add(rel)
+            self._release(rel)
 
     def weights(self, rels: list[str]) -> None:
         with self._cv:
@@ -130,6 +149,51 @@ class ArrivingModel:
         return self._weights
 
 
+    # --- consumed (--no-keep-source) ---
+    def plan_reads(self, rels: list[str]) -> None:
+        """The convert's reads, a file name per task that reads it: from now on each shard goes after its last."""
+        with self._cv:
+            self.reads = {}
+            for rel in rels:
+                self.reads[rel] = self.reads.get(rel, 0) + 1
+            for rel in list(self._verified):
+                self._release(rel)
+
+    def read_done(self, rel: str) -> None:
+        with self._cv:
+            if self.reads is not None:
+                self.reads[rel] = self.reads.get(rel, 1) - 1
+                self._release(rel)
+
+    def _release(self, rel: str) -> None:
+        """(under the lock) Delete a verified safetensors shard no task will read again."""
+        if (self.reads is None or self.reads.get(rel, 0) > 0 or rel not in self._verified
+                or not rel.endswith(".safetensors") or rel not in (self._weights or ()) or rel in self.removed):
+            return
+        self._remove(rel)
+
+    def _remove(self, rel: str) -> None:
+        for folder in (self.view, self.staging):
+            if folder is None:
+                continue
+            path = folder / rel
+            try:
+                os.truncate(path, 0)  # frees the blocks now: a reader may still hold the file open
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        self.removed.append(rel)
+        log.debug("fetch: %s converted and removed (--no-keep-source)", rel)
+
+    def remove_rest(self) -> list[str]:
+        """Delete the weight files still there (pickles; shards no task read); every weight file's name."""
+        with self._cv:
+            for rel in self._weights or ():
+                if rel not in self.removed:
+                    self._remove(rel)
+            return list(self._weights or ())
+
+
 def _size(path: Path) -> int:
     return path.stat().st_size
 
@@ -146,25 +210,30 @@ def _merge(ranges: list[tuple[int, int]], new: tuple[int, int]) -> list[tuple[in
 
 
 class StreamingFetch:
-    """An S3 fetch in a background thread, with the model it is bringing readable as it lands."""
+    """An S3 fetch in a background thread, with the model it is bringing readable as it lands.
 
-    def __init__(self, source, work, *, trust_remote_code: bool):
+    consume (--no-keep-source): a convert that plans its reads (feed().plan) has each shard deleted after it."""
+
+    def __init__(self, source, work, *, trust_remote_code: bool, consume: bool = False):
         self.source, self.work = source, work
-        self.trust_remote_code = trust_remote_code
-        self.view = stages.staging_dir(work.source).with_name(f".{work.source.name}.arriving")
+        self.trust_remote_code, self.consume = trust_remote_code, consume
+        self.staging = stages.staging_dir(work.source)
+        self.view = self.staging.with_name(f".{work.source.name}.arriving")
         shutil.rmtree(self.view, ignore_errors=True)
         self.view.mkdir(parents=True)
-        self.arriving = ArrivingModel(self.view)
-        self.result = None
+        self.arriving = ArrivingModel(self.view, self.staging)
+        self.resolved: str | None = None
+        self.streamed = None  # the model as the convert reads it
+        self.result = None  # the recorded fetch, once settled
         self._thread = threading.Thread(target=self._fetch, name="fetch", daemon=True)
         self._thread.start()
 
     def _fetch(self) -> None:
-        from lmi_compile.remote.fetch import fetch
+        from lmi_compile.remote.fetch import download
 
         try:
-            self.result = fetch(self.source, self.work.source, trust_remote_code=self.trust_remote_code,
-                                listener=self.arriving)
+            _, self.resolved = download(self.source, self.work.source, trust_remote_code=self.trust_remote_code,
+                                        listener=self.arriving, validate=False)
         except BaseException as e:  # handed to the main thread, which reports it
             self.arriving.finished(e)
         else:
@@ -175,37 +244,62 @@ class StreamingFetch:
         fingerprinted as the finished source folder will be."""
         from lmi_compile.model.validate import ValidatedModel, validate_model_dir
 
-        self.arriving.wait_weights()
-        if self.result is not None or self.arriving.unlinkable or self.arriving.done:
-            return self.settle()  # complete already, or it cannot be read while it lands
-        seen = validate_model_dir(self.view, trust_remote_code=self.trust_remote_code)
-        ck = seen.checkpoint
-        identity = self._listing_identity(ck)
-        ck.identity = lambda: identity  # what Checkpoint(source).identity() reads once the files are complete
-        return ValidatedModel(self.work.source, seen.config, ck, seen.custom_code)
-
-    def _listing_identity(self, ck) -> list:
         a = self.arriving
-        rels = [f.relative_to(self.view).as_posix() for f in ck.files]
+        a.wait_weights()
+        if a.unlinkable or a.done:
+            if not self.consume:
+                return self.settle()  # complete already, or it cannot be read while it lands
+            self._wait_fetched()
+        folder = self.staging if a.unlinkable else self.view  # unlinkable: complete in the staging folder
+        seen = validate_model_dir(folder, trust_remote_code=self.trust_remote_code)
+        ck = seen.checkpoint
+        identity = self._listing_identity(ck, folder)
+        ck.identity = lambda: identity  # what Checkpoint(source).identity() reads once the files are complete
+        self.streamed = ValidatedModel(self.work.source, seen.config, ck, seen.custom_code)
+        return self.streamed
+
+    def _listing_identity(self, ck, folder: Path) -> list:
+        a = self.arriving
+        rels = [f.relative_to(folder).as_posix() for f in ck.files]
         return [[f.name, a.sizes[rel], a.mtimes.get(rel, _mtime(f))] for f, rel in zip(ck.files, rels)]
 
-    def ready(self, ck, sources) -> None:
-        """Block until every byte of these source tensors has landed."""
-        for name in sources:
-            info = ck.tensors[name]
-            rel = info.file.relative_to(self.view).as_posix() if info.file.is_relative_to(self.view) else None
-            if rel is None:
-                continue  # a complete folder
-            if info.offset is None:
-                self.arriving.wait_range(rel, 0, _size(info.file))
-            else:
-                self.arriving.wait_range(rel, info.offset, info.offset + info.nbytes)
+    def _rel(self, path: Path) -> str | None:
+        for folder in (self.view, self.staging):
+            if path.is_relative_to(folder):
+                return path.relative_to(folder).as_posix()
+        return None  # a complete folder
 
-    def settle(self):
-        """Wait for the fetch to finish; raise its error. Returns the validated source folder."""
+    def feed(self, ck) -> "Feed":
+        """What a converter reading `ck` (this stream's model) calls around each task: see Feed."""
+        return Feed(self, ck)
+
+    @property
+    def verified(self) -> bool:
+        """The fetch finished and every byte matched (what a convert's output may be kept on)."""
+        return self.arriving.done and self.arriving.error is None
+
+    def _wait_fetched(self) -> None:
         self._thread.join()
         if self.arriving.error is not None:
             raise self.arriving.error
+
+    def settle(self):
+        """Wait for the verified fetch and record it; the source model for the stages after the convert (a
+        consumed one keeps its config and tokenizer only). Raises the fetch's error."""
+        from lmi_compile.model.validate import ValidatedModel, validate_model_dir
+        from lmi_compile.remote.fetch import finish_consumed, record
+
+        self._wait_fetched()
+        if self.result is None:
+            if self.arriving.reads is not None:  # consumed: the convert read every shard it needed
+                finish_consumed(self.staging, self.work.source, self.source, self.resolved,
+                                self.arriving.remove_rest())
+                m = self.streamed
+                self.result = ValidatedModel(self.work.source, m.config, m.checkpoint, m.custom_code)
+            else:
+                validate_model_dir(self.staging, trust_remote_code=self.trust_remote_code).checkpoint.close()
+                self.result = record(self.staging, self.work.source, self.source, self.resolved,
+                                     trust_remote_code=self.trust_remote_code)
         return self.result
 
     def close(self) -> None:
@@ -215,11 +309,68 @@ class StreamingFetch:
         shutil.rmtree(self.view, ignore_errors=True)
 
 
+class Feed:
+    """A converter's side of a stream: plan(sources per task) before the first task, ready(sources) before a task
+    reads (blocks until those tensors' bytes have landed), done(sources) after (a consuming stream deletes each
+    shard after the last task that reads it)."""
+
+    def __init__(self, stream: StreamingFetch, ck):
+        self.stream, self.ck = stream, ck
+
+    def _rels(self, sources) -> list[str]:
+        rels = {self.stream._rel(self.ck.tensors[name].file) for name in sources}
+        return sorted(r for r in rels if r is not None)
+
+    def plan(self, tasks) -> None:
+        if self.stream.consume:
+            self.stream.arriving.plan_reads([rel for sources in tasks for rel in self._rels(sources)])
+
+    def ready(self, sources) -> None:
+        for name in sources:
+            info = self.ck.tensors[name]
+            rel = self.stream._rel(info.file)
+            if rel is None:
+                continue
+            if info.offset is None:
+                self.stream.arriving.wait_range(rel, 0, _size(info.file))
+            else:
+                self.stream.arriving.wait_range(rel, info.offset, info.offset + info.nbytes)
+
+    def done(self, sources) -> None:
+        if self.stream.consume:
+            for rel in self._rels(sources):
+                self.stream.arriving.read_done(rel)
+
+
+def dropped_unneeded(stream: StreamingFetch | None, work, keep_source: bool) -> bool:
+    """After a convert or split that was up to date (one that runs waits for the verified fetch), when nothing
+    after it needs the weights (--no-keep-source, the last stage asked for): stop the download and drop its
+    partial copy. True when it did."""
+    if stream is None or keep_source or stream.arriving.done:
+        return False
+    stream.close()
+    shutil.rmtree(stages.staging_dir(work.source), ignore_errors=True)
+    return True
+
+
+@contextlib.contextmanager
+def unverified_output_discarded(stream: StreamingFetch | None, staging: Path):
+    """Around a stage that reads a model as it lands: if it fails (or is interrupted) before the fetch verified
+    every byte, what it wrote goes, so a rerun does not keep files made of bytes nobody checked (a rank file
+    whose plan matches is otherwise kept), and makes them again from the verified source."""
+    try:
+        yield
+    except BaseException:
+        if stream is not None and not stream.verified:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def _mtime(path: Path) -> int:
     return path.stat().st_mtime_ns
 
 
-def start(model: str, work, *, revision, trust_remote_code: bool) -> StreamingFetch | None:
+def start(model: str, work, *, revision, trust_remote_code: bool, consume: bool = False) -> StreamingFetch | None:
     """A StreamingFetch for an S3 model whose fetch stage is not yet done; None where the ordinary fetch
     stage applies (local folders, the Hub, a finished fetch)."""
     from lmi_compile.remote.fetch import parse_source, stage_fingerprint
@@ -230,4 +381,4 @@ def start(model: str, work, *, revision, trust_remote_code: bool) -> StreamingFe
     if stages.is_done(work.source, "fetch", stage_fingerprint(source, trust_remote_code)):
         return None
     log.info("fetch: converting while %s downloads", source.describe())
-    return StreamingFetch(source, work, trust_remote_code=trust_remote_code)
+    return StreamingFetch(source, work, trust_remote_code=trust_remote_code, consume=consume)

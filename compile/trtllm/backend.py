@@ -8,7 +8,6 @@ job's target (configs/targets.json), never from a version test here.
 import dataclasses
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,10 +178,11 @@ def convert_stage(job: TrtllmJob, model, architecture: str, stream=None) -> tupl
         # rank files hold the model once, plus replicated embeddings and vocab padding: bounded by tp copies
         emb = model.checkpoint.tensors.get(arch.embedding_source)
         ensure_room(staging, model.checkpoint.total_bytes + (emb.nbytes * job.tp * job.pp if emb else 0), "convert")
-        cfg = convert(arch, model.config, model.checkpoint, staging, opts,
-                      ready=(lambda sources: stream.ready(model.checkpoint, sources)) if stream else None)
-        if stream:
-            stream.settle()  # recorded only once the fetch has verified every byte
+        with streaming.unverified_output_discarded(stream, staging):
+            cfg = convert(arch, model.config, model.checkpoint, staging, opts,
+                          feed=stream.feed(model.checkpoint) if stream else None)
+            if stream:
+                stream.settle()  # recorded only once the fetch has verified every byte
         log.info("convert: %d rank file(s) ready", job.tp * job.pp)
         return {"tp": job.tp, "pp": job.pp, "dtype": cfg["dtype"]}
 
@@ -313,7 +313,8 @@ def _run(job: TrtllmJob, until: str, tool) -> Path:
     # An S3 model is converted while it downloads (remote/streaming.py); other sources are fetched first.
     observe.stage("fetch")
     stream = None if until == "fetch" else streaming.start(job.model, job.work, revision=job.revision,
-                                                           trust_remote_code=job.trust_remote_code)
+                                                           trust_remote_code=job.trust_remote_code,
+                                                           consume=not job.keep_source)
     try:
         return _stages(job, until, tool, stream)
     finally:
@@ -355,10 +356,7 @@ def _stages(job: TrtllmJob, until: str, tool, stream) -> Path:
                                                                               quant))
     else:
         ckpt, ckpt_fp = convert_stage(job, model, architecture, stream)
-    if stream and until == "convert" and not job.keep_source and not stream.arriving.done:
-        # the convert was already done (a convert that runs waits for the verified fetch): nothing needs the weights
-        stream.close()
-        shutil.rmtree(stages.staging_dir(job.work.source), ignore_errors=True)  # a partial second copy
+    if until == "convert" and streaming.dropped_unneeded(stream, job.work, job.keep_source):
         return ckpt
     if stream:
         model = stream.settle()  # the verified source folder, for the stages below
