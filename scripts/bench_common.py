@@ -25,16 +25,16 @@ SHAPES = {
 }
 
 
-def make_model(dst: Path, shape: str, layers: int | None, fp8: str | None = None) -> Path:
-    """A bf16 checkpoint of a real model's tensor shapes (optionally fewer layers), ~4.5 GB shards; with `fp8`
-    (a tiny_models.FP8_FORMATS key) its Linears in FP8 per tensor, as that Hub format stores them."""
+def make_model(dst: Path, shape: str, layers: int | None, fp8: str | None = None, shard_gib: float = 4.5) -> Path:
+    """A bf16 checkpoint of a real model's tensor shapes (optionally fewer layers), ~`shard_gib` GiB shards; with
+    `fp8` (a tiny_models.FP8_FORMATS key) its Linears in FP8 per tensor, as that Hub format stores them."""
     from tiny_models import TinySpec, tensor_plan, write_checkpoint
 
     spec = TinySpec(**{**SHAPES[shape], **({"num_layers": layers} if layers else {})}, dtype="bfloat16", fp8=fp8)
     if (dst / "config.json").exists():
         return dst
     total = sum(math.prod(s) for _, s in tensor_plan(spec)) * 2
-    shards = max(1, round(total / (4.5 * 2**30)))
+    shards = max(1, round(total / (shard_gib * 2**30)))
     print(f"writing {total / 2**30:.1f} GiB {shape} checkpoint ({spec.num_layers} layers) to {dst}", flush=True)
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -10,8 +10,8 @@ package) and measures, each contender as a separate process, interleaved run by 
   command `lmi-compile fetch s3://...` (listing, every byte verified against the manifest, validation)
   vs `s5cmd cp 's3://.../*' DIR/`.
 - convert: `lmi-compile trtllm s3://... --tp T --until convert` (and with --no-keep-source) vs the same convert
-  of a local copy, and its ratio to max(s5cmd download, local convert), the floor of a convert that overlaps the
-  download (the "floor / ..." rows: >= 0.87 is within 1.15x of it).
+  of a local copy (with the peak disk its work dir held), and its ratio to max(s5cmd download, local convert), the
+  floor of a convert that overlaps the download (the "floor / ..." rows: >= 0.87 is within 1.15x of it).
 
 Wall seconds, client CPU seconds per GB, and ratios against the baseline of the same run; a compact table
 comes last. On a 16-core host: --shards 4 --shard-mib 512 --model llama3-8b; on 2 cores the defaults.
@@ -51,8 +51,18 @@ def make_tree(root: Path, shards: int, mib: int) -> int:
     return tree_bytes(root)
 
 
-def tree_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+def tree_bytes(root: Path, allocated: bool = False) -> int:
+    """Bytes of the files under root, a hard-linked file once; `allocated`: the disk blocks they hold (files are
+    created at their full size and filled in place, so their size is not what they take yet)."""
+    seen = {}
+    for p in root.rglob("*"):
+        try:
+            st = p.stat()
+        except FileNotFoundError:  # removed while we walked (DiskWatch of a running command)
+            continue
+        if p.is_file():
+            seen[(st.st_dev, st.st_ino)] = st.st_blocks * 512 if allocated else st.st_size
+    return sum(seen.values())
 
 
 def timed(cmd: list[str], env: dict, fresh: Path | None = None) -> tuple[float, float]:
@@ -69,6 +79,29 @@ def timed(cmd: list[str], env: dict, fresh: Path | None = None) -> tuple[float, 
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} failed ({proc.returncode}): {proc.stderr[-1500:]}")
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+class DiskWatch:
+    """The most disk a folder's files took while a command ran, sampled every 50 ms (with --no-keep-source the fetched
+    shards are deleted as they are converted: this shows whether the source on disk became a second copy)."""
+
+    def __init__(self, folder: Path):
+        import threading
+
+        self.folder, self.peak, self._stop = folder, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, tree_bytes(self.folder, allocated=True) if self.folder.exists() else 0)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def median(runs: list[tuple[float, float]]) -> tuple[float, float]:
@@ -98,11 +131,14 @@ class Bench:
         self.rows: list[tuple[str, str, float, float, float, str]] = []  # case, client, MB, wall, cpu, vs
 
     def interleaved(self, contenders: dict[str, callable]) -> dict[str, tuple[float, float]]:
-        """Run each contender once per round, `repeat` rounds: drift on a shared machine hits all alike."""
+        """Run each contender once per round, `repeat` rounds: drift on a shared machine hits all alike. Each
+        round starts with the next contender: on the 2-core machine, runs of one command against SeaweedFS
+        alternated slow and fast (1.8 s / 1.2 s, client CPU doubled), so a fixed order measured a position."""
         runs: dict[str, list] = {name: [] for name in contenders}
+        names = list(contenders)
         for i in range(self.repeat):
-            for name, run in contenders.items():
-                runs[name].append(run(i))
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                runs[name].append(contenders[name](i))
         return {name: median(r) for name, r in runs.items()}
 
     def record(self, case: str, mb: float, results: dict, baseline: str | None) -> None:
@@ -144,8 +180,8 @@ class Bench:
         self.record(f"tree down {shards}x{mib} MiB", mb, self.interleaved(down), "s5cmd cp" if self.s5 else None)
         shutil.rmtree(tree)
 
-    def model(self, shape: str, layers: int | None, tp: int, convert: bool) -> None:
-        model = make_model(self.work / f"model-{shape}", shape, layers)
+    def model(self, shape: str, layers: int | None, tp: int, convert: bool, shard_gib: float) -> None:
+        model = make_model(self.work / f"model-{shape}", shape, layers, shard_gib=shard_gib)
         mb = tree_bytes(model) / 1e6
         src = f"s3://{BUCKET}/model-{shape}/"
         timed([*self.lmi, "push", str(model), src], self.env)
@@ -161,11 +197,28 @@ class Bench:
             return
         work = self.work / "convert"
         args = ["--tp", str(tp), "--until", "convert", "--work-dir", str(work)]
-        conv = {"convert, local model": lambda i: timed([*self.lmi, "trtllm", str(model), *args], self.env, fresh=work),
-                "fetch + convert from S3": lambda i: timed([*self.lmi, "trtllm", src, *args], self.env, fresh=work),
-                "same, --no-keep-source": lambda i: timed([*self.lmi, "trtllm", src, *args, "--no-keep-source"],
-                                                          self.env, fresh=work)}
+        peaks: dict[str, list[int]] = {}
+
+        def watched(name: str, cmd: list[str]):
+            def run(i):
+                shutil.rmtree(work, ignore_errors=True)
+                with DiskWatch(work) as w:
+                    got = timed(cmd, self.env, fresh=work)
+                peaks.setdefault(name, []).append(w.peak)
+                return got
+            return run
+
+        conv = {"convert, local model": watched("convert, local model", [*self.lmi, "trtllm", str(model), *args]),
+                "fetch + convert from S3": watched("fetch + convert from S3", [*self.lmi, "trtllm", src, *args]),
+                "same, --no-keep-source": watched("same, --no-keep-source",
+                                                  [*self.lmi, "trtllm", src, *args, "--no-keep-source"])}
         res = self.interleaved(conv)
+        for name, p in peaks.items():
+            print(f"  peak disk of the work dir, {name}: {max(p) / 1e9:.2f} GB (model {mb / 1000:.2f} GB)", flush=True)
+            short = {"convert, local model": "local", "fetch + convert from S3": "S3", "same, --no-keep-source":
+                     "S3 no-keep"}[name]
+            self.rows.append((f"convert tp{tp} ({shape})", f"peak disk GB, {short}", mb, float("nan"),
+                              float("nan"), f"{max(p) / 1e9:.2f}"))
         floor = max(res["convert, local model"][0], got["s5cmd cp"][0] if self.s5 else 0.0)
         self.record(f"convert tp{tp} ({shape})", mb, res, None)
         for name in ("fetch + convert from S3", "same, --no-keep-source"):
@@ -178,9 +231,11 @@ class Bench:
         print("-" * 98)
         for case, name, mb, wall, cpu, vs in self.rows:
             cpu_s = f"{cpu / (mb / 1000):8.2f}" if cpu == cpu else f"{'-':>8}"
-            print(f"{case:<24} | {name:<30} | {wall:7.2f} | {mb / wall:6.0f} | {cpu_s} | {vs:>7}")
+            wall_s, rate = (f"{wall:7.2f}", f"{mb / wall:6.0f}") if wall == wall else (f"{'-':>7}", f"{'-':>6}")
+            print(f"{case:<24} | {name:<30} | {wall_s} | {rate} | {cpu_s} | {vs:>7}")
         print("vs base: the baseline's wall time over this row's (s5cmd cp for transfers; for the convert floor row, "
-              "the floor over fetch + convert from S3); >1 is faster than the baseline")
+              "the floor over fetch + convert from S3); >1 is faster than the baseline; peak disk rows: the most "
+              "the convert's work dir held, GB")
 
 
 def main() -> None:
@@ -190,6 +245,8 @@ def main() -> None:
     ap.add_argument("--model", default="small", choices=sorted(SHAPES) + ["none"],
                     help="model shape for the fetch and convert cases (none skips them)")
     ap.add_argument("--model-layers", type=int, default=None, help="fewer layers than the shape has")
+    ap.add_argument("--model-shard-gib", type=float, default=4.5,
+                    help="GiB per checkpoint shard (Hub models: ~5; 1 gives an 8 GB model a 70B model's shard count)")
     ap.add_argument("--tp", type=int, default=2, help="convert case: tensor parallel degree")
     ap.add_argument("--no-convert", action="store_true", help="skip the fetch + convert case")
     ap.add_argument("--repeat", type=int, default=3, help="runs per contender and case; the median counts")
@@ -213,7 +270,7 @@ def main() -> None:
         if a.shards:
             bench.tree(a.shards, a.shard_mib)
         if a.model != "none":
-            bench.model(a.model, a.model_layers, a.tp, not a.no_convert)
+            bench.model(a.model, a.model_layers, a.tp, not a.no_convert, a.model_shard_gib)
         bench.table(f"SeaweedFS on loopback, {os.cpu_count()} cores, median of {a.repeat}, each run a new process")
     finally:
         server.cleanup()
