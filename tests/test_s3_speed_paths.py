@@ -22,13 +22,16 @@ def digests(folder: Path) -> dict[str, str]:
             if p.is_file() and not p.name.startswith(".")}
 
 
+def publish(model: Path, prefix: str) -> tuple[Path, str]:
+    """Push with lmi-compile (so the prefix carries a manifest) in 5 MiB parts."""
+    proc = run_cli("push", model, prefix, "--part-size-mb", "5")
+    assert proc.returncode == 0, proc.stderr
+    return model, prefix
+
+
 @pytest.fixture
 def published(s3_env, s3_prefix, model_factory):
-    """A model pushed with lmi-compile (so the prefix carries a manifest) in 5 MiB parts."""
-    model = model_factory(shards=2, **MULTIPART)
-    proc = run_cli("push", model, s3_prefix, "--part-size-mb", "5")
-    assert proc.returncode == 0, proc.stderr
-    return model, s3_prefix
+    return publish(model_factory(shards=2, **MULTIPART), s3_prefix)
 
 
 def test_fetch_verifies_every_byte_against_the_manifest(published, s3_client, tmp_path):
@@ -377,10 +380,7 @@ def slowed_gets(monkeypatch, slow: str, seconds: float) -> None:
 
 @pytest.fixture
 def published4(s3_env, s3_prefix, model_factory):
-    model = model_factory(shards=4, **MULTIPART)
-    proc = run_cli("push", model, s3_prefix, "--part-size-mb", "5")
-    assert proc.returncode == 0, proc.stderr
-    return model, s3_prefix
+    return publish(model_factory(shards=4, **MULTIPART), s3_prefix)
 
 
 def test_no_keep_source_removes_each_shard_after_its_last_read(published4, model_factory, tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ from lmi_compile.pipeline.diskspace import ensure_room
 from lmi_compile.pipeline.workdir import Job, check_until, finish_layout, fresh_layout_staging, preflight_output
 from lmi_compile.remote import streaming
 from lmi_compile.remote.fetch import remove_weights
-from lmi_compile.remote.stages import fetch_stage, preflight_upload, push_stage
+from lmi_compile.remote.stages import preflight_upload, push_stage
 
 log = logging.getLogger("lmi_compile")
 
@@ -254,19 +254,12 @@ def _run(job: NeuronJob, until: str, target) -> Path:
         return _from_compile(job, until, target, model, _calls(job, model, target)[1], split, split_fp)
     # An S3 model is split while it downloads (remote/streaming.py); other sources are fetched first.
     observe.stage("fetch")
-    stream = None if until == "fetch" else streaming.start(job.model, job.work, revision=job.revision,
-                                                           trust_remote_code=job.trust_remote_code,
-                                                           consume=not job.keep_source)
-    try:
+    with streaming.opened(job, until != "fetch") as stream:
         return _stages(job, until, target, stream)
-    finally:
-        if stream:
-            stream.close()
 
 
 def _stages(job: NeuronJob, until: str, target, stream) -> Path:
-    model = stream.model() if stream else fetch_stage(job.model, job.work, revision=job.revision, token=job.token,
-                                                      trust_remote_code=job.trust_remote_code)
+    model = streaming.first_model(job, stream)
     arch, calls = _calls(job, model, target)
     if until == "fetch":
         return model.root

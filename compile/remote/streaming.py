@@ -286,7 +286,7 @@ class StreamingFetch:
     def settle(self):
         """Wait for the verified fetch and record it; the source model for the stages after the convert (a
         consumed one keeps its config and tokenizer only). Raises the fetch's error."""
-        from lmi_compile.model.validate import ValidatedModel, validate_model_dir
+        from lmi_compile.model.validate import validate_model_dir
         from lmi_compile.remote.fetch import finish_consumed, record
 
         self._wait_fetched()
@@ -294,8 +294,7 @@ class StreamingFetch:
             if self.arriving.reads is not None:  # consumed: the convert read every shard it needed
                 finish_consumed(self.staging, self.work.source, self.source, self.resolved,
                                 self.arriving.remove_rest())
-                m = self.streamed
-                self.result = ValidatedModel(self.work.source, m.config, m.checkpoint, m.custom_code)
+                self.result = self.streamed  # rooted at the source folder already
             else:
                 validate_model_dir(self.staging, trust_remote_code=self.trust_remote_code).checkpoint.close()
                 self.result = record(self.staging, self.work.source, self.source, self.resolved,
@@ -368,6 +367,29 @@ def unverified_output_discarded(stream: StreamingFetch | None, staging: Path):
 
 def _mtime(path: Path) -> int:
     return path.stat().st_mtime_ns
+
+
+@contextlib.contextmanager
+def opened(job, wanted: bool):
+    """A pipeline's source as its first stage reads it: a StreamingFetch when `wanted` and the model is on S3 and
+    not fetched yet (--no-keep-source: consumed), else None; stopped and its view removed on the way out."""
+    stream = start(job.model, job.work, revision=job.revision, trust_remote_code=job.trust_remote_code,
+                   consume=not job.keep_source) if wanted else None
+    try:
+        yield stream
+    finally:
+        if stream:
+            stream.close()
+
+
+def first_model(job, stream: StreamingFetch | None):
+    """The model the first stage reads: the stream's, tensors read as they land, or the fetch stage's."""
+    if stream:
+        return stream.model()
+    from lmi_compile.remote.stages import fetch_stage
+
+    return fetch_stage(job.model, job.work, revision=job.revision, token=job.token,
+                       trust_remote_code=job.trust_remote_code)
 
 
 def start(model: str, work, *, revision, trust_remote_code: bool, consume: bool = False) -> StreamingFetch | None:

@@ -22,7 +22,7 @@ from lmi_compile.pipeline.diskspace import ensure_room, tree_bytes
 from lmi_compile.pipeline.workdir import Job, check_until, finish_layout, fresh_layout_staging, preflight_output
 from lmi_compile.remote import streaming
 from lmi_compile.remote.fetch import remove_weights
-from lmi_compile.remote.stages import fetch_stage, preflight_upload, push_stage
+from lmi_compile.remote.stages import preflight_upload, push_stage
 from lmi_compile.trtllm.build import BuildOptions, build_engines, check_interface, find_trtllm_build
 from lmi_compile.trtllm.layout import DEFAULT_ENGINE_PATH, render_pbtxt, serving_properties, write_layout
 
@@ -312,14 +312,8 @@ def _run(job: TrtllmJob, until: str, tool) -> Path:
         return _from_build(job, until, tool, model, ckpt, ckpt_fp)
     # An S3 model is converted while it downloads (remote/streaming.py); other sources are fetched first.
     observe.stage("fetch")
-    stream = None if until == "fetch" else streaming.start(job.model, job.work, revision=job.revision,
-                                                           trust_remote_code=job.trust_remote_code,
-                                                           consume=not job.keep_source)
-    try:
+    with streaming.opened(job, until != "fetch") as stream:
         return _stages(job, until, tool, stream)
-    finally:
-        if stream:
-            stream.close()
 
 
 def _check_model(job: TrtllmJob, tool, model) -> tuple:
@@ -341,8 +335,7 @@ def _check_model(job: TrtllmJob, tool, model) -> tuple:
 
 
 def _stages(job: TrtllmJob, until: str, tool, stream) -> Path:
-    model = stream.model() if stream else fetch_stage(job.model, job.work, revision=job.revision, token=job.token,
-                                                      trust_remote_code=job.trust_remote_code)
+    model = streaming.first_model(job, stream)
     architecture, quant = _check_model(job, tool, model)
     if until == "fetch":
         return model.root
