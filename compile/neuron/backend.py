@@ -27,8 +27,7 @@ from lmi_compile.pipeline import observe, stages
 from lmi_compile.pipeline.diskspace import ensure_room
 from lmi_compile.pipeline.workdir import Job, check_until, finish_layout, fresh_layout_staging, preflight_output
 from lmi_compile.remote import streaming
-from lmi_compile.remote.fetch import remove_weights
-from lmi_compile.remote.stages import preflight_upload, push_stage
+from lmi_compile.remote.stages import preflight_upload, push_stage, source_after
 
 log = logging.getLogger("lmi_compile")
 
@@ -266,17 +265,7 @@ def _stages(job: NeuronJob, until: str, target, stream) -> Path:
     check_dense(model.config)  # what was fetched, as well as what the peek read
     observe.stage("split")
     split, split_fp = split_stage(job, model, arch, stream)
-    if until == "split" and streaming.dropped_unneeded(stream, job.work, job.keep_source):
-        return split
-    if stream:
-        model = stream.settle()  # the verified source folder, for the stages below
-    if job.handover_out:  # `lmi-compile batch`: the compile runs on another node (batch/handover.py)
-        from lmi_compile.batch.handover import send
-
-        observe.stage("handover-push")
-        send(job.handover_out, job.work.root, model.root, split, "split")
-    if not job.keep_source:
-        remove_weights(model, job.work.source)
+    model = source_after(job, stream, model, split, "split", last=until == "split")
     if until == "split":
         return split
     return _from_compile(job, until, target, model, calls, split, split_fp)

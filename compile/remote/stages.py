@@ -34,3 +34,26 @@ def push_stage(out: Path, upload: str | None, *, overwrite: bool) -> None:
         log.info("published: %s", upload)
 
 
+
+
+def source_after(job, stream, model: ValidatedModel, out: Path, stage: str, *, last: bool) -> ValidatedModel | None:
+    """After the stage that reads the model's weights (convert, split) wrote `out`: the source model the later
+    stages use (the verified one, once a stream settles), handed to a batch build node when asked, its weights
+    removed with --no-keep-source. None when `stage` was the last asked for and was up to date, so the
+    download it did not wait for is dropped instead (remote/streaming.py)."""
+    from lmi_compile.pipeline import observe
+    from lmi_compile.remote import streaming
+    from lmi_compile.remote.fetch import remove_weights
+
+    if last and streaming.dropped_unneeded(stream, job.work, job.keep_source):
+        return None
+    if stream:
+        model = stream.settle()
+    if job.handover_out:  # `lmi-compile batch`: the next stage runs on another node (batch/handover.py)
+        from lmi_compile.batch.handover import send
+
+        observe.stage("handover-push")
+        send(job.handover_out, job.work.root, model.root, out, stage)
+    if not job.keep_source:
+        remove_weights(model, job.work.source)
+    return model

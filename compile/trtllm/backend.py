@@ -21,8 +21,7 @@ from lmi_compile.pipeline import observe, stages
 from lmi_compile.pipeline.diskspace import ensure_room, tree_bytes
 from lmi_compile.pipeline.workdir import Job, check_until, finish_layout, fresh_layout_staging, preflight_output
 from lmi_compile.remote import streaming
-from lmi_compile.remote.fetch import remove_weights
-from lmi_compile.remote.stages import preflight_upload, push_stage
+from lmi_compile.remote.stages import preflight_upload, push_stage, source_after
 from lmi_compile.trtllm.build import BuildOptions, build_engines, check_interface, find_trtllm_build
 from lmi_compile.trtllm.layout import DEFAULT_ENGINE_PATH, render_pbtxt, serving_properties, write_layout
 
@@ -349,17 +348,7 @@ def _stages(job: TrtllmJob, until: str, tool, stream) -> Path:
                                                                               quant))
     else:
         ckpt, ckpt_fp = convert_stage(job, model, architecture, stream)
-    if until == "convert" and streaming.dropped_unneeded(stream, job.work, job.keep_source):
-        return ckpt
-    if stream:
-        model = stream.settle()  # the verified source folder, for the stages below
-    if job.handover_out:  # `lmi-compile batch`: the build runs on another node (batch/handover.py)
-        from lmi_compile.batch.handover import send
-
-        observe.stage("handover-push")
-        send(job.handover_out, job.work.root, model.root, ckpt, "convert")
-    if not job.keep_source:
-        remove_weights(model, job.work.source)
+    model = source_after(job, stream, model, ckpt, "convert", last=until == "convert")
     if until == "convert":
         return ckpt
     return _from_build(job, until, tool, model, ckpt, ckpt_fp)
