@@ -454,9 +454,11 @@ def _usage_error(e: Exception) -> bool:
 def main() -> None:
     import typer
 
+    from lmi_compile import argvalues
     from lmi_compile.pipeline.interrupts import install
 
     install()
+    argvalues.install()
     try:
         # standalone_mode=False: usage errors reach us, so they print as the one `error:` line every error uses.
         code = app(standalone_mode=False)

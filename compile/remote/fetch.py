@@ -133,22 +133,24 @@ def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool, listener=No
     from lmi_compile.remote.s3 import Getters, download_files, list_objects, make_client, parse_s3_uri
 
     uri = parse_s3_uri(location)
-    client = make_client()
-    mtimes: dict[str, int] = {}
-    objects = list_objects(client, uri, mtimes)
-    if listener:
-        listener.listed(objects, mtimes)
-    if MARKER_KEY in objects and MANIFEST_KEY not in objects:
-        raise BadInput(f"{uri}: incomplete upload (an lmi-compile push started but never wrote its manifest); "
-                       f"rerun the push before using this prefix")
-    if not objects:
-        raise BadInput(f"{uri}: no objects under this prefix; check the bucket and prefix (it needs a trailing "
-                       f"model folder, e.g. s3://bucket/models/llama/)")
-    # A prefix published by lmi-compile: every fetched byte is checked against the manifest as it arrives.
-    expect = manifest_objects(client, uri) if MANIFEST_KEY in objects else {}
-    small = small_files(objects, trust_remote_code=trust_remote_code, source=str(uri))
-    getters = Getters(client).start()  # one set of GET workers for the small files and the weights
+    # One set of GET workers for the small files and the weights, started first: they need only the standard
+    # library, so they are ready by the time botocore (a quarter second) has loaded here.
+    getters = Getters(None).start()
     try:
+        client = getters.client = make_client()
+        mtimes: dict[str, int] = {}
+        objects = list_objects(client, uri, mtimes)
+        if listener:
+            listener.listed(objects, mtimes)
+        if MARKER_KEY in objects and MANIFEST_KEY not in objects:
+            raise BadInput(f"{uri}: incomplete upload (an lmi-compile push started but never wrote its manifest); "
+                           f"rerun the push before using this prefix")
+        if not objects:
+            raise BadInput(f"{uri}: no objects under this prefix; check the bucket and prefix (it needs a trailing "
+                           f"model folder, e.g. s3://bucket/models/llama/)")
+        # A prefix published by lmi-compile: every fetched byte is checked against the manifest as it arrives.
+        expect = manifest_objects(client, uri) if MANIFEST_KEY in objects else {}
+        small = small_files(objects, trust_remote_code=trust_remote_code, source=str(uri))
         download_files(client, uri, small, dest, objects, desc="fetch small files", expect=expect, mtimes=mtimes,
                        listener=listener, getters=getters)
         index_name = preferred_index(objects)

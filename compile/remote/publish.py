@@ -28,7 +28,7 @@ from lmi_compile.paths import resolve_inside
 from lmi_compile.pipeline.progress import bytes_bar
 from lmi_compile.remote.manifest import (LAYOUT_MANIFEST, MANIFEST_KEY, MARKER_KEY, MIB, b64, composite,
                                          file_checksums)
-from lmi_compile.remote.s3 import (RANGE_ATTEMPTS, Getters, S3Uri, default_concurrency, failed, list_objects, make_client,
+from lmi_compile.remote.s3 import (RANGE_ATTEMPTS, Getters, S3Uri, failed, list_objects, make_client,
                                    parse_s3_uri, translate)
 
 log = logging.getLogger("lmi_compile")
@@ -73,11 +73,13 @@ def part_size_for(size: int, configured: int = DEFAULT_PART) -> int:
 
 
 class Publisher:
-    def __init__(self, client, uri: S3Uri, *, concurrency: int, part_size: int):
+    def __init__(self, client, uri: S3Uri, *, concurrency: int, part_size: int, workers: Getters | None = None):
         self.client, self.uri = client, uri
         self.concurrency, self.part_size = concurrency, part_size
         self.parts = ThreadPoolExecutor(concurrency, thread_name_prefix="part")
-        self.workers = Getters(client, processes=concurrency)  # every PUT goes through them (remote/getter.py)
+        # every PUT goes through them (remote/getter.py)
+        self.workers = workers or Getters(client, processes=concurrency)
+        self.workers.client = client
         self.open_uploads: dict[str, str] = {}  # key -> UploadId, until completed
         self._lock = threading.Lock()
         self.bar = None
@@ -239,9 +241,15 @@ def push(root: Path, uri_text: str, *, overwrite: bool = False, delete_local: bo
         raise BadInput(f"{uri}: give a prefix (s3://bucket/models/NAME/), not a whole bucket")
     files = local_files(root)
     cid = content_id(root, files)
-    client = client or make_client(max_pool=max(64, 2 * (concurrency or default_concurrency())))
-    pub = Publisher(client, uri, concurrency=concurrency or push_concurrency(),
-                    part_size=part_size or DEFAULT_PART)
+    concurrency = concurrency or push_concurrency()
+    # the PUT workers start first (standard library only): ready by the time botocore has loaded here
+    workers = Getters(None, processes=concurrency).start()
+    try:
+        client = client or make_client(max_pool=max(64, 2 * concurrency))
+    except BaseException:
+        workers.close()
+        raise
+    pub = Publisher(client, uri, concurrency=concurrency, part_size=part_size or DEFAULT_PART, workers=workers)
     existing = list_objects(client, uri)
     manifest = pub.get_json(MANIFEST_KEY) if MANIFEST_KEY in existing else None
     marker = pub.get_json(MARKER_KEY) if MARKER_KEY in existing else None
