@@ -393,6 +393,9 @@ def test_no_keep_source_removes_each_shard_after_its_last_read(published4, model
 
     model, prefix = published4
     slowed_gets(monkeypatch, "-00004-of-", 0.4)
+    # four connections: the slowed ranges of the last shard wait behind the others, as a big model's later shards
+    # wait behind its first ones (with 16, this tiny model's twelve ranges would all be in flight at once)
+    monkeypatch.setenv("LMI_COMPILE_S3_CONNECTIONS", "4")
     removals = []
     real_remove = streaming.ArrivingModel._remove
 

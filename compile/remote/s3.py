@@ -410,7 +410,7 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
         # (a filesystem serialises buffered writes to one file on its inode lock), while a convert reading the
         # model as it lands finds its next tensors arriving, and can delete each shard it is done with
         # (--no-keep-source) long before the last one lands.
-        window = max(2, getters.processes // 4)
+        window = max(2, min(4, getters.processes // 4))  # at most 4 files: --no-keep-source frees them in order
         order = {id(t): i for i, t in enumerate(targets)}
         tasks.sort(key=lambda task: (task[1] != 0, order[id(task[0])] // window, task[1], order[id(task[0])]))
         with ThreadPoolExecutor(concurrency or getters.processes, thread_name_prefix="get") as pool:
