@@ -4,7 +4,7 @@
 Each --rev is a git revision (or `.` for the working tree) unpacked as an importable lmi_compile package, with
 optional environment settings; every run is a new process, the contenders take turns starting each round
 (runs against SeaweedFS drift and alternate), and the medians are printed with their ratio to the baseline of
-the same run (s5cmd, or for --case convert the convert of the local model by the working tree).
+the same run (s5cmd, or for --case convert the convert of the local model by the last --rev).
 
   python3 scripts/bench_revisions.py --case fetch --rev before=HEAD~2 --rev now=. --repeat 5
   python3 scripts/bench_revisions.py --case fetch --rev now=. --rev 64=.:LMI_COMPILE_S3_CONNECTIONS=64 \\
@@ -38,6 +38,8 @@ def unpack(rev: str, dest: Path) -> Path:
     src = dest / "src"
     if rev == ".":
         src = ROOT
+    elif (Path(rev) / "compile").is_dir():  # an unpacked checkout (a host without the git history)
+        src = Path(rev).resolve()
     else:
         src.mkdir(parents=True)
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "compile", "converters", "configs"],
@@ -55,7 +57,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", choices=["fetch", "push", "convert"], required=True)
     ap.add_argument("--rev", action="append", required=True,
-                    help="LABEL=REV[:VAR=VALUE...]: a git revision or . (the working tree), with environment settings")
+                    help="LABEL=REV[:VAR=VALUE...]: a git revision, . (the working tree) or a folder holding an unpacked "
+                         "checkout's compile/, converters/ and configs/; then environment settings")
     ap.add_argument("--model", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--model-layers", type=int, default=16)
     ap.add_argument("--model-shard-gib", type=float, default=1.0)
@@ -91,12 +94,14 @@ def main() -> None:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(unpack(rev, work / f"rev-{label}")),
                                                              os.environ.get("PYTHONPATH")]))
             revs[label] = env
+        own = list(revs.values())[-1]  # the model's upload and the local convert: the last revision's code
+        sys.path.insert(0, own["PYTHONPATH"].split(os.pathsep)[0])  # and the test model writer's (make_model)
         out = work / "out"
         contenders = {}
         if a.case in ("fetch", "convert"):
             model = make_model(work / "model", a.model, a.model_layers, shard_gib=a.model_shard_gib)
             src = f"s3://{BUCKET}/model/"
-            timed([*lmi, "push", str(model), src], base)
+            timed([*lmi, "push", str(model), src], own)
             if a.case == "fetch":
                 shutil.rmtree(model)
                 contenders["s5cmd cp"] = lambda r: timed([s5, "--endpoint-url", endpoint, "cp", f"{src}*", f"{out}/"],
@@ -106,7 +111,7 @@ def main() -> None:
                                                                      fresh=out))(env)
             else:
                 conv = ["--tp", "2", "--until", "convert", "--work-dir", str(out)]
-                contenders["local convert"] = lambda r: timed([*lmi, "trtllm", str(model), *conv], base, fresh=out)
+                contenders["local convert"] = lambda r: timed([*lmi, "trtllm", str(model), *conv], own, fresh=out)
                 for label, env in revs.items():
                     contenders[label] = (lambda env: lambda r: timed([*lmi, "trtllm", src, *conv], env, fresh=out))(env)
         else:
