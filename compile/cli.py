@@ -107,7 +107,8 @@ def push(
     uri: Annotated[str, typer.Argument(help="s3://bucket/prefix/ to publish to.", show_default=False)],
     overwrite: Overwrite = False,
     delete_local: Annotated[bool, typer.Option("--delete-local", help="Delete FOLDER after the upload is verified.")] = False,
-    concurrency: Annotated[Optional[int], typer.Option(min=1, help="Parallel requests (default from CPU count).",
+    concurrency: Annotated[Optional[int], typer.Option(min=1, help=(
+        "Parallel PUTs, one connection each (default: LMI_COMPILE_S3_CONNECTIONS, else two per core, 8 to 64)."),
                                                        show_default=False)] = None,
     part_size_mb: Annotated[Optional[int], typer.Option("--part-size-mb", min=5, help="Multipart part size in MiB "
                                                         "(default 32).", show_default=False)] = None,
