@@ -200,6 +200,26 @@ def test_overwrite_refusal_and_replacement(s3_env, s3_client, s3_prefix, tmp_pat
     assert {k: v for k, v in remote_tree(s3_client, s3_prefix).items() if k != MANIFEST_KEY} == local_tree(second)
 
 
+def test_a_refused_push_leaves_no_transfer_process(s3_env, s3_prefix, tmp_path, monkeypatch):
+    """The PUT workers start before the prefix is looked at (so they are ready when the first part is); a push
+    refused before any upload (the prefix holds another upload) still ends every one of them."""
+    import time
+
+    import psutil
+
+    monkeypatch.setenv("LMI_COMPILE_TRANSFER_PROCESSES", "1")
+    assert run_cli("push", make_tree(tmp_path / "a", big=1, big_mib=1, seed=1), s3_prefix).returncode == 0
+    me = psutil.Process()
+
+    def workers():
+        return [c for c in me.children(recursive=True) if "getter.py" in " ".join(c.cmdline())]
+
+    with pytest.raises(LmiCompileError, match="--overwrite"):
+        push(make_tree(tmp_path / "b", big=1, big_mib=1, seed=2), s3_prefix, concurrency=4)
+    time.sleep(0.5)  # a worker the spawning thread was starting as the refusal came: given time to show up
+    assert workers() == []
+
+
 def test_delete_local_after_verification(s3_env, s3_client, s3_prefix, tmp_path):
     tree = make_tree(tmp_path / "art", big=1, big_mib=1)
     want = local_tree(tree)

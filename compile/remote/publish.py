@@ -238,14 +238,20 @@ def push(root: Path, uri_text: str, *, overwrite: bool = False, delete_local: bo
     # at least 8, not 16: a PUT holds its part in memory, and on 2 cores shared with a server 16 in flight took
     # 8.7 s where 4 or 8 took 6.5-6.9 s (4x256 MiB, medians of 7); on S3 8 still double the 4 few cores had
     concurrency = concurrency or connections(least=8)
-    # the PUT workers start first (standard library only): ready by the time botocore has loaded here
+    # the PUT workers start first (standard library only): ready by the time botocore has loaded here; whatever
+    # ends the push (a refusal before any upload included) ends them
     workers = Getters(None, processes=concurrency).start()
     try:
         client = client or make_client(max_pool=max(64, 2 * concurrency))
-    except BaseException:
+        pub = Publisher(client, uri, concurrency=concurrency, part_size=part_size or DEFAULT_PART, workers=workers)
+        return _publish(pub, root, files, cid, overwrite=overwrite, delete_local=delete_local)
+    finally:
         workers.close()
-        raise
-    pub = Publisher(client, uri, concurrency=concurrency, part_size=part_size or DEFAULT_PART, workers=workers)
+
+
+def _publish(pub: Publisher, root: Path, files: list[LocalFile], cid: str, *, overwrite: bool,
+             delete_local: bool) -> Pushed:
+    client, uri = pub.client, pub.uri
     existing = list_objects(client, uri)
     manifest = pub.get_json(MANIFEST_KEY) if MANIFEST_KEY in existing else None
     marker = pub.get_json(MARKER_KEY) if MARKER_KEY in existing else None

@@ -195,7 +195,10 @@ class Getters:
                 with self._lock:  # close() takes it too: a worker spawned here is always one close() ends
                     if self.closed or len(self._all) >= self.processes:
                         return
-                    self._free.append(self._spawn())
+                    try:
+                        self._free.append(self._spawn())
+                    except OSError:  # out of processes or memory: run() spawns on need and reports it there
+                        return
 
         if not self.in_process:
             threading.Thread(target=spawn_all, name="spawn-getters", daemon=True).start()
