@@ -341,8 +341,7 @@ def _publish(pub: Publisher, root: Path, files: list[LocalFile], cid: str, *, ov
         raise
     finally:
         pub.bar.close()
-        pub.parts.shutdown(wait=False)
-        pub.workers.close()
+        pub.parts.shutdown(wait=False)  # (the workers are ended by push())
     log.info("push: %d object(s), %.1f MiB at %s, verified; manifest written last", len(files),
              sum(f.size for f in files) / MIB, uri)
     if delete_local:
