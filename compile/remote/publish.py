@@ -72,12 +72,11 @@ def part_size_for(size: int, configured: int = DEFAULT_PART) -> int:
 
 
 class Publisher:
-    def __init__(self, client, uri: S3Uri, *, concurrency: int, part_size: int, workers: Getters | None = None):
+    def __init__(self, client, uri: S3Uri, *, concurrency: int, part_size: int, workers: Getters):
         self.client, self.uri = client, uri
         self.concurrency, self.part_size = concurrency, part_size
         self.parts = ThreadPoolExecutor(concurrency, thread_name_prefix="part")
-        # every PUT goes through them (remote/getter.py)
-        self.workers = workers or Getters(client, processes=concurrency)
+        self.workers = workers  # every PUT goes through them (remote/getter.py); started and ended by push()
         self.workers.client = client
         self.open_uploads: dict[str, str] = {}  # key -> UploadId, until completed
         self._lock = threading.Lock()
