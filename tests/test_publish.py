@@ -220,6 +220,25 @@ def test_a_refused_push_leaves_no_transfer_process(s3_env, s3_prefix, tmp_path, 
     assert workers() == []
 
 
+def test_a_put_worker_holds_a_buffer_not_its_part(s3_env, s3_client, s3_prefix, tmp_path):
+    """A PUT worker hashes its part through a 1 MiB buffer and sends it from the file: its memory does not grow
+    with the part size (a part held whole was 32 MiB a worker by default, 2 GiB at 64 connections)."""
+    import os
+    import subprocess
+    import sys
+
+    tree = make_tree(tmp_path / "art", big=2, big_mib=64, small=0)
+    script = ("import resource, sys; from pathlib import Path; from lmi_compile.remote.publish import push; "
+              "push(Path(sys.argv[1]), sys.argv[2], concurrency=2, part_size=64 << 20); "
+              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    proc = subprocess.run([sys.executable, "-c", script, str(tree), s3_prefix], capture_output=True, text=True,
+                          env={**os.environ, "LMI_COMPILE_TRANSFER_PROCESSES": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    worker_peak_mib = int(proc.stdout.split()[-1]) / 1024  # the largest worker's peak (its only children)
+    assert 0 < worker_peak_mib < 32, worker_peak_mib  # one 64 MiB part held whole: over 70
+    assert {k: v for k, v in remote_tree(s3_client, s3_prefix).items() if k != MANIFEST_KEY} == local_tree(tree)
+
+
 def test_delete_local_after_verification(s3_env, s3_client, s3_prefix, tmp_path):
     tree = make_tree(tmp_path / "art", big=1, big_mib=1)
     want = local_tree(tree)

@@ -192,9 +192,11 @@ def test_ranged_gets_run_in_worker_processes(published, s3_env, tmp_path):
 
 def test_a_put_whose_bytes_do_not_match_its_signed_checksum_is_refused(s3_env, tmp_path):
     """Push's PUTs go through the same workers; the checksum is a signed header, and the server checks the bytes
-    against it: a part announced with another part's SHA256 is refused (BadDigest), not stored."""
+    against it: a part announced with another part's SHA256 is refused (BadDigest), not stored; a file changed
+    between its hashing and its sending is refused before the request completes, with the reason."""
     import base64
     import os
+    import time
 
     from lmi_compile.remote.s3 import Getters, make_client
 
@@ -218,9 +220,20 @@ def test_a_put_whose_bytes_do_not_match_its_signed_checksum_is_refused(s3_env, t
         good = getters.run(task, then=lambda r: sign(r, 0))
         assert good["ok"] and good["etag"], good
         assert len(getters._all) == 1  # a 5 MiB PUT runs in a worker process, not in this one
+        stored = data.read_bytes()
+
+        def change_then_sign(reply):  # the worker sends the bytes from the file after hashing them
+            time.sleep(0.02)  # past the clock tick of the hash (coarse file timestamps)
+            with open(data, "r+b") as f:
+                f.write(b"changed")
+            return sign(reply, 0)
+
+        changed = getters.run(task, then=change_then_sign)
+        assert not changed["ok"] and changed["kind"] == "disk", changed
+        assert "changed during upload" in changed["error"] and str(data) in changed["error"], changed
     finally:
         getters.close()
-    assert client.get_object(Bucket="models", Key="put-check/p")["Body"].read() == data.read_bytes()
+    assert client.get_object(Bucket="models", Key="put-check/p")["Body"].read() == stored
 
 
 def rank_tensors(folder: Path) -> dict:
@@ -507,6 +520,33 @@ def test_push_and_fetch_in_either_engine(processes, s3_env, s3_prefix, s3_client
     assert proc.returncode == 1, proc.stderr
     assert shard in error_line(proc) and "checksum" in error_line(proc)
     assert not (tmp_path / "bad" / shard).exists()
+
+
+@pytest.mark.parametrize("processes", ["0", "1"])
+def test_push_and_fetch_over_https(processes, s3_env, s3_prefix, model_factory, tmp_path, monkeypatch):
+    """Real S3 is HTTPS: the workers' GETs, and their PUTs (sent from the file through TLS a buffer at a time),
+    over an endpoint whose certificate a private CA signed (AWS_CA_BUNDLE), in either engine, byte for byte;
+    without the bundle, one line that names the fix."""
+    from servers.tls import TlsProxy
+
+    proxy = TlsProxy(s3_env.port, tmp_path / "tls")
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(proxy.cert))
+        monkeypatch.setenv("LMI_COMPILE_TRANSFER_PROCESSES", processes)
+        model = model_factory(shards=2, **MULTIPART)
+        proc = run_cli("push", model, s3_prefix, "--part-size-mb", "5")
+        assert proc.returncode == 0, proc.stderr
+        proc = run_cli("fetch", s3_prefix, "--output", tmp_path / "out")
+        assert proc.returncode == 0, proc.stderr
+        assert digests(tmp_path / "out") == digests(model)
+        monkeypatch.delenv("AWS_CA_BUNDLE")
+        proc = run_cli("fetch", s3_prefix, "--output", tmp_path / "untrusted")
+        assert proc.returncode == 2, proc.stderr
+        assert "certificate is not trusted" in error_line(proc) and "AWS_CA_BUNDLE" in error_line(proc)
+        assert not (tmp_path / "untrusted").exists()
+    finally:
+        proxy.stop()
 
 
 def test_engine_choice_follows_the_cores(monkeypatch):

@@ -8,8 +8,10 @@ Why plain http.client: the URL comes presigned (SigV4, by botocore in the parent
 regions and credentials), so a GET is one request line; the body is read straight from the socket into one
 reused buffer, hashed there (zlib.crc32 and hashlib release the GIL) and written in place with pwrite.
 
-A PUT is the mirror image: the part is read with preadv into one reused buffer, hashed there, and sent from it
-(a memoryview: no copy) on a URL presigned with its checksum as a signed header, which S3 verifies.
+A PUT is read twice, never held: the part is hashed chunk by chunk in the same reused buffer, then sent from the
+file on a URL presigned with its checksum as a signed header, which S3 verifies (over plain http with sendfile,
+straight from the page cache). A worker's memory is its buffer, whatever the part size (a part held whole was
+32 MiB a worker, 2 GiB at 64 connections).
 
 Protocol: one JSON task per line on stdin, one JSON reply per line on stdout, in order.
   get:   {"url", "path" (an existing temporary, written in place), "size" (the object's),
@@ -145,38 +147,52 @@ class Getter:
             raise ConnectionError("the server sent more bytes than it announced")
         return digests
 
-    def read_part(self, task: dict) -> tuple[memoryview, dict]:
-        """The part's bytes (in a buffer reused for parts of one size) and their digests."""
-        n = task["size"]
-        if getattr(self, "pbuf", None) is None or len(self.pbuf) != n:
-            self.pbuf = memoryview(bytearray(n))
-        view = self.pbuf
+    def read_part(self, task: dict) -> tuple[tuple, dict]:
+        """The part's digests, hashed chunk by chunk in the reused buffer, and the file's (mtime, size) then."""
+        path, pos, end = task["path"], task["offset"], task["offset"] + task["size"]
         try:
-            fd = os.open(task["path"], os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
         except OSError as e:
-            raise DiskError(f"{task['path']}: {e.strerror}") from None
+            raise DiskError(f"{path}: {e.strerror}") from None
         try:
-            got = 0
-            while got < n:
-                k = os.preadv(fd, [view[got:]], task["offset"] + got)
+            st = os.fstat(fd)
+            hashes = {name: HASHES[name]() for name in task["algorithms"]}
+            while pos < end:
+                k = os.preadv(fd, [self.buf[:min(len(self.buf), end - pos)]], pos)
                 if k <= 0:
-                    raise DiskError(f"{task['path']}: file shrank during upload; do not modify artifacts while pushing")
-                got += k
+                    raise DiskError(f"{path}: file shrank during upload; do not modify artifacts while pushing")
+                for h in hashes.values():
+                    h.update(self.buf[:k])
+                pos += k
         finally:
             os.close(fd)
-        digests = {}
-        for name in task["algorithms"]:
-            h = HASHES[name]()
-            h.update(view)
-            digests[name] = h.digest().hex()
-        return view, digests
+        return (st.st_mtime_ns, st.st_size), {name: h.digest().hex() for name, h in hashes.items()}
 
-    def put(self, view: memoryview, msg: dict) -> str:
-        """PUT the part on its presigned URL; its ETag."""
+    def put(self, task: dict, stamp: tuple, msg: dict) -> str:
+        """PUT the part on its presigned URL, its bytes read from the file again; its ETag. The file must be as it
+        was hashed: the server refuses bytes that do not match the signed checksum, and this says why."""
         u = urllib.parse.urlsplit(msg["url"])
         conn = self.connection(u)
-        conn.request("PUT", f"{u.path}?{u.query}" if u.query else u.path, body=view,
-                     headers={"Content-Length": str(len(view)), **msg.get("headers", {})})
+        path, offset, n = task["path"], task["offset"], task["size"]
+        with open(path, "rb") as f:
+            conn.putrequest("PUT", f"{u.path}?{u.query}" if u.query else u.path)
+            for k, v in {"Content-Length": str(n), **msg.get("headers", {})}.items():
+                conn.putheader(k, v)
+            conn.endheaders()
+            if not isinstance(conn, http.client.HTTPSConnection):
+                sent = conn.sock.sendfile(f, offset, n)  # plain http: page cache to socket, no copy here
+            else:  # TLS encrypts in user space: send from the reused buffer
+                sent = 0
+                while sent < n:
+                    k = os.preadv(f.fileno(), [self.buf[:min(len(self.buf), n - sent)]], offset + sent)
+                    if k <= 0:
+                        break
+                    conn.sock.sendall(self.buf[:k])
+                    sent += k
+            st = os.fstat(f.fileno())
+        if sent != n or (st.st_mtime_ns, st.st_size) != stamp:
+            self.drop()  # the request is incomplete or its bytes are not the hashed ones: never finish it
+            raise DiskError(f"{path}: changed during upload; do not modify artifacts while pushing")
         resp = conn.getresponse()
         body = resp.read()
         if resp.status != 200:
@@ -193,11 +209,11 @@ def run(g: Getter, task: dict, then=None) -> dict:
     read = _guard(g, lambda: g.read_part(task))
     if isinstance(read, dict):
         return read
-    view, digests = read
+    stamp, digests = read
     msg = then({"ok": True, "digests": digests})
     if not msg or msg.get("skip"):
         return {"ok": True, "skipped": True}
-    return _guard(g, lambda: {"ok": True, "etag": g.put(view, msg)})
+    return _guard(g, lambda: {"ok": True, "etag": g.put(task, stamp, msg)})
 
 
 def _guard(g: Getter, fn):

@@ -119,8 +119,9 @@ class Publisher:
 
     def send(self, op: str, key: str, f: LocalFile, offset: int, size: int, **params) -> tuple[str, bytes, bytes]:
         """PUT bytes [offset, offset + size) of `f` (put_object or upload_part `op`) through a transfer worker: it
-        reads and hashes them, the URL is presigned here with their SHA256 as a signed header (S3 verifies it),
-        and it sends them from the same buffer. Returns (ETag, SHA256, CRC32); retried like a GET."""
+        hashes them, the URL is presigned here with their SHA256 as a signed header (S3 verifies it), and it
+        sends them from the file, refusing a file changed in between. Returns (ETag, SHA256, CRC32); retried like
+        a GET."""
         task = {"op": "put", "path": str(f.path), "offset": offset, "size": size, "algorithms": ["sha256", "crc32"]}
         sums: dict[str, bytes] = {}
 
@@ -234,8 +235,8 @@ def push(root: Path, uri_text: str, *, overwrite: bool = False, delete_local: bo
         raise BadInput(f"{uri}: give a prefix (s3://bucket/models/NAME/), not a whole bucket")
     files = local_files(root)
     cid = content_id(root, files)
-    # at least 8, not 16: a PUT holds its part in memory, and on 2 cores shared with a server 16 in flight took
-    # 8.7 s where 4 or 8 took 6.5-6.9 s (4x256 MiB, medians of 7); on S3 8 still double the 4 few cores had
+    # at least 8, not 16: on 2 cores shared with a server 16 in flight took 8.7 s where 4 or 8 took 6.5-6.9 s
+    # (4x256 MiB, medians of 7); on S3 8 still double the 4 few cores had
     concurrency = concurrency or connections(least=8)
     # the PUT workers start first (standard library only): ready by the time botocore has loaded here; whatever
     # ends the push (a refusal before any upload included) ends them

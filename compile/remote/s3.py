@@ -68,8 +68,11 @@ def make_client(max_pool: int = 64, region: str | None = None):
 def translate(e: Exception, where: str) -> LmiCompileError:
     """Map boto errors to one-line messages; never includes credentials."""
     from botocore.exceptions import (ClientError, EndpointConnectionError, NoCredentialsError,
-                                     PartialCredentialsError)
+                                     PartialCredentialsError, SSLError)
 
+    if isinstance(e, SSLError):  # before EndpointConnectionError: the endpoint answered, its certificate failed
+        return BadInput(f"{where}: the S3 endpoint's TLS certificate is not trusted ({_tls_reason(e)}); set "
+                        f"AWS_CA_BUNDLE to the CA bundle that signed it")
     if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
         return BadInput(f"{where}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                         f"AWS_PROFILE, or run with an instance/task role")
@@ -90,6 +93,11 @@ def translate(e: Exception, where: str) -> LmiCompileError:
         return LmiCompileError(f"{where}: S3 request failed ({code or status}: "
                                f"{e.response.get('Error', {}).get('Message', '')})")
     return LmiCompileError(f"{where}: S3 request failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+
+def _tls_reason(e: Exception) -> str:
+    found = re.search(r"\[SSL: [A-Z_]+\][^(\]'\"]*", str(e))
+    return found.group(0).strip() if found else type(e).__name__
 
 
 def list_objects(client, uri: S3Uri, mtimes: dict[str, int] | None = None) -> dict[str, int]:
