@@ -212,3 +212,14 @@ def test_command_values_need_no_pydantic(user_folder):
     assert (plan["tp"], plan["max_seq_len"], plan["dtype"]) == (2, 512, "float16")
     imported = [ln.rsplit("|", 1)[-1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")]
     assert "typer" in imported and "pydantic" not in imported
+
+
+def test_the_installed_command_runs_from_a_users_folder(user_folder):
+    # The console script the install made (pyproject's [project.scripts]), not `python -m`: users type this.
+    import subprocess
+
+    command = Path(sys.executable).parent / "lmi-compile"
+    proc = subprocess.run([str(command), "check", "models/tiny"], cwd=user_folder, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("models/tiny: HuggingFace pretrained") and "loadable" in proc.stdout
