@@ -385,6 +385,10 @@ def opened(job, wanted: bool):
 def first_model(job, stream: StreamingFetch | None):
     """The model the first stage reads: the stream's, tensors read as they land, or the fetch stage's."""
     if stream:
+        # The stage reading the stream (convert, split) needs torch, seconds to import (more with a CUDA build):
+        # imported now, while the listing and the headers come, not after them and the first shards.
+        with contextlib.suppress(ImportError):  # that stage reports a missing torch itself
+            import torch  # noqa: F401
         return stream.model()
     from lmi_compile.remote.stages import fetch_stage
 
