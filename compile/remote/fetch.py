@@ -187,14 +187,20 @@ def manifest_objects(client, uri) -> dict[str, dict]:
             and verifying_checksum(e)}
 
 
-def finish_consumed(staging: Path, output: Path, source: ModelSource, resolved: str, removed: list[str]) -> None:
+def finish_consumed(staging: Path, output: Path, source: ModelSource, resolved: str, removed: list[str], *,
+                    converted: bool = True) -> None:
     """Record a fetch whose weight files a convert consumed as they landed (--no-keep-source, remote/streaming.py)
     as remove_weights leaves one: config and tokenizer kept, `weights_removed` listed, no fingerprint, so a rerun
-    that needs the weights fetches them again instead of trusting a folder that lacks them."""
+    that needs the weights fetches them again instead of trusting a folder that lacks them. `converted=False`:
+    the convert was up to date, and the download stopped instead (StreamingFetch.drop_weights)."""
     stages.finish(staging, output, "fetch", None, source=source.describe(), resolved=resolved,
                   weights_removed=sorted(removed))
-    log.info("fetch: %d weight file(s) removed from %s as they were converted (--no-keep-source); a rerun that "
-             "needs them fetches them again", len(removed), output)
+    if converted:
+        log.info("fetch: %d weight file(s) removed from %s as they were converted (--no-keep-source); a rerun that "
+                 "needs them fetches them again", len(removed), output)
+    else:
+        log.info("fetch: stopped: the stage that reads the weights was up to date and no later one reads them "
+                 "(--no-keep-source); %s keeps config and tokenizer only", output)
 
 
 def remove_weights(model: ValidatedModel, source: Path) -> None:

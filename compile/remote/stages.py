@@ -47,7 +47,9 @@ def source_after(job, stream, model: ValidatedModel, out: Path, stage: str, *, l
 
     if last and streaming.dropped_unneeded(stream, job.work, job.keep_source):
         return None
-    if stream:
+    if stream and not job.keep_source and stream.result is None:  # the stage was up to date: it never settled
+        model = stream.drop_weights()
+    elif stream:
         model = stream.settle()
     if job.handover_out:  # `lmi-compile batch`: the next stage runs on another node (batch/handover.py)
         from lmi_compile.batch.handover import send

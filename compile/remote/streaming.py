@@ -301,6 +301,22 @@ class StreamingFetch:
                                      trust_remote_code=self.trust_remote_code)
         return self.result
 
+    def drop_weights(self):
+        """--no-keep-source, and the stage that reads the weights was up to date: no later stage reads them, so
+        the download stops (a rerun after a failed build does not bring the whole model again to delete it) and
+        the fetch is recorded as consumed, config and tokenizer kept (verified: they landed before the weights'
+        headers this stage read). The source model for the later stages."""
+        from lmi_compile.remote.fetch import finish_consumed
+
+        weights = list(self.arriving._weights or ())
+        self.close()  # the fetch thread has ended (stopped, finished or failed: its weights are not needed)
+        for rel in weights:
+            (self.staging / rel).unlink(missing_ok=True)
+        finish_consumed(self.staging, self.work.source, self.source, self.resolved or self.source.location, weights,
+                        converted=False)
+        self.result = self.streamed  # rooted at the source folder already
+        return self.result
+
     def close(self) -> None:
         """Stop the fetch if it still runs (a failure or interrupt elsewhere) and remove the view."""
         self.arriving.cancelled = True
