@@ -15,6 +15,7 @@ from pathlib import Path
 from lmi_compile.errors import BadInput
 from lmi_compile.model.config import read_json
 from lmi_compile.paths import resolve_inside
+from lmi_compile.pipeline.interrupts import import_held
 
 from lmi_compile.model.dtypes import ST_DTYPE_SIZE, ST_TO_TORCH
 
@@ -149,8 +150,7 @@ def load_pickle(path: Path):
     """Load a PyTorch .bin with weights_only (pickled code is refused, never run), mmapped when possible."""
     import pickle
 
-    import torch
-
+    torch = import_held("torch")
     try:
         mmap_ok = zipfile.is_zipfile(path)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_ok)
@@ -187,8 +187,7 @@ class Checkpoint:
             self._check_index(what)
 
     def _pickle_infos(self, path: Path) -> dict[str, TensorInfo]:
-        import torch
-
+        torch = import_held("torch")
         sd = load_pickle(path)
         if not isinstance(sd, dict):
             raise BadInput(f"{path}: expected a state dict of tensors, found {type(sd).__name__}")

@@ -2,6 +2,8 @@
 part boundary: workers check `check()` there, temporaries are removed by the writers' abort paths,
 finished stages and files stay for the rerun, and the process exits 130/143 with one line."""
 
+import contextlib
+import importlib
 import signal
 import threading
 
@@ -12,12 +14,40 @@ STOP = threading.Event()
 _received: list[int] = []
 
 
+_held = False  # in held(): a signal is recorded, and raised once the block ends
+
+
 def _handler(signum, frame):
     first = not STOP.is_set()
     STOP.set()
     _received.append(signum)
-    if first:
+    if first and not _held:
         raise Interrupted(signum)  # in the main thread: leaves whatever wait it is in
+
+
+@contextlib.contextmanager
+def held():
+    """SIGINT/SIGTERM that arrive in the block are raised (Interrupted) when it ends, not inside it: for imports
+    of native extensions, where an exception raised in their initialisation aborts the process (torch:
+    pybind11's 'terminate called after throwing', exit -6, temporaries left behind)."""
+    global _held
+    if threading.current_thread() is not threading.main_thread():  # handlers run in the main thread only
+        yield
+        return
+    outer, seen = _held, len(_received)
+    _held = True
+    try:
+        yield
+    finally:
+        _held = outer
+    if not outer and len(_received) > seen:
+        raise Interrupted(received())
+
+
+def import_held(name: str):
+    """import_module(name) with signals held (held())."""
+    with held():
+        return importlib.import_module(name)
 
 
 def install() -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from lmi_compile.errors import Interrupted
 from lmi_compile.pipeline import stages
-from lmi_compile.pipeline.interrupts import STOP, received
+from lmi_compile.pipeline.interrupts import STOP, import_held, received
 
 log = logging.getLogger("lmi_compile")
 
@@ -404,7 +404,7 @@ def first_model(job, stream: StreamingFetch | None):
         # The stage reading the stream (convert, split) needs torch, seconds to import (more with a CUDA build):
         # imported now, while the listing and the headers come, not after them and the first shards.
         with contextlib.suppress(ImportError):  # that stage reports a missing torch itself
-            import torch  # noqa: F401
+            import_held("torch")
         return stream.model()
     from lmi_compile.remote.stages import fetch_stage
 
