@@ -311,6 +311,8 @@ def main() -> None:
         "cap every connection at this many MB/s each way (scripts/throttle_proxy.py), as S3 does at about 85: "
         "what a client gets then follows its connection count"))
     a = ap.parse_args()
+    if a.work:
+        a.work.mkdir(parents=True, exist_ok=True)  # a scratch folder named on the command line may be new
     work = Path(tempfile.mkdtemp(prefix="lmi-bench-push-", dir=a.work))
     try:
         with loopback_s3(a.conn_mbps) as (server, endpoint):

@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--conn-mbps", type=float, default=None, help="cap every connection (scripts/throttle_proxy.py)")
     ap.add_argument("--work", type=Path, default=None)
     a = ap.parse_args()
+    if a.work:
+        a.work.mkdir(parents=True, exist_ok=True)  # a scratch folder named on the command line may be new
     work = Path(tempfile.mkdtemp(prefix="lmi-bench-rev-", dir=a.work))
     try:
         with loopback_s3(a.conn_mbps) as (server, endpoint):
