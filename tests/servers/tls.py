@@ -56,14 +56,17 @@ class TlsProxy:
         await asyncio.gather(_pipe(client_r, server_w), _pipe(server_r, client_w))
 
     def stop(self) -> None:
-        def close():
+        async def shutdown():
             self.server.close()
-            for task in asyncio.all_tasks(self.loop):
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
                 task.cancel()
-            self.loop.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)  # each connection's task ends before the loop
 
-        self.loop.call_soon_threadsafe(close)
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+        self.loop.close()
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
