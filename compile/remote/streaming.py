@@ -308,10 +308,8 @@ class StreamingFetch:
         headers this stage read). The source model for the later stages."""
         from lmi_compile.remote.fetch import finish_consumed
 
-        weights = list(self.arriving._weights or ())
         self.close()  # the fetch thread has ended (stopped, finished or failed: its weights are not needed)
-        for rel in weights:
-            (self.staging / rel).unlink(missing_ok=True)
+        weights = self.arriving.remove_rest()
         finish_consumed(self.staging, self.work.source, self.source, self.resolved or self.source.location, weights,
                         converted=False)
         self.result = self.streamed  # rooted at the source folder already
