@@ -311,12 +311,18 @@ def main() -> None:
         "cap every connection at this many MB/s each way (scripts/throttle_proxy.py), as S3 does at about 85: "
         "what a client gets then follows its connection count"))
     a = ap.parse_args()
+    on_loopback(a, "lmi-bench-push-", run_cases)
+
+
+def on_loopback(a, prefix: str, fn) -> None:
+    """fn(a, scratch folder, server, endpoint) on a loopback S3 (a.conn_mbps caps its connections), in a new scratch
+    folder under a.work (made if it is new) or TMPDIR; both gone afterwards."""
     if a.work:
-        a.work.mkdir(parents=True, exist_ok=True)  # a scratch folder named on the command line may be new
-    work = Path(tempfile.mkdtemp(prefix="lmi-bench-push-", dir=a.work))
+        a.work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=a.work))
     try:
         with loopback_s3(a.conn_mbps) as (server, endpoint):
-            run_cases(a, work, server, endpoint)
+            fn(a, work, server, endpoint)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

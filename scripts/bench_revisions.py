@@ -21,7 +21,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_common import SHAPES, make_model  # noqa: E402
-from bench_push import loopback_s3, make_tree, timed  # noqa: E402
+from bench_push import make_tree, on_loopback, timed  # noqa: E402
 from servers.seaweedfs import BUCKET  # noqa: E402
 
 
@@ -66,15 +65,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--conn-mbps", type=float, default=None, help="cap every connection (scripts/throttle_proxy.py)")
     ap.add_argument("--work", type=Path, default=None)
-    a = ap.parse_args()
-    if a.work:
-        a.work.mkdir(parents=True, exist_ok=True)  # a scratch folder named on the command line may be new
-    work = Path(tempfile.mkdtemp(prefix="lmi-bench-rev-", dir=a.work))
-    try:
-        with loopback_s3(a.conn_mbps) as (server, endpoint):
-            compare(a, work, server, endpoint)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    on_loopback(ap.parse_args(), "lmi-bench-rev-", compare)
 
 
 def compare(a, work: Path, server, endpoint: str) -> None:
