@@ -89,6 +89,31 @@ def test_remote_fetch_refuses_foreign_output(hub_env, model_factory, tmp_path):
     assert not (out / "notes.txt").exists() and (out / "config.json").is_file()
 
 
+def test_a_refetch_keeps_files_the_user_put_in_the_earlier_output(hub_env, model_factory, tmp_path):
+    """An earlier fetch's output is replaced by a fetch of another model, but not over a file the user added or
+    edited there since: that is refused naming the file, until --overwrite."""
+    hub_env.add("org/tiny", model_factory())
+    hub_env.add("org/other", model_factory(family="qwen2"))
+    assert run_cli("fetch", "org/tiny", "--output", "out").returncode == 0
+    out = Path("out").resolve()
+    (out / "eval").mkdir()
+    (out / "eval" / "results.json").write_text("{}")
+    proc = run_cli("fetch", "org/other", "--output", "out")
+    assert proc.returncode == 2 and "eval/results.json" in error_line(proc) and "--overwrite" in error_line(proc)
+    assert (out / "eval" / "results.json").read_text() == "{}"
+    (out / "eval" / "results.json").unlink()
+    (out / "eval").rmdir()
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "rope_theta": 1.0}))  # edited in place
+    proc = run_cli("fetch", "org/other", "--output", "out")
+    assert proc.returncode == 2 and "config.json" in error_line(proc)
+    assert json.loads((out / "config.json").read_text())["rope_theta"] == 1.0
+    proc = run_cli("fetch", "org/other", "--output", "out", "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2"
+    assert run_cli("fetch", "org/tiny", "--output", "out").returncode == 0  # its own output: replaced, unasked
+
+
 def test_custom_code_needs_trust(hub_env, model_copy, tmp_path):
     model = model_copy()
     (model / "modeling_custom.py").write_text("raise SystemExit('custom code ran')\n")

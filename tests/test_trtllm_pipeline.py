@@ -188,6 +188,11 @@ def test_output_safety(model_factory, tmp_path):
     assert not (out / "precious.txt").exists() and (out / "tensorrt_llm" / "config.pbtxt").is_file()
     # a rerun of the same job may replace its own output without --overwrite
     assert compile_trtllm(model, tmp_path, "--tp", "2").returncode == 0
+    # but not over a file the user put there since; refused before the convert
+    (out / "notes.md").write_text("user data")
+    proc = compile_trtllm(model, tmp_path)
+    assert proc.returncode == 2 and "notes.md" in error_line(proc) and "--overwrite" in error_line(proc)
+    assert (out / "notes.md").read_text() == "user data" and "convert:" not in proc.stderr
 
 
 def test_until_stops_early(model_factory, tmp_path):

@@ -111,20 +111,48 @@ def claim_output(final: Path, stage: str, *, overwrite: bool) -> None:
     if not any(final.iterdir()):
         return
     rec = read_record(final)
-    if rec and rec.get("stage") == stage:
-        return  # an earlier run of ours: replacing it is what a rerun means
-    if not overwrite:
+    if overwrite:
+        return
+    if not rec or rec.get("stage") != stage:
         raise BadInput(f"{final}: folder is not empty and is not an lmi-compile {stage} output; "
                        f"choose an empty path or pass --overwrite to replace it")
+    # An earlier run of ours: replacing it is what a rerun means, unless the user has since put or edited a file in it.
+    theirs = not_written_here(final, rec)
+    if theirs:
+        raise BadInput(f"{final / theirs}: added or changed since lmi-compile wrote {final} (a rerun replaces that "
+                       f"folder); move the file out of it, or pass --overwrite to replace the folder")
+
+
+def _file_facts(folder: Path) -> dict[str, list[int]]:
+    """{relative path: [size, mtime_ns]} of the files under folder, the stage record aside."""
+    facts = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != STAGE_RECORD:
+            st = p.stat()
+            facts[p.relative_to(folder).as_posix()] = [st.st_size, st.st_mtime_ns]
+    return facts
+
+
+def not_written_here(folder: Path, rec: dict) -> str | None:
+    """The first file under `folder` that its stage record does not list as written (or that changed since), or
+    None. A record without the list (lmi-compile 0.1.0 before it kept one) cannot tell: its record file answers."""
+    files = rec.get("files")
+    if not isinstance(files, dict):
+        return STAGE_RECORD
+    for rel, fact in _file_facts(folder).items():
+        if files.get(rel) != fact:
+            return rel
+    return None
 
 
 def finish(staging: Path, final: Path, stage: str, fp: str, **info) -> Path:
     """Record the stage in `staging`, then move it to `final` (replacing an earlier output)."""
     staging, final = Path(staging), Path(final)
     (staging / PARTIAL_RECORD).unlink(missing_ok=True)
+    # `files`: what this stage wrote, so a rerun that would replace the folder can tell a file the user added
     write_json_atomic(staging / STAGE_RECORD, {"stage": stage, "fingerprint": fp, "tool_version": __version__,
                                                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                                **info})
+                                                **info, "files": _file_facts(staging)})
     fsync_dir(staging)  # the record's name is on disk before the folder can appear under its final name
     testhooks.pause("stage-rename")
     if final.exists():
