@@ -26,8 +26,13 @@ app = typer.Typer(
 Model = Annotated[str, typer.Argument(help="Hub repo id (org/name), s3://bucket/prefix/ or a local folder.",
                                       show_default=False)]
 Revision = Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit (Hub models only).")]
+def _token(value: str | None) -> str | None:
+    """`--token "$HF_TOKEN"` with the variable unset is no token (huggingface_hub would send an empty header)."""
+    return value.strip() or None if value is not None else None
+
+
 Token = Annotated[Optional[str], typer.Option(help="Hub token; defaults to HF_TOKEN or the huggingface-cli login.",
-                                              show_default=False)]
+                                              show_default=False, callback=_token)]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code",
                                                help="Allow models that ship custom *.py code.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output that is not ours.")]

@@ -64,6 +64,10 @@ def test_hub_fetch_revision_and_token(hub_env, model_factory, tmp_path):
     proc = run_cli("fetch", "org/private", "--token", "hf_secret_token_123", "--output", out2)
     assert proc.returncode == 0, proc.stderr
     assert (out2 / "model.safetensors").is_file()
+    # `--token "$HF_TOKEN"` where that variable is unset in the shell: no token given, so HF_TOKEN's applies
+    proc = run_cli("fetch", "org/private", "--token", "", "--output", tmp_path / "out3",
+                   env={"HF_TOKEN": "hf_secret_token_123"})
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_s3_fetch_round_trip(s3_client, s3_prefix, model_factory, tmp_path):
