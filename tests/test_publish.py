@@ -148,14 +148,15 @@ def _b64sha(data: bytes) -> str:
 
 
 def test_resume_does_not_trust_size_alone(s3_env, s3_client, s3_prefix, tmp_path):
+    from lmi_compile.remote.publish import content_id, local_files
+
     tree = make_tree(tmp_path / "art", big=1, big_mib=6)
-    # content_id() takes the stage record's fingerprint: the marker below is this literal, not computed by push
-    (tree / ".lmi-compile-stage.json").write_text(json.dumps({"stage": "layout", "fingerprint": "cid-issue-18"}))
     push(tree, s3_prefix, part_size=5 * MIB)
     u = parse_s3_uri(s3_prefix)
     # a run that never finished (marker, no manifest) left same-size objects holding other bytes:
     s3_client.delete_object(Bucket=u.bucket, Key=u.key(MANIFEST_KEY))
-    s3_client.put_object(Bucket=u.bucket, Key=u.key(MARKER_KEY), Body=json.dumps({"content_id": "cid-issue-18"}).encode())
+    cid = content_id(tree, local_files(tree))
+    s3_client.put_object(Bucket=u.bucket, Key=u.key(MARKER_KEY), Body=json.dumps({"content_id": cid}).encode())
     rnd = __import__("random").Random(18)
     big, small, bare = "tensorrt_llm/1/rank0.engine", "tensorrt_llm/file0.json", "serving.properties"
     # - multipart, with valid SHA256 checksums of ITS bytes (composite, as push's own uploads are)
@@ -292,6 +293,47 @@ def test_bad_credentials_publish_nothing(s3_env, s3_client, s3_prefix, tmp_path)
     assert s3_client.list_objects_v2(Bucket=u.bucket, Prefix=u.prefix).get("KeyCount", 0) == 0
 
 
+def test_a_repush_repairs_objects_changed_on_the_server(s3_env, s3_client, s3_prefix, tmp_path):
+    """An object overwritten on the server after the push (same size, no checksum) is what check reports and what
+    a plain re-push uploads again; without the damage, a re-push changes nothing."""
+    tree = make_tree(tmp_path / "art", big=1, big_mib=1)
+    assert run_cli("push", tree, s3_prefix).returncode == 0
+    u, rel = parse_s3_uri(s3_prefix), "tensorrt_llm/1/rank0.engine"
+    s3_client.put_object(Bucket=u.bucket, Key=u.key(rel), Body=b"X" * (tree / rel).stat().st_size)
+    proc = run_cli("check", s3_prefix)
+    assert proc.returncode == 1 and rel in proc.stdout and "upload: INCOMPLETE" in proc.stdout
+    proc = run_cli("push", tree, s3_prefix)
+    assert proc.returncode == 0, proc.stderr
+    assert "are not what its manifest says" in proc.stderr and rel in proc.stderr
+    assert {k: v for k, v in remote_tree(s3_client, s3_prefix).items() if k != MANIFEST_KEY} == local_tree(tree)
+    assert "upload: complete" in run_cli("check", s3_prefix).stdout
+    proc = run_cli("push", tree, s3_prefix)
+    assert proc.returncode == 0 and "nothing changed" in proc.stderr
+
+
+def test_a_repush_of_an_edited_folder_needs_overwrite(s3_env, s3_client, s3_prefix, tmp_path):
+    """The same bytes (a copy, a touched file) are the same upload; an edit of the same size is another one:
+    refused naming the file, then uploaded with --overwrite. --delete-local applies to a push with nothing to do."""
+    import shutil
+
+    tree = make_tree(tmp_path / "art", big=1, big_mib=1)
+    assert run_cli("push", tree, s3_prefix).returncode == 0
+    copy = shutil.copytree(tree, tmp_path / "copy")
+    (copy / "serving.properties").touch()
+    proc = run_cli("push", copy, s3_prefix)
+    assert proc.returncode == 0 and "nothing changed" in proc.stderr, proc.stderr
+    props = (copy / "serving.properties").read_text()
+    (copy / "serving.properties").write_text(props.replace("trtllm", "TRTLLM"))  # same size
+    proc = run_cli("push", copy, s3_prefix)
+    assert proc.returncode == 2 and "serving.properties" in error_line(proc) and "--overwrite" in error_line(proc)
+    assert {k: v for k, v in remote_tree(s3_client, s3_prefix).items() if k != MANIFEST_KEY} == local_tree(tree)
+    proc = run_cli("push", copy, s3_prefix, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert {k: v for k, v in remote_tree(s3_client, s3_prefix).items() if k != MANIFEST_KEY} == local_tree(copy)
+    proc = run_cli("push", copy, s3_prefix, "--delete-local")
+    assert proc.returncode == 0 and "nothing changed" in proc.stderr and not copy.exists()
+
+
 def test_trtllm_upload_end_to_end(s3_env, s3_client, s3_prefix, model_factory, tmp_path):
     standin = Path(__file__).parent / "standins" / "trtllm-build"
     proc = run_cli("trtllm", model_factory(), "--tp", "2", "--work-dir", tmp_path / "w", "--output", tmp_path / "out",
@@ -309,3 +351,20 @@ def test_upload_preflight_fails_before_heavy_work(s3_env, model_factory, tmp_pat
                    "--trtllm-build", standin, "--upload", "s3://no-such-bucket-x/m/")
     assert proc.returncode == 2 and "bucket does not exist" in error_line(proc)
     assert not (tmp_path / "w" / "checkpoint").exists()
+
+
+def test_an_occupied_upload_prefix_is_refused_before_the_convert(s3_env, s3_client, s3_prefix, model_factory,
+                                                                 tmp_path):
+    """--upload to a prefix holding another upload fails in the pre-flight, not after the build; a rerun of the
+    job that published there passes it (and its push has nothing to do)."""
+    standin = Path(__file__).parent / "standins" / "trtllm-build"
+    assert run_cli("push", make_tree(tmp_path / "other"), s3_prefix).returncode == 0
+    args = ["trtllm", model_factory(), "--work-dir", "w", "--output", "out", "--trtllm-build", standin]
+    proc = run_cli(*args, "--upload", s3_prefix)
+    assert proc.returncode == 2 and "another upload" in error_line(proc) and "--overwrite" in error_line(proc)
+    assert not Path("w", "checkpoint").exists() and not Path("out").exists()
+    free = s3_prefix.rstrip("/") + "-free/"
+    assert run_cli(*args, "--upload", free).returncode == 0
+    proc = run_cli(*args, "--upload", free)
+    assert proc.returncode == 0 and "nothing changed" in proc.stderr, proc.stderr
+

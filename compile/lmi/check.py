@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 from lmi_compile.errors import STANDIN_MARK, BadInput
 from lmi_compile.lmi.properties import parse as parse_properties
 from lmi_compile.lmi.targets import resolve as resolve_target
-from lmi_compile.remote.manifest import LAYOUT_MANIFEST, MANIFEST_KEY, MARKER_KEY
+from lmi_compile.remote.manifest import LAYOUT_MANIFEST, MANIFEST_KEY, MARKER_KEY, unmatched_objects
 
 LAYOUT_NAMES = {
     "trtllm-triton": "TensorRT-LLM triton repository (LMI up to 0.32)",
@@ -239,11 +239,13 @@ def check(text: str, *, container_trtllm: str | None = None, container_neuronx_c
             report.upload_complete = False
             report.problems.append("incomplete upload: an lmi-compile push started here and never wrote its manifest")
         elif manifest is not None:
-            bad = [k for k, v in manifest.get("objects", {}).items() if loc.files.get(k) != v.get("size")]
+            objects = manifest.get("objects")
+            objects = {k: v for k, v in objects.items() if isinstance(v, dict)} if isinstance(objects, dict) else {}
+            bad = unmatched_objects(loc.client, loc.uri, objects)  # HEADs: sizes and S3's stored checksums
             report.upload_complete = not bad
             if bad:
-                report.problems.append(f"upload manifest lists {len(bad)} object(s) missing or of another size "
-                                       f"(e.g. {bad[0]})")
+                report.problems.append(f"upload manifest lists {len(bad)} object(s) missing, or changed since the "
+                                       f"push (e.g. {bad[0]}); push the folder again")
     props_rel = "serving.properties"
     if props_rel in loc.files:
         report.properties.update(parse_properties(loc.read(props_rel).decode("utf-8", "replace"), props_rel))

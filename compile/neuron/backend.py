@@ -233,7 +233,7 @@ def run(job: NeuronJob, until: str = "layout") -> Path:
     check_settings(job, target)
     check_until(until, STAGES, job.output)
     preflight_output(job.output if until == "layout" else None, overwrite=job.overwrite)
-    preflight_upload(job.upload)
+    preflight_upload(job.upload, job.output, overwrite=job.overwrite)
     if STAGES.index(until) >= STAGES.index("compile"):
         preflight_sdk(job, target)
     if until != "fetch":

@@ -12,6 +12,7 @@ otherwise, so manifests of either age verify, and older lmi-compile versions sti
 
 import base64
 import hashlib
+import os
 import zlib
 from pathlib import Path
 
@@ -96,3 +97,47 @@ def read_manifest(client, uri) -> dict | None:
     except Exception:
         return None
     return data if isinstance(data, dict) else None
+
+
+def unmatched_objects(client, uri, objects: dict) -> list[str]:
+    """The objects of a manifest (`{rel: entry}`) that S3 no longer holds as it was published: missing, of another
+    size, or whose stored SHA256 (HEAD with checksums) is not the manifest's; a plain PUT over a published object
+    stores none. HEADs only, in parallel: no object is read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from botocore.exceptions import ClientError
+
+    from lmi_compile.remote.s3 import translate
+
+    def differs(item) -> bool:
+        rel, entry = item
+        try:
+            head = client.head_object(Bucket=uri.bucket, Key=uri.key(rel), ChecksumMode="ENABLED")
+        except ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return True
+            raise translate(e, f"{uri}{rel}") from None
+        return head.get("ContentLength") != entry.get("size") or head.get("ChecksumSHA256") != entry.get(
+            "checksum_sha256")
+
+    items = sorted(objects.items())
+    with ThreadPoolExecutor(max(1, min(32, len(items)))) as pool:
+        return [rel for (rel, _), bad in zip(items, pool.map(differs, items)) if bad]
+
+
+def first_local_difference(files, objects: dict) -> str | None:
+    """The first of `files` (publish.LocalFile) whose bytes are not those a manifest's entries record (by the
+    cheapest checksum an entry carries), or None: a re-push of a copied or touched folder is the same upload."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def differs(f) -> bool:
+        entry = objects.get(f.rel) or {}
+        want = verifying_checksum(entry)
+        if want is None or entry.get("size") != f.size or not isinstance(entry.get("part_size"), int):
+            return True
+        algorithm, expected = want
+        return file_checksums(f.path, f.size, entry["part_size"], (algorithm,))[algorithm] != expected
+
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1, len(files)))) as pool:  # hashing releases the GIL
+        return next((f.rel for f, bad in zip(files, pool.map(differs, files)) if bad), None)
+

@@ -26,7 +26,7 @@ from lmi_compile.pipeline.interrupts import check
 from lmi_compile.paths import resolve_inside
 from lmi_compile.pipeline.progress import bytes_bar
 from lmi_compile.remote.manifest import (LAYOUT_MANIFEST, MANIFEST_KEY, MARKER_KEY, MIB, b64, composite,
-                                         file_checksums)
+                                         file_checksums, first_local_difference, unmatched_objects)
 from lmi_compile.remote.s3 import (RANGE_ATTEMPTS, Getters, S3Uri, connections, failed, list_objects, make_client,
                                    parse_s3_uri, translate)
 
@@ -196,25 +196,42 @@ class Publisher:
         return aborted
 
 
-def preflight(uri_text: str) -> S3Uri:
-    """Before hours of compile: the URI parses, credentials work and the bucket exists."""
+def preflight(uri_text: str, output: Path | None = None, *, overwrite: bool = False) -> S3Uri:
+    """Before hours of compile: the URI parses, credentials work, the bucket exists, and the prefix is empty, or
+    replaced with --overwrite, or holds the upload (finished or interrupted) of `output` as it is now: a rerun of
+    the job that published it. Otherwise the push at the end would refuse it after the compile."""
     uri = parse_s3_uri(uri_text)
     if not uri.prefix:
         raise BadInput(f"{uri}: give a prefix (s3://bucket/models/NAME/), not a whole bucket")
     client = make_client()
-    try:
-        client.list_objects_v2(Bucket=uri.bucket, Prefix=uri.prefix, MaxKeys=1)
-    except Exception as e:
-        raise translate(e, str(uri)) from None
-    return uri
+    existing = list_objects(client, uri)
+    foreign = sorted(k for k in existing if k not in (MANIFEST_KEY, MARKER_KEY))
+    if not foreign or overwrite:
+        return uri
+    ids = set()
+    for key in (MANIFEST_KEY, MARKER_KEY):
+        if key in existing:
+            try:
+                ids.add(json.loads(client.get_object(Bucket=uri.bucket, Key=uri.key(key))["Body"].read())["content_id"])
+            except Exception:  # unreadable: not this output's upload
+                pass
+    if output is not None and Path(output).is_dir() and any(Path(output).iterdir()):
+        if content_id(output, local_files(output)) in ids:
+            return uri
+    raise _occupied(uri, foreign)
+
+
+def _occupied(uri: S3Uri, foreign: list[str]) -> BadInput:
+    return BadInput(f"{uri}: prefix already holds {len(foreign)} object(s) of another upload (e.g. {foreign[0]}); "
+                    f"choose an empty prefix or pass --overwrite to replace them")
 
 
 def content_id(root: Path, files: list[LocalFile]) -> str:
-    """Identity of what is being published: our stage record when present, else names, sizes, mtimes."""
-    rec = stages.read_record(root)
-    if rec and rec.get("fingerprint"):
-        return rec["fingerprint"]
-    return stages.fingerprint(files=[(f.rel, f.size, f.path.stat().st_mtime_ns) for f in files])
+    """Identity of what is being published: names, sizes and mtimes of its files (an edit changes it, whatever
+    the folder's stage record says), with that record's fingerprint when there is one."""
+    rec = stages.read_record(root) or {}
+    return stages.fingerprint(stage=rec.get("fingerprint"),
+                              files=[(f.rel, f.size, f.path.stat().st_mtime_ns) for f in files])
 
 
 @dataclass(frozen=True)
@@ -256,15 +273,33 @@ def _publish(pub: Publisher, root: Path, files: list[LocalFile], cid: str, *, ov
     manifest = pub.get_json(MANIFEST_KEY) if MANIFEST_KEY in existing else None
     marker = pub.get_json(MARKER_KEY) if MARKER_KEY in existing else None
     ours = {f.rel for f in files}
-    if manifest and manifest.get("content_id") == cid and all(
-            existing.get(f.rel) == f.size for f in files):
-        log.info("push: %s already holds this exact upload (manifest matches); nothing to do", uri)
-        return Pushed(objects=len(files), uploaded=0, manifest=manifest)
     foreign = {k for k in existing if k not in (MANIFEST_KEY, MARKER_KEY)}
     resuming = bool(marker) and marker.get("content_id") == cid
+    published = (manifest or {}).get("objects")
+    if isinstance(published, dict) and set(published) == ours == foreign and all(
+            existing[f.rel] == f.size for f in files):
+        # The prefix holds a finished upload of these names and sizes: the same bytes (this folder unchanged
+        # since, or a copy of it, told by hashing it) are a no-op once S3 is seen to still hold what the manifest
+        # says; other bytes are another upload.
+        same = manifest.get("content_id") == cid
+        if not same and not overwrite:
+            differs = first_local_difference(files, published)
+            if differs is not None:
+                raise BadInput(f"{uri}: holds an earlier upload of these files, and {differs} differs from it; "
+                               f"pass --overwrite to replace the changed objects, or push to another prefix")
+            same = True
+        if same:
+            damaged = unmatched_objects(client, uri, published)
+            if not damaged:
+                log.info("push: %s already holds these %d objects, verified against its manifest; nothing changed",
+                         uri, len(files))
+                _delete_local(root, delete_local)
+                return Pushed(objects=len(files), uploaded=0, manifest=manifest)
+            log.warning("push: %d object(s) at %s are not what its manifest says (e.g. %s: changed or removed "
+                        "since); uploading them again", len(damaged), uri, damaged[0])
+            resuming = True  # the upload is this one: repaired in place
     if foreign and not resuming and not overwrite:
-        raise BadInput(f"{uri}: prefix already holds {len(foreign)} object(s) of another upload (e.g. "
-                       f"{sorted(foreign)[0]}); choose an empty prefix or pass --overwrite to replace them")
+        raise _occupied(uri, sorted(foreign))
     if manifest:
         pub._call("delete_object", Key=uri.key(MANIFEST_KEY))  # the prefix reads incomplete while it changes
     if resuming or overwrite:
@@ -344,10 +379,14 @@ def _publish(pub: Publisher, root: Path, files: list[LocalFile], cid: str, *, ov
         pub.parts.shutdown(wait=False)  # (the workers are ended by push())
     log.info("push: %d object(s), %.1f MiB at %s, verified; manifest written last", len(files),
              sum(f.size for f in files) / MIB, uri)
+    _delete_local(root, delete_local)
+    return Pushed(objects=len(files), uploaded=len(todo), manifest=manifest)
+
+
+def _delete_local(root: Path, delete_local: bool) -> None:
     if delete_local:
         shutil.rmtree(root)
         log.info("push: deleted local %s after verification (--delete-local)", root)
-    return Pushed(objects=len(files), uploaded=len(todo), manifest=manifest)
 
 
 def verify(pub: Publisher, files: list[LocalFile], entries: dict) -> None:

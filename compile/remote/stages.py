@@ -17,12 +17,13 @@ def fetch_stage(model: str, work: WorkDir, *, revision, token, trust_remote_code
                  trust_remote_code=trust_remote_code)
 
 
-def preflight_upload(upload: str | None) -> None:
-    """Before any heavy work: the upload URI parses, credentials work, the bucket exists."""
+def preflight_upload(upload: str | None, out: Path | None, *, overwrite: bool) -> None:
+    """Before any heavy work: the upload URI parses, credentials work, the bucket exists, the prefix is free
+    (or this output's own upload, or --overwrite)."""
     if upload:
         from lmi_compile.remote.publish import preflight
 
-        preflight(upload)
+        preflight(upload, out, overwrite=overwrite)
 
 
 def push_stage(out: Path, upload: str | None, *, overwrite: bool) -> None:

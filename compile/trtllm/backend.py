@@ -279,7 +279,7 @@ def run(job: TrtllmJob, until: str = "layout") -> Path:
         log.warning("target: %s", note)
     # Pre-flight before any heavy work: output, upload and toolchain are checked now, not after the download.
     preflight_output(job.output if until == "layout" else None, overwrite=job.overwrite)
-    preflight_upload(job.upload)
+    preflight_upload(job.upload, job.output, overwrite=job.overwrite)
     tool = find_trtllm_build(job.trtllm_build) if wants_build else None
     if tool:
         check_interface(tool, job.target)
