@@ -105,6 +105,7 @@ def test_optimum_layout(model_factory, tmp_path):
     manifest = json.loads((out / "lmi-compile.json").read_text())
     assert manifest["stand_in"] is True and manifest["settings"]["n_positions"] == 256
     assert "STAND-IN" in proc.stderr
+    assert all(not (out / f).samefile(model / f) for f in TOKENIZER)  # copies, not links into the user's model
 
 
 def test_split_layout_refuses_s3_graph_path(model_factory, tmp_path):

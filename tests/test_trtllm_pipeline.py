@@ -84,6 +84,9 @@ def test_engine_dir_layout_tree(model_factory, tmp_path):
     p = props(out / "serving.properties")
     assert p["option.dtype"] == "bf16" and "option.model_id" not in p
     assert "option.model_id" in (out / "serving.properties").read_text()  # as a comment telling what to set
+    # the model's own files are copies: an edit of the artifact must not reach the user's model folder
+    assert (out / "tokenizer.json").read_bytes() == (model / "tokenizer.json").read_bytes()
+    assert all(not (out / f).samefile(model / f) for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
 def test_rerun_skips_and_option_change_invalidates_only_later_stages(model_factory, tmp_path):

@@ -22,7 +22,7 @@ from lmi_compile.errors import LmiCompileError
 from lmi_compile.lmi.properties import render
 from lmi_compile.model.files import carried_files
 from lmi_compile.neuron.calls import AMP_TO_LMI, serving_options
-from lmi_compile.pipeline.workdir import place
+from lmi_compile.pipeline.workdir import carry, place
 from lmi_compile.remote.manifest import LAYOUT_MANIFEST
 
 FORMATS = ("optimum", "split")
@@ -84,7 +84,7 @@ def write_layout(job, target, calls, out: Path, split: Path, compiled: Path, mod
     # LMI's own partition writes the compiler version beside the graphs (model_loader.py, compile_and_save).
     (out / "compiled" / "VERSION").write_text(f"{versions.get('neuronx_cc')}\n")
     for f in files:
-        place(f, out / f.name)
+        carry(f, out / f.name)
     (out / "serving.properties").write_text(serving_properties(job, target, calls, graph_path))
     (out / LAYOUT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if any(p.suffix == ".safetensors" for p in out.iterdir()):  # LMI would then ignore the compiled graphs

@@ -121,8 +121,15 @@ def preflight_output(out: Path | None, *, overwrite: bool) -> None:
         raise BadInput(f"{out}: {parent} is not writable; choose another --output")
 
 
+def carry(src: Path, dst: Path) -> None:
+    """A model's own small file (config, tokenizer) into an artifact: copied, never hard-linked, since the model
+    may be the user's own folder, and through a shared inode an edit of the artifact would change it."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dst)
+
+
 def place(src: Path, dst: Path) -> None:
-    """Hard-link when possible (engines are GBs), else copy."""
+    """A file of our work dir into an artifact: hard-linked when possible (engines are GBs), else copied."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)

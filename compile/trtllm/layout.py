@@ -12,7 +12,7 @@ from pathlib import Path
 from lmi_compile.configs import load_json
 from lmi_compile.errors import LmiCompileError
 from lmi_compile.model.files import carried_files
-from lmi_compile.pipeline.workdir import place
+from lmi_compile.pipeline.workdir import carry, place
 from lmi_compile.remote.manifest import LAYOUT_MANIFEST
 from lmi_compile.lmi.properties import TO_LMI_DTYPE, render
 
@@ -103,14 +103,14 @@ def write_layout(layout: str, out: Path, engines: Path, model_root: Path, props:
         if (engines / "model.cache").is_file():
             place(engines / "model.cache", repo / "1" / "model.cache")
         for f in carried_files(model_root):
-            place(f, repo / f.name)
+            carry(f, repo / f.name)
         (repo / "config.pbtxt").write_text(pbtxt)
     elif layout == "engine-dir":
         for f in engine_files:
             place(f, out / f.name)
         for f in carried_files(model_root):
             if f.name != "config.json":  # the top-level config.json is the engine config (has build_config)
-                place(f, out / f.name)
+                carry(f, out / f.name)
     else:
         raise LmiCompileError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}", exit_code=2)
     (out / "serving.properties").write_text(props)
