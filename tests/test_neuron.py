@@ -154,6 +154,12 @@ def test_rerun_skips_and_changed_settings_recompile(model_factory, tmp_path):
     graphs_256 = sorted(p.name for p in compiled.glob("*.neff"))
     assert graphs_256 and not set(graphs_256) & set(graphs_128)
     assert sorted(p.name for p in (tmp_path / "out" / "compiled").glob("*.neff")) == graphs_256
+    # another release: the split stays, the graphs are made again for it (never kept from the other release)
+    again = compile_neuron(model, tmp_path, "--n-positions", "256", "--lmi-version", "0.33")
+    assert again.returncode == 0, again.stderr
+    assert "compiled is up to date" not in again.stderr
+    assert json.loads((tmp_path / "out" / "lmi-compile.json").read_text())["lmi_version"] == "0.33"
+    assert "compiled for LMI" not in run_cli("check", tmp_path / "out", "--lmi-version", "0.33").stdout
 
 
 @pytest.mark.parametrize("args,needle", [

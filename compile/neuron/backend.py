@@ -177,7 +177,10 @@ def compile_stage(job: NeuronJob, calls: LoaderCalls, target, split: Path, split
     settings = {"batch_size": job.batch_size, "tp_degree": job.tp, "n_positions": job.n_positions, "amp": job.amp,
                 "context_length_estimate": job.context_length_estimate,
                 "neuron_cc_flags": os.environ.get("NEURON_CC_FLAGS", "")}
-    fp = stages.fingerprint(split=split_fp, settings=settings, calls=calls.to_json(), entry=job.compile_entry)
+    # The release too: its loader rebuilds the model with its own toolchain and arguments (neuron/check.py refuses
+    # graphs recorded for another release), so graphs of one release are never kept for another.
+    fp = stages.fingerprint(split=split_fp, settings=settings, calls=calls.to_json(), entry=job.compile_entry,
+                            target=target.release)
 
     def work(staging: Path) -> dict:
         job.work.logs.mkdir(parents=True, exist_ok=True)
