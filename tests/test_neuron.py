@@ -159,6 +159,7 @@ def test_rerun_skips_and_changed_settings_recompile(model_factory, tmp_path):
     assert again.returncode == 0, again.stderr
     assert "compiled is up to date" not in again.stderr
     assert json.loads((tmp_path / "out" / "lmi-compile.json").read_text())["lmi_version"] == "0.33"
+    assert "target: LMI 0.33 (" in again.stderr and "transformers-neuronx 0.13.380" in again.stderr
     assert "compiled for LMI" not in run_cli("check", tmp_path / "out", "--lmi-version", "0.33").stdout
 
 

@@ -234,6 +234,8 @@ def run(job: NeuronJob, until: str = "layout") -> Path:
     target = targets.resolve("neuron", job.lmi_version)
     job.amp = job.amp or LMI_TO_AMP[target["dtype_default"]]
     check_settings(job, target)
+    log.info("target: %s, transformers-neuronx %s, neuronx-cc %s, %s format, amp %s", target.describe(),
+             target["transformers_neuronx"], target["neuronx_cc"], job.format, job.amp)
     check_until(until, STAGES, job.output)
     preflight_output(job.output if until == "layout" else None, overwrite=job.overwrite)
     preflight_upload(job.upload, job.output, overwrite=job.overwrite)
