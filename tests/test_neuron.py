@@ -136,6 +136,13 @@ def test_hub_model_records_checkpoint_id_and_revision(hub_env, model_factory, tm
     assert neuron["checkpoint_id"] == "org/tiny-neuron" and len(neuron["checkpoint_revision"]) == 40
 
 
+def test_an_output_overlapping_the_work_dir_is_refused_before_the_split(model_factory, tmp_path):
+    proc = run_cli("neuron", model_factory(), "--work-dir", "out/work", "--output", "out", "--compile-entry", STANDIN,
+                   "--overwrite")
+    assert proc.returncode == 2 and "overlaps the work dir" in error_line(proc)
+    assert not Path("out").exists()
+
+
 def test_rerun_skips_and_changed_settings_recompile(model_factory, tmp_path):
     model = model_factory()
     assert compile_neuron(model, tmp_path, "--n-positions", "128").returncode == 0

@@ -198,6 +198,24 @@ def test_output_safety(model_factory, tmp_path):
     assert (out / "notes.md").read_text() == "user data" and "convert:" not in proc.stderr
 
 
+@pytest.mark.parametrize("output,work_dir", [
+    ("model", "work"),  # the model folder itself (the refusal named --overwrite, which then emptied it)
+    (".", "work"),  # a folder holding the model
+    ("out", "out/work"),  # a work dir inside the output: the layout would replace it
+    ("work/out", "work"),
+    ("w", "w"),
+])
+def test_an_output_overlapping_the_model_or_the_work_dir_is_refused(model_copy, output, work_dir):
+    """Refused before the convert, even with --overwrite, naming what it overlaps; nothing of the model changes."""
+    model = model_copy()
+    before = {p.name: p.stat().st_mtime_ns for p in model.iterdir()}
+    proc = run_cli("trtllm", "model", "--output", output, "--work-dir", work_dir, "--trtllm-build", STANDIN,
+                   "--overwrite", cwd=model.parent)
+    assert proc.returncode == 2 and "overlaps" in error_line(proc) and "--output" in error_line(proc), proc.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in model.iterdir()} == before
+    assert not (model.parent / work_dir / "checkpoint").exists()
+
+
 def test_until_stops_early(model_factory, tmp_path):
     proc = compile_trtllm(model_factory(), tmp_path, "--until", "build")
     assert proc.returncode == 0, proc.stderr

@@ -237,7 +237,8 @@ def run(job: NeuronJob, until: str = "layout") -> Path:
     log.info("target: %s, transformers-neuronx %s, neuronx-cc %s, %s format, amp %s", target.describe(),
              target["transformers_neuronx"], target["neuronx_cc"], job.format, job.amp)
     check_until(until, STAGES, job.output)
-    preflight_output(job.output if until == "layout" else None, overwrite=job.overwrite)
+    preflight_output(job.output if until == "layout" else None, overwrite=job.overwrite, work=job.work.root,
+                     model=job.model)
     preflight_upload(job.upload, job.output, overwrite=job.overwrite)
     if STAGES.index(until) >= STAGES.index("compile"):
         preflight_sdk(job, target)

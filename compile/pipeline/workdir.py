@@ -107,12 +107,24 @@ def check_until(until: str, stages: tuple[str, ...], output) -> None:
         raise BadInput(f"--output is required to lay out the artifacts (or stop earlier with --until {stages[-2]})")
 
 
-def preflight_output(out: Path | None, *, overwrite: bool) -> None:
-    """Before any heavy stage: the output can be written, so a bad --output costs seconds, not a compile."""
+def preflight_output(out: Path | None, *, overwrite: bool, work: Path | None = None, model: str | None = None) -> None:
+    """Before any heavy stage: the output can be written, so a bad --output costs seconds, not a compile; and it
+    is apart from the work dir and a local model, since the layout replaces the output folder whole (with
+    --overwrite too: that replaces what the output holds, never the model or the finished stages)."""
     from lmi_compile.pipeline import stages
 
     if out is None:
         return
+    o = Path(out).resolve()
+    local = Path(model).expanduser() if model else None
+    for other, what in ((work, "the work dir (--work-dir)"),
+                        (local if local is not None and local.is_dir() else None, "the model folder")):
+        if other is None:
+            continue
+        p = Path(other).resolve()
+        if o == p or p in o.parents or o in p.parents:
+            raise BadInput(f"{out}: overlaps {what} {p}; give --output a folder of its own, outside it and not "
+                           f"holding it (the layout replaces --output whole)")
     stages.claim_output(out, "layout", overwrite=overwrite)
     parent = stages.existing_parent(out)
     if not parent.is_dir():

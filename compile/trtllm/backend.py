@@ -278,7 +278,8 @@ def run(job: TrtllmJob, until: str = "layout") -> Path:
     for note in job.target.get("notes", []):
         log.warning("target: %s", note)
     # Pre-flight before any heavy work: output, upload and toolchain are checked now, not after the download.
-    preflight_output(job.output if until == "layout" else None, overwrite=job.overwrite)
+    preflight_output(job.output if until == "layout" else None, overwrite=job.overwrite, work=job.work.root,
+                     model=job.model)
     preflight_upload(job.upload, job.output, overwrite=job.overwrite)
     tool = find_trtllm_build(job.trtllm_build) if wants_build else None
     if tool:
