@@ -115,6 +115,14 @@ def test_rerun_skips_and_option_change_invalidates_only_later_stages(model_facto
     assert sorted(p.name for p in (tmp_path / "out" / "tensorrt_llm" / "1").glob("rank*.engine")) == \
         [f"rank{r}.engine" for r in range(4)]
     assert props(tmp_path / "out" / "serving.properties")["option.tensor_parallel_degree"] == "4"
+    # another release of the same TensorRT-LLM (0.30 -> 0.32): engines kept, the layout is 0.32's, and says so
+    eng_mtime = (work / "engines" / "rank0.engine").stat().st_mtime_ns
+    changed = compile_trtllm(model, tmp_path, "--tp", "4", "--max-batch-size", "4", release="0.32")
+    assert changed.returncode == 0, changed.stderr
+    assert (work / "engines" / "rank0.engine").stat().st_mtime_ns == eng_mtime
+    assert json.loads((tmp_path / "out" / "lmi-compile.json").read_text())["lmi_version"] == "0.32"
+    report = run_cli("check", tmp_path / "out", "--lmi-version", "0.32").stdout
+    assert "--lmi-version" not in report and "0.30" not in report, report  # the stand-in is its one problem
 
 
 def test_settings_from_serving_properties_and_env(model_factory, tmp_path):

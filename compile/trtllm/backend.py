@@ -240,13 +240,15 @@ def layout_stage(job: TrtllmJob, model, engines: Path, build: dict, dtype: str, 
         ensure_room(out, tree_bytes(engines), "layout")
     manifest = {
         "tool": "lmi-compile", "tool_version": __version__, "backend": "tensorrt-llm", "layout": layout,
-        "lmi_version": job.target.release, "container": job.target["container"],
+        "container": job.target["container"],
         "model": job.model, "revision": job.revision, "tensor_parallel_degree": job.tp,
         "pipeline_parallel_degree": job.pp, "dtype": dtype,
         "quantization": (read_json(engines / "config.json").get("pretrained_config") or {}).get("quantization"),
         # who wrote the checkpoint: lmi-compile, or TensorRT-LLM's convert_checkpoint.py (4-bit; a stand-in in tests)
         "checkpoint_converter": converter or {"tool": "lmi-compile"},
         **build,
+        # this layout's release, not the build record's: engines built for 0.30 are kept for 0.32 (one TensorRT-LLM)
+        "lmi_version": job.target.release,
     }
     props = serving_properties(job, build, dtype, job.upload, job.target)
     pbtxt = None
