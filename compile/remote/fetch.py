@@ -1,6 +1,8 @@
 """The fetch stage: a Hub repo, an S3 prefix or a local folder becomes a validated local model folder."""
 
 import logging
+import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +67,11 @@ def fetch(source: ModelSource, output: Path | None, *, token: str | None = None,
     output = Path(output)
     fp = stage_fingerprint(source, trust_remote_code)
     if stages.is_done(output, "fetch", fp):
-        log.info("fetch: %s already in %s, skipping", source.describe(), output)
-        return validate_model_dir(output, trust_remote_code=trust_remote_code)
+        moved = changed_since(source, output, token)
+        if moved is None:
+            log.info("fetch: %s already in %s, skipping", source.describe(), output)
+            return validate_model_dir(output, trust_remote_code=trust_remote_code)
+        log.info("fetch: %s %s since it was fetched into %s; fetching it again", source.describe(), moved, output)
     staging, resolved = download(source, output, token=token, trust_remote_code=trust_remote_code,
                                  overwrite=overwrite, listener=listener)
     return record(staging, output, source, resolved, trust_remote_code=trust_remote_code)
@@ -106,6 +111,40 @@ def download(source: ModelSource, output: Path, *, token: str | None = None, tru
             shutil.rmtree(staging, ignore_errors=True)
         raise
     return staging, resolved
+
+
+def changed_since(source: ModelSource, output: Path, token: str | None) -> str | None:
+    """How a remote source no longer holds what its finished fetch in `output` downloaded (None: it does), asked
+    of the source: one listing of an S3 prefix, one revision lookup of a Hub branch or tag (a commit cannot move;
+    with HF_HUB_OFFLINE set nothing is asked). A changed model must not be compiled from its old copy."""
+    rec = stages.read_record(output) or {}
+    if source.kind == "s3":
+        from lmi_compile.remote.s3 import list_objects, make_client, parse_s3_uri
+
+        mtimes: dict[str, int] = {}
+        objects = list_objects(make_client(), parse_s3_uri(source.location), mtimes)
+        files = rec.get("files")
+        same = isinstance(files, dict) and s3_state(files, objects, mtimes) == rec.get("resolved")
+        return None if same else "changed on S3 (objects rewritten, added or removed)"
+    if source.kind == "hub":
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        if offline or re.fullmatch(r"[0-9a-f]{40}", source.revision or ""):
+            return None
+        from huggingface_hub import HfApi
+
+        from lmi_compile.remote.hub import translate_error
+
+        try:
+            sha = HfApi(token=token).repo_info(source.location, revision=source.revision).sha
+        except Exception as e:
+            raise translate_error(e, source.location, source.revision) from None
+        return None if sha == rec.get("resolved") else f"moved to commit {sha}"
+    return None
+
+
+def s3_state(rels, sizes: dict[str, int], mtimes: dict[str, int]) -> str:
+    """What an S3 fetch resolved to, recorded with it: the fetched objects' names, sizes and modification times."""
+    return "s3-objects:" + stages.fingerprint(objects=sorted((r, sizes.get(r), mtimes.get(r)) for r in rels))
 
 
 def stage_fingerprint(source: ModelSource, trust_remote_code: bool) -> str:
@@ -163,7 +202,7 @@ def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool, listener=No
                        listener=listener, getters=getters)
     finally:
         getters.close()
-    return str(uri)
+    return s3_state([*small, *weights], objects, mtimes)
 
 
 def manifest_objects(client, uri) -> dict[str, dict]:

@@ -85,6 +85,7 @@ class HubServer:
             gated: bool = False) -> HubRepo:
         repo = self.repos.setdefault(repo_id, HubRepo(revisions={}, token=token, gated=gated))
         repo.revisions[revision] = Path(folder)
+        repo.shas.pop(revision, None)  # adding to a branch again moves it to a new commit
         return repo
 
     # -- request handling -------------------------------------------------------------------
