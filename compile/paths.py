@@ -20,7 +20,12 @@ def resolve_inside(root: Path, name: str, *, what: str) -> Path:
     root_real = Path(os.path.realpath(root))
     target = Path(os.path.realpath(root / rel))
     if target != root_real and root_real not in target.parents:
-        raise BadInput(f"{what}: {name!r} resolves to {target}, outside {root_real} (symlink out of the model folder)")
+        if root_real.parent.name == "snapshots" and target.parent == root_real.parent.parent / "blobs":
+            # a huggingface_hub cache snapshot: its files are links into the same repo's blobs/ (named by hash:
+            # the link's path is kept, since callers name files by it)
+            return Path(root) / rel
+        raise BadInput(f"{what}: {name!r} resolves to {target}, outside {root_real} (a symlink out of the folder); "
+                       f"give a folder that holds its files, e.g. a copy made with cp -rL")
     return target
 
 
