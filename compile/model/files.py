@@ -82,5 +82,7 @@ def preferred_index(names) -> str | None:
 
 
 def carried_files(model_root: Path) -> list[Path]:
-    """The HF config, generation and tokenizer files every layout carries."""
-    return [model_root / n for n in (*CONFIG_FILES, *TOKENIZER_FILES) if (model_root / n).is_file()]
+    """The HF config, generation and tokenizer files every layout carries, and the model's custom code (a custom
+    tokenizer's *.py is loaded from beside tokenizer_config.json; a model has it only with --trust-remote-code)."""
+    named = [model_root / n for n in (*CONFIG_FILES, *TOKENIZER_FILES) if (model_root / n).is_file()]
+    return named + sorted(p for p in model_root.glob(CUSTOM_CODE_PATTERN) if p.is_file())
