@@ -118,6 +118,52 @@ def test_a_refetch_keeps_files_the_user_put_in_the_earlier_output(hub_env, model
     assert run_cli("fetch", "org/tiny", "--output", "out").returncode == 0  # its own output: replaced, unasked
 
 
+def test_a_changed_remote_model_is_fetched_again(hub_env, s3_client, s3_prefix, model_factory, tmp_path):
+    """A rerun asks the source whether it still holds what was fetched: a rewritten S3 prefix or a moved Hub branch
+    is downloaded again, not compiled from the old copy; an unchanged one is skipped."""
+    first, second = model_factory(), model_factory(family="qwen2")
+    upload_folder(s3_client, first, s3_prefix)
+    assert run_cli("fetch", s3_prefix, "--output", "s3out").returncode == 0
+    proc = run_cli("fetch", s3_prefix, "--output", "s3out")
+    assert proc.returncode == 0 and "skipping" in proc.stderr
+    upload_folder(s3_client, second, s3_prefix)  # same keys, other bytes
+    proc = run_cli("fetch", s3_prefix, "--output", "s3out")
+    assert proc.returncode == 0 and "changed on S3" in proc.stderr, proc.stderr
+    assert digest_tree(Path("s3out")) == digest_tree(second)
+    hub_env.add("org/moving", first)
+    assert run_cli("fetch", "org/moving", "--output", "hubout").returncode == 0
+    assert "skipping" in run_cli("fetch", "org/moving", "--output", "hubout").stderr
+    hub_env.add("org/moving", second)  # main moves to a new commit
+    proc = run_cli("fetch", "org/moving", "--output", "hubout")
+    assert proc.returncode == 0 and "moved to commit" in proc.stderr, proc.stderr
+    assert json.loads(Path("hubout", "config.json").read_text())["model_type"] == "qwen2"
+
+
+def test_a_huggingface_cache_snapshot_is_a_model_folder(model_factory, tmp_path):
+    """huggingface_hub's cache keeps a snapshot's files as links into the repo's blobs/: such a folder converts;
+    a link anywhere else is still refused, with the fix in the message."""
+    import hashlib
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snap = repo / "snapshots" / ("a" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in model_factory(shards=2).iterdir():
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    proc = run_cli("trtllm", snap, "--until", "convert", "--work-dir", "w")
+    assert proc.returncode == 0, proc.stderr
+    assert (Path("w") / "checkpoint" / "rank0.safetensors").is_file()
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    shard = next(snap.glob("*-00001-of-*.safetensors"))
+    shutil.copy(shard, elsewhere)
+    shard.unlink()
+    shard.symlink_to(elsewhere)
+    proc = run_cli("trtllm", snap, "--until", "convert", "--work-dir", "w2")
+    assert proc.returncode == 2 and "outside" in error_line(proc) and "cp -rL" in error_line(proc)
+
+
 def test_custom_code_needs_trust(hub_env, model_copy, tmp_path):
     model = model_copy()
     (model / "modeling_custom.py").write_text("raise SystemExit('custom code ran')\n")

@@ -224,6 +224,17 @@ def test_an_output_overlapping_the_model_or_the_work_dir_is_refused(model_copy, 
     assert not (model.parent / work_dir / "checkpoint").exists()
 
 
+def test_custom_tokenizer_code_goes_with_the_artifact(model_copy, tmp_path):
+    """A tokenizer_config.json whose auto_map names the model's own tokenizer code: the code is in the layout."""
+    model = model_copy()
+    (model / "tokenization_custom.py").write_text("# a custom tokenizer\n")
+    proc = compile_trtllm(model, tmp_path, "--trust-remote-code", release=None)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    assert (out / "tokenization_custom.py").read_text() == "# a custom tokenizer\n"
+    assert props(out / "serving.properties")["option.trust_remote_code"] == "true"
+
+
 def test_until_stops_early(model_factory, tmp_path):
     proc = compile_trtllm(model_factory(), tmp_path, "--until", "build")
     assert proc.returncode == 0, proc.stderr
