@@ -93,6 +93,9 @@ def test_sequence_longer_than_the_model_is_refused_or_warned(user_folder, model_
                    "--work-dir", tmp_path / "w", "--until", "convert")
     assert proc.returncode == 0, proc.stderr
     assert "allowed by --allow-longer with linear rope scaling" in proc.stderr
+    proc = run_cli("trtllm", scaled, "--max-input-len", "9000", "--max-output-len", "512", "--allow-longer",
+                   "--work-dir", tmp_path / "w2", "--until", "convert")  # past the 4x the scaling stretches to
+    assert proc.returncode == 2 and "(factor 4.0) covers 8192" in error_line(proc)
     plan = run_cli("plan", "models/tiny", "--max-seq-len", "4608", cwd=user_folder)
     assert plan.returncode == 0
     assert "warning: --max-seq-len 4608 exceeds max_position_embeddings 2048" in plan.stdout

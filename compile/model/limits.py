@@ -19,6 +19,15 @@ def sequence_problem(config, dims, seq_len: int, *, allow_longer: bool, flag: st
     what = f"{flag} {seq_len} exceeds max_position_embeddings {limit}"
     if allow_longer and config.rope_scaling:
         kind = config.rope_scaling.get("rope_type") or config.rope_scaling.get("type")
+        factor = config.rope_scaling.get("factor")
+        if isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 0:
+            # the positions the scaling stretches to: factor times the trained length (llama3 and yarn name it
+            # original_max_position_embeddings; linear and dynamic scale max_position_embeddings)
+            base = config.rope_scaling.get("original_max_position_embeddings") or limit
+            covered = max(limit, int(factor * base))
+            if seq_len > covered:
+                return "error", (f"{config.path}: {what}, and its {kind} rope scaling (factor {factor}) covers "
+                                 f"{covered}; lower it to at most {covered}")
         return "warning", f"{config.path}: {what}; allowed by --allow-longer with {kind} rope scaling"
     why = ("--allow-longer needs rope scaling in config.json to cover it" if allow_longer else
            "lower it, or pass --allow-longer if the model's rope scaling covers it")
