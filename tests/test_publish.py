@@ -313,10 +313,13 @@ def test_a_repush_repairs_objects_changed_on_the_server(s3_env, s3_client, s3_pr
 
 def test_a_repush_of_an_edited_folder_needs_overwrite(s3_env, s3_client, s3_prefix, tmp_path):
     """The same bytes (a copy, a touched file) are the same upload; an edit of the same size is another one:
-    refused naming the file, then uploaded with --overwrite. --delete-local applies to a push with nothing to do."""
+    refused naming the file, then uploaded with --overwrite. --delete-local applies to a push with nothing to do.
+    The folder is a recorded stage output, whose record alone once made an edited copy read as unchanged."""
     import shutil
 
-    tree = make_tree(tmp_path / "art", big=1, big_mib=1)
+    from lmi_compile.pipeline import stages
+
+    tree = stages.finish(make_tree(tmp_path / ".art.partial", big=1, big_mib=1), tmp_path / "art", "layout", "fp")
     assert run_cli("push", tree, s3_prefix).returncode == 0
     copy = shutil.copytree(tree, tmp_path / "copy")
     (copy / "serving.properties").touch()

@@ -51,7 +51,8 @@ def send(uri: str, work_root: Path, model_root: Path, folder: Path, stage: str) 
     stages.write_json_atomic(out / RECORDS, {"stage": stage, "record": record,
                                              "fetch": stages.read_record(model_root)})
     # The push's content_id is this record's fingerprint: the stage's, so the manifest names what it holds.
-    stages.write_json_atomic(out / stages.STAGE_RECORD, {"stage": "handover", "fingerprint": record["fingerprint"]})
+    stages.write_json_atomic(out / stages.STAGE_RECORD, {"stage": "handover", "fingerprint": record["fingerprint"],
+                                                         "files": stages.file_facts(out)})
     log.info("handover: publishing the %s stage to %s for the build node", stage, uri)
     push(out, uri, overwrite=True)  # the prefix is this job's own (STAGING/handover/NAME-FINGERPRINT/)
     shutil.rmtree(out, ignore_errors=True)

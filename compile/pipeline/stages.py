@@ -123,7 +123,7 @@ def claim_output(final: Path, stage: str, *, overwrite: bool) -> None:
                        f"folder); move the file out of it, or pass --overwrite to replace the folder")
 
 
-def _file_facts(folder: Path) -> dict[str, list[int]]:
+def file_facts(folder: Path) -> dict[str, list[int]]:
     """{relative path: [size, mtime_ns]} of the files under folder, the stage record aside."""
     facts = {}
     for p in sorted(folder.rglob("*")):
@@ -139,7 +139,7 @@ def not_written_here(folder: Path, rec: dict) -> str | None:
     files = rec.get("files")
     if not isinstance(files, dict):
         return STAGE_RECORD
-    for rel, fact in _file_facts(folder).items():
+    for rel, fact in file_facts(folder).items():
         if files.get(rel) != fact:
             return rel
     return None
@@ -152,7 +152,7 @@ def finish(staging: Path, final: Path, stage: str, fp: str, **info) -> Path:
     # `files`: what this stage wrote, so a rerun that would replace the folder can tell a file the user added
     write_json_atomic(staging / STAGE_RECORD, {"stage": stage, "fingerprint": fp, "tool_version": __version__,
                                                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                                **info, "files": _file_facts(staging)})
+                                                **info, "files": file_facts(staging)})
     fsync_dir(staging)  # the record's name is on disk before the folder can appear under its final name
     testhooks.pause("stage-rename")
     if final.exists():

@@ -227,11 +227,12 @@ def _occupied(uri: S3Uri, foreign: list[str]) -> BadInput:
 
 
 def content_id(root: Path, files: list[LocalFile]) -> str:
-    """Identity of what is being published: names, sizes and mtimes of its files (an edit changes it, whatever
-    the folder's stage record says), with that record's fingerprint when there is one."""
-    rec = stages.read_record(root) or {}
-    return stages.fingerprint(stage=rec.get("fingerprint"),
-                              files=[(f.rel, f.size, f.path.stat().st_mtime_ns) for f in files])
+    """Identity of what is being published: the fingerprint of our stage record while the folder holds exactly
+    the files that stage wrote, else names, sizes and mtimes (so an edit changes it, whatever the record says)."""
+    rec = stages.read_record(root)
+    if rec and rec.get("fingerprint") and stages.not_written_here(root, rec) is None:
+        return rec["fingerprint"]
+    return stages.fingerprint(files=[(f.rel, f.size, f.path.stat().st_mtime_ns) for f in files])
 
 
 @dataclass(frozen=True)
