@@ -143,6 +143,19 @@ def test_an_output_overlapping_the_work_dir_is_refused_before_the_split(model_fa
     assert not Path("out").exists()
 
 
+def test_an_incomplete_checkpoint_is_refused_before_the_split(model_copy, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = model_copy()
+    f = model / "model.safetensors"
+    tensors = load_file(f)
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, f, metadata={"format": "pt"})
+    proc = compile_neuron(model, tmp_path)
+    assert proc.returncode == 2 and "'model.layers.1.mlp.down_proj.weight' is missing" in error_line(proc)
+    assert not (tmp_path / "work" / "split").exists() and not (tmp_path / "out").exists()
+
+
 def test_rerun_skips_and_changed_settings_recompile(model_factory, tmp_path):
     model = model_factory()
     assert compile_neuron(model, tmp_path, "--n-positions", "128").returncode == 0
