@@ -244,8 +244,9 @@ def check(text: str, *, container_trtllm: str | None = None, container_neuronx_c
             bad = unmatched_objects(loc.client, loc.uri, objects)  # HEADs: sizes and S3's stored checksums
             report.upload_complete = not bad
             if bad:
+                rel, why = next(iter(bad.items()))
                 report.problems.append(f"upload manifest lists {len(bad)} object(s) missing, or changed since the "
-                                       f"push (e.g. {bad[0]}); push the folder again")
+                                       f"push (e.g. {rel}: {why}); push the folder again")
     props_rel = "serving.properties"
     if props_rel in loc.files:
         report.properties.update(parse_properties(loc.read(props_rel).decode("utf-8", "replace"), props_rel))

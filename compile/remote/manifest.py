@@ -99,30 +99,33 @@ def read_manifest(client, uri) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def unmatched_objects(client, uri, objects: dict) -> list[str]:
-    """The objects of a manifest (`{rel: entry}`) that S3 no longer holds as it was published: missing, of another
-    size, or whose stored SHA256 (HEAD with checksums) is not the manifest's; a plain PUT over a published object
-    stores none. HEADs only, in parallel: no object is read."""
+def unmatched_objects(client, uri, objects: dict) -> dict[str, str]:
+    """{rel: how it differs} for the objects of a manifest (`{rel: entry}`) that S3 no longer holds as published:
+    missing, of another size, or whose stored SHA256 (HEAD with checksums) is not the entry's; a plain PUT over a
+    published object stores none. HEADs only, in parallel, no object read; in the order of the names."""
     from concurrent.futures import ThreadPoolExecutor
 
     from botocore.exceptions import ClientError
 
     from lmi_compile.remote.s3 import translate
 
-    def differs(item) -> bool:
+    def differs(item) -> str | None:
         rel, entry = item
         try:
             head = client.head_object(Bucket=uri.bucket, Key=uri.key(rel), ChecksumMode="ENABLED")
         except ClientError as e:
             if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                return True
+                return "missing"
             raise translate(e, f"{uri}{rel}") from None
-        return head.get("ContentLength") != entry.get("size") or head.get("ChecksumSHA256") != entry.get(
-            "checksum_sha256")
+        if head.get("ContentLength") != entry.get("size"):
+            return f"size {head.get('ContentLength')}, expected {entry.get('size')}"
+        if head.get("ChecksumSHA256") != entry.get("checksum_sha256"):
+            return f"checksum {head.get('ChecksumSHA256')}, expected {entry.get('checksum_sha256')}"
+        return None
 
     items = sorted(objects.items())
     with ThreadPoolExecutor(max(1, min(32, len(items)))) as pool:
-        return [rel for (rel, _), bad in zip(items, pool.map(differs, items)) if bad]
+        return {rel: why for (rel, _), why in zip(items, pool.map(differs, items)) if why}
 
 
 def first_local_difference(files, objects: dict) -> str | None:

@@ -296,8 +296,9 @@ def _publish(pub: Publisher, root: Path, files: list[LocalFile], cid: str, *, ov
                          uri, len(files))
                 _delete_local(root, delete_local)
                 return Pushed(objects=len(files), uploaded=0, manifest=manifest)
-            log.warning("push: %d object(s) at %s are not what its manifest says (e.g. %s: changed or removed "
-                        "since); uploading them again", len(damaged), uri, damaged[0])
+            rel, why = next(iter(damaged.items()))
+            log.warning("push: %d object(s) at %s are not what its manifest says (e.g. %s: %s); uploading them "
+                        "again", len(damaged), uri, rel, why)
             resuming = True  # the upload is this one: repaired in place
     if foreign and not resuming and not overwrite:
         raise _occupied(uri, sorted(foreign))
@@ -392,17 +393,11 @@ def _delete_local(root: Path, delete_local: bool) -> None:
 
 def verify(pub: Publisher, files: list[LocalFile], entries: dict) -> None:
     """HEAD every key: its size and S3's checksum must be what was sent."""
-    with ThreadPoolExecutor(min(32, pub.concurrency)) as pool:
-        heads = dict(zip([f.rel for f in files], pool.map(pub.head, [f.rel for f in files])))
-    for f in files:
-        head = heads[f.rel]
-        if head is None:
-            raise LmiCompileError(f"{pub.uri}{f.rel}: missing after upload")
-        if head["ContentLength"] != f.size:
-            raise LmiCompileError(f"{pub.uri}{f.rel}: size {head['ContentLength']} after upload, expected {f.size}")
-        if head.get("ChecksumSHA256") != entries[f.rel]["checksum_sha256"]:
-            raise LmiCompileError(f"{pub.uri}{f.rel}: checksum {head.get('ChecksumSHA256')} after upload, "
-                                  f"expected {entries[f.rel]['checksum_sha256']}")
+    bad = unmatched_objects(pub.client, pub.uri, {f.rel: entries[f.rel] for f in files})
+    if bad:
+        rel, why = next(iter(bad.items()))
+        got, _, expected = why.partition(", ")  # "checksum X after upload, expected Y"
+        raise LmiCompileError(f"{pub.uri}{rel}: {got} after upload{', ' + expected if expected else ''}")
 
 
 def _build_facts(root: Path) -> dict:
