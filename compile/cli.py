@@ -366,39 +366,32 @@ def check(
 def plan(
     model: Model,
     tp: Annotated[int, typer.Option("--tp", min=1, help="Tensor-parallel degree.")] = 1,
-    pp: Annotated[int, typer.Option("--pp", min=1, help="Pipeline-parallel degree.")] = 1,
+    pp: Annotated[int, typer.Option("--pp", min=1, help="Pipeline-parallel degree (TensorRT-LLM).")] = 1,
     dtype: Annotated[str, typer.Option(help="auto, float16, bfloat16 or float32.")] = "auto",
     instance: Annotated[Optional[str], typer.Option(help="SageMaker instance type, e.g. ml.g5.12xlarge.",
                                                     show_default=False)] = None,
+    backend: Annotated[Optional[str], typer.Option(help=(
+        "trtllm or neuron. [default: the --instance's kind (inf2/trn1: neuron), else the --lmi-version's backend, "
+        "else trtllm]"), show_default=False)] = None,
     lmi_version: LmiVersion = None,
     max_batch_size: Annotated[Optional[int], typer.Option("--max-batch-size", min=1, help=(
-        "Concurrent sequences. [default: LMI's for the release]"), show_default=False)] = None,
+        "Concurrent sequences (Neuron: the batch size). [default: LMI's for the release]"), show_default=False)] = None,
     max_seq_len: Annotated[Optional[int], typer.Option("--max-seq-len", min=1, help=(
-        "Prompt plus output tokens. [default: LMI's for the release]"), show_default=False)] = None,
+        "Prompt plus output tokens (Neuron: n_positions). [default: LMI's for the release]"),
+        show_default=False)] = None,
     revision: Revision = None,
     token: Token = None,
     json_out: JsonOut = False,
 ):
     """Size a compile before running it: parameters, bytes per rank, KV cache, fit on an instance, disk per stage.
     Reads only config.json (and the weight index); downloads no weights."""
-    from lmi_compile.errors import BadInput
-    from lmi_compile.lmi.plan import as_json, make_plan, render
-    from lmi_compile.lmi.targets import resolve as resolve_target
+    from lmi_compile.lmi.plan import as_json, plan_backend, plan_for, render
     from lmi_compile.remote.peek import read_remote_config
-    from lmi_compile.trtllm.backend import check_target
 
-    target = resolve_target("trtllm", lmi_version)
-    d = target["defaults"]
+    backend = plan_backend(backend, instance, lmi_version)
     config, total = read_remote_config(model, revision, token)
-    if max_seq_len is None:
-        max_seq_len = (d["max_input_len"] + d["max_output_len"] if d["max_output_len"]
-                       else config.get("max_position_embeddings", 2048))
-    p = make_plan(config, tp=tp, pp=pp, dtype=dtype, max_batch_size=max_batch_size or d["max_batch_size"],
-                  max_seq_len=max_seq_len, instance=instance, index_total=total)
-    try:
-        check_target(target, config)
-    except BadInput as e:
-        p.warnings.append(str(e).removeprefix(f"{config.path}: "))
+    p = plan_for(backend, config, total, tp=tp, pp=pp, dtype=dtype, instance=instance, lmi_version=lmi_version,
+                 max_batch_size=max_batch_size, max_seq_len=max_seq_len)
     typer.echo(as_json(p) if json_out else render(p))
 
 

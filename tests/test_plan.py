@@ -106,3 +106,37 @@ def test_cli_plan_reads_only_config_from_hub(hub_env, tmp_path):
 def test_cli_plan_unknown_instance(tmp_path):
     proc = run_cli("plan", write_config(tmp_path, "llama-2-7b"), "--instance", "ml.x9.huge")
     assert proc.returncode == 2 and "ml.x9.huge" in error_line(proc) and "ml.g5.12xlarge" in error_line(proc)
+
+
+def test_cli_plan_for_neuron_from_the_instance_or_the_release(tmp_path):
+    """An inf2/trn1 instance, or a release only Neuron has, plans for Neuron: its defaults (batch 4, n_positions
+    up to 4096), NeuronCore counts, padded heads, and what its loader refuses, as warnings."""
+    model = write_config(tmp_path, "llama-2-13b")  # 40 heads
+    proc = run_cli("plan", model, "--tp", "16", "--instance", "ml.inf2.48xlarge", "--lmi-version", "0.34", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["max_batch_size"] == 4 and out["max_seq_len"] == 4096
+    assert out["fitting_tp"] and set(out["fitting_tp"]) <= {1, 2, 4, 8, 16, 24}
+    assert any("pads them to 48" in w for w in out["warnings"]) and not any("refuse" in w for w in out["warnings"])
+    proc = run_cli("plan", model, "--tp", "3", "--lmi-version", "0.26", "--json")  # 0.26: a Neuron release only
+    assert proc.returncode == 0, proc.stderr
+    assert any("not a NeuronCore count" in w for w in json.loads(proc.stdout)["warnings"])
+    qwen = write_config(tmp_path, "qwen2.5-7b")
+    proc = run_cli("plan", qwen, "--tp", "2", "--instance", "inf2.xlarge", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert any("Qwen2ForCausalLM" in w or "qwen2" in w for w in json.loads(proc.stdout)["warnings"]), proc.stdout
+    gpu = json.loads(run_cli("plan", model, "--tp", "16", "--json").stdout)  # no instance, no release: TensorRT-LLM
+    assert any("TRT-LLM refuses it" in w for w in gpu["warnings"]) and gpu["max_batch_size"] != 4
+
+
+def test_plan_fetch_disk_is_the_checkpoint_as_stored(tmp_path):
+    path = write_config(tmp_path, "llama-2-7b") / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "torch_dtype": "float32"}))
+    stored = PARAMS["llama-2-7b"] * 4  # a float32 checkpoint (its index's total_size), planned for float16
+    p = make_plan(ModelConfig.load(path), dtype="float16", index_total=stored)
+    assert p.disk_bytes["fetch"] == stored and p.weight_bytes == stored // 2 == p.disk_bytes["split"]
+
+
+def test_plan_of_a_missing_s3_prefix_is_one_clear_line(s3_env, s3_prefix):
+    proc = run_cli("plan", f"{s3_prefix}no-such-model/")
+    assert proc.returncode == 2 and "no-such-model/config.json: no such object" in error_line(proc)

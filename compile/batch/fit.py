@@ -63,6 +63,7 @@ def check_fit(job: Job, config) -> str | None:
     config.json (remote/peek.py: read_remote_config)."""
     from lmi_compile.lmi.plan import make_plan
     from lmi_compile.lmi.targets import resolve as resolve_target
+    from lmi_compile.neuron.backend import VALID_TP
 
     o = job.options
     tp, pp = int(o.get("tp") or (1 if job.backend == "trtllm" else 2)), int(o.get("pp") or 1)
@@ -82,7 +83,7 @@ def check_fit(job: Job, config) -> str | None:
         return None  # an accelerator the instance table does not know: nothing to check against
     try:
         plan = make_plan(config, tp=tp, pp=pp, dtype=dtype, max_batch_size=batch, max_seq_len=int(seq),
-                         instance=instance)
+                         instance=instance, tp_choices=None if job.backend == "trtllm" else VALID_TP)
     except BadInput as e:
         return str(e)
     if plan.fits:

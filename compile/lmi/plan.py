@@ -102,8 +102,90 @@ def active_params(arch: Architecture) -> int:
     return total_params(arch) - d.num_layers * c["layer_experts"] * (d.num_experts - d.top_k) // d.num_experts
 
 
+def plan_backend(backend: str | None, instance: str | None, lmi_version: str | None) -> str:
+    """The backend `plan` sizes for: as given; else the instance's kind (inf2/trn1: neuron); else the backend whose
+    table alone has the --lmi-version; else trtllm."""
+    from lmi_compile.lmi.targets import BACKENDS
+
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise BadInput(f"--backend {backend!r}; use {' or '.join(BACKENDS)}")
+        return backend
+    if instance:
+        spec = load_json("instances.json")["instances"].get(instance if instance.startswith("ml.") else f"ml.{instance}")
+        if spec:
+            return "neuron" if spec["kind"] == "neuron" else "trtllm"
+    if lmi_version:
+        having = [b for b in BACKENDS if _has_release(b, lmi_version)]
+        if len(having) == 1:
+            return having[0]
+    return "trtllm"
+
+
+def _has_release(backend: str, release: str) -> bool:
+    from lmi_compile.lmi.targets import resolve as resolve_target
+
+    try:
+        resolve_target(backend, release)
+        return True
+    except BadInput:
+        return False
+
+
+AMP_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}
+
+
+def plan_for(backend: str, config: ModelConfig, index_total: int | None, *, tp: int, pp: int, dtype: str,
+             instance: str | None, lmi_version: str | None, max_batch_size: int | None,
+             max_seq_len: int | None) -> Plan:
+    """make_plan with the target release's defaults, and what that backend would refuse as warnings."""
+    from lmi_compile.lmi.targets import resolve as resolve_target
+
+    target = resolve_target(backend, lmi_version)
+    if backend == "trtllm":
+        from lmi_compile.trtllm.backend import check_target
+
+        d = target["defaults"]
+        if max_seq_len is None:
+            max_seq_len = (d["max_input_len"] + d["max_output_len"] if d["max_output_len"]
+                           else config.get("max_position_embeddings", 2048))
+        p = make_plan(config, tp=tp, pp=pp, dtype=dtype, max_batch_size=max_batch_size or d["max_batch_size"],
+                      max_seq_len=max_seq_len, instance=instance, index_total=index_total)
+        checks = [lambda: check_target(target, config)]
+    else:
+        from lmi_compile.neuron.backend import DEFAULT_MAX_N_POSITIONS, VALID_TP, NeuronJob, check_dense
+        from lmi_compile.neuron.calls import LMI_TO_AMP, loader_calls
+
+        if pp != 1:
+            raise BadInput("--pp: Neuron shards over NeuronCores with tp alone; drop --pp")
+        amp = LMI_TO_AMP[target["dtype_default"]] if dtype == "auto" else \
+            {v: k for k, v in AMP_DTYPES.items()}.get(dtype, dtype)
+        batch = max_batch_size or NeuronJob.batch_size
+        seq = max_seq_len or min(DEFAULT_MAX_N_POSITIONS, config.get("max_position_embeddings", DEFAULT_MAX_N_POSITIONS))
+        p = make_plan(config, tp=tp, dtype=AMP_DTYPES.get(amp, dtype), max_batch_size=batch, max_seq_len=seq,
+                      instance=instance, index_total=index_total, tp_choices=VALID_TP)
+
+        def neuron_tp():
+            if tp not in VALID_TP:
+                raise BadInput(f"--tp {tp} is not a NeuronCore count transformers-neuronx shards over; use one of "
+                               f"{', '.join(map(str, VALID_TP))}")
+
+        checks = [neuron_tp, lambda: check_dense(config),
+                  lambda: loader_calls(target, resolve(config).name, batch_size=batch, tp=tp, n_positions=seq, amp=amp,
+                                       context_length_estimate=[], layout=target["layouts"][0])]
+    for check in checks:
+        try:
+            check()
+        except BadInput as e:
+            p.warnings.append(str(e).removeprefix(f"{config.path}: "))
+    return p
+
+
 def make_plan(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: str = "auto", max_batch_size: int = 32,
-              max_seq_len: int = 1536, instance: str | None = None, index_total: int | None = None) -> Plan:
+              max_seq_len: int = 1536, instance: str | None = None, index_total: int | None = None,
+              tp_choices: tuple[int, ...] | None = None) -> Plan:
+    """`tp_choices`: the tp values the backend shards over (Neuron: NeuronCore counts, heads padded to them);
+    None: TensorRT-LLM's rule, any tp that divides the heads."""
     arch = resolve(config)
     d = arch.dims
     if dtype == "auto":
@@ -144,10 +226,15 @@ def make_plan(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: str = "au
                 kv_bytes_for_batch=kv_token * max_batch_size * max_seq_len,
                 kv_bytes_for_batch_per_rank=kv_token_rank * max_batch_size * max_seq_len,
                 max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                disk_bytes=disk_needs(weight_bytes, c["embedding"] * b, tp, pp), warnings=warnings,
+                disk_bytes=disk_needs(weight_bytes, c["embedding"] * b, tp, pp,
+                                      fetched=index_total or params * DTYPE_BYTES.get(config.dtype or "", b)),
+                warnings=warnings,
                 quantization=quant.quant_algo)
-    if d.num_heads % tp:
-        plan.warnings.append(f"tp {tp} does not divide num_attention_heads {d.num_heads}: TRT-LLM and Neuron refuse it")
+    if d.num_heads % tp and tp_choices is None:
+        plan.warnings.append(f"tp {tp} does not divide num_attention_heads {d.num_heads}: TRT-LLM refuses it")
+    elif d.num_heads % tp:  # transformers-neuronx pads the heads (neuron/backend.py VALID_TP)
+        plan.warnings.append(f"tp {tp} does not divide num_attention_heads {d.num_heads}: transformers-neuronx pads "
+                             f"them to {-(-d.num_heads // tp) * tp}, and each core holds its share of the padding")
     if d.num_kv_heads < tp:
         plan.warnings.append(f"tp {tp} exceeds num_key_value_heads {d.num_kv_heads}: each kv head is repeated "
                              f"{tp // max(1, d.num_kv_heads)}x, so the KV cache costs {tp // max(1, d.num_kv_heads)}x "
@@ -156,7 +243,7 @@ def make_plan(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: str = "au
     if problem:  # the rule trtllm and neuron enforce, reported here as a warning
         plan.warnings.append(problem[1].removeprefix(f"{config.path}: "))
     if instance:
-        fit_instance(plan, instance, d, c)
+        fit_instance(plan, instance, d, c, tp_choices)
     return plan
 
 
@@ -211,7 +298,7 @@ def needed_per_accelerator(weights: int, kv: int) -> int:
     return int((weights + kv) * (1 + OVERHEAD_FRACTION)) + OVERHEAD_FIXED
 
 
-def fit_instance(plan: Plan, instance: str, d, counts: dict) -> None:
+def fit_instance(plan: Plan, instance: str, d, counts: dict, tp_choices: tuple[int, ...] | None = None) -> None:
     table = load_json("instances.json")["instances"]
     instance = instance if instance.startswith("ml.") else f"ml.{instance}"  # g5.12xlarge and ml.g5.12xlarge alike
     spec = table.get(instance)
@@ -226,7 +313,7 @@ def fit_instance(plan: Plan, instance: str, d, counts: dict) -> None:
         plan.warnings.append(f"tp*pp = {plan.tp * plan.pp} exceeds the {spec['count']} accelerators of {instance}")
     fitting = []
     for tp in range(1, spec["count"] + 1):
-        if d.num_heads % tp:
+        if (tp not in tp_choices) if tp_choices else d.num_heads % tp:
             continue
         b = DTYPE_BYTES[plan.dtype]
         w = rank_weight_bytes(counts, d, tp, plan.pp, b)
@@ -236,10 +323,12 @@ def fit_instance(plan: Plan, instance: str, d, counts: dict) -> None:
     plan.fitting_tp = fitting
 
 
-def disk_needs(weight_bytes: int, embedding_bytes: int, tp: int, pp: int) -> dict:
-    """Bytes each stage writes: rank files repeat the embedding on every first-stage rank."""
+def disk_needs(weight_bytes: int, embedding_bytes: int, tp: int, pp: int, fetched: int | None = None) -> dict:
+    """Bytes each stage writes: the fetch the checkpoint as stored (`fetched`: its index's total_size, or its
+    parameters at its own dtype), the others at the target dtype; rank files repeat the embedding on every
+    first-stage rank."""
     ckpt = weight_bytes + embedding_bytes * (tp - 1)
-    return {"fetch": weight_bytes, "convert": ckpt, "build": ckpt, "layout": 0, "split": weight_bytes,
+    return {"fetch": fetched or weight_bytes, "convert": ckpt, "build": ckpt, "layout": 0, "split": weight_bytes,
             "note": "layout hard-links engines when on the same filesystem (else it needs the build size again)"}
 
 

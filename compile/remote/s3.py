@@ -99,6 +99,9 @@ def translate(e: Exception, where: str) -> LmiCompileError:
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code == "NoSuchBucket":
             return BadInput(f"{where}: bucket does not exist; check the bucket name and region")
+        if code in ("NoSuchKey", "404") or status == 404:
+            return BadInput(f"{where}: no such object; check the S3 prefix (the model's folder, e.g. "
+                            f"s3://bucket/models/llama/)")
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
             return BadInput(f"{where}: AWS credentials were rejected ({code}); check the access key, "
                             f"secret and session token")
