@@ -322,6 +322,7 @@ def neuron(
     s = Settings(properties)
     model = s.model(model)
     lmi_amp = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}.get(s.lmi.get("dtype", ""))
+    context_length_estimate = s.pick("context_length_estimate", context_length_estimate, None)
     try:
         buckets = [int(x) for x in context_length_estimate.split(",")] if context_length_estimate else []
     except ValueError:

@@ -156,6 +156,15 @@ def test_an_incomplete_checkpoint_is_refused_before_the_split(model_copy, tmp_pa
     assert not (tmp_path / "work" / "split").exists() and not (tmp_path / "out").exists()
 
 
+def test_context_buckets_from_the_environment_and_unused_options_are_said(model_factory, tmp_path):
+    env = {"OPTION_CONTEXT_LENGTH_ESTIMATE": "64,128", "OPTION_ROLLING_BATCH_STRATEGY": "naive_rolling_batch"}
+    proc = compile_neuron(model_factory(), tmp_path, "--n-positions", "256", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert props(tmp_path / "out" / "serving.properties")["option.context_length_estimate"] == "64,128"
+    assert "option.rolling_batch_strategy=naive_rolling_batch (from OPTION_ROLLING_BATCH_STRATEGY): not a setting" \
+        in proc.stderr
+
+
 def test_rerun_skips_and_changed_settings_recompile(model_factory, tmp_path):
     model = model_factory()
     assert compile_neuron(model, tmp_path, "--n-positions", "128").returncode == 0

@@ -1,10 +1,13 @@
 """serving.properties: read LMI settings users already have, and write the one a layout needs."""
 
+import logging
 import os
 import re
 from pathlib import Path
 
 from lmi_compile.errors import BadInput
+
+log = logging.getLogger("lmi_compile")
 
 # LMI option name -> (lmi-compile setting, converter). The table is the whole mapping.
 LMI_OPTIONS = {
@@ -19,6 +22,7 @@ LMI_OPTIONS = {
     "dtype": ("dtype", str),
     "trust_remote_code": ("trust_remote_code", lambda v: v.strip().lower() == "true"),
     "n_positions": ("n_positions", int),
+    "context_length_estimate": ("context_length_estimate", str),  # neuron: its --context-length-estimate
     "revision": ("revision", str),
 }
 LMI_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "auto": "auto",
@@ -43,20 +47,26 @@ def parse(text: str, where: str) -> dict[str, str]:
 def lmi_settings(properties: Path | None, environ=os.environ) -> dict:
     """Settings from a serving.properties file, overridden by OPTION_* / HF_MODEL_ID environment variables."""
     raw: dict[str, str] = {}
+    source: dict[str, str] = {}
     if properties is not None:
         try:
             text = Path(properties).read_text()
         except OSError as e:
             raise BadInput(f"{properties}: cannot read ({e.strerror})") from None
-        raw.update({k[len("option."):]: v for k, v in parse(text, str(properties)).items() if k.startswith("option.")})
+        for k, v in parse(text, str(properties)).items():
+            if k.startswith("option."):
+                raw[k[len("option."):]], source[k[len("option."):]] = v, str(properties)
     for k, v in environ.items():
         if k.startswith("OPTION_"):
-            raw[k[len("OPTION_"):].lower()] = v
+            raw[k[len("OPTION_"):].lower()], source[k[len("OPTION_"):].lower()] = v, k
     if environ.get("HF_MODEL_ID"):
         raw["model_id"] = environ["HF_MODEL_ID"]
     out = {}
     for name, value in raw.items():
         if name not in LMI_OPTIONS:
+            # said, not dropped in silence: the serving.properties a layout writes is made from the settings alone
+            log.warning("option.%s=%s (from %s): not a setting lmi-compile compiles with; the serving.properties "
+                        "it writes does not carry it", name, value, source[name])
             continue
         key, conv = LMI_OPTIONS[name]
         try:
