@@ -67,6 +67,10 @@ def split_plan(arch: Architecture, ck: Checkpoint) -> list[tuple[str, str]]:
         elif not key.endswith(".bias"):  # biases are the layout's optional entries (families that have them)
             raise BadInput(f"{ck.root}: tensor {key!r} is missing from the checkpoint ({arch.name} needs it); the "
                            f"checkpoint is incomplete")
+    shapes = arch.source_shapes()
+    for _, src in plan:
+        if src in shapes:
+            ck.require_shape(src, shapes[src])
     extra = set(ck.tensors) - {src for _, src in plan} - arch.ignored_sources()
     if extra:
         raise BadInput(f"{ck.root}: tensors {sorted(extra)[:3]} are not part of {arch.name}'s layout; "

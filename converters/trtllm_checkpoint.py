@@ -199,12 +199,6 @@ def _entries(arch: Architecture, ck: Checkpoint, pp_rank: int, pp: int, rename: 
         yield e, target, tuple(sources), src_i
 
 
-def _expected_shapes(arch: Architecture) -> dict[str, int]:
-    d = arch.dims
-    return {"hidden": d.hidden_size, "vocab": d.vocab_size, "inter": d.intermediate_size,
-            "q": d.num_heads * d.head_dim, "kv": d.num_kv_heads * d.head_dim, "experts": d.num_experts}
-
-
 SCALES = {"weights_scaling_factor": "weight_scale", "activation_scaling_factor": "input_scale"}
 """TensorRT-LLM's per-tensor FP8 scales of a Linear -> the Hub name of the same scale beside its weight (compressed-
 tensors, ModelOpt and AutoFP8 all use these); both are dequantization scales (compile/model/quantization.py)."""
@@ -346,17 +340,13 @@ def _all_kv_scales(arch: Architecture) -> set[str]:
 def plan_rank(arch: Architecture, ck: Checkpoint, opts: ConvertOptions, tp_rank: int, pp_rank: int,
               quant: Quantization = DENSE) -> list[PlanEntry]:
     ctx = rank_context(arch, opts, tp_rank)
-    dims = _expected_shapes(arch)
+    shapes = arch.source_shapes()
     rowwise = (opts.rowwise_layouts or (RowwiseLayout(),))[0]
     plan = []
     for e, target, sources, layer in _entries(arch, ck, pp_rank, opts.pp, moe_style(arch, opts).get("rename", {})):
         src_shapes = [ck.tensors[s].shape for s in sources]
-        specs = e["shape"] if isinstance(e["shape"][0], list) else [e["shape"]]
-        for s, shp, want in zip(sources, src_shapes, specs * (len(sources) // len(specs))):
-            expect = tuple(dims[w] for w in want)
-            if tuple(shp) != expect:
-                raise BadInput(f"{ck.tensors[s].file}: tensor {s!r} has shape {list(shp)}, but config.json "
-                               f"implies {list(expect)}; config and weights disagree")
+        for s in sources:
+            ck.require_shape(s, shapes[s])
         if quant.quant_algo == "FP8" and e.get("linear"):
             plan += _fp8_linear(e, target, sources, ck, ctx)
             continue

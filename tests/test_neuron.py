@@ -165,6 +165,15 @@ def test_context_buckets_from_the_environment_and_unused_options_are_said(model_
         in proc.stderr
 
 
+def test_weights_that_disagree_with_the_config_are_refused_before_the_split(model_copy, tmp_path):
+    model = model_copy()
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "intermediate_size": cfg["intermediate_size"] + 32}))
+    proc = compile_neuron(model, tmp_path, "--until", "split")
+    assert proc.returncode == 2 and "config and weights disagree" in error_line(proc) and "mlp" in error_line(proc)
+    assert not (tmp_path / "work" / "split").exists()
+
+
 def test_rerun_skips_and_changed_settings_recompile(model_factory, tmp_path):
     model = model_factory()
     assert compile_neuron(model, tmp_path, "--n-positions", "128").returncode == 0

@@ -60,8 +60,7 @@ def param_counts(arch: Architecture) -> dict[str, int]:
     FP8 (each with two float32 scales on every rank).
     """
     d = arch.dims
-    sym = {"hidden": d.hidden_size, "vocab": d.vocab_size, "inter": d.intermediate_size,
-           "q": d.num_heads * d.head_dim, "kv": d.num_kv_heads * d.head_dim, "experts": d.num_experts}
+    sym = arch.shape_symbols()
     c = dict.fromkeys(("embedding", "layer", "norm", "lm_head", "layer_experts", "layer_fixed", "layer_fixed_bytes",
                        "layer_linear", "layer_linears"), 0)
     tied = arch.tied_sources()

@@ -48,6 +48,24 @@ class Architecture:
         """(section, entry) for every TRT-LLM tensor of the layout: first_stage, layer, last_stage."""
         return [(sec, e) for sec in ("first_stage", "layer", "last_stage") for e in self.layout[sec]]
 
+    def shape_symbols(self) -> dict[str, int]:
+        """The sizes the layout's `shape` entries name, from config.json."""
+        d = self.dims
+        return {"hidden": d.hidden_size, "vocab": d.vocab_size, "inter": d.intermediate_size,
+                "q": d.num_heads * d.head_dim, "kv": d.num_kv_heads * d.head_dim, "experts": d.num_experts}
+
+    def source_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{HF tensor name: the shape config.json implies} for every tensor of the layout, every layer and expert:
+        what the converters check a checkpoint's tensors against."""
+        sym, out = self.shape_symbols(), {}
+        for section, e in self.tensor_entries():
+            specs = e["shape"] if isinstance(e["shape"][0], list) else [e["shape"]]
+            for i in range(self.dims.num_layers) if section == "layer" else [None]:
+                names = self.sources(e, i)
+                for name, want in zip(names, specs * (len(names) // len(specs))):
+                    out[name] = tuple(sym[w] for w in want)
+        return out
+
     @property
     def is_moe(self) -> bool:
         return any("{e}" in s for _, e in self.tensor_entries() for s in e["sources"])

@@ -232,6 +232,13 @@ class Checkpoint:
     def __exit__(self, *exc):
         self.close()
 
+    def require_shape(self, name: str, expect: tuple[int, ...]) -> None:
+        """Refuse a tensor whose shape is not the one config.json implies (model/architectures.py source_shapes)."""
+        have = tuple(self.tensors[name].shape)
+        if have != tuple(expect):
+            raise BadInput(f"{self.tensors[name].file}: tensor {name!r} has shape {list(have)}, but config.json "
+                           f"implies {list(expect)}; config and weights disagree")
+
     def identity(self) -> list:
         """What identifies these weights for stage fingerprints: names, sizes and mtimes of the files."""
         out = []
