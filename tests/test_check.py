@@ -20,6 +20,15 @@ def as_if_compiled_by(path: Path, version: str) -> None:
         cfg["version"] = version
     path.unlink()  # the layout hard-linked it from the work dir: never edit through the link
     path.write_text(json.dumps(cfg))
+    reseal(path)
+
+
+def reseal(path: Path) -> None:
+    """The file's size in its layout's lmi-compile.json as the real toolchain's tree would have it recorded."""
+    root = next(p for p in path.parents if (p / "lmi-compile.json").is_file())
+    manifest = json.loads((root / "lmi-compile.json").read_text())
+    manifest["files"][path.relative_to(root).as_posix()] = path.stat().st_size
+    (root / "lmi-compile.json").write_text(json.dumps(manifest))
 
 
 def check_json(*args):
@@ -107,6 +116,32 @@ def test_neuron_split_rules(model_factory, tmp_path):
     (out / "serving.properties").unlink()
     (out / "serving.properties").write_text(props)
     assert any("is relative" in p for p in check_json(out)["problems"])
+
+
+def test_a_tree_is_held_to_what_its_layout_recorded(model_factory, tmp_path):
+    """lmi-compile.json records each file's size and the serving.properties values the graphs were compiled for:
+    a deleted graph, or an edited compiled setting, is a problem in a tree the other rules pass; an added option
+    and a moved compiled_graph_path are the user's to set."""
+    proc = run_cli("neuron", model_factory(), "--n-positions", "128", "--format", "split", "--tp", "2",
+                   "--context-length-estimate", "64,128", "--work-dir", tmp_path / "w", "--output", tmp_path / "out",
+                   "--compile-entry", NEURON_STANDIN)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    baseline = set(check_json(out)["problems"])  # the stand-in's
+    text = (out / "serving.properties").read_text()
+    edited = text.replace("/opt/ml/model/compiled", "/opt/ml/model/graphs") + "option.max_rolling_batch_prefill_tokens=1\n"
+    (out / "serving.properties").unlink()
+    (out / "serving.properties").write_text(edited)
+    assert set(check_json(out)["problems"]) == baseline
+    for old, new in (("option.tensor_parallel_degree=2", "option.tensor_parallel_degree=8"),
+                     ("option.context_length_estimate=64,128", "option.context_length_estimate=128")):
+        (out / "serving.properties").write_text(edited.replace(old, new))
+        key = old.split("=")[0]
+        assert any(f"{key}={new.split('=')[1]}, but the artifact was compiled for {old}" in p
+                   for p in check_json(out)["problems"]), check_json(out)["problems"]
+    (out / "serving.properties").write_text(edited)
+    next((out / "compiled").glob("*.neff")).unlink()
+    assert any("missing, or another size than lmi-compile laid out" in p for p in check_json(out)["problems"])
 
 
 def test_hf_pretrained(model_copy):

@@ -85,6 +85,42 @@ class Location:
         return str(self.uri) if self.uri else str(self.root.resolve())
 
 
+# serving.properties values a user may change without recompiling: where the artifact lives, remote code, where the
+# split layout's graphs are in the container
+USER_OPTIONS = ("option.model_id", "option.trust_remote_code", "option.compiled_graph_path")
+
+
+def seal_layout(folder: Path) -> None:
+    """Record in a laid-out tree's lmi-compile.json what `check` holds the tree to later, here or on S3: every file
+    with its size (serving.properties aside: users add options to it), and the serving.properties values the
+    engines or graphs were compiled for."""
+    path = folder / LAYOUT_MANIFEST
+    manifest = json.loads(path.read_text())
+    props = folder / "serving.properties"
+    options = parse_properties(props.read_text(), "serving.properties") if props.is_file() else {}
+    manifest["serving_options"] = {k: v for k, v in options.items() if k not in USER_OPTIONS}
+    manifest["files"] = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+                         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+                         and p.name not in (LAYOUT_MANIFEST, "serving.properties")}
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _check_sealed(loc: "Location", report: "Report") -> None:
+    """The tree against what its lmi-compile.json recorded when it was laid out (seal_layout)."""
+    manifest = loc.json(LAYOUT_MANIFEST, report.problems) or {}
+    files = manifest.get("files")
+    if isinstance(files, dict):
+        bad = [rel for rel, size in files.items() if loc.files.get(rel) != size]
+        if bad:
+            report.problems.append(f"{bad[0]}: missing, or another size than lmi-compile laid out ({len(bad)} such "
+                                   f"file(s)); restore the tree or lay it out again")
+    for key, value in (manifest.get("serving_options") or {}).items():
+        have = report.properties.get(key)
+        if have is not None and have != value:
+            report.problems.append(f"serving.properties: {key}={have}, but the artifact was compiled for "
+                                   f"{key}={value}; set it back, or compile again with that setting")
+
+
 @dataclass
 class Report:
     location: str
@@ -250,6 +286,8 @@ def check(text: str, *, container_trtllm: str | None = None, container_neuronx_c
     props_rel = "serving.properties"
     if props_rel in loc.files:
         report.properties.update(parse_properties(loc.read(props_rel).decode("utf-8", "replace"), props_rel))
+    if LAYOUT_MANIFEST in loc.files:
+        _check_sealed(loc, report)
     layout, folder = detect(loc)
     report.layout = layout
     if layout is None:

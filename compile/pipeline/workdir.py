@@ -151,8 +151,10 @@ def place(src: Path, dst: Path) -> None:
 
 def finish_layout(staging: Path, out: Path, fp: str, *, stand_in: bool, what: str) -> Path:
     """Rename the laid-out tree into place; say loudly when it holds stand-in output."""
+    from lmi_compile.lmi.check import seal_layout
     from lmi_compile.pipeline import stages
 
+    seal_layout(staging)
     stages.finish(staging, out, "layout", fp)
     if stand_in:
         log.warning("layout: %s holds STAND-IN %s, not a compiled model; do not deploy it", out, what)
