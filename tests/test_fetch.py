@@ -164,6 +164,14 @@ def test_a_huggingface_cache_snapshot_is_a_model_folder(model_factory, tmp_path)
     assert proc.returncode == 2 and "outside" in error_line(proc) and "cp -rL" in error_line(proc)
 
 
+def test_an_output_below_a_file_is_one_clear_line(hub_env, model_factory):
+    hub_env.add("org/tiny", model_factory())
+    Path("afile").write_text("mine")
+    proc = run_cli("fetch", "org/tiny", "--output", "afile/sub")
+    assert proc.returncode == 2 and "afile is a file, not a folder" in error_line(proc)
+    assert Path("afile").read_text() == "mine"
+
+
 def test_custom_code_needs_trust(hub_env, model_copy, tmp_path):
     model = model_copy()
     (model / "modeling_custom.py").write_text("raise SystemExit('custom code ran')\n")

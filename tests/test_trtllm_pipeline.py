@@ -235,6 +235,13 @@ def test_custom_tokenizer_code_goes_with_the_artifact(model_copy, tmp_path):
     assert props(out / "serving.properties")["option.trust_remote_code"] == "true"
 
 
+@pytest.mark.parametrize("engine_path", ["tensorrt_llm/1", "s3://bucket/engines/"])
+def test_an_engine_path_that_is_not_absolute_is_refused(model_factory, tmp_path, engine_path):
+    proc = compile_trtllm(model_factory(), tmp_path, "--engine-path", engine_path)
+    assert proc.returncode == 2 and f"--engine-path {engine_path}: give the absolute path" in error_line(proc)
+    assert not (tmp_path / "work").exists()
+
+
 def test_until_stops_early(model_factory, tmp_path):
     proc = compile_trtllm(model_factory(), tmp_path, "--until", "build")
     assert proc.returncode == 0, proc.stderr

@@ -104,7 +104,10 @@ def open_staging(final: Path, fp: str) -> Path:
 def claim_output(final: Path, stage: str, *, overwrite: bool) -> None:
     """Refuse to replace a non-empty folder that is not this tool's output of the same stage."""
     final = Path(final)
+    parent = existing_parent(final)
     if not final.exists():
+        if not parent.is_dir():
+            raise BadInput(f"{final}: {parent} is a file, not a folder; choose another path")
         return
     if not final.is_dir():
         raise BadInput(f"{final}: exists and is not a folder; choose another path or remove it")

@@ -125,10 +125,8 @@ def preflight_output(out: Path | None, *, overwrite: bool, work: Path | None = N
         if o == p or p in o.parents or o in p.parents:
             raise BadInput(f"{out}: overlaps {what} {p}; give --output a folder of its own, outside it and not "
                            f"holding it (the layout replaces --output whole)")
-    stages.claim_output(out, "layout", overwrite=overwrite)
+    stages.claim_output(out, "layout", overwrite=overwrite)  # a file where a folder of the path should be, too
     parent = stages.existing_parent(out)
-    if not parent.is_dir():
-        raise BadInput(f"{out}: {parent} is a file, not a folder; choose another --output")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BadInput(f"{out}: {parent} is not writable; choose another --output")
 

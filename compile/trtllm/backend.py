@@ -266,6 +266,10 @@ def layout_stage(job: TrtllmJob, model, engines: Path, build: dict, dtype: str, 
 
 def run(job: TrtllmJob, until: str = "layout") -> Path:
     check_until(until, STAGES, job.output)
+    if not job.engine_path.startswith("/"):  # config.pbtxt's gpt_model_path: read by the backend in the container
+        raise BadInput(f"--engine-path {job.engine_path}: give the absolute path the engines have inside the serving "
+                       f"container (default {DEFAULT_ENGINE_PATH}, where SageMaker puts model data), not a relative "
+                       f"path or a URI")
     wants_build = STAGES.index(until) >= STAGES.index("build")
     b = job.build
     for flag, value in (("--max-batch-size", b.max_batch_size), ("--max-input-len", b.max_input_len),
