@@ -202,7 +202,7 @@ def test_ctrl_c_or_sigterm_cancels_the_running_tasks_and_leaves_nothing_half_pub
     # the task was cancelled: its command stopped at the held part, as on SIGTERM, and aborted its upload
     logs = [n.work / "trt-030" / "lmi-compile-cpu.log" for n in cluster.nodes if n.alive()]
     log = next(p.read_text() for p in logs if p.exists())
-    assert "error: interrupted by SIGTERM" in log, log
+    assert "error: interrupted by SIGTERM" in log, (log, stderr[-3000:])
     assert not s3_client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads")
     handover = keys(s3_client, f"{s3_prefix}staging/handover/")
     assert not any(k.endswith("lmi-compile-manifest.json") for k in handover), handover  # reads incomplete

@@ -182,7 +182,7 @@ def test_ranged_gets_run_in_worker_processes(published, s3_env, tmp_path):
         assert procs and all("getter.py" in " ".join(psutil.Process(p.pid).cmdline()) for p in procs)
         # an object deleted after the listing: the worker's 404 becomes the fetch's error line
         gone = dict(objects, **{"missing.safetensors": 10 << 20})
-        with pytest.raises(LmiCompileError, match=r"missing.safetensors: S3 request failed \(NoSuchKey"):
+        with pytest.raises(LmiCompileError, match=r"missing.safetensors: removed from S3 after the listing \(NoSuchKey"):
             download_files(client, u, ["missing.safetensors"], tmp_path / "e", gone, desc="e", getters=getters)
     finally:
         getters.close()

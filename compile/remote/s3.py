@@ -515,6 +515,9 @@ def _http_error(status: int, body: str, where: str) -> LmiCompileError:
 
     code = re.search(r"<Code>([^<]*)</Code>", body)
     msg = re.search(r"<Message>([^<]*)</Message>", body)
+    if status == 404:  # listed, then gone: the prefix changed under the transfer; what arrived is kept for a rerun
+        return LmiCompileError(f"{where}: removed from S3 after the listing ({code.group(1) if code else 404}); "
+                               f"rerun to fetch the prefix as it is now")
     err = {"Code": code.group(1) if code else str(status), "Message": msg.group(1) if msg else ""}
     return translate(ClientError({"Error": err, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"), where)
 
