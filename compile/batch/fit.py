@@ -15,10 +15,11 @@ def instance_for(resources: dict, kind: str, count: int) -> str | None:
     accelerator type with at least `count` accelerators (None when the type is not in the table)."""
     from lmi_compile.configs import load_json
 
+    from lmi_compile.lmi.plan import instance_spec
+
     table = load_json("instances.json")["instances"]
     if resources.get("instance"):
-        name = resources["instance"]
-        return name if name.startswith("ml.") else f"ml.{name}"
+        return instance_spec(resources["instance"])[0]
     accel = resources.get("accelerator_type")
     fits = [(spec["count"], name) for name, spec in table.items() if spec["kind"] == kind and spec["count"] >= count
             and (accel is None and kind == "neuron" or spec["accelerator"] == accel)]
@@ -63,6 +64,7 @@ def check_fit(job: Job, config) -> str | None:
     config.json (remote/peek.py: read_remote_config)."""
     from lmi_compile.lmi.plan import make_plan
     from lmi_compile.lmi.targets import resolve as resolve_target
+    from lmi_compile.model.dtypes import AMP_DTYPES
     from lmi_compile.neuron.backend import VALID_TP
 
     o = job.options
@@ -77,7 +79,7 @@ def check_fit(job: Job, config) -> str | None:
     else:
         batch = int(o.get("batch_size") or 4)
         seq = o.get("n_positions") or min(4096, config.get("max_position_embeddings", 4096))
-        dtype = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}.get(o.get("amp") or "", "auto")
+        dtype = AMP_DTYPES.get(o.get("amp") or "", "auto")
         instance = instance_for(job.resources, "neuron", tp)
     if instance is None:
         return None  # an accelerator the instance table does not know: nothing to check against
@@ -97,6 +99,6 @@ def check_fit(job: Job, config) -> str | None:
 
 
 def _count(instance: str) -> int:
-    from lmi_compile.configs import load_json
+    from lmi_compile.lmi.plan import instance_spec
 
-    return load_json("instances.json")["instances"][instance]["count"]
+    return instance_spec(instance)[1]["count"]

@@ -14,7 +14,7 @@ from lmi_compile.model.architectures import Architecture, resolve
 from lmi_compile.configs import load_json
 from lmi_compile.errors import BadInput
 from lmi_compile.model.config import ModelConfig
-from lmi_compile.model.dtypes import DTYPE_BYTES, FLOAT_DTYPES, FP8
+from lmi_compile.model.dtypes import AMP_DTYPES, DTYPE_BYTES, FLOAT_DTYPES, FP8
 from lmi_compile.model.quantization import DENSE, ROWWISE, read_quantization
 from lmi_compile.model.limits import sequence_problem
 
@@ -111,7 +111,7 @@ def plan_backend(backend: str | None, instance: str | None, lmi_version: str | N
             raise BadInput(f"--backend {backend!r}; use {' or '.join(BACKENDS)}")
         return backend
     if instance:
-        spec = load_json("instances.json")["instances"].get(instance if instance.startswith("ml.") else f"ml.{instance}")
+        spec = instance_spec(instance)[1]
         if spec:
             return "neuron" if spec["kind"] == "neuron" else "trtllm"
     if lmi_version:
@@ -129,9 +129,6 @@ def _has_release(backend: str, release: str) -> bool:
         return True
     except BadInput:
         return False
-
-
-AMP_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}
 
 
 def plan_for(backend: str, config: ModelConfig, index_total: int | None, *, tp: int, pp: int, dtype: str,
@@ -297,12 +294,17 @@ def needed_per_accelerator(weights: int, kv: int) -> int:
     return int((weights + kv) * (1 + OVERHEAD_FRACTION)) + OVERHEAD_FIXED
 
 
+def instance_spec(instance: str) -> tuple[str, dict | None]:
+    """(the instance's name, its row of configs/instances.json or None); g5.12xlarge and ml.g5.12xlarge alike."""
+    name = instance if instance.startswith("ml.") else f"ml.{instance}"
+    return name, load_json("instances.json")["instances"].get(name)
+
+
 def fit_instance(plan: Plan, instance: str, d, counts: dict, tp_choices: tuple[int, ...] | None = None) -> None:
-    table = load_json("instances.json")["instances"]
-    instance = instance if instance.startswith("ml.") else f"ml.{instance}"  # g5.12xlarge and ml.g5.12xlarge alike
-    spec = table.get(instance)
+    instance, spec = instance_spec(instance)
     if spec is None:
-        raise BadInput(f"--instance {instance!r} is not in the table; known: {', '.join(sorted(table))}")
+        known = load_json("instances.json")["instances"]
+        raise BadInput(f"--instance {instance!r} is not in the table; known: {', '.join(sorted(known))}")
     mem = spec["memory_gib"] * GiB
     plan.instance = instance
     plan.memory_per_accelerator = mem
