@@ -34,11 +34,6 @@ def _isolate(monkeypatch, tmp_path):
     for k, v in ISOLATED_ENV.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    # remote/s3.py shares one botocore client per AWS_* environment in a process: each test starts without those
-    # of earlier tests, whose event handlers (counting, tampering) must not reach it
-    import lmi_compile.remote.s3 as s3
-
-    monkeypatch.setattr(s3, "_clients", {})
     # Users run the CLI from their own folder, not the repository: so does every test, and a default
     # ./lmi-compile-work lands in a fresh folder instead of the checkout.
     (tmp_path / "cwd").mkdir()
