@@ -189,7 +189,6 @@ def test_s3_check_reads_no_weights(s3_env, s3_client, s3_prefix, model_factory, 
         return client
 
     monkeypatch.setattr(s3, "make_client", counting_client)
-    monkeypatch.setattr(s3, "_clients", {})  # the counting handlers stay on this test's client
     report = check(s3_prefix)
     assert report.layout == "hf-pretrained" and report.loadable, report.problems
     assert "HuggingFace pretrained" in render(report)

@@ -47,24 +47,9 @@ def parse_s3_uri(uri: str) -> S3Uri:
     return S3Uri(bucket, prefix + "/" if prefix else "")
 
 
-_clients: dict = {}
-_clients_lock = threading.Lock()
-
-
 def make_client(max_pool: int = 64, region: str | None = None):
-    """One S3 client with adaptive retries (throttling, 5xx, dropped connections) and a big pool, shared by every
-    caller in this process that asks for the same one under the same AWS_* environment: botocore clients are
-    thread-safe, and making one is 0.1-0.2 s of the GIL (a streaming convert made two, its peek and its fetch)."""
-    key = (max_pool, region, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
-    with _clients_lock:  # a second caller waits for the first one's client rather than making its own
-        if key not in _clients:
-            _clients[key] = _new_client(max_pool, region)
-        return _clients[key]
-
-
-def _new_client(max_pool: int, region: str | None):
-    """botocore's own session, not boto3's: nothing here uses boto3's additions, and importing them was 0.09 s of
-    every command."""
+    """One S3 client with adaptive retries (throttling, 5xx, dropped connections) and a big pool. botocore's own
+    session, not boto3's: nothing here uses boto3's additions, and importing them was 0.09 s of every command."""
     import botocore.session
     from botocore.config import Config
 
