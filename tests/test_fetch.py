@@ -124,12 +124,17 @@ def test_a_changed_remote_model_is_fetched_again(hub_env, s3_client, s3_prefix, 
     first, second = model_factory(), model_factory(family="qwen2")
     upload_folder(s3_client, first, s3_prefix)
     assert run_cli("fetch", s3_prefix, "--output", "s3out").returncode == 0
+    assert run_cli("trtllm", s3_prefix, "--until", "convert", "--work-dir", "w").returncode == 0
     proc = run_cli("fetch", s3_prefix, "--output", "s3out")
     assert proc.returncode == 0 and "skipping" in proc.stderr
     upload_folder(s3_client, second, s3_prefix)  # same keys, other bytes
     proc = run_cli("fetch", s3_prefix, "--output", "s3out")
     assert proc.returncode == 0 and "changed on S3" in proc.stderr, proc.stderr
     assert digest_tree(Path("s3out")) == digest_tree(second)
+    proc = run_cli("trtllm", s3_prefix, "--until", "convert", "--work-dir", "w")  # the convert of the old weights
+    assert proc.returncode == 0 and "changed on S3" in proc.stderr and "up to date" not in proc.stderr, proc.stderr
+    config = json.loads(Path("w", "checkpoint", "config.json").read_text())
+    assert config["architecture"] == "Qwen2ForCausalLM"
     hub_env.add("org/moving", first)
     assert run_cli("fetch", "org/moving", "--output", "hubout").returncode == 0
     assert "skipping" in run_cli("fetch", "org/moving", "--output", "hubout").stderr

@@ -1,7 +1,6 @@
 """The fetch stage: a Hub repo, an S3 prefix or a local folder becomes a validated local model folder."""
 
 import logging
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -127,10 +126,10 @@ def changed_since(source: ModelSource, output: Path, token: str | None) -> str |
         same = isinstance(files, dict) and s3_state(files, objects, mtimes) == rec.get("resolved")
         return None if same else "changed on S3 (objects rewritten, added or removed)"
     if source.kind == "hub":
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        if offline or re.fullmatch(r"[0-9a-f]{40}", source.revision or ""):
+        from huggingface_hub import HfApi, constants
+
+        if constants.HF_HUB_OFFLINE or re.fullmatch(r"[0-9a-f]{40}", source.revision or ""):
             return None
-        from huggingface_hub import HfApi
 
         from lmi_compile.remote.hub import translate_error
 

@@ -413,13 +413,14 @@ def first_model(job, stream: StreamingFetch | None):
 def start(model: str, work, *, revision, trust_remote_code: bool, consume: bool = False) -> StreamingFetch | None:
     """A StreamingFetch for an S3 model whose fetch stage is not yet done; None where the ordinary fetch
     stage applies (local folders, the Hub, a finished fetch)."""
-    from lmi_compile.remote.fetch import changed_since, parse_source, stage_fingerprint
+    from lmi_compile.remote.fetch import parse_source, stage_fingerprint
 
     source = parse_source(model, revision)
     if source.kind != "s3":
         return None
-    if stages.is_done(work.source, "fetch", stage_fingerprint(source, trust_remote_code)) and \
-            changed_since(source, work.source, None) is None:
+    # A finished fetch goes to the fetch stage, which asks S3 whether the prefix changed since (once: asking here
+    # too cost a second listing and botocore client on every rerun) and fetches a changed one again
+    if stages.is_done(work.source, "fetch", stage_fingerprint(source, trust_remote_code)):
         return None
     log.info("fetch: converting while %s downloads", source.describe())
     return StreamingFetch(source, work, trust_remote_code=trust_remote_code, consume=consume)
