@@ -4,6 +4,7 @@ Credentials come from the standard AWS chain and are never logged. `AWS_ENDPOINT
 `AWS_ENDPOINT_URL` are honoured by botocore itself, as in every AWS SDK.
 """
 
+import functools
 import json
 import os
 import re
@@ -219,8 +220,8 @@ class Getters:
         import subprocess
         import sys
 
-        # -I -S: the worker needs the standard library only; nothing of the user's site or PYTHON* variables
-        proc = subprocess.Popen([sys.executable, "-I", "-S", str(Path(__file__).with_name("getter.py"))],
+        # -I -S: the worker needs the standard library and isal only; nothing of the user's site or PYTHON* variables
+        proc = subprocess.Popen([sys.executable, "-I", "-S", str(Path(__file__).with_name("getter.py")), _isal_home()],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self._all.append(proc)
         return proc
@@ -305,6 +306,16 @@ class Getters:
                     f.close()
                 except OSError:
                     pass
+
+
+@functools.cache
+def _isal_home() -> str:
+    """The folder holding the isal package (its CRC32: remote/getter.py), for workers that start without
+    site-packages; "" where it is not installed (they use zlib's)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("isal")
+    return str(Path(spec.origin).parent.parent) if spec and spec.origin else ""
 
 
 def _task_bytes(task: dict) -> int:
