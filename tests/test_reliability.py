@@ -270,3 +270,28 @@ except Interrupted as e:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert proc.stdout.split() == ["True", "True"]  # sent mid-import; torch whole after it
+
+
+@pytest.mark.parametrize("live_thread", [False, True])
+def test_the_quick_exit_keeps_what_a_normal_exit_does(tmp_path, live_thread):
+    """Commands end without Python's finalization (__main__._exit_now): the exit code, everything written to the
+    standard streams (a pipe, block-buffered), atexit handlers, and a non-daemon thread's work are all kept."""
+    script = f"""
+import atexit, pathlib, sys, threading, time
+from lmi_compile.__main__ import _exit_now
+out = pathlib.Path({str(tmp_path)!r})
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+if {live_thread}:
+    threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("done"))).start()
+sys.stdout.write("x" * 100000)
+sys.stderr.write("last words")
+_exit_now(3)
+print("after", end="")  # reached only where the quick exit was not safe, and Python's own exit follows
+sys.exit(3)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3
+    assert proc.stdout == "x" * 100000 + ("after" if live_thread else "")
+    assert proc.stderr == "last words"
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "thread").exists() == live_thread
