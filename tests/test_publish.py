@@ -60,11 +60,15 @@ def test_round_trip_byte_for_byte(s3_client, s3_prefix, tmp_path):
     assert MARKER_KEY not in remote
     assert set(manifest["objects"]) == set(local_tree(tree))
     big = manifest["objects"]["tensorrt_llm/1/rank0.engine"]
-    assert big["size"] == 12 * MIB + 123 and big["checksum_sha256"].endswith("-3")  # 3 parts of 5 MiB, composite
+    assert big["size"] == 12 * MIB + 123 and big["checksum_crc32"].endswith("-3")  # 3 parts of 5 MiB, composite
     from lmi_compile.remote.manifest import file_checksums
 
-    local = file_checksums(tree / "tensorrt_llm/1/rank0.engine", big["size"], 5 * MIB, ("sha256", "crc32"))
-    assert (big["checksum_sha256"], big["checksum_crc32"]) == (local["sha256"], local["crc32"])
+    local = file_checksums(tree / "tensorrt_llm/1/rank0.engine", big["size"], 5 * MIB, ("crc32",))
+    assert big["checksum_crc32"] == local["crc32"]
+    # the server checked every part against it, and stores (and reports) the same composite
+    head = s3_client.head_object(Bucket="models", Key=parse_s3_uri(s3_prefix).key("tensorrt_llm/1/rank0.engine"),
+                                 ChecksumMode="ENABLED")
+    assert head["ChecksumCRC32"] == big["checksum_crc32"]
     # and back down through fetch's S3 path, checked against the manifest
     out = tmp_path / "down"
     from lmi_compile.remote.s3 import download_files, list_objects, make_client
@@ -147,6 +151,13 @@ def _b64sha(data: bytes) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode()
 
 
+def _b64crc(data: bytes) -> str:
+    import base64
+    import zlib
+
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
 def test_resume_does_not_trust_size_alone(s3_env, s3_client, s3_prefix, tmp_path):
     from lmi_compile.remote.publish import content_id, local_files
 
@@ -159,33 +170,33 @@ def test_resume_does_not_trust_size_alone(s3_env, s3_client, s3_prefix, tmp_path
     s3_client.put_object(Bucket=u.bucket, Key=u.key(MARKER_KEY), Body=json.dumps({"content_id": cid}).encode())
     rnd = __import__("random").Random(18)
     big, small, bare = "tensorrt_llm/1/rank0.engine", "tensorrt_llm/file0.json", "serving.properties"
-    # - multipart, with valid SHA256 checksums of ITS bytes (composite, as push's own uploads are)
+    # - multipart, with valid CRC32 checksums of ITS bytes (composite, as push's own uploads are)
     other = rnd.randbytes((tree / big).stat().st_size)
-    up = s3_client.create_multipart_upload(Bucket=u.bucket, Key=u.key(big), ChecksumAlgorithm="SHA256")
+    up = s3_client.create_multipart_upload(Bucket=u.bucket, Key=u.key(big), ChecksumAlgorithm="CRC32")
     parts = []
     for i, off in enumerate(range(0, len(other), 5 * MIB)):
         chunk = other[off:off + 5 * MIB]
         r = s3_client.upload_part(Bucket=u.bucket, Key=u.key(big), UploadId=up["UploadId"], PartNumber=i + 1,
-                                  Body=chunk, ChecksumSHA256=_b64sha(chunk))
-        parts.append({"PartNumber": i + 1, "ETag": r["ETag"], "ChecksumSHA256": _b64sha(chunk)})
+                                  Body=chunk, ChecksumCRC32=_b64crc(chunk))
+        parts.append({"PartNumber": i + 1, "ETag": r["ETag"], "ChecksumCRC32": _b64crc(chunk)})
     s3_client.complete_multipart_upload(Bucket=u.bucket, Key=u.key(big), UploadId=up["UploadId"],
                                         MultipartUpload={"Parts": parts})
-    # - single part, with a valid SHA256 checksum of its bytes
+    # - single part, with a valid SHA256 checksum of its bytes (as lmi-compile uploaded before 2026-11)
     other_small = (tree / small).read_bytes().replace(b"0", b"9")
     s3_client.put_object(Bucket=u.bucket, Key=u.key(small), Body=other_small, ChecksumSHA256=_b64sha(other_small))
     # - without any checksum
     s3_client.put_object(Bucket=u.bucket, Key=u.key(bare), Body=b"X" * (tree / bare).stat().st_size)
     heads = {rel: s3_client.head_object(Bucket=u.bucket, Key=u.key(rel), ChecksumMode="ENABLED")
              for rel in (big, small, bare)}
-    assert heads[big]["ChecksumSHA256"].endswith("-2") and heads[small]["ChecksumSHA256"] == _b64sha(other_small)
-    assert "ChecksumSHA256" not in heads[bare]
+    assert heads[big]["ChecksumCRC32"].endswith("-2") and heads[small]["ChecksumSHA256"] == _b64sha(other_small)
+    assert "ChecksumSHA256" not in heads[bare] and "ChecksumCRC32" not in heads[bare]
     assert all(heads[rel]["ContentLength"] == (tree / rel).stat().st_size for rel in heads)
 
     manifest = push(tree, s3_prefix, part_size=5 * MIB).manifest
     remote = remote_tree(s3_client, s3_prefix)
     for rel in (big, small, bare):
         assert remote[rel] == local_tree(tree)[rel], f"{rel}: kept on size alone"
-    assert manifest["objects"][small]["checksum_sha256"] == _b64sha((tree / small).read_bytes())
+    assert manifest["objects"][small]["checksum_crc32"] == _b64crc((tree / small).read_bytes())
 
 
 def test_overwrite_refusal_and_replacement(s3_env, s3_client, s3_prefix, tmp_path):
@@ -261,7 +272,7 @@ def test_delete_local_only_after_every_key_is_verified(s3_env, s3_prefix, tmp_pa
     events = []
     client = make_client()
     client.meta.events.register("after-call.s3.HeadObject", lambda http_response, parsed, **_: events.append(
-        ("verified", unquote(urlparse(http_response.url).path).removeprefix(prefix), parsed.get("ChecksumSHA256"))))
+        ("verified", unquote(urlparse(http_response.url).path).removeprefix(prefix), parsed.get("ChecksumCRC32"))))
     real_rmtree = publish.shutil.rmtree
     monkeypatch.setattr(publish.shutil, "rmtree", lambda p, *a, **k: (events.append(("rmtree", Path(p))),
                                                                        real_rmtree(p, *a, **k)))
@@ -275,8 +286,8 @@ def test_delete_local_only_after_every_key_is_verified(s3_env, s3_prefix, tmp_pa
     bad = make_client()
 
     def tamper(parsed, **_):
-        if "ChecksumSHA256" in parsed:
-            parsed["ChecksumSHA256"] = "AAAA" + parsed["ChecksumSHA256"][4:]
+        if "ChecksumCRC32" in parsed:
+            parsed["ChecksumCRC32"] = "AAAA" + parsed["ChecksumCRC32"][4:]
 
     bad.meta.events.register("after-call.s3.HeadObject", tamper)
     with pytest.raises(LmiCompileError, match="checksum .* after upload, expected"):
@@ -371,3 +382,21 @@ def test_an_occupied_upload_prefix_is_refused_before_the_convert(s3_env, s3_clie
     proc = run_cli(*args, "--upload", free)
     assert proc.returncode == 0 and "nothing changed" in proc.stderr, proc.stderr
 
+
+
+@pytest.mark.parametrize("head, entry, differs", [
+    ({"ChecksumCRC32": "c1"}, {"checksum_crc32": "c1"}, None),
+    ({"ChecksumCRC32": "c2"}, {"checksum_crc32": "c1"}, "checksum c2, expected c1"),
+    # pushed before 2026-11: S3 verified SHA256, the entry has it and a CRC32 of the same bytes
+    ({"ChecksumSHA256": "s1"}, {"checksum_sha256": "s1", "checksum_crc32": "c1"}, None),
+    ({"ChecksumSHA256": "s2"}, {"checksum_sha256": "s1", "checksum_crc32": "c1"}, "checksum s2, expected s1"),
+    # such an object overwritten by an SDK that sends CRC32 by default
+    ({"ChecksumCRC32": "c2"}, {"checksum_sha256": "s1", "checksum_crc32": "c1"}, "checksum c2, expected c1"),
+    # a plain PUT over it: S3 stores no checksum the entry can be compared with
+    ({}, {"checksum_crc32": "c1"}, "checksum None, expected c1"),
+    ({"ChecksumCRC64NVME": "n"}, {"checksum_sha256": "s1"}, "checksum None, expected s1"),
+])
+def test_a_stored_checksum_is_compared_on_the_algorithm_both_carry(head, entry, differs):
+    from lmi_compile.remote.manifest import stored_difference
+
+    assert stored_difference(head, entry) == differs

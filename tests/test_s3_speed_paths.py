@@ -54,10 +54,13 @@ def test_fetch_verifies_every_byte_against_the_manifest(published, s3_client, tm
     assert "crc32" in line  # the cheaper checksum, where the manifest carries it
     assert not bad.exists() or not (bad / shard).exists()
     assert not list(tmp_path.rglob(f".{shard}.tmp-*")), "a file that failed its checksum must not remain"
-    # A manifest written before CRC32 was recorded (SHA256 only) is checked with SHA256.
+    # A manifest written before CRC32 was recorded (SHA256 only, what S3 verified then) is checked with SHA256.
+    from lmi_compile.remote.manifest import file_checksums
+
     manifest = json.loads(s3_client.get_object(Bucket=u.bucket, Key=u.key(MANIFEST_KEY))["Body"].read())
-    assert all("checksum_crc32" in e and "checksum_sha256" in e for e in manifest["objects"].values())
-    for e in manifest["objects"].values():
+    assert all(set(e) == {"size", "part_size", "checksum_crc32"} for e in manifest["objects"].values())
+    for rel, e in manifest["objects"].items():
+        e["checksum_sha256"] = file_checksums(model / rel, e["size"], e["part_size"])["sha256"]
         del e["checksum_crc32"]
     s3_client.put_object(Bucket=u.bucket, Key=u.key(MANIFEST_KEY), Body=json.dumps(manifest).encode())
     proc = run_cli("fetch", prefix, "--output", tmp_path / "bad-old")

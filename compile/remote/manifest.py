@@ -3,11 +3,12 @@
 A laid-out tree carries LAYOUT_MANIFEST (build facts); a published S3 prefix carries MANIFEST_KEY (every
 object with its size and checksums) and, while an upload is under way, MARKER_KEY.
 
-Each manifest entry has `size`, `part_size` and `checksum_sha256`: the ChecksumSHA256 S3 verified and reports
-for the object (composite for multipart). Entries written since issue 17 also have `checksum_crc32`, the same
-construction with CRC32 (zlib's, as S3's ChecksumCRC32), computed by push from the very bytes it sent: fetch
-checks the cheaper CRC32 where an entry has it (ISA-L's CRC32, remote/getter.py, runs at 85 GB/s a core here,
-SHA256 at 1.8) and SHA256 otherwise, so manifests of either age verify, and older lmi-compile versions still find `checksum_sha256`.
+Each manifest entry has `size`, `part_size` and `checksum_crc32`: the ChecksumCRC32 S3 verified and reports for
+the object (composite for multipart; UPLOAD_CHECKSUM). Entries written before 2026-11 have `checksum_sha256`,
+what S3 verified then, and since issue 17 `checksum_crc32` too, computed by push from the very bytes it sent.
+fetch checks CRC32 where an entry has it (ISA-L's CRC32, remote/getter.py, runs at 85 GB/s a core here, SHA256
+at 1.8) and SHA256 otherwise, so manifests of every age verify. (lmi-compile from before issue 17 knows only
+`checksum_sha256`, which today's entries lack.)
 """
 
 import base64
@@ -22,8 +23,31 @@ MARKER_KEY = "lmi-compile-upload-in-progress.json"
 MIB = 1024 * 1024
 
 
+# The checksum push has S3 verify on every PUT and store with the object (composite for a multipart upload): CRC32,
+# as the AWS SDKs have sent by default since 2025. S3 (and the test server) hash each part again to check it, and
+# SHA256 cost that server as much CPU as the upload's own bytes. Prefixes pushed before 2026-11 had S3 verify
+# SHA256; their objects still report it, and a HEAD is compared on whichever algorithm both sides carry.
+UPLOAD_CHECKSUM = "crc32"
+S3_FIELDS = {"crc32": "ChecksumCRC32", "sha256": "ChecksumSHA256"}  # manifest checksum_<name> -> S3's field
+
+
 def b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode()
+
+
+def stored_difference(head: dict, entry: dict) -> str | None:
+    """How the checksum S3 stored with an object (a HEAD with checksums) differs from a manifest entry's, or
+    None: compared on every algorithm both carry; an object S3 stored with none of them (a plain PUT over it)
+    differs."""
+    pairs = [(head[S3_FIELDS[a]], entry[f"checksum_{a}"]) for a in S3_FIELDS
+             if head.get(S3_FIELDS[a]) and isinstance(entry.get(f"checksum_{a}"), str)]
+    bad = next(((got, want) for got, want in pairs if got != want), None)
+    if bad:
+        return f"checksum {bad[0]}, expected {bad[1]}"
+    if not pairs:
+        want = next((entry[f"checksum_{a}"] for a in S3_FIELDS if isinstance(entry.get(f"checksum_{a}"), str)), None)
+        return f"checksum None, expected {want}"
+    return None
 
 
 def verifying_checksum(entry: dict) -> tuple[str, str] | None:
@@ -85,8 +109,8 @@ def read_manifest(client, uri) -> dict | None:
 
 def unmatched_objects(client, uri, objects: dict) -> dict[str, str]:
     """{rel: how it differs} for the objects of a manifest (`{rel: entry}`) that S3 no longer holds as published:
-    missing, of another size, or whose stored SHA256 (HEAD with checksums) is not the entry's; a plain PUT over a
-    published object stores none. HEADs only, in parallel, no object read; in the order of the names."""
+    missing, of another size, or whose stored checksum (HEAD with checksums) is not the entry's; a plain PUT over
+    a published object stores none, or another. HEADs only, in parallel, no object read; in the order of the names."""
     from concurrent.futures import ThreadPoolExecutor
 
     from botocore.exceptions import ClientError
@@ -103,9 +127,7 @@ def unmatched_objects(client, uri, objects: dict) -> dict[str, str]:
             raise translate(e, f"{uri}{rel}") from None
         if head.get("ContentLength") != entry.get("size"):
             return f"size {head.get('ContentLength')}, expected {entry.get('size')}"
-        if head.get("ChecksumSHA256") != entry.get("checksum_sha256"):
-            return f"checksum {head.get('ChecksumSHA256')}, expected {entry.get('checksum_sha256')}"
-        return None
+        return stored_difference(head, entry)
 
     items = sorted(objects.items())
     with ThreadPoolExecutor(max(1, min(32, len(items)))) as pool:

@@ -1,7 +1,7 @@
 """The push stage: publish a local artifact tree to an S3 prefix, verified, resumable and atomic.
 
-- Every object goes up with a SHA256 checksum the server verifies (per part for multipart uploads);
-  afterwards every key is confirmed with HEAD (size and S3's checksum, composite for multipart).
+- Every object goes up with a CRC32 checksum the server verifies (per part for multipart uploads; manifest.py
+  UPLOAD_CHECKSUM); afterwards every key is confirmed with HEAD (size and S3's checksum, composite for multipart).
 - A marker object is written first and the manifest (every key, size, checksum, build facts) last, then
   the marker is removed: a prefix with the marker and no manifest is an incomplete upload.
 - A rerun skips objects whose size AND checksum already match, and uploads the rest.
@@ -9,7 +9,6 @@
   run are aborted; local files are deleted only with --delete-local, after verification.
 """
 
-import hashlib
 import json
 import logging
 import shutil
@@ -25,8 +24,9 @@ from lmi_compile.errors import BadInput, Interrupted, LmiCompileError
 from lmi_compile.pipeline.interrupts import check
 from lmi_compile.paths import resolve_inside
 from lmi_compile.pipeline.progress import bytes_bar
-from lmi_compile.remote.manifest import (LAYOUT_MANIFEST, MANIFEST_KEY, MARKER_KEY, MIB, b64, composite,
-                                         file_checksums, first_local_difference, unmatched_objects)
+from lmi_compile.remote.manifest import (HASHES, LAYOUT_MANIFEST, MANIFEST_KEY, MARKER_KEY, MIB, S3_FIELDS,
+                                         UPLOAD_CHECKSUM, b64, composite, file_checksums, first_local_difference,
+                                         unmatched_objects)
 from lmi_compile.remote.s3 import (RANGE_ATTEMPTS, Getters, S3Uri, connections, failed, list_objects, make_client,
                                    parse_s3_uri, translate)
 
@@ -114,29 +114,30 @@ class Publisher:
 
     def put_json(self, rel: str, data: dict) -> None:
         body = (json.dumps(data, indent=2) + "\n").encode()
-        self._call("put_object", Key=self.uri.key(rel), Body=body, ChecksumSHA256=b64(hashlib.sha256(body).digest()),
-                   ContentType="application/json")
+        self._call("put_object", Key=self.uri.key(rel), Body=body, ContentType="application/json",
+                   **{S3_FIELDS[UPLOAD_CHECKSUM]: b64(HASHES[UPLOAD_CHECKSUM](body).digest())})
 
-    def send(self, op: str, key: str, f: LocalFile, offset: int, size: int, **params) -> tuple[str, bytes, bytes]:
+    def send(self, op: str, key: str, f: LocalFile, offset: int, size: int, **params) -> tuple[str, bytes]:
         """PUT bytes [offset, offset + size) of `f` (put_object or upload_part `op`) through a transfer worker: it
-        hashes them, the URL is presigned here with their SHA256 as a signed header (S3 verifies it), and it
-        sends them from the file, refusing a file changed in between. Returns (ETag, SHA256, CRC32); retried like
-        a GET."""
-        task = {"op": "put", "path": str(f.path), "offset": offset, "size": size, "algorithms": ["sha256", "crc32"]}
-        sums: dict[str, bytes] = {}
+        hashes them, the URL is presigned here with their checksum (UPLOAD_CHECKSUM) as a signed header (S3
+        verifies it), and it sends them from the file, refusing a file changed in between. Returns (ETag, raw
+        digest); retried like a GET."""
+        alg = UPLOAD_CHECKSUM
+        task = {"op": "put", "path": str(f.path), "offset": offset, "size": size, "algorithms": [alg]}
+        raw = {}
 
         def sign(reply: dict) -> dict:
-            sums.update({name: bytes.fromhex(d) for name, d in reply["digests"].items()})
-            digest = b64(sums["sha256"])
-            url = self.workers.sign(op, {"Bucket": self.uri.bucket, "Key": key, **params, "ChecksumSHA256": digest},
+            raw[alg] = bytes.fromhex(reply["digests"][alg])
+            digest = b64(raw[alg])
+            url = self.workers.sign(op, {"Bucket": self.uri.bucket, "Key": key, **params, S3_FIELDS[alg]: digest},
                                     f"{self.uri}{f.rel}")
-            return {"url": url, "headers": {"x-amz-checksum-sha256": digest}}
+            return {"url": url, "headers": {f"x-amz-checksum-{alg}": digest}}
 
         for attempt in range(RANGE_ATTEMPTS):
             check()
             reply = self.workers.run(task, then=sign)
             if reply["ok"]:
-                return reply["etag"], sums["sha256"], sums["crc32"]
+                return reply["etag"], raw[alg]
             if self.workers.redirected(reply):
                 continue
             failed(reply, f"{self.uri}{f.rel}", f"the PUT of bytes {offset}-{offset + size - 1}", attempt,
@@ -144,16 +145,17 @@ class Publisher:
         raise AssertionError("unreachable")  # failed() raises on the last attempt
 
     def upload(self, f: LocalFile, part_size: int) -> dict[str, str]:
-        """Upload one file in parts of `part_size`; return its checksums: SHA256 (what S3 verified and now
-        reports) and CRC32 (computed from the same bytes, for fetch to check cheaply)."""
+        """Upload one file in parts of `part_size`; return its manifest checksum: what S3 verified and now
+        reports (UPLOAD_CHECKSUM, composite for multipart)."""
         check()
         testhooks.pause("push-file")
+        alg = UPLOAD_CHECKSUM
         if f.size <= part_size:
-            _, sha, crc = self.send("put_object", self.uri.key(f.rel), f, 0, f.size)
+            _, raw = self.send("put_object", self.uri.key(f.rel), f, 0, f.size)
             self.bar.update(f.size)
-            return {"checksum_sha256": b64(sha), "checksum_crc32": b64(crc)}
+            return {f"checksum_{alg}": b64(raw)}
         key = self.uri.key(f.rel)
-        upload_id = self._call("create_multipart_upload", Key=key, ChecksumAlgorithm="SHA256")["UploadId"]
+        upload_id = self._call("create_multipart_upload", Key=key, ChecksumAlgorithm=alg.upper())["UploadId"]
         with self._lock:
             self.open_uploads[key] = upload_id
         n = -(-f.size // part_size)
@@ -163,9 +165,9 @@ class Publisher:
             testhooks.pause("push-part")
             off = i * part_size
             size = min(part_size, f.size - off)
-            etag, raw, crc = self.send("upload_part", key, f, off, size, UploadId=upload_id, PartNumber=i + 1)
+            etag, raw = self.send("upload_part", key, f, off, size, UploadId=upload_id, PartNumber=i + 1)
             self.bar.update(size)
-            return {"PartNumber": i + 1, "ETag": etag, "ChecksumSHA256": b64(raw)}, raw, crc
+            return {"PartNumber": i + 1, "ETag": etag, S3_FIELDS[alg]: b64(raw)}, raw
 
         futures = [self.parts.submit(part, i) for i in range(n)]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
@@ -176,11 +178,10 @@ class Publisher:
                 raise fut.exception()
         results = [fut.result() for fut in futures]
         self._call("complete_multipart_upload", Key=key, UploadId=upload_id,
-                   MultipartUpload={"Parts": [p for p, _, _ in results]})
+                   MultipartUpload={"Parts": [p for p, _ in results]})
         with self._lock:
             self.open_uploads.pop(key, None)
-        return {"checksum_sha256": composite([raw for _, raw, _ in results], f.size, part_size, "sha256"),
-                "checksum_crc32": composite([crc for _, _, crc in results], f.size, part_size, "crc32")}
+        return {f"checksum_{alg}": composite([raw for _, raw in results], f.size, part_size, alg)}
 
     def abort_open_uploads(self) -> list[str]:
         aborted = []
@@ -319,12 +320,14 @@ def _publish(pub: Publisher, root: Path, files: list[LocalFile], cid: str, *, ov
     for f in files:
         ps = part_size_for(f.size, pub.part_size)
         if existing.get(f.rel) == f.size:
-            head = pub.head(f.rel)
-            remote = (head or {}).get("ChecksumSHA256")
-            if remote:
-                local = file_checksums(f.path, f.size, ps, ("sha256", "crc32"))
-                if remote == local["sha256"]:
-                    entries[f.rel] = {"size": f.size, "checksum_sha256": remote, "checksum_crc32": local["crc32"],
+            # uploaded by the interrupted run (or, with SHA256, by an lmi-compile of before 2026-11): kept when the
+            # checksum S3 stored matches this file's
+            head = pub.head(f.rel) or {}
+            alg = next((a for a in (UPLOAD_CHECKSUM, *S3_FIELDS) if head.get(S3_FIELDS[a])), None)
+            if alg:
+                local = file_checksums(f.path, f.size, ps, tuple(dict.fromkeys((alg, "crc32"))))
+                if head[S3_FIELDS[alg]] == local[alg]:
+                    entries[f.rel] = {"size": f.size, **{f"checksum_{a}": v for a, v in local.items()},
                                       "part_size": ps}
                     continue
         todo.append((f, ps))
