@@ -38,7 +38,7 @@ def _exit_now(code: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):
+        except Exception:  # closed (None when started with the descriptor shut), or a broken pipe
             pass
     os._exit(code)
 

@@ -394,7 +394,9 @@ def test_an_occupied_upload_prefix_is_refused_before_the_convert(s3_env, s3_clie
     ({"ChecksumCRC32": "c2"}, {"checksum_sha256": "s1", "checksum_crc32": "c1"}, "checksum c2, expected c1"),
     # a plain PUT over it: S3 stores no checksum the entry can be compared with
     ({}, {"checksum_crc32": "c1"}, "checksum None, expected c1"),
-    ({"ChecksumCRC64NVME": "n"}, {"checksum_sha256": "s1"}, "checksum None, expected s1"),
+    ({"ChecksumCRC64NVME": "n", "ChecksumType": "FULL_OBJECT"}, {"checksum_sha256": "s1"},
+     "checksum n (ChecksumCRC64NVME), expected s1"),
+    ({"ChecksumSHA256": "s1"}, {"checksum_crc32": "c1"}, "checksum s1 (ChecksumSHA256), expected c1"),
 ])
 def test_a_stored_checksum_is_compared_on_the_algorithm_both_carry(head, entry, differs):
     from lmi_compile.remote.manifest import stored_difference

@@ -295,3 +295,14 @@ sys.exit(3)
     assert proc.stderr == "last words"
     assert (tmp_path / "atexit").read_text() == "ran"
     assert (tmp_path / "thread").exists() == live_thread
+
+
+@pytest.mark.parametrize("args, code", [(["targets"], 0), (["check", "no-such-folder"], 2)])
+def test_a_command_with_its_output_shut_keeps_its_exit_code(tmp_path, args, code):
+    """Started with stdout closed (`>&-` in a shell), Python has no sys.stdout: the quick exit must not turn
+    that into a traceback and exit 1."""
+    proc = subprocess.run([sys.executable, "-m", "lmi_compile", *args], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=120,
+                          preexec_fn=lambda: os.close(1))
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,12 +1,12 @@
 """A transfer worker process of the S3 fetch (ranged GETs, s3.download_files) and push (part PUTs,
-publish.Publisher): standard library only, started as a script.
+publish.Publisher): the standard library and isal's CRC32 only, started as a script.
 
 Why a process: one Python process moving several GB/s spends its time handing the GIL between threads for every
 socket read, checksum and write; separate processes each read, hash and pwrite without waiting on one another
 (on the 16-core host 8 of them fetched a model 1.6x faster than 16 threads of botocore, with half the CPU).
 Why plain http.client: the URL comes presigned (SigV4, by botocore in the parent, which knows endpoints,
 regions and credentials), so a GET is one request line; the body is read straight from the socket into one
-reused buffer, hashed there (zlib.crc32 and hashlib release the GIL) and written in place with pwrite.
+reused buffer, hashed there (isal's crc32 and hashlib release the GIL) and written in place with pwrite.
 
 A PUT is read twice, never held: the part is hashed chunk by chunk in the same reused buffer, then sent from the
 file on a URL presigned with its checksum as a signed header, which S3 verifies (over plain http with sendfile,

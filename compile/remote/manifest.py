@@ -7,8 +7,9 @@ Each manifest entry has `size`, `part_size` and `checksum_crc32`: the ChecksumCR
 the object (composite for multipart; UPLOAD_CHECKSUM). Entries written before 2026-11 have `checksum_sha256`,
 what S3 verified then, and since issue 17 `checksum_crc32` too, computed by push from the very bytes it sent.
 fetch checks CRC32 where an entry has it (ISA-L's CRC32, remote/getter.py, runs at 85 GB/s a core here, SHA256
-at 1.8) and SHA256 otherwise, so manifests of every age verify. (lmi-compile from before issue 17 knows only
-`checksum_sha256`, which today's entries lack.)
+at 1.8) and SHA256 otherwise, so manifests of every age verify. Older releases reading today's prefixes: their
+fetch checks CRC32 too, but their HEAD comparisons (check, re-push) looked at SHA256 only, and on these objects
+compare sizes alone. CRC32 is S3's and the SDKs' own integrity check: it catches corruption, not a forgery.
 """
 
 import base64
@@ -46,7 +47,9 @@ def stored_difference(head: dict, entry: dict) -> str | None:
         return f"checksum {bad[0]}, expected {bad[1]}"
     if not pairs:
         want = next((entry[f"checksum_{a}"] for a in S3_FIELDS if isinstance(entry.get(f"checksum_{a}"), str)), None)
-        return f"checksum None, expected {want}"
+        other = next((f"{v} ({k})" for k, v in head.items() if k.startswith("Checksum") and k != "ChecksumType"),
+                     None)
+        return f"checksum {other}, expected {want}"
     return None
 
 

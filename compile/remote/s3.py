@@ -220,7 +220,8 @@ class Getters:
         import subprocess
         import sys
 
-        # -I -S: the worker needs the standard library and isal only; nothing of the user's site or PYTHON* variables
+        # -I -S: nothing of the user's site or PYTHON* variables; the folder isal lies in goes after the standard
+        # library on the worker's path, and isal is all it imports from there
         proc = subprocess.Popen([sys.executable, "-I", "-S", str(Path(__file__).with_name("getter.py")), _isal_home()],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self._all.append(proc)
@@ -321,6 +322,8 @@ def _isal_home() -> str:
 def _task_bytes(task: dict) -> int:
     if task.get("op") == "put":
         return task["size"]
+    if not task.get("parts"):  # info
+        return 0
     return task["parts"][-1][0] + task["parts"][-1][1] - task["parts"][0][0]
 
 
