@@ -687,3 +687,28 @@ def test_write_size_is_small_only_where_freed_memory_goes_back_to_the_hypervisor
     else:
         monkeypatch.delenv("LMI_COMPILE_WRITE_KIB", raising=False)
     assert write_size(str(tmp_path)) == expected
+
+
+def test_the_s3_client_asks_botocore_for_its_one_service_not_the_list_of_all(s3_env, monkeypatch):
+    """make_client answers botocore's "is this service known?" by looking the name up (its ~420 service folders
+    were listed twice per client); every other service, STS for credentials included, is still known."""
+    import os
+
+    import botocore.session
+    from botocore.exceptions import UnknownServiceError
+
+    from lmi_compile.remote.s3 import look_up_services_by_name, make_client
+
+    listed = []
+    real = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda p=".": listed.append(p) or real(p))
+    assert make_client().list_buckets()["Buckets"] is not None
+    assert len(listed) < 10, len(listed)
+    monkeypatch.setattr(os, "listdir", real)
+    session = botocore.session.get_session()
+    look_up_services_by_name(session)
+    known = session.get_component("data_loader").list_available_services("service-2")
+    assert "sts" in known and "s3" in known and "no-such-service" not in known and len(list(known)) > 100
+    assert session.create_client("sts", region_name="us-east-1").meta.service_model.service_name == "sts"
+    with pytest.raises(UnknownServiceError):
+        session.create_client("no-such-service", region_name="us-east-1")

@@ -63,7 +63,38 @@ def make_client(max_pool: int = 64, region: str | None = None):
     cfg = Config(retries={"mode": "adaptive", "max_attempts": 8}, max_pool_connections=max_pool, signature_version="s3v4",
                  s3=s3cfg, connect_timeout=10, read_timeout=120,
                  request_checksum_calculation="when_required", response_checksum_validation="when_required")
-    return botocore.session.get_session().create_client("s3", config=cfg, region_name=region)
+    session = botocore.session.get_session()
+    look_up_services_by_name(session)
+    return session.create_client("s3", config=cfg, region_name=region)
+
+
+def look_up_services_by_name(session) -> None:
+    loader = session.get_component("data_loader")
+    full_list = loader.list_available_services
+    loader.list_available_services = lambda type_name: _KnownServices(loader, type_name, full_list)
+
+
+class _KnownServices:
+    """botocore's "is this service known?" answered by looking up the one name asked (its folder of API versions):
+    botocore lists every service folder it ships, about 420 of them, twice per client, which was 20 ms of every S3
+    command here. Any other use (iteration, a client for STS that credentials may need) sees the full list."""
+
+    def __init__(self, loader, type_name: str, full_list):
+        self.loader, self.type_name, self.full_list = loader, type_name, full_list
+
+    def __contains__(self, name) -> bool:
+        from botocore.exceptions import DataNotFoundError
+
+        try:
+            return bool(self.loader.list_api_versions(name, self.type_name))
+        except DataNotFoundError:
+            return False
+
+    def __iter__(self):
+        return iter(self.full_list(self.type_name))
+
+    def __len__(self) -> int:
+        return len(self.full_list(self.type_name))
 
 
 def translate(e: Exception, where: str) -> LmiCompileError:
