@@ -23,8 +23,8 @@ def run() -> None:
 def _exit_now(code: int) -> None:
     """End the process without Python's finalization, which frees those million objects one by one after the
     work is done (70 ms of every S3 command here, with botocore's client; a tenth of a whole 8.5 GiB fetch's
-    margin on the 16-core host). atexit handlers still run and the standard streams are flushed; files are
-    written by `with` blocks, so none waits for a finalizer. Kept: the normal exit under a profiler or tracer
+    margin on the 16-core host). atexit handlers still run and the standard streams are flushed; our files are
+    written in `with` blocks, so none waits for a finalizer. Kept: the normal exit under a profiler or tracer
     (cProfile prints after the run), and while a non-daemon thread lives (Python would join it first)."""
     import threading
 
