@@ -1,6 +1,7 @@
 """The fetch stage: a Hub repo, an S3 prefix or a local folder becomes a validated local model folder."""
 
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -165,6 +166,12 @@ def _download(source: ModelSource, staging: Path, *, token, trust_remote_code, l
     return resolved
 
 
+# Workers of a fetch that a convert or split reads as it lands run at this niceness: that consumer (torch's import
+# first, seconds of one core) is the command's critical path, and the transfer, which can take every core, only
+# has to stay ahead of it.
+BESIDE_A_CONSUMER_NICE = int(os.environ.get("LMI_COMPILE_TRANSFER_NICE", "10"))
+
+
 def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool, listener=None) -> str:
     from lmi_compile.model.files import preferred_index, small_files, weight_files
     from lmi_compile.remote.manifest import MANIFEST_KEY, MARKER_KEY
@@ -173,7 +180,7 @@ def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool, listener=No
     uri = parse_s3_uri(location)
     # One set of GET workers for the small files and the weights, started first: they need only the standard
     # library, so they are ready by the time botocore (a quarter second) has loaded here.
-    getters = Getters(None).start()
+    getters = Getters(None, nice=BESIDE_A_CONSUMER_NICE if listener else 0).start()
     try:
         client = getters.client = make_client()
         mtimes: dict[str, int] = {}

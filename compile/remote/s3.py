@@ -198,8 +198,9 @@ class Getters:
     on URLs this process presigns with its botocore client, or on a host of few cores the same code in our own
     threads (use_processes). A thread of ours drives one worker at a time; close() ends them all."""
 
-    def __init__(self, client, processes: int | None = None, in_process: bool | None = None):
+    def __init__(self, client, processes: int | None = None, in_process: bool | None = None, nice: int = 0):
         self.client = client
+        self.nice = nice  # added to the worker processes' niceness
         self.processes = processes or connections()
         self.in_process = not use_processes() if in_process is None else in_process
         self._free: list = []
@@ -253,7 +254,8 @@ class Getters:
 
         # -I -S: nothing of the user's site or PYTHON* variables; the folder isal lies in goes after the standard
         # library on the worker's path, and isal is all it imports from there
-        proc = subprocess.Popen([sys.executable, "-I", "-S", str(Path(__file__).with_name("getter.py")), _isal_home()],
+        proc = subprocess.Popen([sys.executable, "-I", "-S", str(Path(__file__).with_name("getter.py")), _isal_home(),
+                                 str(self.nice)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self._all.append(proc)
         return proc
