@@ -747,3 +747,8 @@ def test_workers_of_a_fetch_read_as_it_lands_yield_the_cores_to_the_reader(publi
     fetch._fetch_s3(prefix, tmp_path / "a", trust_remote_code=False, listener=Listener())
     fetch._fetch_s3(prefix, tmp_path / "b", trust_remote_code=False)
     assert asked == [fetch.BESIDE_A_CONSUMER_NICE, 0] and fetch.BESIDE_A_CONSUMER_NICE > 0
+    monkeypatch.setenv("LMI_COMPILE_TRANSFER_NICE", "3")
+    assert fetch.consumer_nice() == 3
+    monkeypatch.setenv("LMI_COMPILE_TRANSFER_NICE", "high")
+    with pytest.raises(fetch.BadInput, match="LMI_COMPILE_TRANSFER_NICE='high': give a whole number from 0 to 19"):
+        fetch.consumer_nice()

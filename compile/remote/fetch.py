@@ -166,10 +166,19 @@ def _download(source: ModelSource, staging: Path, *, token, trust_remote_code, l
     return resolved
 
 
-# Workers of a fetch that a convert or split reads as it lands run at this niceness: that consumer (torch's import
-# first, seconds of one core) is the command's critical path, and the transfer, which can take every core, only
-# has to stay ahead of it.
-BESIDE_A_CONSUMER_NICE = int(os.environ.get("LMI_COMPILE_TRANSFER_NICE", "10"))
+BESIDE_A_CONSUMER_NICE = 10
+
+
+def consumer_nice() -> int:
+    """The niceness of the workers of a fetch that a convert or split reads as it lands: that consumer (torch's
+    import first, seconds of one core) is the command's critical path, and the transfer, which can take every core,
+    only has to stay ahead of it. LMI_COMPILE_TRANSFER_NICE=N (0 to 19) sets it."""
+    forced = os.environ.get("LMI_COMPILE_TRANSFER_NICE", "").strip()
+    if not forced:
+        return BESIDE_A_CONSUMER_NICE
+    if not forced.isdigit() or int(forced) > 19:
+        raise BadInput(f"LMI_COMPILE_TRANSFER_NICE={forced!r}: give a whole number from 0 to 19")
+    return int(forced)
 
 
 def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool, listener=None) -> str:
@@ -178,9 +187,9 @@ def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool, listener=No
     from lmi_compile.remote.s3 import Getters, download_files, list_objects, make_client, parse_s3_uri
 
     uri = parse_s3_uri(location)
-    # One set of GET workers for the small files and the weights, started first: they need only the standard
-    # library, so they are ready by the time botocore (a quarter second) has loaded here.
-    getters = Getters(None, nice=BESIDE_A_CONSUMER_NICE if listener else 0).start()
+    # One set of GET workers for the small files and the weights, started first: they need no botocore, so they
+    # are ready by the time it (a quarter second) has loaded here.
+    getters = Getters(None, nice=consumer_nice() if listener else 0).start()
     try:
         client = getters.client = make_client()
         mtimes: dict[str, int] = {}
