@@ -315,14 +315,14 @@ def neuron(
     """Compile MODEL for AWS Neuron (inf2/trn1): fetch, write split weights, compile NEFF graphs with
     transformers-neuronx, and lay out the tree LMI loads with its serving.properties."""
     from lmi_compile.errors import BadInput
-    from lmi_compile.model.dtypes import AMP_DTYPES
+    from lmi_compile.model.dtypes import DTYPE_AMPS
     from lmi_compile.neuron.backend import NeuronJob, run
     from lmi_compile.pipeline.workdir import WorkDir, default_work_dir
     from lmi_compile.remote.fetch import parse_source
 
     s = Settings(properties)
     model = s.model(model)
-    lmi_amp = {v: k for k, v in AMP_DTYPES.items()}.get(s.lmi.get("dtype", ""))
+    lmi_amp = DTYPE_AMPS.get(s.lmi.get("dtype", ""))
     context_length_estimate = s.pick("context_length_estimate", context_length_estimate, None)
     try:
         buckets = [int(x) for x in context_length_estimate.split(",")] if context_length_estimate else []

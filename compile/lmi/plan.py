@@ -14,7 +14,7 @@ from lmi_compile.model.architectures import Architecture, resolve
 from lmi_compile.configs import load_json
 from lmi_compile.errors import BadInput
 from lmi_compile.model.config import ModelConfig
-from lmi_compile.model.dtypes import AMP_DTYPES, DTYPE_BYTES, FLOAT_DTYPES, FP8
+from lmi_compile.model.dtypes import AMP_DTYPES, DTYPE_AMPS, DTYPE_BYTES, FLOAT_DTYPES, FP8
 from lmi_compile.model.quantization import DENSE, ROWWISE, read_quantization
 from lmi_compile.model.limits import sequence_problem
 
@@ -154,8 +154,7 @@ def plan_for(backend: str, config: ModelConfig, index_total: int | None, *, tp: 
 
         if pp != 1:
             raise BadInput("--pp: Neuron shards over NeuronCores with tp alone; drop --pp")
-        amp = LMI_TO_AMP[target["dtype_default"]] if dtype == "auto" else \
-            {v: k for k, v in AMP_DTYPES.items()}.get(dtype, dtype)
+        amp = LMI_TO_AMP[target["dtype_default"]] if dtype == "auto" else DTYPE_AMPS.get(dtype, dtype)
         batch = max_batch_size or NeuronJob.batch_size
         seq = max_seq_len or min(DEFAULT_MAX_N_POSITIONS, config.get("max_position_embeddings", DEFAULT_MAX_N_POSITIONS))
         p = make_plan(config, tp=tp, dtype=AMP_DTYPES.get(amp, dtype), max_batch_size=batch, max_seq_len=seq,

@@ -21,6 +21,7 @@ DTYPE_BYTES = {name: SAFETENSORS[tag][1] for name, tag in TORCH_TO_ST.items()}
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 # transformers-neuronx's amp names (--amp) and LMI's option.dtype names, for the same three floats.
 AMP_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}
+DTYPE_AMPS = {v: k for k, v in AMP_DTYPES.items()}
 LMI_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 # FP8 as TensorRT-LLM stores it: e4m3 (its Parameter dtype 'fp8'; tensorrt_llm/quantization/layers.py FP8Linear),
 # largest finite value 448.

@@ -1,7 +1,6 @@
 """The fetch stage: a Hub repo, an S3 prefix or a local folder becomes a validated local model folder."""
 
 import logging
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -173,12 +172,10 @@ def consumer_nice() -> int:
     """The niceness of the workers of a fetch that a convert or split reads as it lands: that consumer (torch's
     import first, seconds of one core) is the command's critical path, and the transfer, which can take every core,
     only has to stay ahead of it. LMI_COMPILE_TRANSFER_NICE=N (0 to 19) sets it."""
-    forced = os.environ.get("LMI_COMPILE_TRANSFER_NICE", "").strip()
-    if not forced:
-        return BESIDE_A_CONSUMER_NICE
-    if not forced.isdigit() or int(forced) > 19:
-        raise BadInput(f"LMI_COMPILE_TRANSFER_NICE={forced!r}: give a whole number from 0 to 19")
-    return int(forced)
+    from lmi_compile.remote.s3 import env_number
+
+    forced = env_number("LMI_COMPILE_TRANSFER_NICE", 0, 19)
+    return BESIDE_A_CONSUMER_NICE if forced is None else forced
 
 
 def _fetch_s3(location: str, dest: Path, *, trust_remote_code: bool, listener=None) -> str:

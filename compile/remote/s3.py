@@ -367,16 +367,22 @@ def connections(least: int = 16) -> int:
     instance's 10-15 Gbit/s, 64 about 5 GB/s. With every connection capped at 10 MB/s on loopback (bench_push.py
     --conn-mbps), 16 instead of 4 halved a 2-core fetch; uncapped, 16 against 4 cost 3% there, and 32 or 48 against
     16 nothing measurable on the 16-core host."""
-    forced = os.environ.get("LMI_COMPILE_S3_CONNECTIONS", "").strip()
-    if forced:
-        try:
-            n = int(forced)
-        except ValueError:
-            n = 0
-        if not 1 <= n <= 256:
-            raise BadInput(f"LMI_COMPILE_S3_CONNECTIONS={forced!r}: give a whole number from 1 to 256")
-        return n
-    return max(least, min(64, 2 * (os.cpu_count() or 2)))
+    forced = env_number("LMI_COMPILE_S3_CONNECTIONS", 1, 256)
+    return forced if forced is not None else max(least, min(64, 2 * (os.cpu_count() or 2)))
+
+
+def env_number(name: str, low: int, high: int) -> int | None:
+    """The whole number an environment setting gives (None when unset); anything else is one line naming it."""
+    forced = os.environ.get(name, "").strip()
+    if not forced:
+        return None
+    try:
+        n = int(forced)
+    except ValueError:
+        n = low - 1
+    if not low <= n <= high:
+        raise BadInput(f"{name}={forced!r}: give a whole number from {low} to {high}")
+    return n
 
 
 def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[str, int], *, desc: str,
