@@ -381,6 +381,20 @@ def test_an_occupied_upload_prefix_is_refused_before_the_convert(s3_env, s3_clie
     assert run_cli(*args, "--upload", free).returncode == 0
     proc = run_cli(*args, "--upload", free)
     assert proc.returncode == 0 and "nothing changed" in proc.stderr, proc.stderr
+    # a rerun with another option would replace out/, which the push then refuses: refused now, before the build
+    engines = Path("w", "engines", ".lmi-compile-stage.json").read_text()
+    layout = Path("out", ".lmi-compile-stage.json").read_text()
+    proc = run_cli(*args, "--upload", free, "--max-batch-size", "3")
+    line = error_line(proc)
+    assert proc.returncode == 2 and "--max-batch-size" in line and "3 now" in line and "--overwrite" in line, line
+    assert Path("w", "engines", ".lmi-compile-stage.json").read_text() == engines
+    assert Path("out", ".lmi-compile-stage.json").read_text() == layout
+    proc = run_cli(*args, "--upload", free, "--max-batch-size", "3", "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    props = s3_client.get_object(Bucket="models", Key=parse_s3_uri(free).key("serving.properties"))["Body"].read()
+    assert b"option.max_rolling_batch_size=3" in props
+    proc = run_cli(*args, "--upload", free, "--max-batch-size", "3", "--build-workers", "2")  # how it runs, not what
+    assert proc.returncode == 0 and "nothing changed" in proc.stderr, proc.stderr
 
 
 

@@ -25,7 +25,7 @@ from lmi_compile.neuron.layout import FORMATS, write_layout
 from lmi_compile.model.limits import check_sequence_length
 from lmi_compile.pipeline import observe, stages
 from lmi_compile.pipeline.diskspace import ensure_room
-from lmi_compile.pipeline.workdir import Job, check_until, finish_layout, fresh_layout_staging, preflight_output
+from lmi_compile.pipeline.workdir import RUN_ONLY, Job, check_until, finish_layout, fresh_layout_staging, preflight_output
 from lmi_compile.remote import streaming
 from lmi_compile.remote.stages import preflight_upload, push_stage, source_after
 
@@ -47,9 +47,10 @@ class NeuronJob(Job):
     amp: str | None = None  # default: the target release's default dtype
     context_length_estimate: list[int] = field(default_factory=list)
     format: str = "optimum"
-    neuron_cache: Path | None = None
-    compile_entry: str | None = None  # command prefix; default: this Python's lmi_compile.neuron_entry
-    source_kind: str = "local"
+    neuron_cache: Path | None = field(default=None, metadata=RUN_ONLY)
+    # command prefix; default: this Python's lmi_compile.neuron_entry
+    compile_entry: str | None = field(default=None, metadata=RUN_ONLY)
+    source_kind: str = field(default="local", metadata=RUN_ONLY)  # follows from the model
     lmi_version: str | None = None  # default: the newest supported release
 
 
@@ -226,7 +227,7 @@ def layout_stage(job: NeuronJob, target, calls: LoaderCalls, model, split: Path,
     manifest = {"tool": "lmi-compile", "tool_version": __version__, "backend": "neuron", "format": job.format,
                 "model": job.model, "revision": revision, **facts}
     write_layout(job, target, calls, staging, split, compiled, model.root, manifest, facts["versions"], revision)
-    return finish_layout(staging, out, stages.fingerprint(**manifest, upload=job.upload),
+    return finish_layout(staging, out, stages.fingerprint(**manifest, upload=job.upload), job,
                          stand_in=bool(facts.get("stand_in")), what="graphs")
 
 
@@ -239,7 +240,7 @@ def run(job: NeuronJob, until: str = "layout") -> Path:
     check_until(until, STAGES, job.output)
     preflight_output(job.output if until == "layout" else None, overwrite=job.overwrite, work=job.work.root,
                      model=job.model)
-    preflight_upload(job.upload, job.output, overwrite=job.overwrite)
+    preflight_upload(job)
     if STAGES.index(until) >= STAGES.index("compile"):
         preflight_sdk(job, target)
     if until != "fetch":

@@ -2,11 +2,12 @@
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from lmi_compile.errors import BadInput, LmiCompileError
@@ -147,13 +148,14 @@ def place(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def finish_layout(staging: Path, out: Path, fp: str, *, stand_in: bool, what: str) -> Path:
-    """Rename the laid-out tree into place; say loudly when it holds stand-in output."""
+def finish_layout(staging: Path, out: Path, fp: str, job: "Job", *, stand_in: bool, what: str) -> Path:
+    """Rename the laid-out tree into place, its record naming the options it was made with; say loudly when it
+    holds stand-in output."""
     from lmi_compile.lmi.check import seal_layout
     from lmi_compile.pipeline import stages
 
     seal_layout(staging)
-    stages.finish(staging, out, "layout", fp)
+    stages.finish(staging, out, "layout", fp, made_with=job.made_with())
     if stand_in:
         log.warning("layout: %s holds STAND-IN %s, not a compiled model; do not deploy it", out, what)
     return out
@@ -169,23 +171,54 @@ def fresh_layout_staging(out: Path, *, overwrite: bool) -> Path:
     return staging
 
 
+RUN_ONLY = {"run_only": True}  # field metadata: the option changes how a job runs, not the artifact it makes
+
+
 @dataclass(kw_only=True)
 class Job:
     """What every backend's job has: the model and where it comes from, where stages and output go, and
     the user's permissions (overwrite, force, remote code, longer sequences)."""
 
-    model: str
-    work: WorkDir
-    output: Path | None = None
-    upload: str | None = None
+    model: str = field(metadata={"flag": "MODEL"})
+    work: WorkDir = field(metadata=RUN_ONLY)
+    output: Path | None = field(default=None, metadata=RUN_ONLY)
+    upload: str | None = None  # shapes the artifact: serving.properties names it
     revision: str | None = None
-    token: str | None = None
+    token: str | None = field(default=None, metadata=RUN_ONLY)
     trust_remote_code: bool = False
     allow_longer: bool = False
-    overwrite: bool = False
-    force: bool = False
-    keep_source: bool = True  # False: a fetched model's weights are removed once converted/split (remote/fetch.py)
+    overwrite: bool = field(default=False, metadata=RUN_ONLY)
+    force: bool = field(default=False, metadata=RUN_ONLY)
+    # False: a fetched model's weights are removed once converted/split (remote/fetch.py)
+    keep_source: bool = field(default=True, metadata=RUN_ONLY)
     # `lmi-compile batch` on a cluster (batch/handover.py): publish the CPU stages' output to this S3 prefix, or
     # start from the output published there (the CPU stages ran on another node)
-    handover_out: str | None = None
-    handover_in: str | None = None
+    handover_out: str | None = field(default=None, metadata=RUN_ONLY)
+    handover_in: str | None = field(default=None, metadata=RUN_ONLY)
+
+    def __post_init__(self):
+        # as given, before a backend resolves a default from the model (max_seq_len, n_positions)
+        self._made_with = json.loads(json.dumps(_shaping(self), default=str))
+
+    def made_with(self) -> dict:
+        """The options that shape this job's artifact as the job was given them, by the flag that sets each: the
+        layout's record keeps them, and the upload pre-flight compares a rerun's with them (remote/publish.py)."""
+        return self._made_with
+
+
+def _shaping(obj) -> dict:
+    """{flag: value} of a job's fields (and its build options' fields) but those marked RUN_ONLY. Field metadata
+    "flag" names a flag other than the field's name, "as" an attribute standing for the value (a Target's
+    release)."""
+    out = {}
+    for f in fields(obj):
+        if f.metadata.get("run_only"):
+            continue
+        value = getattr(obj, f.name)
+        if "as" in f.metadata:
+            value = getattr(value, f.metadata["as"])
+        if is_dataclass(value):
+            out.update(_shaping(value))
+        else:
+            out[f.metadata.get("flag", "--" + f.name.replace("_", "-"))] = value
+    return out

@@ -197,10 +197,13 @@ class Publisher:
         return aborted
 
 
-def preflight(uri_text: str, output: Path | None = None, *, overwrite: bool = False) -> S3Uri:
+def preflight(uri_text: str, output: Path | None = None, *, overwrite: bool = False,
+              made_with: dict | None = None) -> S3Uri:
     """Before hours of compile: the URI parses, credentials work, the bucket exists, and the prefix is empty, or
-    replaced with --overwrite, or holds the upload (finished or interrupted) of `output` as it is now: a rerun of
-    the job that published it. Otherwise the push at the end would refuse it after the compile."""
+    replaced with --overwrite, or holds the upload (finished or interrupted) of `output` as it is now, made with
+    the options `made_with` names (Job.made_with): a rerun of the job that published it. Otherwise the push at
+    the end would refuse it after the compile: a rerun with other options replaces `output` with another
+    artifact, which the prefix does not hold."""
     uri = parse_s3_uri(uri_text)
     if not uri.prefix:
         raise BadInput(f"{uri}: give a prefix (s3://bucket/models/NAME/), not a whole bucket")
@@ -218,7 +221,15 @@ def preflight(uri_text: str, output: Path | None = None, *, overwrite: bool = Fa
                 pass
     if output is not None and Path(output).is_dir() and any(Path(output).iterdir()):
         if content_id(output, local_files(output)) in ids:
-            return uri
+            then = (stages.read_record(output) or {}).get("made_with")
+            changed = [k for k in sorted({*then, *made_with}) if then.get(k) != made_with.get(k)] \
+                if isinstance(then, dict) and made_with is not None else []
+            if not changed:
+                return uri
+            raise BadInput(f"{uri}: holds the upload of {output}, made with other options than this run's "
+                           f"({'; '.join(f'{k} {then.get(k)} then, {made_with.get(k)} now' for k in changed)}); this "
+                           f"run would replace {output} and its push would be refused: pass --overwrite to replace "
+                           f"the upload, or upload to another prefix")
     raise _occupied(uri, foreign)
 
 

@@ -17,13 +17,13 @@ def fetch_stage(model: str, work: WorkDir, *, revision, token, trust_remote_code
                  trust_remote_code=trust_remote_code)
 
 
-def preflight_upload(upload: str | None, out: Path | None, *, overwrite: bool) -> None:
+def preflight_upload(job) -> None:
     """Before any heavy work: the upload URI parses, credentials work, the bucket exists, the prefix is free
-    (or this output's own upload, or --overwrite)."""
-    if upload:
+    (or this output's own upload, made with this job's options, or --overwrite)."""
+    if job.upload:
         from lmi_compile.remote.publish import preflight
 
-        preflight(upload, out, overwrite=overwrite)
+        preflight(job.upload, job.output, overwrite=job.overwrite, made_with=job.made_with())
 
 
 def push_stage(out: Path, upload: str | None, *, overwrite: bool) -> None:

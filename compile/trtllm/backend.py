@@ -19,7 +19,7 @@ from lmi_compile.model.config import read_json
 from lmi_compile.model.limits import check_sequence_length
 from lmi_compile.pipeline import observe, stages
 from lmi_compile.pipeline.diskspace import ensure_room, tree_bytes
-from lmi_compile.pipeline.workdir import Job, check_until, finish_layout, fresh_layout_staging, preflight_output
+from lmi_compile.pipeline.workdir import RUN_ONLY, Job, check_until, finish_layout, fresh_layout_staging, preflight_output
 from lmi_compile.remote import streaming
 from lmi_compile.remote.stages import preflight_upload, push_stage, source_after
 from lmi_compile.trtllm.build import BuildOptions, build_engines, check_interface, find_trtllm_build
@@ -33,7 +33,7 @@ STAGES = ("fetch", "convert", "build", "layout")
 @dataclass(kw_only=True)
 class TrtllmJob(Job):
     build: BuildOptions
-    target: Target = field(default_factory=lambda: resolve_target("trtllm", None))
+    target: Target = field(default_factory=lambda: resolve_target("trtllm", None), metadata={"as": "release", "flag": "--lmi-version"})
     tp: int = 1
     pp: int = 1
     dtype: str = "auto"
@@ -42,8 +42,8 @@ class TrtllmJob(Job):
     moe_tp: int | None = None
     moe_ep: int | None = None
     kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8: FP8 KV cache (the checkpoint's k/v scales if stored)
-    workers: int = field(default_factory=lambda: max(1, min(8, os.cpu_count() or 1)))
-    trtllm_build: str | None = None
+    workers: int = field(default_factory=lambda: max(1, min(8, os.cpu_count() or 1)), metadata=RUN_ONLY)
+    trtllm_build: str | None = field(default=None, metadata=RUN_ONLY)  # its version is checked against the target
     trtllm_convert_script: str | None = None  # TensorRT-LLM's convert_checkpoint.py, for 4-bit GPTQ / AWQ
     engine_path: str = DEFAULT_ENGINE_PATH
 
@@ -260,7 +260,7 @@ def layout_stage(job: TrtllmJob, model, engines: Path, build: dict, dtype: str, 
             # a sliding window shorter than the sequence must reach the runtime, or attention sees too far back
             "max_attention_window_size": window if window and window < seq else ""})
     write_layout(layout, staging, engines, model.root, props, manifest, pbtxt=pbtxt)
-    return finish_layout(staging, out, stages.fingerprint(**manifest, upload=job.upload),
+    return finish_layout(staging, out, stages.fingerprint(**manifest, upload=job.upload), job,
                          stand_in=bool(build.get("stand_in") or (converter or {}).get("stand_in")), what="engines")
 
 
@@ -286,7 +286,7 @@ def run(job: TrtllmJob, until: str = "layout") -> Path:
     # Pre-flight before any heavy work: output, upload and toolchain are checked now, not after the download.
     preflight_output(job.output if until == "layout" else None, overwrite=job.overwrite, work=job.work.root,
                      model=job.model)
-    preflight_upload(job.upload, job.output, overwrite=job.overwrite)
+    preflight_upload(job)
     tool = find_trtllm_build(job.trtllm_build) if wants_build else None
     if tool:
         check_interface(tool, job.target)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lmi_compile.errors import STANDIN_MARK, LmiCompileError
 from lmi_compile.pipeline.tool import quoted, run_watched
+from lmi_compile.pipeline.workdir import RUN_ONLY
 
 log = logging.getLogger("lmi_compile")
 
@@ -38,8 +39,8 @@ class BuildOptions:
     max_seq_len: int | None = None  # prompt plus output; default max_input_len + max_output_len
     max_num_tokens: int | None = None
     gemm_plugin: str = "auto"
-    workers: int | None = None  # default: min(visible GPUs, ranks)
-    extra_args: tuple[str, ...] = ()
+    workers: int | None = field(default=None, metadata=RUN_ONLY)  # default: min(visible GPUs, ranks)
+    extra_args: tuple[str, ...] = field(default=(), metadata={"flag": "--trtllm-build-args"})
 
     @property
     def seq_len(self) -> int | None:
