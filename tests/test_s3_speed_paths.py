@@ -4,6 +4,7 @@ upload part as they arrive, and a file named only once its bytes match the manif
 import hashlib
 import json
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -415,8 +416,10 @@ def test_no_keep_source_rerun_that_goes_on_to_build_stops_the_download(published
     assert not [p for p in work.iterdir() if p.name.startswith(".source")]  # no partial copy or view left
 
 
-def slowed_gets(monkeypatch, slow: str, seconds: float) -> None:
-    """Ranges of 5 MiB; every range of the files whose names hold `slow` (after their header) arrives late."""
+def slowed_gets(monkeypatch, slow: str, seconds: float, last_waits_for=None) -> None:
+    """Ranges of 5 MiB; every range of the files whose names hold `slow` (after their header) arrives late. With
+    `last_waits_for` (an Event), their last range waits for it too (at most 60 s), so such a file is never complete
+    before it is set, however slowly a loaded machine runs the rest."""
     import time
 
     import lmi_compile.remote.s3 as s3
@@ -427,6 +430,8 @@ def slowed_gets(monkeypatch, slow: str, seconds: float) -> None:
     def slow_get(client, uri, t, first, count, bar):
         if first and slow in t.rel:
             time.sleep(seconds)
+            if last_waits_for is not None and first + count == len(t.parts):
+                last_waits_for.wait(60)
         return real_get(client, uri, t, first, count, bar)
 
     monkeypatch.setattr(s3, "_get_parts", slow_get)
@@ -446,7 +451,10 @@ def test_no_keep_source_removes_each_shard_after_its_last_read(published4, model
     from lmi_compile.cli import app
 
     model, prefix = published4
-    slowed_gets(monkeypatch, "-00004-of-", 0.4)
+    # the last shard lands after a first shard is removed (or after 60 s, and the test fails): on a loaded machine a
+    # fixed delay let every shard land before the convert had finished with one
+    removed = threading.Event()
+    slowed_gets(monkeypatch, "-00004-of-", 0.4, last_waits_for=removed)
     # four connections: the slowed ranges of the last shard wait behind the others, as a big model's later shards
     # wait behind its first ones (with 16, this tiny model's twelve ranges would all be in flight at once)
     monkeypatch.setenv("LMI_COMPILE_S3_CONNECTIONS", "4")
@@ -455,7 +463,10 @@ def test_no_keep_source_removes_each_shard_after_its_last_read(published4, model
 
     def recording_remove(self, rel):
         removals.append((rel, set(self._verified)))
-        return real_remove(self, rel)
+        try:
+            return real_remove(self, rel)
+        finally:
+            removed.set()
 
     monkeypatch.setattr(streaming.ArrivingModel, "_remove", recording_remove)
     ref = tmp_path / "ref"
@@ -466,7 +477,8 @@ def test_no_keep_source_removes_each_shard_after_its_last_read(published4, model
     shards = sorted(p.name for p in model.glob("*.safetensors"))
     assert sorted(rel for rel, _ in removals) == shards
     first, verified_then = removals[0]
-    assert first == shards[0] and shards[-1] not in verified_then, removals  # gone before the last shard landed
+    # gone before the last shard landed (which of the first three goes first is the convert's order)
+    assert first != shards[-1] and shards[-1] not in verified_then, removals
     assert same_tensors(rank_tensors(work / "checkpoint"), rank_tensors(ref / "checkpoint"))
     kept = sorted(p.name for p in (work / "source").iterdir() if not p.name.startswith("."))
     assert kept == sorted(p.name for p in model.iterdir() if not p.name.endswith(".safetensors")), kept
