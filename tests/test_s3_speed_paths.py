@@ -685,20 +685,30 @@ def test_transfer_workers_check_crc32_with_isal_and_it_equals_zlibs():
     ("0110010100000000", None, 32 << 10),  # free page reporting negotiated (this CI machine's balloon)
     ("0110000100000000", None, 1 << 20),  # a balloon without it
     (None, None, 1 << 20),  # no balloon (the 16-core GPU host)
-    ("0110010100000000", "256", 256 << 10),
+    ("0110010100000000", 256, 256 << 10),
+    (None, 4096, 1 << 20),  # never more than a chunk
 ])
-def test_write_size_is_small_only_where_freed_memory_goes_back_to_the_hypervisor(tmp_path, monkeypatch,
-                                                                                  features, forced, expected):
+def test_write_size_is_small_only_where_freed_memory_goes_back_to_the_hypervisor(tmp_path, features, forced,
+                                                                                  expected):
     from lmi_compile.remote.getter import write_size
 
     if features:
         (tmp_path / "virtio3").mkdir()
         (tmp_path / "virtio3" / "features").write_text(features + "0" * 48 + "\n")
-    if forced:
-        monkeypatch.setenv("LMI_COMPILE_WRITE_KIB", forced)
-    else:
-        monkeypatch.delenv("LMI_COMPILE_WRITE_KIB", raising=False)
-    assert write_size(str(tmp_path)) == expected
+    assert write_size(forced, str(tmp_path)) == expected
+
+
+def test_a_bad_write_size_setting_is_one_line_naming_it(monkeypatch):
+    """LMI_COMPILE_WRITE_KIB is read where a transfer starts, in this process: a bad value is refused there (the
+    worker that writes has no error path of its own, and ignored it)."""
+    from lmi_compile.remote.s3 import BadInput, Getters
+
+    monkeypatch.setenv("LMI_COMPILE_WRITE_KIB", "64")
+    assert Getters(None).write == 64 << 10
+    for bad in ("32k", "0", "-1"):
+        monkeypatch.setenv("LMI_COMPILE_WRITE_KIB", bad)
+        with pytest.raises(BadInput, match=f"LMI_COMPILE_WRITE_KIB='{bad}': give a whole number from 1 to "):
+            Getters(None)
 
 
 def test_the_s3_client_asks_botocore_for_its_one_service_not_the_list_of_all(s3_env, monkeypatch):

@@ -43,16 +43,15 @@ except ImportError:
 CHUNK = 1024 * 1024  # read, hashed and written in these: small enough to stay in cache
 
 
-def write_size(balloons: str = "/sys/bus/virtio/drivers/virtio_balloon") -> int:
+def write_size(forced_kib: int | None = None, balloons: str = "/sys/bus/virtio/drivers/virtio_balloon") -> int:
     """The bytes of one pwrite: a whole chunk, or 32 KiB where the kernel hands freed memory back to its
     hypervisor (virtio-balloon free page reporting, feature bit 5). There a large write fills the page cache with
     large folios, taken from the free blocks the host reclaimed, and every page of them faults on the host: on
     the 2-core CI machine 2 GiB took 4.2 s of kernel time in 1 MiB writes and 0.7 s in 32 KiB ones (s5cmd writes
     32 KiB too). Where guest memory stays backed (the 16-core GPU host) 32 KiB writes cost more (8.5 GiB fetch
-    2.66 s against 2.42 s)."""
-    forced = os.environ.get("LMI_COMPILE_WRITE_KIB", "").strip()
-    if forced.isdigit() and int(forced) > 0:
-        return min(CHUNK, int(forced) * 1024)
+    2.66 s against 2.42 s). `forced_kib`: LMI_COMPILE_WRITE_KIB, read by s3.Getters."""
+    if forced_kib:
+        return min(CHUNK, forced_kib * 1024)
     import glob
 
     for path in glob.glob(f"{balloons}/virtio*/features"):
@@ -63,9 +62,6 @@ def write_size(balloons: str = "/sys/bus/virtio/drivers/virtio_balloon") -> int:
         except OSError:
             pass
     return CHUNK
-
-
-WRITE = write_size()
 
 
 class Crc32:
@@ -95,7 +91,8 @@ class DiskError(Exception):
 
 
 class Getter:
-    def __init__(self):
+    def __init__(self, write: int = CHUNK):
+        self.write = write  # bytes per pwrite (write_size)
         self.conn = None
         self.conn_key = None
         self.fd = None
@@ -172,7 +169,7 @@ class Getter:
                     h.update(view)
                 try:
                     while view:
-                        k = os.pwrite(fd, view[:WRITE], pos)
+                        k = os.pwrite(fd, view[:self.write], pos)
                         view, pos = view[k:], pos + k
                 except OSError as e:
                     raise DiskError(e.strerror) from None
@@ -269,9 +266,10 @@ def _guard(g: Getter, fn):
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if len(sys.argv) > 2 and int(sys.argv[2]):  # a lower priority, asked for by s3.Getters
+    # s3.Getters starts it as: getter.py ISAL_HOME NICE WRITE_SIZE
+    if int(sys.argv[2]):  # a lower priority
         os.nice(int(sys.argv[2]))
-    g = Getter()
+    g = Getter(write=int(sys.argv[3]))
 
     def send(reply: dict) -> None:
         sys.stdout.write(json.dumps(reply) + "\n")

@@ -209,6 +209,9 @@ class Getters:
         self._local_getters: list = []
         self._lock = threading.Lock()
         self.closed = False
+        from lmi_compile.remote.getter import write_size
+
+        self.write = write_size(env_number("LMI_COMPILE_WRITE_KIB", 1, 1 << 20))
 
     def presign(self, uri: S3Uri, rel: str) -> str:
         return self.sign("get_object", {"Bucket": uri.bucket, "Key": uri.key(rel)}, f"{uri}{rel}")
@@ -255,7 +258,7 @@ class Getters:
         # -I -S: nothing of the user's site or PYTHON* variables; the folder isal lies in goes after the standard
         # library on the worker's path, and isal is all it imports from there
         proc = subprocess.Popen([sys.executable, "-I", "-S", str(Path(__file__).with_name("getter.py")), _isal_home(),
-                                 str(self.nice)],
+                                 str(self.nice), str(self.write)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self._all.append(proc)
         return proc
@@ -300,7 +303,7 @@ class Getters:
             raise Interrupted(received())
         g = getattr(self._local, "getter", None)
         if g is None:
-            g = self._local.getter = getter.Getter()
+            g = self._local.getter = getter.Getter(write=self.write)
             with self._lock:
                 self._local_getters.append(g)
         try:
