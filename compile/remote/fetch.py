@@ -1,6 +1,7 @@
 """The fetch stage: a Hub repo, an S3 prefix or a local folder becomes a validated local model folder."""
 
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -65,7 +66,15 @@ def fetch(source: ModelSource, output: Path | None, *, token: str | None = None,
         raise BadInput(f"{source.describe()}: remote models need --output (or --work-dir) to download into")
     output = Path(output)
     fp = stage_fingerprint(source, trust_remote_code)
-    if stages.is_done(output, "fetch", fp):
+    if stages.is_done(output, "fetch", fp) and stages.from_another_boot(stages.read_record(output)):
+        # not synced (record): after a crash of the machine its files are checked again as an interrupted fetch's
+        # are (against the upload manifest's checksums, where the prefix has one), and what differs is fetched
+        log.info("fetch: %s was recorded before this machine last started; checking its files again", output)
+        staging = stages.staging_dir(output)
+        shutil.rmtree(staging, ignore_errors=True)  # an interrupted later fetch of ours
+        os.replace(output, staging)
+        (staging / stages.STAGE_RECORD).unlink()
+    elif stages.is_done(output, "fetch", fp):
         moved = changed_since(source, output, token)
         if moved is None:
             log.info("fetch: %s already in %s, skipping", source.describe(), output)
@@ -79,8 +88,8 @@ def fetch(source: ModelSource, output: Path | None, *, token: str | None = None,
 def record(staging: Path, output: Path, source: ModelSource, resolved: str, *,
            trust_remote_code: bool) -> ValidatedModel:
     """Record a finished download as the fetch stage (staging renamed to output); the validated model."""
-    stages.finish(staging, output, "fetch", stage_fingerprint(source, trust_remote_code), source=source.describe(),
-                  resolved=resolved)
+    stages.finish(staging, output, "fetch", stage_fingerprint(source, trust_remote_code), durable=False,
+                  source=source.describe(), resolved=resolved)
     log.info("fetch: %s -> %s", source.describe(), output)
     return validate_model_dir(output, trust_remote_code=trust_remote_code)
 
@@ -244,7 +253,7 @@ def finish_consumed(staging: Path, output: Path, source: ModelSource, resolved: 
     as remove_weights leaves one: config and tokenizer kept, `weights_removed` listed, no fingerprint, so a rerun
     that needs the weights fetches them again instead of trusting a folder that lacks them. `converted=False`:
     the convert was up to date, and the download stopped instead (StreamingFetch.drop_weights)."""
-    stages.finish(staging, output, "fetch", None, source=source.describe(), resolved=resolved,
+    stages.finish(staging, output, "fetch", None, durable=False, source=source.describe(), resolved=resolved,
                   weights_removed=sorted(removed))
     if converted:
         log.info("fetch: %d weight file(s) removed from %s as they were converted (--no-keep-source); a rerun that "
