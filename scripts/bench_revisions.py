@@ -79,7 +79,10 @@ def compare(a, work: Path, server, endpoint: str) -> None:
         rev, *settings = rest.split(":")
         env = dict(base)
         env.update(s.split("=", 1) for s in settings)
+        # the revision's package first; a PYTHONPATH setting of the revision next (another version of a dependency)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(unpack(rev, work / f"rev-{label}")),
+                                                         env.get("PYTHONPATH") if env.get("PYTHONPATH") !=
+                                                         base.get("PYTHONPATH") else None,
                                                          os.environ.get("PYTHONPATH")]))
         revs[label] = env
     own = list(revs.values())[-1]  # the model's upload and the local convert: the last revision's code
