@@ -69,32 +69,28 @@ def test_fetch_verifies_every_byte_against_the_manifest(published, s3_client, tm
     assert proc.returncode == 1 and shard in error_line(proc) and "sha256" in error_line(proc), proc.stderr
 
 
-def test_a_fetch_recorded_before_the_machine_restarted_is_checked_again(published, tmp_path):
-    """The fetch's record is not synced (syncing it waited for GBs of writeback): it names its boot, and a rerun in
-    another boot (after a crash of the machine, files may not hold what the record says) checks every file against
-    the manifest as an interrupted fetch's, keeps the good ones and fetches the rest; the same boot trusts it."""
+def test_a_finished_fetch_is_recorded_without_fsync(published, tmp_path, monkeypatch):
+    """The fetch's files are not synced (that would hold it to the disk's speed), so neither is its record: on ext4
+    that fsync waited for every block the writeback had allocated, 0.4-1.0 s after an 18 GB fetch. The record
+    still appears by rename, whole or not at all, and a rerun trusts it."""
+    from lmi_compile.cli import app
+
     model, prefix = published
-    rel = "model-00001-of-00002.safetensors"
-    for cwd in (tmp_path / "a", tmp_path / "b"):
-        cwd.mkdir()
-        assert run_cli("fetch", prefix, "--output", "out", cwd=cwd).returncode == 0
-    out, same_boot = tmp_path / "a" / "out", tmp_path / "b" / "out"
-    rec = json.loads((out / ".lmi-compile-stage.json").read_text())
-    assert rec["durable"] is False and rec["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    for folder in (out, same_boot):  # a block the crash lost, read back as zeros
-        with open(folder / rel, "r+b") as f:
-            f.seek(1 << 20)
-            f.write(bytes(4096))
-    kept = os.stat(out / "model-00002-of-00002.safetensors").st_ino
-    rec["boot_id"] = "0" * 8 + rec["boot_id"][8:]
-    (out / ".lmi-compile-stage.json").write_text(json.dumps(rec))
-    proc = run_cli("fetch", prefix, "--output", "out", cwd=tmp_path / "a")
-    assert proc.returncode == 0 and "checking its files again" in proc.stderr, proc.stderr
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    out = tmp_path / "out"
+    app(["fetch", prefix, "--output", str(out)], standalone_mode=False)
     assert digests(out) == digests(model)
-    assert os.stat(out / "model-00002-of-00002.safetensors").st_ino == kept  # good files are not fetched again
-    assert json.loads((out / ".lmi-compile-stage.json").read_text())["boot_id"] != rec["boot_id"]
-    proc = run_cli("fetch", prefix, "--output", "out", cwd=tmp_path / "b")
-    assert proc.returncode == 0 and "already in" in proc.stderr, proc.stderr  # this boot: trusted, as before
+    assert json.loads((out / ".lmi-compile-stage.json").read_text())["stage"] == "fetch"
+    assert not [p for p in synced if p.startswith(str(tmp_path))], synced
+    proc = run_cli("fetch", prefix, "--output", out)
+    assert proc.returncode == 0 and "already in" in proc.stderr, proc.stderr
 
 
 def test_interrupted_fetch_resumes_and_rechecks_kept_files(published, tmp_path):

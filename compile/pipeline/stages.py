@@ -56,30 +56,6 @@ def write_json_atomic(path: Path, data, *, indent: int | None = 2, durable: bool
     os.replace(tmp, path)
 
 
-def boot_id() -> str | None:
-    """This boot of the machine (Linux), or None: a record written in another boot outlived a machine crash."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
-    except OSError:
-        return None
-
-
-def from_another_boot(rec: dict | None) -> bool:
-    """A record written without fsync (finish(durable=False)) before the machine last started: after a crash of
-    the machine (not of the process: the page cache outlives that) its files may not hold what it says."""
-    return bool(rec) and rec.get("durable") is False and rec.get("boot_id") != boot_id()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def existing_parent(path: Path) -> Path:
     p = Path(path).resolve()
     while not p.exists():
@@ -166,15 +142,13 @@ def not_written_here(folder: Path, rec: dict) -> str | None:
 def finish(staging: Path, final: Path, stage: str, fp: str, *, durable: bool = True, **info) -> Path:
     """Record the stage in `staging`, then move it to `final` (replacing an earlier output).
 
-    `durable=False` skips the fsyncs, for a stage whose files were not synced either (the fetch: syncing GBs
-    would hold it to the disk's speed), where they cost most: on ext4 an fsync commits the journal, which first
-    writes out every block the background writeback has allocated since, 0.4-1.0 s after an 18 GB fetch on the
-    16-core host. Such a record names the boot it was written in, and a rerun after the machine restarted checks
-    its files again (from_another_boot); the rename alone keeps it atomic for every process."""
+    `durable=False` skips the fsyncs, for a stage whose files are not synced either (the fetch: syncing GBs would
+    hold it to the disk's speed), where they cost most: on ext4 an fsync commits the journal, which first writes
+    out every block the background writeback has allocated since, 0.4-1.0 s after an 18 GB fetch on the 16-core
+    host. The rename keeps such a record atomic for every process, and a process's crash loses nothing (the page
+    cache outlives it); after a crash of the machine its files may hold less than it says, synced record or not."""
     staging, final = Path(staging), Path(final)
     (staging / PARTIAL_RECORD).unlink(missing_ok=True)
-    if not durable:
-        info = {**info, "durable": False, "boot_id": boot_id()}
     # `files`: what this stage wrote, so a rerun that would replace the folder can tell a file the user added
     write_json_atomic(staging / STAGE_RECORD, {"stage": stage, "fingerprint": fp, "tool_version": __version__,
                                                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -1,7 +1,6 @@
 """The fetch stage: a Hub repo, an S3 prefix or a local folder becomes a validated local model folder."""
 
 import logging
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -66,15 +65,7 @@ def fetch(source: ModelSource, output: Path | None, *, token: str | None = None,
         raise BadInput(f"{source.describe()}: remote models need --output (or --work-dir) to download into")
     output = Path(output)
     fp = stage_fingerprint(source, trust_remote_code)
-    if stages.is_done(output, "fetch", fp) and stages.from_another_boot(stages.read_record(output)):
-        # not synced (record): after a crash of the machine its files are checked again as an interrupted fetch's
-        # are (against the upload manifest's checksums, where the prefix has one), and what differs is fetched
-        log.info("fetch: %s was recorded before this machine last started; checking its files again", output)
-        staging = stages.staging_dir(output)
-        shutil.rmtree(staging, ignore_errors=True)  # an interrupted later fetch of ours
-        os.replace(output, staging)
-        (staging / stages.STAGE_RECORD).unlink()
-    elif stages.is_done(output, "fetch", fp):
+    if stages.is_done(output, "fetch", fp):
         moved = changed_since(source, output, token)
         if moved is None:
             log.info("fetch: %s already in %s, skipping", source.describe(), output)
