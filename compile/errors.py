@@ -28,6 +28,11 @@ class BadInput(LmiCompileError):
     exit_code = EXIT_BAD_INPUT
 
 
+class BadSetting(BadInput):
+    """An environment setting of ours is wrong: a rerun with it fixed gets past it, so work already done (a
+    partial download) stays."""
+
+
 class Interrupted(BaseException):
     """SIGINT/SIGTERM arrived; the stage stopped at a tensor, file or part boundary.
 

@@ -107,6 +107,12 @@ def test_interrupted_fetch_resumes_and_rechecks_kept_files(published, tmp_path):
     kept = staging / "config.json"
     assert kept.is_file()
     kept.write_bytes(kept.read_bytes().replace(b"{", b" ", 1))
+    # a bad transfer setting is one line naming it; what was downloaded stays for the rerun that fixes it
+    files = sorted(p.name for p in staging.iterdir())
+    for setting in ("LMI_COMPILE_WRITE_KIB", "LMI_COMPILE_S3_CONNECTIONS"):
+        bad = run_cli("fetch", prefix, "--output", out, env={setting: "32k"})
+        assert bad.returncode == 2 and f"{setting}='32k'" in error_line(bad), bad.stderr
+        assert sorted(p.name for p in staging.iterdir()) == files
     again = run_cli("fetch", prefix, "--output", out)
     assert again.returncode == 0, again.stderr
     assert digests(out) == digests(model)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lmi_compile.pipeline import stages
 from lmi_compile.pipeline.diskspace import ensure_room
-from lmi_compile.errors import BadInput, LmiCompileError
+from lmi_compile.errors import BadInput, BadSetting, LmiCompileError
 from lmi_compile.model.config import read_json
 from lmi_compile.model.validate import ValidatedModel, validate_model_dir
 
@@ -100,6 +100,8 @@ def download(source: ModelSource, output: Path, *, token: str | None = None, tru
         resolved = _download(source, staging, token=token, trust_remote_code=trust_remote_code, listener=listener)
         if validate:
             validate_model_dir(staging, trust_remote_code=trust_remote_code).checkpoint.close()
+    except BadSetting:
+        raise  # fixed, a rerun resumes: what was downloaded stays
     except BadInput:
         # Bad input will not get better on a rerun: leave nothing behind.
         shutil.rmtree(staging, ignore_errors=True)

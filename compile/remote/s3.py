@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmi_compile.errors import BadInput, Interrupted, LmiCompileError
+from lmi_compile.errors import BadInput, BadSetting, Interrupted, LmiCompileError
 from lmi_compile.pipeline import testhooks
 from lmi_compile.pipeline.interrupts import STOP, check, received
 from lmi_compile.remote.manifest import composite, part_bounds, s3_checksum, verifying_checksum
@@ -384,7 +384,7 @@ def env_number(name: str, low: int, high: int) -> int | None:
     except ValueError:
         n = low - 1
     if not low <= n <= high:
-        raise BadInput(f"{name}={forced!r}: give a whole number from {low} to {high}")
+        raise BadSetting(f"{name}={forced!r}: give a whole number from {low} to {high}")
     return n
 
 
