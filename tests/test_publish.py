@@ -393,9 +393,35 @@ def test_an_occupied_upload_prefix_is_refused_before_the_convert(s3_env, s3_clie
     assert proc.returncode == 0, proc.stderr
     props = s3_client.get_object(Bucket="models", Key=parse_s3_uri(free).key("serving.properties"))["Body"].read()
     assert b"option.max_rolling_batch_size=3" in props
-    proc = run_cli(*args, "--upload", free, "--max-batch-size", "3", "--build-workers", "2")  # how it runs, not what
+    # how it runs, not what it makes: the build's workers, a permission, and a value equal to the one the first run
+    # took as its default
+    proc = run_cli(*args, "--upload", free, "--max-batch-size", "3", "--build-workers", "2", "--allow-longer",
+                   "--max-input-len", "1024")
     assert proc.returncode == 0 and "nothing changed" in proc.stderr, proc.stderr
 
+
+
+def test_neuron_upload_preflight_compares_options_as_the_layout_took_them(s3_env, s3_prefix, model_factory):
+    """neuron fills --lmi-version, --amp and --n-positions from the release and the model: a rerun that names the
+    values the first run took passes the --upload pre-flight (its push has nothing to do); another batch size is
+    refused before the compile, naming it."""
+    import json
+    import sys
+
+    standin = f"{sys.executable} {Path(__file__).parent / 'standins' / 'neuron_compile_standin.py'}"
+    args = ["neuron", model_factory(), "--work-dir", "w", "--output", "out", "--compile-entry", standin,
+            "--upload", s3_prefix]
+    assert run_cli(*args).returncode == 0
+    took = json.loads(Path("out", ".lmi-compile-stage.json").read_text())["made_with"]
+    assert took["--lmi-version"] and took["--amp"] and took["--n-positions"], took
+    proc = run_cli(*args, "--lmi-version", took["--lmi-version"], "--amp", took["--amp"], "--n-positions",
+                   str(took["--n-positions"]))
+    assert proc.returncode == 0 and "nothing changed" in proc.stderr, proc.stderr
+    compiled = Path("w", "compiled", ".lmi-compile-stage.json").read_text()
+    proc = run_cli(*args, "--batch-size", str(took["--batch-size"] + 1))
+    line = error_line(proc)
+    assert proc.returncode == 2 and "--batch-size" in line and "--overwrite" in line, line
+    assert Path("w", "compiled", ".lmi-compile-stage.json").read_text() == compiled
 
 
 @pytest.mark.parametrize("head, entry, differs", [

@@ -233,6 +233,7 @@ def layout_stage(job: NeuronJob, target, calls: LoaderCalls, model, split: Path,
 
 def run(job: NeuronJob, until: str = "layout") -> Path:
     target = targets.resolve("neuron", job.lmi_version)
+    job.lmi_version = target.release  # the default release by name, as its layout's record keeps it
     job.amp = job.amp or LMI_TO_AMP[target["dtype_default"]]
     check_settings(job, target)
     log.info("target: %s, transformers-neuronx %s, neuronx-cc %s, %s format, amp %s", target.describe(),

@@ -186,7 +186,7 @@ class Job:
     revision: str | None = None
     token: str | None = field(default=None, metadata=RUN_ONLY)
     trust_remote_code: bool = False
-    allow_longer: bool = False
+    allow_longer: bool = field(default=False, metadata=RUN_ONLY)  # a permission: what it permits is in the others
     overwrite: bool = field(default=False, metadata=RUN_ONLY)
     force: bool = field(default=False, metadata=RUN_ONLY)
     # False: a fetched model's weights are removed once converted/split (remote/fetch.py)
@@ -196,14 +196,11 @@ class Job:
     handover_out: str | None = field(default=None, metadata=RUN_ONLY)
     handover_in: str | None = field(default=None, metadata=RUN_ONLY)
 
-    def __post_init__(self):
-        # as given, before a backend resolves a default from the model (max_seq_len, n_positions)
-        self._made_with = json.loads(json.dumps(_shaping(self), default=str))
-
     def made_with(self) -> dict:
-        """The options that shape this job's artifact as the job was given them, by the flag that sets each: the
-        layout's record keeps them, and the upload pre-flight compares a rerun's with them (remote/publish.py)."""
-        return self._made_with
+        """The options that shape this job's artifact, by the flag that sets each, as JSON reads them back. The
+        layout's record keeps them as the job ended (defaults the backend took from the model filled in), and the
+        upload pre-flight compares a rerun's, given ones only, with them (remote/publish.py)."""
+        return json.loads(json.dumps(_shaping(self), default=str))
 
 
 def _shaping(obj) -> dict:

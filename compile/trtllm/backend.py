@@ -44,7 +44,8 @@ class TrtllmJob(Job):
     kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8: FP8 KV cache (the checkpoint's k/v scales if stored)
     workers: int = field(default_factory=lambda: max(1, min(8, os.cpu_count() or 1)), metadata=RUN_ONLY)
     trtllm_build: str | None = field(default=None, metadata=RUN_ONLY)  # its version is checked against the target
-    trtllm_convert_script: str | None = None  # TensorRT-LLM's convert_checkpoint.py, for 4-bit GPTQ / AWQ
+    # TensorRT-LLM's convert_checkpoint.py, for 4-bit GPTQ / AWQ (its version is checked against the target)
+    trtllm_convert_script: str | None = field(default=None, metadata=RUN_ONLY)
     engine_path: str = DEFAULT_ENGINE_PATH
 
 
@@ -260,7 +261,9 @@ def layout_stage(job: TrtllmJob, model, engines: Path, build: dict, dtype: str, 
             # a sliding window shorter than the sequence must reach the runtime, or attention sees too far back
             "max_attention_window_size": window if window and window < seq else ""})
     write_layout(layout, staging, engines, model.root, props, manifest, pbtxt=pbtxt)
-    return finish_layout(staging, out, stages.fingerprint(**manifest, upload=job.upload), job,
+    # the artifact's identity (push's content id): not where or with which executable it was built
+    shaping = {k: v for k, v in manifest.items() if k not in ("build_command", "trtllm_build")}
+    return finish_layout(staging, out, stages.fingerprint(**shaping, upload=job.upload), job,
                          stand_in=bool(build.get("stand_in") or (converter or {}).get("stand_in")), what="engines")
 
 
