@@ -186,7 +186,7 @@ class PausedCli:
     def stderr(self) -> str:
         return self.err_path.read_text()
 
-    def signal(self, signum: int, within: float = 20) -> tuple[int, str]:
+    def signal(self, signum: int, within: float = 120) -> tuple[int, str]:
         """Send `signum`; the process must end within `within` seconds (it stays paused if it ignores it)."""
         self.proc.send_signal(signum)
         try:

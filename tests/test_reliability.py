@@ -56,13 +56,11 @@ def test_sigkill_at_random_points_then_resume(reference_convert, tmp_path):
     rnd = random.Random(1234)
     for attempt in range(3):
         work = tmp_path / f"w{attempt}"
-        proc = start_cli(*convert_args(model, work))
-        staging = work / ".checkpoint.partial"
-        # wait until rank files are being written, then kill at a seeded random moment within the write
-        assert wait_for(lambda: staging.is_dir() and any(staging.iterdir()))
-        time.sleep(rnd.uniform(0.0, 0.4))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        # held at a seeded random tensor boundary of the convert, then killed: rank files half written, however
+        # fast or loaded the machine (a kill after a random delay could land after the convert had finished)
+        run = PausedCli(*convert_args(model, work), point=f"boundary#{rnd.randint(3, 24)}", tmp_path=tmp_path)
+        assert any((work / ".checkpoint.partial").iterdir())
+        run.signal(signal.SIGKILL)
         final = work / "checkpoint"
         if final.exists():  # it finished before the kill: still must be complete and correct
             assert digests(final) == want
@@ -277,15 +275,17 @@ def test_the_quick_exit_keeps_what_a_normal_exit_does(tmp_path, live_thread):
     """Commands end without Python's finalization (__main__._exit_now): the exit code, everything written to the
     standard streams (a pipe, block-buffered), atexit handlers, and a non-daemon thread's work are all kept."""
     script = f"""
-import atexit, pathlib, sys, threading, time
+import atexit, pathlib, sys, threading
 from lmi_compile.__main__ import _exit_now
 out = pathlib.Path({str(tmp_path)!r})
 atexit.register(lambda: (out / "atexit").write_text("ran"))
+released = threading.Event()  # the thread lives until the quick exit has been tried, however slow the machine
 if {live_thread}:
-    threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("done"))).start()
+    threading.Thread(target=lambda: (released.wait(60), (out / "thread").write_text("done"))).start()
 sys.stdout.write("x" * 100000)
 sys.stderr.write("last words")
 _exit_now(3)
+released.set()
 print("after", end="")  # reached only where the quick exit was not safe, and Python's own exit follows
 sys.exit(3)
 """

@@ -413,9 +413,8 @@ def test_no_keep_source_rerun_that_goes_on_to_build_stops_the_download(published
     """--no-keep-source, converted already (a build failed, say): a rerun that goes on to build finds the convert up
     to date and stops the download it started, instead of bringing the whole model again to delete it. The build
     and layout still get the config and tokenizer."""
-    import time
-
     import lmi_compile.remote.s3 as s3
+    import lmi_compile.remote.streaming as streaming
     from lmi_compile.cli import app
 
     model, prefix = published
@@ -423,24 +422,31 @@ def test_no_keep_source_rerun_that_goes_on_to_build_stops_the_download(published
     args = ["trtllm", prefix, "--tp", "2", "--work-dir", str(work), "--no-keep-source"]
     assert run_cli(*args, "--until", "convert").returncode == 0
     # one connection and 5 MiB ranges: after each shard's first range (its header, which the up-to-date check
-    # reads) its later ranges come one at a time, each held back a while
+    # reads) its later ranges come one at a time, each held until the download is dropped (at most 60 s)
     monkeypatch.setenv("LMI_COMPILE_S3_CONNECTIONS", "1")
     monkeypatch.setattr(s3, "RANGE_BYTES", 5 * 1024 * 1024)
-    later = []
-    real_get = s3._get_parts
+    dropped, started_after = threading.Event(), []
+    real_get, real_drop = s3._get_parts, streaming.StreamingFetch.drop_weights
 
     def held_back(getters, uri, t, first, count, bar):
         if first and t.rel.endswith(".safetensors"):
-            time.sleep(2)
-            later.append((t.rel, first))
+            if dropped.is_set():
+                started_after.append((t.rel, first))
+            else:
+                dropped.wait(60)
         return real_get(getters, uri, t, first, count, bar)
 
+    def drop_weights(self):
+        dropped.set()
+        return real_drop(self)
+
     monkeypatch.setattr(s3, "_get_parts", held_back)
+    monkeypatch.setattr(streaming.StreamingFetch, "drop_weights", drop_weights)
     app([*args, "--trtllm-build", str(Path(__file__).parent / "standins" / "trtllm-build"), "--output",
          str(tmp_path / "out")], standalone_mode=False)
-    # the range in flight when the convert was found up to date, and one its worker had taken already; before, all
-    # four later ranges were fetched (8 s), to be deleted after
-    assert len(later) <= 2, later
+    # at most the range its worker had taken already starts once the convert is found up to date; before, all
+    # four later ranges were fetched, to be deleted after
+    assert dropped.is_set() and len(started_after) <= 1, started_after
     assert (tmp_path / "out" / "rank0.engine").is_file() and (tmp_path / "out" / "tokenizer.json").is_file()
     assert not list((work / "source").glob("*.safetensors"))
     assert json.loads((work / "source" / ".lmi-compile-stage.json").read_text())["weights_removed"]

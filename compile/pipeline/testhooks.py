@@ -13,8 +13,8 @@ cannot have finished, instead of racing it.
 
 Points: "boundary" (every tensor, file or part boundary: interrupts.check), "push-file" (a push starts
 one file), "push-part" (a part of a multipart upload is about to be sent), "fetch-range" (a ranged GET of
-an S3 fetch is about to be sent), "stage-rename" (a stage's record is written and synced, its folder not
-yet renamed into place).
+an S3 fetch is about to be sent), "stage-rename" (a stage's record is written, and synced where the stage
+is durable, its folder not yet renamed into place).
 """
 
 import os
