@@ -56,9 +56,17 @@ class SeaweedFS:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> "SeaweedFS":
-        self._ports = free_ports(10)
-        return self._launch(timeout)
+    def start(self, timeout: float = 30.0, attempts: int = 3) -> "SeaweedFS":
+        """On ten free ports; on new ones when it fails to start (a port freed by free_ports can be taken by
+        another process, a client's outgoing connection included, before weed binds it)."""
+        for attempt in range(attempts):
+            self._ports = free_ports(10)
+            try:
+                return self._launch(timeout)
+            except RuntimeError:
+                self.stop()
+                if attempt == attempts - 1:
+                    raise
 
     def restart(self, timeout: float = 60.0) -> "SeaweedFS":
         """Start again on the same ports and data folder (after stop())."""
