@@ -25,7 +25,8 @@ from lmi_compile.neuron.layout import FORMATS, write_layout
 from lmi_compile.model.limits import check_sequence_length
 from lmi_compile.pipeline import observe, stages
 from lmi_compile.pipeline.diskspace import ensure_room
-from lmi_compile.pipeline.workdir import RUN_ONLY, Job, check_until, finish_layout, fresh_layout_staging, preflight_output
+from lmi_compile.pipeline.workdir import (RUN_ONLY, Job, check_until, finish_layout, fresh_layout_staging,
+                                          preflight_output)
 from lmi_compile.remote import streaming
 from lmi_compile.remote.stages import preflight_upload, push_stage, source_after
 

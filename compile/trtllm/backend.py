@@ -19,7 +19,8 @@ from lmi_compile.model.config import read_json
 from lmi_compile.model.limits import check_sequence_length
 from lmi_compile.pipeline import observe, stages
 from lmi_compile.pipeline.diskspace import ensure_room, tree_bytes
-from lmi_compile.pipeline.workdir import RUN_ONLY, Job, check_until, finish_layout, fresh_layout_staging, preflight_output
+from lmi_compile.pipeline.workdir import (RUN_ONLY, Job, check_until, finish_layout, fresh_layout_staging,
+                                          preflight_output)
 from lmi_compile.remote import streaming
 from lmi_compile.remote.stages import preflight_upload, push_stage, source_after
 from lmi_compile.trtllm.build import BuildOptions, build_engines, check_interface, find_trtllm_build
@@ -33,7 +34,8 @@ STAGES = ("fetch", "convert", "build", "layout")
 @dataclass(kw_only=True)
 class TrtllmJob(Job):
     build: BuildOptions
-    target: Target = field(default_factory=lambda: resolve_target("trtllm", None), metadata={"as": "release", "flag": "--lmi-version"})
+    target: Target = field(default_factory=lambda: resolve_target("trtllm", None),
+                           metadata={"as": "release", "flag": "--lmi-version"})
     tp: int = 1
     pp: int = 1
     dtype: str = "auto"
