@@ -88,7 +88,11 @@ class RayCluster:
                 self.kill(node)
                 raise RuntimeError(f"ray node {name} did not start: {log.read_text(errors='replace')[-2000:]}")
             time.sleep(0.2)
-        while not list((temp / "session_latest").glob("metrics_export_port_*")):
+        while not list((temp / "session_latest").glob("metrics_export_port_*")):  # its node id is known then
+            if proc.poll() is not None or time.monotonic() > deadline:
+                self.kill(node)
+                raise RuntimeError(f"ray node {name} started but wrote no port file: "
+                                   f"{log.read_text(errors='replace')[-2000:]}")
             time.sleep(0.1)
         return node
 
