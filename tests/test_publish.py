@@ -393,10 +393,12 @@ def test_an_occupied_upload_prefix_is_refused_before_the_convert(s3_env, s3_clie
     assert proc.returncode == 0, proc.stderr
     props = s3_client.get_object(Bucket="models", Key=parse_s3_uri(free).key("serving.properties"))["Body"].read()
     assert b"option.max_rolling_batch_size=3" in props
-    # how it runs, not what it makes: the build's workers, a permission, and a value equal to the one the first run
-    # took as its default
+    # how it runs, not what it makes: the build's workers, a permission, and values equal to those the first run took
+    # as defaults (the dtype as the convert found it in the checkpoint)
+    took = json.loads(Path("out", ".lmi-compile-stage.json").read_text())["made_with"]
+    assert took["--dtype"] in ("float16", "bfloat16", "float32"), took
     proc = run_cli(*args, "--upload", free, "--max-batch-size", "3", "--build-workers", "2", "--allow-longer",
-                   "--max-input-len", "1024")
+                   "--max-input-len", "1024", "--dtype", took["--dtype"])
     assert proc.returncode == 0 and "nothing changed" in proc.stderr, proc.stderr
 
 
@@ -405,7 +407,6 @@ def test_neuron_upload_preflight_compares_options_as_the_layout_took_them(s3_env
     """neuron fills --lmi-version, --amp and --n-positions from the release and the model: a rerun that names the
     values the first run took passes the --upload pre-flight (its push has nothing to do); another batch size is
     refused before the compile, naming it."""
-    import json
     import sys
 
     standin = f"{sys.executable} {Path(__file__).parent / 'standins' / 'neuron_compile_standin.py'}"

@@ -196,15 +196,17 @@ class Job:
     handover_out: str | None = field(default=None, metadata=RUN_ONLY)
     handover_in: str | None = field(default=None, metadata=RUN_ONLY)
 
-    def made_with(self) -> dict:
+    def made_with(self, given: bool = False) -> dict:
         """The options that shape this job's artifact, by the flag that sets each, as JSON reads them back. The
-        layout's record keeps them as the job ended (defaults the backend took from the model filled in), and the
-        upload pre-flight compares a rerun's, given ones only, with them (remote/publish.py)."""
-        return json.loads(json.dumps(_shaping(self), default=str))
+        layout's record keeps them as the job ended (the values the backend filled in from the model included);
+        the upload pre-flight compares a rerun's given ones (`given`: not those left for the backend to fill in)
+        with them (remote/publish.py)."""
+        return json.loads(json.dumps(_shaping(self, given), default=str))
 
 
-def _shaping(obj) -> dict:
-    """{flag: value} of a job's fields (and its build options' fields) but those marked RUN_ONLY. Field metadata
+def _shaping(obj, given: bool) -> dict:
+    """{flag: value} of a job's fields (and its build options' fields) but those marked RUN_ONLY; with `given`,
+    not those left to the backend: None, or the value field metadata "filled" names ("auto" dtype). Metadata
     "flag" names a flag other than the field's name, "as" an attribute standing for the value (a Target's
     release)."""
     out = {}
@@ -215,7 +217,7 @@ def _shaping(obj) -> dict:
         if "as" in f.metadata:
             value = getattr(value, f.metadata["as"])
         if is_dataclass(value):
-            out.update(_shaping(value))
-        else:
+            out.update(_shaping(value, given))
+        elif not given or (value is not None and value != f.metadata.get("filled", None)):
             out[f.metadata.get("flag", "--" + f.name.replace("_", "-"))] = value
     return out

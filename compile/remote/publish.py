@@ -222,8 +222,8 @@ def preflight(uri_text: str, output: Path | None = None, *, overwrite: bool = Fa
     if output is not None and Path(output).is_dir() and any(Path(output).iterdir()):
         if content_id(output, local_files(output)) in ids:
             then = (stages.read_record(output) or {}).get("made_with")
-            # an option not given (None) takes the default the backend found for the model: not compared
-            changed = [k for k in sorted(made_with) if made_with[k] is not None and then.get(k) != made_with[k]] \
+            # the options given (an option left out takes the value the backend finds for the model, as before)
+            changed = [k for k in sorted(made_with) if then.get(k) != made_with[k]] \
                 if isinstance(then, dict) and made_with is not None else []
             if not changed:
                 return uri

@@ -23,7 +23,7 @@ def preflight_upload(job) -> None:
     if job.upload:
         from lmi_compile.remote.publish import preflight
 
-        preflight(job.upload, job.output, overwrite=job.overwrite, made_with=job.made_with())
+        preflight(job.upload, job.output, overwrite=job.overwrite, made_with=job.made_with(given=True))
 
 
 def push_stage(out: Path, upload: str | None, *, overwrite: bool) -> None:

@@ -38,7 +38,7 @@ class TrtllmJob(Job):
                            metadata={"as": "release", "flag": "--lmi-version"})
     tp: int = 1
     pp: int = 1
-    dtype: str = "auto"
+    dtype: str = field(default="auto", metadata={"filled": "auto"})  # auto: the checkpoint's, found in the convert
     parallel_embedding: bool = False
     embedding_sharding_dim: int = 0
     moe_tp: int | None = None
@@ -263,6 +263,7 @@ def layout_stage(job: TrtllmJob, model, engines: Path, build: dict, dtype: str, 
             # a sliding window shorter than the sequence must reach the runtime, or attention sees too far back
             "max_attention_window_size": window if window and window < seq else ""})
     write_layout(layout, staging, engines, model.root, props, manifest, pbtxt=pbtxt)
+    job.dtype = dtype  # as the convert found it: the layout's record keeps it for a rerun's pre-flight
     # the artifact's identity (push's content id): not where or with which executable it was built
     shaping = {k: v for k, v in manifest.items() if k not in ("build_command", "trtllm_build")}
     return finish_layout(staging, out, stages.fingerprint(**shaping, upload=job.upload), job,
