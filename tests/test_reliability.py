@@ -159,14 +159,18 @@ def test_push_survives_server_restart_or_fails_cleanly(tmp_path):
                               config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 10}))
         client.create_bucket(Bucket="models")
         tree = _tree(tmp_path / "art", 8, 16)
-        proc = subprocess.Popen([sys.executable, "-m", "lmi_compile", "push", str(tree), "s3://models/fault/",
-                                 "--concurrency", "2", "--part-size-mb", "5"], env={**os.environ, **env},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert wait_for(lambda: client.list_objects_v2(Bucket="models", Prefix="fault/").get("KeyCount", 0) >= 2)
+        # held before its third part goes out (one at a time), while the server is stopped; released into the dead
+        # server, which comes back a second later: the part fails and is retried, however fast the machine
+        release = tmp_path / "release"
+        run = PausedCli("push", tree, "s3://models/fault/", "--concurrency", "1", "--part-size-mb", "5",
+                        point="push-part#3", tmp_path=tmp_path,
+                        env={**env, "LMI_COMPILE_TEST_PAUSE_RELEASE": str(release)})
         server.stop()
+        release.touch()
         time.sleep(1.0)
         server.restart()
-        _, err = proc.communicate(timeout=240)
+        run.proc.wait(timeout=240)
+        proc, err = run.proc, run.stderr()
         objs = {o["Key"] for o in client.list_objects_v2(Bucket="models", Prefix="fault/").get("Contents", [])}
         if proc.returncode != 0:
             assert proc.returncode == 1 and len([ln for ln in err.splitlines() if ln.startswith("error: ")]) == 1

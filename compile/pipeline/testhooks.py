@@ -6,6 +6,7 @@ environment lookup and does nothing.
 - LMI_COMPILE_TEST_PAUSE_AT=<point>[#<n>]: pause the n-th time (default: the first) `point` is reached.
 - LMI_COMPILE_TEST_PAUSE_READY=<file>: created when the process is paused there; the test waits for it.
 - LMI_COMPILE_TEST_PAUSE_S=<seconds>: the longest pause (default 60); then the run goes on as usual.
+- LMI_COMPILE_TEST_PAUSE_RELEASE=<file>: the pause also ends once this file exists (the test did its part).
 
 While paused the process still honours SIGINT/SIGTERM as at any boundary: the pause ends with
 Interrupted once a stop was asked for. A test can therefore deliver a signal at a moment the work
@@ -41,7 +42,8 @@ def pause(point: str) -> None:
 
     open(os.environ["LMI_COMPILE_TEST_PAUSE_READY"], "w").close()
     deadline = time.monotonic() + float(os.environ.get("LMI_COMPILE_TEST_PAUSE_S", "60"))
-    while time.monotonic() < deadline:
+    release = os.environ.get("LMI_COMPILE_TEST_PAUSE_RELEASE")
+    while time.monotonic() < deadline and not (release and os.path.exists(release)):
         if STOP.is_set():  # in a worker thread; in the main thread the handler raises out of sleep()
             raise Interrupted(received())
         time.sleep(0.01)
