@@ -109,11 +109,11 @@ def test_push_sigkill_at_random_points_then_resume(s3_env, s3_client, s3_prefix,
     u = parse_s3_uri(s3_prefix)
     rnd = random.Random(99)
     for attempt in range(3):
-        proc = start_cli("push", tree, s3_prefix, "--concurrency", "2", "--part-size-mb", "5")
-        assert wait_for(lambda: s3_client.list_objects_v2(Bucket=u.bucket, Prefix=u.prefix).get("KeyCount", 0) >= 1)
-        time.sleep(rnd.uniform(0.0, 0.5))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        # held before a seeded random one of its first parts goes out (a rerun has fewer left), then killed: mid-push
+        # however fast the machine
+        run = PausedCli("push", tree, s3_prefix, "--concurrency", "2", "--part-size-mb", "5",
+                        point=f"push-part#{rnd.randint(1, 4)}", tmp_path=tmp_path)
+        run.signal(signal.SIGKILL)
     again = run_cli("push", tree, s3_prefix, "--part-size-mb", "5")
     assert again.returncode == 0, again.stderr
     remote = {}
