@@ -215,6 +215,7 @@ def test_overwrite_refusal_and_replacement(s3_env, s3_client, s3_prefix, tmp_pat
 def test_a_refused_push_leaves_no_transfer_process(s3_env, s3_prefix, tmp_path, monkeypatch):
     """The PUT workers start before the prefix is looked at (so they are ready when the first part is); a push
     refused before any upload (the prefix holds another upload) still ends every one of them."""
+    import threading
     import time
 
     import psutil
@@ -228,7 +229,11 @@ def test_a_refused_push_leaves_no_transfer_process(s3_env, s3_prefix, tmp_path, 
 
     with pytest.raises(LmiCompileError, match="--overwrite"):
         push(make_tree(tmp_path / "b", big=1, big_mib=1, seed=2), s3_prefix, concurrency=4)
-    time.sleep(0.5)  # a worker the spawning thread was starting as the refusal came: given time to show up
+    # the spawning thread ends once it sees the workers closed: a worker it was starting then is ended by close()
+    deadline = time.monotonic() + 30
+    while any(t.name == "spawn-getters" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "spawn-getters" for t in threading.enumerate())
     assert workers() == []
 
 
