@@ -568,9 +568,9 @@ def test_neuron_splits_while_the_model_downloads(published4, model_factory, tmp_
 
 
 def test_split_fed_a_corrupt_download_is_never_kept(published4, s3_client, tmp_path, monkeypatch):
-    """A split that read bytes failing the manifest's checksum (the last shard, slowed down so the split has
-    written files before the check fails) is neither recorded nor kept for a rerun, which would otherwise keep
-    every file already written."""
+    """A split that read bytes failing the manifest's checksum (the last shard, whose last range is held until the
+    split has written a file) is neither recorded nor kept for a rerun, which would otherwise keep every file
+    already written."""
     from lmi_compile.cli import app
     from lmi_compile.errors import LmiCompileError
 
@@ -580,11 +580,21 @@ def test_split_fed_a_corrupt_download_is_never_kept(published4, s3_client, tmp_p
     body = bytearray((model / shard).read_bytes())
     body[-1000] ^= 0xFF
     s3_client.put_object(Bucket=u.bucket, Key=u.key(shard), Body=bytes(body))
-    slowed_gets(monkeypatch, "-00004-of-", 0.4)
+    # the corrupt shard's last range lands only once the split has written a file (or after 60 s)
+    import torch
+
+    written, real_save = threading.Event(), torch.save
+
+    def save(*args, **kwargs):
+        real_save(*args, **kwargs)
+        written.set()
+
+    monkeypatch.setattr(torch, "save", save)
+    slowed_gets(monkeypatch, "-00004-of-", 0.4, last_waits_for=written)
     work = tmp_path / "w"
     with pytest.raises(LmiCompileError, match="checksum") as e:
         app(["neuron", prefix, "--tp", "2", "--until", "split", "--work-dir", str(work)], standalone_mode=False)
-    assert shard in str(e.value)
+    assert shard in str(e.value) and written.is_set()
     assert not (work / "split").exists() and not (work / ".split.partial").exists()
     assert not (work / ".source.arriving").exists()
 
