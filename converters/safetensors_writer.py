@@ -4,11 +4,20 @@ The header is computed from the planned names, dtypes and shapes before any data
 of many GB is written with at most one row block in memory; byte ranges of source files are copied by
 the kernel (copy_file_range) without entering this process. The file appears under its final name only
 when complete (temporary name, fsync, rename).
+
+Each tensor's bytes start going to disk as soon as the tensor is written (start_writeback), so the disk works
+while the convert does and the closing fsync only waits for the tail. Left to the kernel, a rank file's pages
+stay dirty until that fsync (background writeback starts at 10% of memory dirty): on the 16-core host the fsync
+of an 11 GB tp=2 convert took 6.0 of its 13.4 s, and 7.5 of 19.1 s converting from S3, where the fetched
+shards' writeback competed with it; started per tensor, 11.9 and 11.7 s.
 """
 
+import ctypes
+import functools
 import json
 import os
 import struct
+import sys
 from pathlib import Path
 
 import torch
@@ -16,6 +25,32 @@ import torch
 from lmi_compile.model.dtypes import ST_DTYPE_SIZE, TORCH_TO_ST, itemsize
 
 from lmi_compile.converters.tensor_reader import BLOCK_BYTES, FileRange, Zeros
+
+
+SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait for it
+
+
+@functools.cache
+def _sync_file_range():
+    """libc's sync_file_range (Linux only; Python's os module lacks it), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Have the kernel start writing these bytes of `fd` to disk, without waiting for them (a ctypes call: the
+    GIL is released, and a full device queue holds only this thread). Where it is missing or refused (another
+    OS, a filesystem without it) nothing changes: close() still fsyncs."""
+    fn = _sync_file_range()
+    if fn is not None and nbytes > 0:
+        fn(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)
 
 
 class SafetensorsWriter:
@@ -117,6 +152,7 @@ class SafetensorsWriter:
         if pos - start != self._sizes[i]:
             raise ValueError(f"{self.path.name}: tensor {self._plan[i][0]} got {pos - start} bytes, "
                              f"planned {self._sizes[i]}")
+        start_writeback(self._fd, start, pos - start)
         self._written[i] = True
 
     def write_pieces(self, name: str, pieces, read_range) -> None:

@@ -4,7 +4,8 @@
 Each --rev is a git revision (or `.` for the working tree) unpacked as an importable lmi_compile package, with
 optional environment settings; every run is a new process, the contenders take turns starting each round
 (runs against SeaweedFS drift and alternate), and the medians are printed with their ratio to the baseline of
-the same run (s5cmd, or for --case convert the convert of the local model by the last --rev).
+the same run (s5cmd, or for --case convert the convert of the local model by the last --rev; the other revisions'
+local converts are timed too).
 
   python3 scripts/bench_revisions.py --case fetch --rev before=HEAD~2 --rev now=. --repeat 5
   python3 scripts/bench_revisions.py --case fetch --rev now=. --rev 64=.:LMI_COMPILE_S3_CONNECTIONS=64 \\
@@ -103,6 +104,9 @@ def compare(a, work: Path, server, endpoint: str) -> None:
         else:
             conv = ["--tp", "2", "--until", "convert", "--work-dir", str(out)]
             contenders["local convert"] = lambda r: timed([*lmi, "trtllm", str(model), *conv], own, fresh=out)
+            for label, env in list(revs.items())[:-1]:  # the other revisions' local converts: a change to the
+                contenders[f"{label} local convert"] = (  # convert itself moves the baseline too
+                    lambda env: lambda r: timed([*lmi, "trtllm", str(model), *conv], env, fresh=out))(env)
             for label, env in revs.items():
                 contenders[label] = (lambda env: lambda r: timed([*lmi, "trtllm", src, *conv], env, fresh=out))(env)
     else:

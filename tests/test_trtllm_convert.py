@@ -101,6 +101,40 @@ def test_rank_file_layout_and_config(model_factory, tmp_path):
                 assert f.get_tensor("lm_head.weight").shape == (252 // 4, 64)  # vocab 250 padded to 252
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names a descriptor's file through /proc (Linux)")
+def test_each_tensor_goes_to_disk_before_the_rank_file_is_closed(model_factory, tmp_path, monkeypatch):
+    """A rank file's bytes start their writeback tensor by tensor (the real sync_file_range, which must accept
+    every call), so the closing fsync waits only for the tail, not for the whole file."""
+    import os
+
+    from lmi_compile.converters import safetensors_writer
+
+    real = safetensors_writer._sync_file_range()
+    assert real is not None, "sync_file_range is missing from libc on Linux"
+    events = []
+
+    def recorded(fd, offset, nbytes, flags):
+        rc = real(fd, offset, nbytes, flags)
+        events.append(("range", os.readlink(f"/proc/self/fd/{fd}"), offset, nbytes, rc))
+        return rc
+
+    real_fsync = os.fsync
+    monkeypatch.setattr(safetensors_writer, "_sync_file_range", lambda: recorded)
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    ck = run_convert(model_factory(shards=2), tmp_path / "ckpt", tp=2)
+    for r in range(2):
+        path = ck / f"rank{r}.safetensors"
+        tmp = str(path.with_name(f".{path.name}.tmp-{os.getpid()}"))
+        mine = [e for e in events if e[1] == tmp]
+        assert mine[-1][0] == "fsync" and all(e[0] == "range" for e in mine[:-1])
+        assert all(e[4] == 0 for e in mine[:-1]), "sync_file_range refused a range"
+        header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+        covered = sorted((e[2], e[2] + e[3]) for e in mine[:-1])
+        assert covered[0][0] == header and covered[-1][1] == path.stat().st_size
+        assert all(a[1] == b[0] for a, b in zip(covered, covered[1:])), "a tensor's bytes were never started"
+
+
 def test_dtype_cast_per_tensor(model_factory, tmp_path):
     model = model_factory()
     ck = run_convert(model, tmp_path / "ckpt", tp=2, dtype="bfloat16")
