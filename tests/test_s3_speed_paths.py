@@ -498,8 +498,9 @@ def test_no_keep_source_removes_each_shard_after_its_last_read(published4, model
     removals = []
     real_remove = streaming.ArrivingModel._remove
 
-    def recording_remove(self, rel):
-        removals.append((rel, set(self._verified)))
+    def recording_remove(self, rel):  # in the remover thread: what was verified when the file went
+        with self._cv:
+            removals.append((rel, set(self._verified)))
         try:
             return real_remove(self, rel)
         finally:
@@ -821,3 +822,36 @@ def test_workers_of_a_fetch_read_as_it_lands_yield_the_cores_to_the_reader(publi
     monkeypatch.setenv("LMI_COMPILE_TRANSFER_NICE", "high")
     with pytest.raises(fetch.BadInput, match="LMI_COMPILE_TRANSFER_NICE='high': give a whole number from 0 to 19"):
         fetch.consumer_nice()
+
+
+def test_a_shard_that_cannot_be_removed_is_reported_before_the_fetch_counts_as_consumed(tmp_path, monkeypatch):
+    """--no-keep-source deletes converted shards in a thread of its own; a deletion that fails there is raised by
+    remove_rest (which the consumed fetch's record waits for), not lost with the thread."""
+    from lmi_compile.remote.streaming import ArrivingModel
+
+    view, staging = tmp_path / "view", tmp_path / "staging"
+    for folder in (view, staging):
+        folder.mkdir()
+        for name in ("a.safetensors", "b.safetensors"):
+            (folder / name).write_bytes(b"x" * 64)
+    a = ArrivingModel(view, staging)
+    a.weights(["a.safetensors", "b.safetensors"])
+    a.plan_reads(["a.safetensors", "b.safetensors"])
+    real_truncate = os.truncate
+
+    def truncate(path, n):
+        if Path(path).name == "b.safetensors":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_truncate(path, n)
+
+    monkeypatch.setattr(os, "truncate", truncate)
+    a.verified("a.safetensors", staging / "a.safetensors")
+    a.read_done("a.safetensors")
+    a.removals_done()
+    assert not (staging / "a.safetensors").exists() and not (view / "a.safetensors").exists()
+    a.verified("b.safetensors", staging / "b.safetensors")
+    a.read_done("b.safetensors")
+    with pytest.raises(PermissionError):
+        a.remove_rest()
+    a.removals_done(stop=True)
+    assert a._remover is None
