@@ -106,8 +106,11 @@ def s3_prefix(request):
     """A fresh prefix in the test bucket for each test."""
     import re
 
-    safe = re.sub(r"[^a-zA-Z0-9_-]", "-", request.node.name)[:60]
-    return f"s3://{BUCKET}/{safe}-{os.getpid()}/"
+    import hashlib
+
+    # the name cut short, and a digest of the whole test id: parametrized tests' names differ only at their end
+    safe = re.sub(r"[^a-zA-Z0-9_-]", "-", request.node.name)[:50]
+    return f"s3://{BUCKET}/{safe}-{hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]}-{os.getpid()}/"
 
 
 def upload_folder(client, folder: Path, uri: str) -> None:

@@ -175,6 +175,7 @@ def test_ctrl_c_or_sigterm_cancels_the_running_tasks_and_leaves_nothing_half_pub
     hold = {"LMI_COMPILE_TEST_JOB_PAUSE_AT": "push-part", "LMI_COMPILE_TEST_JOB_PAUSE_READY": str(ready),
             "LMI_COMPILE_TEST_JOB_PAUSE_S": "120"}
     out, err = tmp_path / "out.json", tmp_path / "err.log"
+    started = time.time()
     with open(out, "w") as o, open(err, "w") as e:
         driver = subprocess.Popen([sys.executable, "-m", "lmi_compile", "batch", str(jobs), "--address",
                                    cluster.address, "--staging", f"{s3_prefix}staging/", "--json"],
@@ -200,8 +201,11 @@ def test_ctrl_c_or_sigterm_cancels_the_running_tasks_and_leaves_nothing_half_pub
     job = json.loads(out.read_text())["jobs"][0]
     assert job["status"] == "failed" and "interrupted" in job["error"], job
     # the task was cancelled: its command stopped at the held part, as on SIGTERM, and aborted its upload
+    # (earlier tests of this module ran a job of this name too, and left its log on whichever node ran it)
     logs = [n.work / "trt-030" / "lmi-compile-cpu.log" for n in cluster.nodes if n.alive()]
-    log = next(p.read_text() for p in logs if p.exists())
+    ours = [p for p in logs if p.exists() and p.stat().st_mtime >= started]
+    assert len(ours) == 1, ours
+    log = ours[0].read_text()
     assert "error: interrupted by SIGTERM" in log, (log, stderr[-3000:])
     assert not s3_client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads")
     handover = keys(s3_client, f"{s3_prefix}staging/handover/")
