@@ -38,9 +38,11 @@ def node_env(s3_server) -> dict:
 def cluster(s3_server):
     c = RayCluster(node_env(s3_server))
     try:
-        # two CPUs on the inf2 node: a CPU stage and a compile can run there at once, as on a real inf2 machine
-        c.start_head("inf2", num_cpus=2, resources={"neuron_cores": 2}, env=QUICK_HEALTH_CHECK)
-        c.add_node("g5", **GPU)
+        # two CPUs on the inf2 node: a CPU stage and a compile can run there at once, as on a real inf2 machine.
+        # Both start as a script's `ray start ... &` starts them, SIGINT ignored: ray.cancel must still stop a job
+        # there (the Ctrl-C test)
+        c.start_head("inf2", num_cpus=2, resources={"neuron_cores": 2}, env=QUICK_HEALTH_CHECK, sigint_ignored=True)
+        c.add_node("g5", **GPU, sigint_ignored=True)
         yield c
     finally:
         c.shutdown()

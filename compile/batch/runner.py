@@ -8,11 +8,13 @@ folder is on this node's own disk (LMI_COMPILE_BATCH_WORK, default ~/.cache/lmi-
 on the same node resumes at the first unfinished stage.
 """
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -65,25 +67,45 @@ def run_job(spec: dict, board=None) -> dict:
     env = {**os.environ, **spec.get("env", {}), STAGE_LOG_ENV: str(stage_log), "PYTHONUNBUFFERED": "1",
            JOB_ENV: json.dumps({"name": spec["name"], "fingerprint": spec["fingerprint"], "node": node})}
     started = time.time()
-    with open(cli_log, "w") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
-    seen = 0
-    try:
-        while proc.poll() is None:
-            seen = _report(stage_log, seen, spec["name"], board, phase)
-            try:
-                proc.wait(timeout=POLL_S)  # returns the moment the command ends
-            except subprocess.TimeoutExpired:
-                pass
-    except BaseException:  # ray.cancel (KeyboardInterrupt) or the worker going down: stop the run cleanly
-        _stop(proc)
-        raise
+    with _cancellable():
+        with open(cli_log, "w") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+        seen = 0
+        try:
+            while proc.poll() is None:
+                seen = _report(stage_log, seen, spec["name"], board, phase)
+                try:
+                    proc.wait(timeout=POLL_S)  # returns the moment the command ends
+                except subprocess.TimeoutExpired:
+                    pass
+        except BaseException:  # ray.cancel (KeyboardInterrupt) or the worker going down: stop the run cleanly
+            _stop(proc)
+            raise
     _report(stage_log, seen, spec["name"], board, phase)
     ended = time.time()
     return {"node": node, "phase": phase, "exit_code": proc.returncode, "stages": stage_seconds(stage_log, ended),
             "error": _error_line(cli_log) if proc.returncode else None,
             "output": output if phase == "cpu" else spec["options"].get("upload") or output, "log": str(cli_log),
             "seconds": ended - started}
+
+
+@contextlib.contextmanager
+def _cancellable():
+    """Python's own SIGINT handler while the task runs: ray.cancel stops a running task by raising
+    KeyboardInterrupt through it (PyErr_SetInterrupt), which does nothing where SIGINT is ignored. A node inherits
+    that from whatever started it: a script's `ray start ... --block &` (a shell without job control ignores SIGINT
+    for background commands) left Ctrl-C of a batch waiting 90 s for jobs that never stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGINT)
+    if before in (signal.SIG_IGN, signal.SIG_DFL, None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if before in (signal.SIG_IGN, signal.SIG_DFL):
+            signal.signal(signal.SIGINT, before)
 
 
 def _die_with_parent() -> None:

@@ -69,7 +69,10 @@ class RayCluster:
         return self._start(name, ["--address", self.address], **kw)
 
     def _start(self, name: str, args: list[str], *, num_cpus: int = 1, num_gpus: int = 0,
-               resources: dict | None = None, env: dict | None = None, timeout: float = 60) -> RayNode:
+               resources: dict | None = None, env: dict | None = None, timeout: float = 60,
+               sigint_ignored: bool = False) -> RayNode:
+        """sigint_ignored: the node starts as a script's `ray start ... &` starts it (a shell without job control
+        ignores SIGINT for background commands): its workers inherit SIGINT ignored."""
         temp, work = self.root / name / "ray", self.root / name / "work"
         temp.mkdir(parents=True)
         work.mkdir(parents=True)
@@ -78,6 +81,8 @@ class RayCluster:
                "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus), "--resources", json.dumps(resources or {}),
                "--disable-usage-stats", "--block"]
         full_env = {**self.env, **(env or {}), **self.client_env(), "LMI_COMPILE_BATCH_WORK": str(work)}
+        if sigint_ignored:
+            cmd = ["bash", "-c", 'trap "" INT; exec "$@"', "ray-node", *cmd]
         with open(log, "w") as out:
             proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         node = RayNode(name, proc, temp, work, log, resources or {})
