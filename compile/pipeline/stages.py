@@ -72,9 +72,9 @@ def staging_dir(final: Path) -> Path:
 PARTIAL_RECORD = ".lmi-compile-partial.json"
 
 
-def open_staging(final: Path, fp: str) -> Path:
+def open_staging(final: Path, fp: str, *, durable: bool = True) -> Path:
     """The staging folder for `final`, emptied first when it holds work for other inputs or options,
-    so an interrupted run resumes and a changed run starts clean."""
+    so an interrupted run resumes and a changed run starts clean (durable: as for finish)."""
     staging = staging_dir(final)
     try:
         same = json.loads((staging / PARTIAL_RECORD).read_text()).get("fingerprint") == fp
@@ -84,7 +84,7 @@ def open_staging(final: Path, fp: str) -> Path:
     if not same:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        write_json_atomic(staging / PARTIAL_RECORD, {"fingerprint": fp})
+        write_json_atomic(staging / PARTIAL_RECORD, {"fingerprint": fp}, durable=durable)
     else:
         # A run killed with SIGKILL leaves its temporaries; finished files were renamed and are kept.
         for tmp in staging.rglob(".*.tmp-*"):
@@ -142,11 +142,12 @@ def not_written_here(folder: Path, rec: dict) -> str | None:
 def finish(staging: Path, final: Path, stage: str, fp: str, *, durable: bool = True, **info) -> Path:
     """Record the stage in `staging`, then move it to `final` (replacing an earlier output).
 
-    `durable=False` skips the fsyncs, for a stage whose files are not synced either (the fetch: syncing GBs would
-    hold it to the disk's speed), where they cost most: on ext4 an fsync commits the journal, which first writes
-    out every block the background writeback has allocated since, 0.4-1.0 s after an 18 GB fetch on the 16-core
-    host. The rename keeps such a record atomic for every process, and a process's crash loses nothing (the page
-    cache outlives it); after a crash of the machine its files may hold less than it says, synced record or not."""
+    `durable=False` skips the fsyncs, for a stage whose files are not synced either (the fetch and the Neuron
+    split: syncing GBs would hold them to the disk's speed), where they cost most: on ext4 an fsync commits the
+    journal, which first writes out every block the background writeback has allocated since, 0.4-1.0 s after an
+    18 GB fetch on the 16-core host. The rename keeps such a record atomic for every process, and a process's crash
+    loses nothing (the page cache outlives it); after a crash of the machine its files may hold less than it says,
+    synced record or not."""
     staging, final = Path(staging), Path(final)
     (staging / PARTIAL_RECORD).unlink(missing_ok=True)
     # `files`: what this stage wrote, so a rerun that would replace the folder can tell a file the user added
@@ -180,19 +181,20 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def run(final: Path, stage: str, fp: str, work, *, force: bool = False, resume: bool = False) -> dict:
+def run(final: Path, stage: str, fp: str, work, *, force: bool = False, resume: bool = False,
+        durable: bool = True) -> dict:
     """One stage, the way every stage runs: skip it when `final` already holds this fingerprint's output;
     else `work(staging)` builds it beside `final` (returning facts for the record), and `finish` renames it.
 
     resume: keep the staging folder of an interrupted run with the same fingerprint (stages that write
     file by file); otherwise start from an empty one, and remove it when the work fails, since nothing of
-    a failed build or compile is reused. Returns the stage record."""
+    a failed build or compile is reused. durable: see finish. Returns the stage record."""
     final = Path(final)
     if not force and is_done(final, stage, fp):
         log.info("%s: %s is up to date, skipping", stage, final)
         return read_record(final)
     if resume:
-        staging = open_staging(final, fp)
+        staging = open_staging(final, fp, durable=durable)
     else:
         staging = staging_dir(final)
         shutil.rmtree(staging, ignore_errors=True)
@@ -203,5 +205,5 @@ def run(final: Path, stage: str, fp: str, work, *, force: bool = False, resume: 
         if not resume:
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    finish(staging, final, stage, fp, **info)
+    finish(staging, final, stage, fp, durable=durable, **info)
     return read_record(final)
