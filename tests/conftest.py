@@ -102,6 +102,20 @@ def s3_client(s3_env):
 
 
 @pytest.fixture
+def synced_paths(monkeypatch):
+    """The paths this process calls os.fsync on while the test runs (Linux: named through /proc)."""
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return synced
+
+
+@pytest.fixture
 def s3_prefix(request):
     """A fresh prefix in the test bucket for each test."""
     import re

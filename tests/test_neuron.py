@@ -165,26 +165,16 @@ def test_context_buckets_from_the_environment_and_unused_options_are_said(model_
         in proc.stderr
 
 
-def test_the_split_is_recorded_without_fsync(model_factory, tmp_path, monkeypatch):
+def test_the_split_is_recorded_without_fsync(model_factory, tmp_path, synced_paths):
     """The split's files are written without fsync (torch.save), so its record is too: from S3 that fsync waited
     1.2-1.5 s for the fetched shards' writeback. The record still appears by rename, and a rerun trusts it."""
-    import os
-
     from lmi_compile.cli import app
 
     model = model_factory()
-    synced = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
     work = tmp_path / "work"
     app(["neuron", str(model), "--work-dir", str(work), "--until", "split"], standalone_mode=False)
     assert json.loads((work / "split" / ".lmi-compile-stage.json").read_text())["stage"] == "split"
-    assert not [p for p in synced if "split" in p], synced
+    assert not [p for p in synced_paths if "split" in p], synced_paths
     again = compile_neuron(model, tmp_path, "--until", "split")
     assert again.returncode == 0 and "is up to date, skipping" in again.stderr, again.stderr
 

@@ -69,26 +69,18 @@ def test_fetch_verifies_every_byte_against_the_manifest(published, s3_client, tm
     assert proc.returncode == 1 and shard in error_line(proc) and "sha256" in error_line(proc), proc.stderr
 
 
-def test_a_finished_fetch_is_recorded_without_fsync(published, tmp_path, monkeypatch):
+def test_a_finished_fetch_is_recorded_without_fsync(published, tmp_path, synced_paths):
     """The fetch's files are not synced (that would hold it to the disk's speed), so neither is its record: on ext4
     that fsync waited for every block the writeback had allocated, 0.4-1.0 s after an 18 GB fetch. The record
     still appears by rename, whole or not at all, and a rerun trusts it."""
     from lmi_compile.cli import app
 
     model, prefix = published
-    synced = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
     out = tmp_path / "out"
     app(["fetch", prefix, "--output", str(out)], standalone_mode=False)
     assert digests(out) == digests(model)
     assert json.loads((out / ".lmi-compile-stage.json").read_text())["stage"] == "fetch"
-    assert not [p for p in synced if p.startswith(str(tmp_path))], synced
+    assert not [p for p in synced_paths if p.startswith(str(tmp_path))], synced_paths
     proc = run_cli("fetch", prefix, "--output", out)
     assert proc.returncode == 0 and "already in" in proc.stderr, proc.stderr
 
