@@ -163,6 +163,30 @@ def test_jobs_run_on_the_nodes_with_their_resources_and_a_rerun_skips_them(clust
     assert r2["too-long"]["status"] == "failed"  # bad input is not retried, and fails the same way again
 
 
+def test_a_task_is_cancellable_where_sigint_was_ignored_and_a_cancel_during_the_start_is_held():
+    """ray.cancel interrupts a running task through Python's SIGINT handler (as _thread.interrupt_main does): a
+    task sets that handler where the node left SIGINT ignored, and restores it after; while its command starts, a
+    cancel is recorded, not raised inside Popen (the started command would be left running)."""
+    import _thread
+
+    from lmi_compile.batch.runner import _cancel_held, _cancellable
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _thread.interrupt_main()  # ignored: what a node with SIGINT ignored did to a cancel
+        with pytest.raises(KeyboardInterrupt):
+            with _cancellable():
+                with _cancel_held() as held:
+                    _thread.interrupt_main()
+                    time.sleep(0.05)  # the interrupt is checked between bytecodes: it would have been raised here
+                assert held == [signal.SIGINT]
+                _thread.interrupt_main()
+                time.sleep(5)  # interrupted at once
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_ctrl_c_or_sigterm_cancels_the_running_tasks_and_leaves_nothing_half_published(
         signum, cluster, model_factory, s3_env, s3_prefix, s3_client, tmp_path):

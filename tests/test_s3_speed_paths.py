@@ -818,7 +818,7 @@ def test_workers_of_a_fetch_read_as_it_lands_yield_the_cores_to_the_reader(publi
 
 def test_a_shard_that_cannot_be_removed_is_reported_before_the_fetch_counts_as_consumed(tmp_path, monkeypatch):
     """--no-keep-source deletes converted shards in a thread of its own; a deletion that fails there is raised by
-    remove_rest (which the consumed fetch's record waits for), not lost with the thread."""
+    remove_rest (which the consumed fetch's record waits for), not lost with the thread, and a stop ends it."""
     from lmi_compile.remote.streaming import ArrivingModel
 
     view, staging = tmp_path / "view", tmp_path / "staging"
@@ -833,7 +833,7 @@ def test_a_shard_that_cannot_be_removed_is_reported_before_the_fetch_counts_as_c
 
     def truncate(path, n):
         if Path(path).name == "b.safetensors":
-            raise PermissionError(13, "Permission denied", str(path))
+            raise RuntimeError(f"{path}: cannot truncate")  # not only OSError: the remover must not die of it
         return real_truncate(path, n)
 
     monkeypatch.setattr(os, "truncate", truncate)
@@ -843,7 +843,14 @@ def test_a_shard_that_cannot_be_removed_is_reported_before_the_fetch_counts_as_c
     assert not (staging / "a.safetensors").exists() and not (view / "a.safetensors").exists()
     a.verified("b.safetensors", staging / "b.safetensors")
     a.read_done("b.safetensors")
-    with pytest.raises(PermissionError):
+    with pytest.raises(RuntimeError, match="cannot truncate"):
         a.remove_rest()
     a.removals_done(stop=True)
-    assert a._remover is None
+    assert a._remover is None and not [t for t in threading.enumerate() if t.name == "remove-shards"]
+    # a removal after the stop (drop_weights removes after close) starts another remover, which the next stop ends
+    (staging / "c.safetensors").write_bytes(b"x")
+    with a._cv:
+        a._doom("c.safetensors")
+    a.removals_done(stop=True)
+    assert not (staging / "c.safetensors").exists()
+    assert not [t for t in threading.enumerate() if t.name == "remove-shards"]

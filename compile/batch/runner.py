@@ -44,6 +44,11 @@ class Board:
 
 def run_job(spec: dict, board=None) -> dict:
     """Run one job here (inside a Ray task). Returns node, exit code, stage seconds, error line and output."""
+    with _cancellable():
+        return _run_job(spec, board)
+
+
+def _run_job(spec: dict, board) -> dict:
     import ray
 
     from lmi_compile.pipeline.observe import JOB_ENV, STAGE_LOG_ENV
@@ -67,20 +72,21 @@ def run_job(spec: dict, board=None) -> dict:
     env = {**os.environ, **spec.get("env", {}), STAGE_LOG_ENV: str(stage_log), "PYTHONUNBUFFERED": "1",
            JOB_ENV: json.dumps({"name": spec["name"], "fingerprint": spec["fingerprint"], "node": node})}
     started = time.time()
-    with _cancellable():
-        with open(cli_log, "w") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
-        seen = 0
-        try:
-            while proc.poll() is None:
-                seen = _report(stage_log, seen, spec["name"], board, phase)
-                try:
-                    proc.wait(timeout=POLL_S)  # returns the moment the command ends
-                except subprocess.TimeoutExpired:
-                    pass
-        except BaseException:  # ray.cancel (KeyboardInterrupt) or the worker going down: stop the run cleanly
-            _stop(proc)
-            raise
+    seen = 0
+    with open(cli_log, "w") as log, _cancel_held() as held:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+    try:
+        if held:  # cancelled while the command started: it is stopped like a running one
+            raise KeyboardInterrupt
+        while proc.poll() is None:
+            seen = _report(stage_log, seen, spec["name"], board, phase)
+            try:
+                proc.wait(timeout=POLL_S)  # returns the moment the command ends
+            except subprocess.TimeoutExpired:
+                pass
+    except BaseException:  # ray.cancel (KeyboardInterrupt) or the worker going down: stop the run cleanly
+        _stop(proc)
+        raise
     _report(stage_log, seen, spec["name"], board, phase)
     ended = time.time()
     return {"node": node, "phase": phase, "exit_code": proc.returncode, "stages": stage_seconds(stage_log, ended),
@@ -95,17 +101,31 @@ def _cancellable():
     KeyboardInterrupt through it (PyErr_SetInterrupt), which does nothing where SIGINT is ignored. A node inherits
     that from whatever started it: a script's `ray start ... --block &` (a shell without job control ignores SIGINT
     for background commands) left Ctrl-C of a batch waiting 90 s for jobs that never stopped."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     before = signal.getsignal(signal.SIGINT)
-    if before in (signal.SIG_IGN, signal.SIG_DFL, None):
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if threading.current_thread() is not threading.main_thread() or before not in (signal.SIG_IGN, signal.SIG_DFL):
+        yield  # a handler of Python's or of C code's is there: left as it is
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        if before in (signal.SIG_IGN, signal.SIG_DFL):
-            signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGINT, before)
+
+
+@contextlib.contextmanager
+def _cancel_held():
+    """While the command starts, a cancel is recorded (the list), not raised: raised inside Popen, after the fork,
+    it would leave the started command running with nothing to stop it."""
+    held: list[int] = []
+    before = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or before is None:
+        yield held
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _die_with_parent() -> None:

@@ -65,7 +65,7 @@ class ArrivingModel:
         self.removed: list[str] = []  # decided under the lock; the files go in the remover thread
         self._doomed: queue.Queue = queue.Queue()
         self._remover: threading.Thread | None = None
-        self._remove_error: OSError | None = None
+        self._remove_error: Exception | None = None
 
     # --- heard from the fetch (download threads) ---
     def listed(self, sizes: dict[str, int], mtimes: dict[str, int]) -> None:
@@ -180,25 +180,27 @@ class ArrivingModel:
         self._doom(rel)
 
     def _doom(self, rel: str) -> None:
-        """(under the lock) Hand a weight file to the remover thread."""
+        """(under the lock) Hand a weight file to the remover thread (each remover has its own queue: one that is
+        being stopped never takes another's files or stop mark)."""
         self.removed.append(rel)
         if self._remover is None:
-            self._remover = threading.Thread(target=self._removing, name="remove-shards", daemon=True)
+            self._remover = threading.Thread(target=self._removing, args=(self._doomed,), name="remove-shards",
+                                             daemon=True)
             self._remover.start()
         self._doomed.put(rel)
 
-    def _removing(self) -> None:
+    def _removing(self, doomed: queue.Queue) -> None:
         while True:
-            rel = self._doomed.get()
-            if rel is None:  # the stream closed
-                self._doomed.task_done()
+            rel = doomed.get()
+            if rel is None:  # stopped
+                doomed.task_done()
                 return
             try:
                 self._remove(rel)
-            except OSError as e:  # reported by remove_rest, before the fetch is recorded as consumed
+            except Exception as e:  # reported by remove_rest, before the fetch is recorded as consumed
                 self._remove_error = self._remove_error or e
             finally:
-                self._doomed.task_done()
+                doomed.task_done()
 
     def _remove(self, rel: str) -> None:
         for folder in (self.view, self.staging):
@@ -213,14 +215,15 @@ class ArrivingModel:
         log.debug("fetch: %s converted and removed (--no-keep-source)", rel)
 
     def removals_done(self, stop: bool = False) -> None:
-        """Wait until every file handed to the remover is gone (not under the lock); `stop`: and end it."""
-        self._doomed.join()
-        if not stop:
-            return
+        """Wait until every file handed to the remover is gone (not under the lock); `stop`: and end it (a later
+        removal, drop_weights', starts another)."""
         with self._cv:
-            remover, self._remover = self._remover, None  # a later removal (drop_weights) starts another
-        if remover is not None:
-            self._doomed.put(None)
+            doomed, remover = self._doomed, self._remover
+            if stop and remover is not None:
+                self._doomed, self._remover = queue.Queue(), None
+                doomed.put(None)
+        doomed.join()
+        if stop and remover is not None:
             remover.join()
 
     def remove_rest(self) -> list[str]:
