@@ -95,21 +95,13 @@ def _run_job(spec: dict, board) -> dict:
             "seconds": ended - started}
 
 
-@contextlib.contextmanager
 def _cancellable():
     """Python's own SIGINT handler while the task runs: ray.cancel stops a running task by raising
     KeyboardInterrupt through it (PyErr_SetInterrupt), which does nothing where SIGINT is ignored. A node inherits
     that from whatever started it: a script's `ray start ... --block &` (a shell without job control ignores SIGINT
-    for background commands) left Ctrl-C of a batch waiting 90 s for jobs that never stopped."""
-    before = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or before not in (signal.SIG_IGN, signal.SIG_DFL):
-        yield  # a handler of Python's or of C code's is there: left as it is
-        return
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, before)
+    for background commands) left Ctrl-C of a batch waiting 90 s for jobs that never stopped. A handler of Python's
+    or of C code's is left as it is."""
+    return _sigint(signal.default_int_handler, replaces=lambda before: before in (signal.SIG_IGN, signal.SIG_DFL))
 
 
 @contextlib.contextmanager
@@ -117,13 +109,21 @@ def _cancel_held():
     """While the command starts, a cancel is recorded (the list), not raised: raised inside Popen, after the fork,
     it would leave the started command running with nothing to stop it."""
     held: list[int] = []
+    with _sigint(lambda signum, frame: held.append(signum), replaces=lambda before: before is not None):
+        yield held
+
+
+@contextlib.contextmanager
+def _sigint(handler, replaces):
+    """`handler` for SIGINT inside the block, where the main thread runs it and `replaces(the handler there)`;
+    the earlier one after."""
     before = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or before is None:
-        yield held
+    if threading.current_thread() is not threading.main_thread() or not replaces(before):
+        yield
         return
-    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    signal.signal(signal.SIGINT, handler)
     try:
-        yield held
+        yield
     finally:
         signal.signal(signal.SIGINT, before)
 

@@ -11,12 +11,11 @@ recorded as finished, and a rerun converts again from the verified source.
 
 With --no-keep-source the convert consumes the model: each safetensors shard is deleted (truncated first, so
 its blocks are freed though readers hold it open) once the fetch has verified it and every convert task that
-reads it has finished, and the fetch is recorded as remove_weights leaves one (config and tokenizer kept).
-A thread of its own deletes them: truncating a GB shard waits for the pages the kernel is writing back, 0.1-0.6 s
-each on the 16-core host, which under the lock every download and convert thread waits on held a 22-layer
-convert 1.5-2 s longer. The
+reads it has finished, and the fetch is recorded as remove_weights leaves one (config and tokenizer kept). The
 download brings the shards in order, a few at a time, so the source on disk stays a few shards, not a second
-copy of the model. Pickled .bin files are mmapped by torch and go only at the end.
+copy of the model. Pickled .bin files are mmapped by torch and go only at the end. A thread of its own deletes
+them: truncating a GB shard waits for the pages the kernel is writing back, 0.1-0.6 s each on the 16-core host,
+which under the lock every download and convert thread takes held a 22-layer convert 1.5-2 s longer.
 
 The fetch thread downloads and verifies; the stage is recorded by settle(), in the main thread, once the
 convert is done with the files.
