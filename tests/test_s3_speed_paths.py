@@ -723,10 +723,10 @@ def test_transfer_workers_check_crc32_with_isal_and_it_equals_zlibs():
 
 @pytest.mark.parametrize("features, forced, expected", [
     ("0110010100000000", None, 32 << 10),  # free page reporting negotiated (this CI machine's balloon)
-    ("0110000100000000", None, 1 << 20),  # a balloon without it
-    (None, None, 1 << 20),  # no balloon (the 16-core GPU host)
-    ("0110010100000000", 256, 256 << 10),
-    (None, 4096, 1 << 20),  # never more than a chunk
+    ("0110000100000000", None, 256 << 10),  # a balloon without it: a whole chunk
+    (None, None, 256 << 10),  # no balloon (the 16-core GPU host)
+    ("0110010100000000", 128, 128 << 10),
+    (None, 4096, 256 << 10),  # never more than a chunk
 ])
 def test_write_size_is_small_only_where_freed_memory_goes_back_to_the_hypervisor(tmp_path, features, forced,
                                                                                   expected):
