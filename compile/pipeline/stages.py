@@ -157,18 +157,17 @@ def finish(staging: Path, final: Path, stage: str, fp: str, *, durable: bool = T
     if durable:
         fsync_dir(staging)  # the record's name is on disk before the folder can appear under its final name
     testhooks.pause("stage-rename")
+    old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
-        os.replace(staging, final)
-        if durable:
-            fsync_dir(final.parent)
-        shutil.rmtree(old, ignore_errors=True)
     else:
         final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, final)
-        if durable:
-            fsync_dir(final.parent)
+    os.replace(staging, final)
+    if durable:
+        fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
