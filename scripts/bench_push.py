@@ -248,6 +248,7 @@ class Bench:
             fetch["s5cmd cp"] = lambda i: timed([self.s5, "--endpoint-url", self.endpoint, "cp", f"{src}*", f"{dst}/"],
                                                 self.env, fresh=dst)
         got = self.interleaved(fetch)
+        shutil.rmtree(dst)  # the convert runs below hold up to two copies more: a 28-layer model fits 64 GB
         self.record(f"model fetch ({shape})", mb, got, "s5cmd cp" if self.s5 else None)
         if not convert:
             return

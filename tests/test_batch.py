@@ -163,17 +163,21 @@ def test_jobs_run_on_the_nodes_with_their_resources_and_a_rerun_skips_them(clust
     assert r2["too-long"]["status"] == "failed"  # bad input is not retried, and fails the same way again
 
 
-def test_a_task_is_cancellable_where_sigint_was_ignored_and_a_cancel_during_the_start_is_held():
+@pytest.mark.parametrize("node_sigint", [signal.SIG_IGN, signal.SIG_DFL, signal.default_int_handler],
+                         ids=["ignored", "default", "python"])
+def test_a_task_is_cancellable_whatever_sigint_the_node_left_and_a_cancel_during_the_start_is_held(node_sigint):
     """ray.cancel interrupts a running task through Python's SIGINT handler (as _thread.interrupt_main does): a
-    task sets that handler where the node left SIGINT ignored, and restores it after; while its command starts, a
-    cancel is recorded, not raised inside Popen (the started command would be left running)."""
+    task sets that handler where the node left SIGINT ignored or at its default (the module's cluster covers only
+    the first), keeps Python's own where a node started normally, and restores what it found; while its command
+    starts, a cancel is recorded, not raised inside Popen (the started command would be left running)."""
     import _thread
 
     from lmi_compile.batch.runner import _cancel_held, _cancellable
 
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    before = signal.signal(signal.SIGINT, node_sigint)
     try:
-        _thread.interrupt_main()  # ignored: what a node with SIGINT ignored did to a cancel
+        if node_sigint is not signal.default_int_handler:
+            _thread.interrupt_main()  # not handled by Python: what such a node did to a cancel
         with pytest.raises(KeyboardInterrupt):
             with _cancellable():
                 with _cancel_held() as held:
@@ -182,7 +186,7 @@ def test_a_task_is_cancellable_where_sigint_was_ignored_and_a_cancel_during_the_
                 assert held == [signal.SIGINT]
                 _thread.interrupt_main()
                 time.sleep(5)  # interrupted at once
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is node_sigint
     finally:
         signal.signal(signal.SIGINT, before)
 
