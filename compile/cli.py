@@ -111,7 +111,8 @@ def push(
     folder: Annotated[Path, typer.Argument(help="The artifact folder to publish.", show_default=False)],
     uri: Annotated[str, typer.Argument(help="s3://bucket/prefix/ to publish to.", show_default=False)],
     overwrite: Overwrite = False,
-    delete_local: Annotated[bool, typer.Option("--delete-local", help="Delete FOLDER after the upload is verified.")] = False,
+    delete_local: Annotated[bool, typer.Option("--delete-local", help=(
+        "After the upload is verified, delete the files it uploaded (hidden files, which push skips, stay)."))] = False,
     concurrency: Annotated[Optional[int], typer.Option(min=1, help=(
         "Parallel PUTs, one connection each (default: LMI_COMPILE_S3_CONNECTIONS, else two per core, 8 to 64)."),
                                                        show_default=False)] = None,

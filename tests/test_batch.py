@@ -291,6 +291,7 @@ def test_a_lost_gpu_node_mid_build_is_retried_and_nothing_is_half_published(clus
 # Refused before any work (exit 2), naming the job and the key; none of these needs Ray to be reached.
 @pytest.mark.parametrize("change,expected", [
     (lambda d: d["jobs"][0].update(tp_degree=2), "job 'trt-030': unknown key 'tp_degree'"),
+    (lambda d: d["jobs"][0].update(name=".."), "job '..': `name` may hold"),  # its folders would be its parent's
     (lambda d: d["jobs"][1].update(name="trt-030"), "job 'trt-030': duplicate name"),
     (lambda d: d["jobs"][2].pop("upload"), "job 'inf2': `upload` is missing"),
     (lambda d: d["jobs"][0].update(tp="two"), "job 'trt-030': Invalid value for '--tp'"),

@@ -268,7 +268,6 @@ def test_delete_local_after_verification(s3_env, s3_client, s3_prefix, tmp_path)
 def test_delete_local_only_after_every_key_is_verified(s3_env, s3_prefix, tmp_path, monkeypatch):
     from urllib.parse import unquote, urlparse
 
-    import lmi_compile.remote.publish as publish
     from lmi_compile.remote.s3 import make_client
 
     tree = make_tree(tmp_path / "art", big=1, big_mib=1)
@@ -278,13 +277,26 @@ def test_delete_local_only_after_every_key_is_verified(s3_env, s3_prefix, tmp_pa
     client = make_client()
     client.meta.events.register("after-call.s3.HeadObject", lambda http_response, parsed, **_: events.append(
         ("verified", unquote(urlparse(http_response.url).path).removeprefix(prefix), parsed.get("ChecksumCRC32"))))
-    real_rmtree = publish.shutil.rmtree
-    monkeypatch.setattr(publish.shutil, "rmtree", lambda p, *a, **k: (events.append(("rmtree", Path(p))),
-                                                                       real_rmtree(p, *a, **k)))
-    push(tree, s3_prefix, client=client, delete_local=True)
-    assert not tree.exists() and events.count(("rmtree", tree)) == 1
-    before = events[:events.index(("rmtree", tree))]
+    real_unlink = Path.unlink
+    with monkeypatch.context() as m:
+        m.setattr(Path, "unlink", lambda p, *a, **k: (events.append(("unlink", p)), real_unlink(p, *a, **k)))
+        push(tree, s3_prefix, client=client, delete_local=True)
+    assert not tree.exists()
+    deleted = [i for i, e in enumerate(events) if e[0] == "unlink" and tree in e[1].parents]
+    assert {events[i][1].relative_to(tree).as_posix() for i in deleted} == files
+    before = events[:deleted[0]]
     assert {rel for _, rel, checksum in before if checksum} == files, events  # every key HEAD-checked first
+
+    # what push does not upload is the user's, and stays: hidden files (a .git, a .env); lmi-compile's own stage
+    # record goes with the files it lists (else the folder would still claim to be laid out)
+    tree3 = make_tree(tmp_path / "art3", big=1, big_mib=1, seed=7)
+    (tree3 / ".git").mkdir()
+    (tree3 / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (tree3 / ".env").write_text("SECRET=1\n")
+    (tree3 / ".lmi-compile-stage.json").write_text("{}")
+    push(tree3, s3_prefix.rstrip("/") + "-3/", delete_local=True)
+    left = sorted(p.relative_to(tree3).as_posix() for p in tree3.rglob("*"))
+    assert left == [".env", ".git", ".git/HEAD"], left
 
     # a HEAD that does not confirm the checksum stops the push before anything local is deleted
     tree2 = make_tree(tmp_path / "art2", big=1, big_mib=1, seed=5)

@@ -121,8 +121,10 @@ def _job(where: str, i: int, raw, defaults: dict, commands: dict, cluster: bool)
     name = raw.get("name")
     if not isinstance(name, str) or not name.strip():
         raise BadInput(f"{where}: jobs[{i}]: `name` is missing; every job needs a unique name")
-    if not all(c.isalnum() or c in "._-" for c in name):
-        raise BadInput(f"{where}: job {name!r}: `name` may hold letters, digits, '.', '_' and '-' only")
+    if not all(c.isalnum() or c in "._-" for c in name) or name.startswith("."):
+        # a job's folders are named after it: `..` would put one in its parent
+        raise BadInput(f"{where}: job {name!r}: `name` may hold letters, digits, '.', '_' and '-' only, and may not "
+                       f"start with '.'")
     label = f"{where}: job {name!r}"
     backend = raw.get("backend", defaults.get("backend"))
     if backend not in BACKENDS:

@@ -72,7 +72,12 @@ def lmi_settings(properties: Path | None, environ=os.environ) -> dict:
         try:
             out[key] = conv(value)
         except ValueError:
-            raise BadInput(f"{properties or 'environment'}: option.{name}={value!r} is not valid") from None
+            # named as the user wrote it (a file's key or the environment variable); an ahead-of-time compile fixes
+            # every number, so LMI's `max` (all the GPUs it finds when it serves) cannot stand for one
+            what = source[name] if source[name].startswith("OPTION_") else f"{source[name]}: option.{name}"
+            want = "a whole number" + (" (LMI resolves `max` when it serves; a compile needs the degree itself)"
+                                       if value.strip().lower() == "max" else "")
+            raise BadInput(f"{what}={value!r} is not valid; give {want}") from None
     if "dtype" in out:
         if out["dtype"] not in LMI_DTYPES:
             raise BadInput(f"{properties or 'environment'}: option.dtype={out['dtype']!r}; use fp16, bf16 or fp32")

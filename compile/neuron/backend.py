@@ -26,7 +26,7 @@ from lmi_compile.model.limits import check_sequence_length
 from lmi_compile.pipeline import observe, stages
 from lmi_compile.pipeline.diskspace import ensure_room
 from lmi_compile.pipeline.workdir import (RUN_ONLY, Job, check_until, finish_layout, fresh_layout_staging,
-                                          preflight_output)
+                                          output_held, preflight_output)
 from lmi_compile.remote import streaming
 from lmi_compile.remote.stages import preflight_upload, push_stage, source_after
 
@@ -224,14 +224,15 @@ def compile_stage(job: NeuronJob, calls: LoaderCalls, target, split: Path, split
 
 def layout_stage(job: NeuronJob, target, calls: LoaderCalls, model, split: Path, compiled: Path, facts: dict) -> Path:
     out = job.output
-    staging = fresh_layout_staging(out, overwrite=job.overwrite)
-    rec = stages.read_record(model.root) or {}
-    revision = rec.get("resolved") if job.source_kind == "hub" else None
-    manifest = {"tool": "lmi-compile", "tool_version": __version__, "backend": "neuron", "format": job.format,
-                "model": job.model, "revision": revision, **facts}
-    write_layout(job, target, calls, staging, split, compiled, model.root, manifest, facts["versions"], revision)
-    return finish_layout(staging, out, stages.fingerprint(**manifest, upload=job.upload), job,
-                         stand_in=bool(facts.get("stand_in")), what="graphs")
+    with output_held(out):
+        staging = fresh_layout_staging(out, overwrite=job.overwrite)
+        rec = stages.read_record(model.root) or {}
+        revision = rec.get("resolved") if job.source_kind == "hub" else None
+        manifest = {"tool": "lmi-compile", "tool_version": __version__, "backend": "neuron", "format": job.format,
+                    "model": job.model, "revision": revision, **facts}
+        write_layout(job, target, calls, staging, split, compiled, model.root, manifest, facts["versions"], revision)
+        return finish_layout(staging, out, stages.fingerprint(**manifest, upload=job.upload), job,
+                             stand_in=bool(facts.get("stand_in")), what="graphs")
 
 
 def run(job: NeuronJob, until: str = "layout") -> Path:

@@ -4,6 +4,7 @@ A folder without its record is never taken as finished, so a crash at any moment
 looks complete; a rerun with the same fingerprint skips the stage.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -76,10 +77,11 @@ def open_staging(final: Path, fp: str, *, durable: bool = True) -> Path:
     """The staging folder for `final`, emptied first when it holds work for other inputs or options,
     so an interrupted run resumes and a changed run starts clean (durable: as for finish)."""
     staging = staging_dir(final)
-    try:
-        same = json.loads((staging / PARTIAL_RECORD).read_text()).get("fingerprint") == fp
-    except (OSError, ValueError):
-        same = False
+    same = False
+    # the partial record, or the stage's own when a run ended between recording the stage and its rename
+    for record in (PARTIAL_RECORD, STAGE_RECORD):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            same = same or json.loads((staging / record).read_text()).get("fingerprint") == fp
     log.debug("staging %s: %s", staging, "resuming" if same else "starting clean")
     if not same:
         shutil.rmtree(staging, ignore_errors=True)
@@ -95,6 +97,8 @@ def open_staging(final: Path, fp: str, *, durable: bool = True) -> Path:
 def claim_output(final: Path, stage: str, *, overwrite: bool) -> None:
     """Refuse to replace a non-empty folder that is not this tool's output of the same stage."""
     final = Path(final)
+    if final.is_symlink():  # the stage's rename would replace the link, not fill the folder it names
+        raise BadInput(f"{final}: is a symbolic link (to {os.readlink(final)}); give the folder's own path instead")
     parent = existing_parent(final)
     if not final.exists():
         if not parent.is_dir():
@@ -128,14 +132,22 @@ def file_facts(folder: Path) -> dict[str, list[int]]:
 
 
 def not_written_here(folder: Path, rec: dict) -> str | None:
-    """The first file under `folder` that its stage record does not list as written (or that changed since), or
-    None. A record without the list (lmi-compile 0.1.0 before it kept one) cannot tell: its record file answers."""
+    """The first entry under `folder` that its stage record does not list as written (or that changed since), or
+    None: a file, or anything a stage never writes (a link, a folder holding no file it wrote, a FIFO). A record
+    without the list (lmi-compile 0.1.0 before it kept one) cannot tell: its record file answers."""
     files = rec.get("files")
     if not isinstance(files, dict):
         return STAGE_RECORD
     for rel, fact in file_facts(folder).items():
         if files.get(rel) != fact:
             return rel
+    holders = {parent.as_posix() for rel in files for parent in Path(rel).parents}
+    for top, dirs, names in os.walk(folder):  # never into linked folders
+        for name in sorted(dirs + names):
+            p = Path(top, name)
+            rel = p.relative_to(folder).as_posix()
+            if p.is_symlink() or (p.is_dir() and rel not in holders) or not (p.is_dir() or p.is_file()):
+                return rel
     return None
 
 

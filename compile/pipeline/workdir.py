@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
@@ -16,7 +17,12 @@ log = logging.getLogger("lmi_compile")
 
 
 def default_work_dir(model: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model.rstrip("/").split("/")[-1] or "model")
+    """lmi-compile-work/NAME in the current folder; NAME is the model's last path part, or for a path ending in
+    `.` or `..` the folder it names (`..` itself would put the work dir in the current folder)."""
+    name = model.rstrip("/").split("/")[-1]
+    if name in ("", ".", ".."):
+        name = Path(os.path.abspath(Path(model).expanduser())).name
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".") or "model"
     return Path("lmi-compile-work") / slug
 
 
@@ -108,24 +114,44 @@ def check_until(until: str, stages: tuple[str, ...], output) -> None:
         raise BadInput(f"--output is required to lay out the artifacts (or stop earlier with --until {stages[-2]})")
 
 
+def overlaps(a: Path, b: Path) -> bool:
+    """The two paths name one folder, or one holds the other (links resolved)."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def preflight_work(work: Path, model: str | None) -> None:
+    """The work dir is ours to fill: stages replace their folders in it whole. So it may not overlap a local model
+    (never modified), and an existing one must be empty or an lmi-compile work dir (its lock file, kept between
+    runs, says so): `--work-dir .` in a project folder would otherwise replace a `checkpoint/` or `engines/` of
+    the user's."""
+    work = Path(work)
+    local = Path(model).expanduser() if model else None
+    if local is not None and local.is_dir() and overlaps(work, local):
+        raise BadInput(f"{work}: the work dir overlaps the model folder {local.resolve()}, which is never modified; "
+                       f"give --work-dir a folder outside it (or run from another folder)")
+    if work.is_dir() and not (work / WorkDir.LOCK).exists() and any(work.iterdir()):
+        raise BadInput(f"{work}: --work-dir is a folder of other files, not an lmi-compile work dir (its stages "
+                       f"replace folders in it); give an empty or new folder")
+
+
 def preflight_output(out: Path | None, *, overwrite: bool, work: Path | None = None, model: str | None = None) -> None:
-    """Before any heavy stage: the output can be written, so a bad --output costs seconds, not a compile; and it
-    is apart from the work dir and a local model, since the layout replaces the output folder whole (with
-    --overwrite too: that replaces what the output holds, never the model or the finished stages)."""
+    """Before any heavy stage: the work dir is ours to fill (preflight_work); the output can be written, so a bad
+    --output costs seconds, not a compile; and it is apart from the work dir and a local model, since the layout
+    replaces the output folder whole (with --overwrite too: that replaces what the output holds, never the model
+    or the finished stages)."""
     from lmi_compile.pipeline import stages
 
+    if work is not None:
+        preflight_work(work, model)
     if out is None:
         return
-    o = Path(out).resolve()
     local = Path(model).expanduser() if model else None
     for other, what in ((work, "the work dir (--work-dir)"),
                         (local if local is not None and local.is_dir() else None, "the model folder")):
-        if other is None:
-            continue
-        p = Path(other).resolve()
-        if o == p or p in o.parents or o in p.parents:
-            raise BadInput(f"{out}: overlaps {what} {p}; give --output a folder of its own, outside it and not "
-                           f"holding it (the layout replaces --output whole)")
+        if other is not None and overlaps(out, other):
+            raise BadInput(f"{out}: overlaps {what} {Path(other).resolve()}; give --output a folder of its own, "
+                           f"outside it and not holding it (the layout replaces --output whole)")
     stages.claim_output(out, "layout", overwrite=overwrite)  # a file where a folder of the path should be, too
     parent = stages.existing_parent(out)
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -159,6 +185,33 @@ def finish_layout(staging: Path, out: Path, fp: str, job: "Job", *, stand_in: bo
     if stand_in:
         log.warning("layout: %s holds STAND-IN %s, not a compiled model; do not deploy it", out, what)
     return out
+
+
+@contextlib.contextmanager
+def output_held(out: Path):
+    """One layout at a time into the folder that holds `out` (a lock on that folder, or its nearest existing
+    parent: nothing is written beside the user's output): two runs of other work dirs with one --output would
+    otherwise empty each other's staging and rename over each other's result. The second waits, then replaces
+    the first's output as a rerun does."""
+    from lmi_compile.pipeline import stages
+    from lmi_compile.pipeline.interrupts import check
+
+    fd = os.open(stages.existing_parent(out), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        said = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not said:
+                    log.info("layout: waiting for another lmi-compile run laying out into %s", Path(out).parent)
+                    said = True
+                check()  # Ctrl-C while waiting
+                time.sleep(0.2)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
 
 
 def fresh_layout_staging(out: Path, *, overwrite: bool) -> Path:

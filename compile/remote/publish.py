@@ -9,9 +9,10 @@
   run are aborted; local files are deleted only with --delete-local, after verification.
 """
 
+import contextlib
 import json
 import logging
-import shutil
+import os
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -307,7 +308,7 @@ def _publish(pub: Publisher, root: Path, files: list[LocalFile], cid: str, *, ov
             if not damaged:
                 log.info("push: %s already holds these %d objects, verified against its manifest; nothing changed",
                          uri, len(files))
-                _delete_local(root, delete_local)
+                _delete_local(root, files, delete_local)
                 return Pushed(objects=len(files), uploaded=0, manifest=manifest)
             rel, why = next(iter(damaged.items()))
             log.warning("push: %d object(s) at %s are not what its manifest says (e.g. %s: %s); uploading them "
@@ -396,13 +397,30 @@ def _publish(pub: Publisher, root: Path, files: list[LocalFile], cid: str, *, ov
         pub.parts.shutdown(wait=False)  # (the workers are ended by push())
     log.info("push: %d object(s), %.1f MiB at %s, verified; manifest written last", len(files),
              sum(f.size for f in files) / MIB, uri)
-    _delete_local(root, delete_local)
+    _delete_local(root, files, delete_local)
     return Pushed(objects=len(files), uploaded=len(todo), manifest=manifest)
 
 
-def _delete_local(root: Path, delete_local: bool) -> None:
-    if delete_local:
-        shutil.rmtree(root)
+def _delete_local(root: Path, files: list[LocalFile], delete_local: bool) -> None:
+    """--delete-local, once the upload is verified: the files it uploaded go, with lmi-compile's own records
+    (a layout's stage record would otherwise claim the folder is still laid out) and the folders left empty.
+    What push skipped (hidden files: a `.git`, a `.env`) is the user's and stays, and is named."""
+    if not delete_local:
+        return
+    for f in files:
+        (root / f.rel).unlink(missing_ok=True)  # a link inside root goes, not the file it names
+    for record in root.rglob(".lmi-compile*"):
+        if record.is_file() and not record.is_symlink():
+            record.unlink()
+    for top, dirs, names in sorted(os.walk(root), key=lambda w: -len(Path(w[0]).parts)):  # deepest first
+        with contextlib.suppress(OSError):  # only empty folders go
+            os.rmdir(top)
+    kept = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir() or p.is_symlink()) \
+        if root.exists() else []
+    if kept:
+        log.warning("push: deleted the %d uploaded file(s) of %s (--delete-local); kept what push does not upload: "
+                    "%s", len(files), root, ", ".join(kept[:5]) + (", ..." if len(kept) > 5 else ""))
+    else:
         log.info("push: deleted local %s after verification (--delete-local)", root)
 
 

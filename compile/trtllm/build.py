@@ -121,9 +121,15 @@ def read_gpus() -> list[dict]:
     return gpus
 
 
+# trtllm-build's flags whose values are paths (--lora_dir takes several), in every release of the target table
+# (tests/standins/trtllm_interfaces.json): trtllm-build runs in its output folder, so a relative one is made
+# absolute against the user's current folder here, at the edge
+PATH_FLAGS = ("--model_config", "--build_config", "--model_cls_file", "--input_timing_cache", "--lora_dir")
+
+
 def parse_extra_args(text: str | None) -> tuple[str, ...]:
     try:
-        args = tuple(shlex.split(text or ""))
+        args = shlex.split(text or "")
     except ValueError as e:
         raise LmiCompileError(f"--trtllm-build-args {text!r}: {e}; quote it as you would in a shell",
                               exit_code=2) from None
@@ -131,7 +137,18 @@ def parse_extra_args(text: str | None) -> tuple[str, ...]:
         if a.split("=")[0] in MANAGED_FLAGS:
             raise LmiCompileError(f"--trtllm-build-args: {a.split('=')[0]} is set by lmi-compile; use its own "
                                   f"option instead", exit_code=2)
-    return args
+    out, paths = [], 0  # paths: how many of the next values are paths
+    for a in args:
+        flag, eq, value = a.partition("=")
+        if a.startswith("-"):
+            paths = 0 if eq or flag not in PATH_FLAGS else len(args) if flag == "--lora_dir" else 1
+            out.append(f"{flag}={os.path.abspath(os.path.expanduser(value))}" if eq and flag in PATH_FLAGS else a)
+        elif paths:
+            out.append(os.path.abspath(os.path.expanduser(a)))
+            paths -= 1
+        else:
+            out.append(a)
+    return tuple(out)
 
 
 def build_command(tool: Toolchain, ckpt: Path, out: Path, opts: BuildOptions, world: int, facts: dict,

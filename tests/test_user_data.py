@@ -1,0 +1,145 @@
+"""Nothing a user owns is deleted or overwritten without being asked: the work dir, the output and push's
+--delete-local each touch only what lmi-compile made. Each test runs the CLI from the user's folder with relative
+paths, and fails on the code before its fix."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import error_line, run_cli
+
+STANDIN = Path(__file__).parent / "standins" / "trtllm-build"  # plain name: the default target's version
+
+
+@pytest.fixture
+def project(model_factory, tmp_path):
+    """A user's project folder: their model as ./checkpoint (a name a stage folder has too), their own engines/
+    of hand-built results."""
+    home = tmp_path / "project"
+    shutil.copytree(model_factory(), home / "checkpoint")
+    (home / "engines").mkdir()
+    (home / "engines" / "results.txt").write_text("three days of benchmarks")
+    return home
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("work_dir", [".", "checkpoint"], ids=["the-project", "the-model"])
+def test_a_work_dir_holding_the_users_files_or_model_is_refused(project, work_dir):
+    """Before: --work-dir . replaced ./checkpoint (the model) with the TRT-LLM checkpoint and exited 0; a work dir
+    equal to the model folder wrote stages into it. Stages replace their folders in the work dir whole."""
+    before = snapshot(project)
+    proc = run_cli("trtllm", "checkpoint", "--work-dir", work_dir, "--output", "../out", "--trtllm-build", STANDIN,
+                   cwd=project)
+    assert proc.returncode == 2, proc.stderr
+    assert "--work-dir" in error_line(proc)
+    assert snapshot(project) == before
+    assert not (project.parent / "out").exists()
+
+
+def test_the_default_work_dir_never_lies_in_the_model(project):
+    """Before: model `..` made the default work dir lmi-compile-work/.. = the current folder, and a user's
+    engines/ there was replaced. Run from inside the model folder, the default work dir would lie in it."""
+    inside = project / "checkpoint" / "eval"
+    (inside / "engines").mkdir(parents=True)
+    (inside / "engines" / "results.txt").write_text("mine")
+    before = snapshot(project)
+    proc = run_cli("trtllm", "..", "--until", "convert", cwd=inside)
+    assert proc.returncode == 2, proc.stderr
+    assert "overlaps the model folder" in error_line(proc) and "run from another folder" in error_line(proc)
+    assert snapshot(project) == before
+
+    from lmi_compile.pipeline.workdir import default_work_dir
+
+    assert default_work_dir("..") == Path("lmi-compile-work") / Path.cwd().parent.name
+    assert default_work_dir("models/llama/") == Path("lmi-compile-work/llama")
+
+
+def test_an_output_that_is_a_link_is_refused_and_kept(project, tmp_path):
+    """Before: the layout's rename replaced the link (the artifact never reached the folder it names, and the
+    link was moved aside); a dangling link failed only after the build, naming .out.partial."""
+    (tmp_path / "disk").mkdir()
+    os.symlink(tmp_path / "disk", project / "out")
+    os.symlink(tmp_path / "gone", project / "dangling")
+    for out in ("out", "dangling"):
+        proc = run_cli("trtllm", "checkpoint", "--work-dir", "../w", "--output", out, "--trtllm-build", STANDIN,
+                       cwd=project)
+        assert proc.returncode == 2, proc.stderr
+        assert error_line(proc).startswith(f"error: {project / out}: is a symbolic link"), error_line(proc)
+        assert not (tmp_path / "w").exists()  # refused before any stage
+    assert os.readlink(project / "out") == str(tmp_path / "disk") and list((tmp_path / "disk").iterdir()) == []
+
+
+def test_a_rerun_keeps_links_and_folders_the_user_added_to_the_output(project, tmp_path):
+    """Before: only regular files the user added stopped a rerun; a link, an empty folder or a FIFO went with
+    the replaced output."""
+    args = ("trtllm", "checkpoint", "--work-dir", "../w", "--output", "out", "--trtllm-build", STANDIN)
+    assert run_cli(*args, cwd=project).returncode == 0
+    (tmp_path / "data").mkdir()
+    for name, make in (("mydata", lambda p: os.symlink(tmp_path / "data", p)), ("notes", os.mkdir),
+                       ("fifo", os.mkfifo)):
+        make(project / "out" / name)
+        proc = run_cli(*args, cwd=project)
+        assert proc.returncode == 2, proc.stderr
+        assert f"out/{name}: added or changed since lmi-compile wrote" in error_line(proc)
+        assert os.path.lexists(project / "out" / name)
+        (project / "out" / name).rmdir() if name == "notes" else (project / "out" / name).unlink()
+    assert run_cli(*args, cwd=project).returncode == 0  # nothing of the user's left: the rerun goes ahead
+
+
+def test_build_args_paths_are_the_users_current_folders(project, tmp_path):
+    """trtllm-build runs in its staging folder: a relative --lora_dir named a folder there."""
+    (project / "my-lora").mkdir()
+    proc = run_cli("trtllm", "checkpoint", "--work-dir", "../w", "--until", "build", "--trtllm-build", STANDIN,
+                   "--trtllm-build-args", "--lora_dir ./my-lora ../other --max_beam_width 1", cwd=project)
+    line = next(ln for ln in proc.stderr.splitlines() if "INFO build: " in ln)
+    assert f"--lora_dir {project / 'my-lora'} {tmp_path / 'other'} --max_beam_width 1" in line
+
+
+def test_two_runs_into_one_output_take_turns(project, tmp_path):
+    """Before: a second run (another work dir) emptied the first's layout staging and renamed over its output;
+    the first then failed and left no output at all. Now the second waits for the first's layout, then replaces
+    its output as a rerun does."""
+    first_args = ("trtllm", "checkpoint", "--work-dir", "../wa", "--output", "out", "--trtllm-build", STANDIN)
+    release = tmp_path / "release"
+    env = {**os.environ, "LMI_COMPILE_TEST_PAUSE_AT": "stage-rename#3", "LMI_COMPILE_TEST_PAUSE_READY":
+           str(tmp_path / "ready"), "LMI_COMPILE_TEST_PAUSE_RELEASE": str(release), "LMI_COMPILE_TEST_PAUSE_S": "120"}
+    with open(tmp_path / "a.err", "w") as a_err, open(tmp_path / "b.err", "w") as b_err:
+        a = subprocess.Popen([sys.executable, "-m", "lmi_compile", *map(str, first_args)], cwd=project, env=env,
+                             stderr=a_err, stdout=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            while not (tmp_path / "ready").exists():  # the first holds its layout, renaming it into place
+                assert a.poll() is None and time.monotonic() < deadline, (tmp_path / "a.err").read_text()
+                time.sleep(0.05)
+            b = subprocess.Popen([sys.executable, "-m", "lmi_compile", "trtllm", "checkpoint", "--tp", "2",
+                                  "--work-dir", "../wb", "--output", "out", "--trtllm-build", str(STANDIN)],
+                                 cwd=project, stderr=b_err, stdout=subprocess.DEVNULL)
+            while "waiting for another lmi-compile run" not in (tmp_path / "b.err").read_text():
+                assert b.poll() is None and time.monotonic() < deadline, (tmp_path / "b.err").read_text()
+                time.sleep(0.05)
+            release.touch()
+            assert a.wait(timeout=120) == 0, (tmp_path / "a.err").read_text()
+            assert b.wait(timeout=120) == 0, (tmp_path / "b.err").read_text()
+        finally:
+            for p in (a, locals().get("b")):
+                if p is not None and p.poll() is None:
+                    p.kill()
+    record = json.loads((project / "out" / ".lmi-compile-stage.json").read_text())
+    assert record["made_with"]["--tp"] == 2  # the second's, replacing the first's as a rerun would
+    assert sorted(p.name for p in project.iterdir()) == ["checkpoint", "engines", "out"]  # nothing left aside
+
+
+def test_a_bad_option_variable_is_named(project):
+    proc = run_cli("trtllm", "checkpoint", "--work-dir", "../w", "--until", "convert",
+                   env={"OPTION_TENSOR_PARALLEL_DEGREE": "max"}, cwd=project)
+    assert proc.returncode == 2
+    assert error_line(proc).startswith("error: OPTION_TENSOR_PARALLEL_DEGREE='max' is not valid; give a whole number")
