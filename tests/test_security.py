@@ -40,7 +40,8 @@ def test_s3_index_cannot_point_outside_prefix(s3_client, s3_prefix, model_copy, 
     upload_folder(s3_client, m, s3_prefix)
     proc = run_cli("fetch", s3_prefix, "--output", tmp_path / "o")
     assert proc.returncode == 2 and "outside the model folder" in error_line(proc)
-    assert not (tmp_path / "o").exists() and not (tmp_path / "etc").exists()
+    assert not (tmp_path / "o").exists()
+    assert not list((tmp_path / "o" / "../../../etc").resolve().glob("model-*"))  # where the index pointed
 
 
 def test_push_refuses_symlink_out_of_tree(tmp_path, s3_env, s3_prefix):

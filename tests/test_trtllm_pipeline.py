@@ -70,6 +70,28 @@ def test_triton_layout_tree(model_factory, tmp_path, s3_env, s3_prefix):
         == ["tensorrt_llm"]
 
 
+def test_tp_and_pp_each_reach_their_own_setting(model_factory, tmp_path):
+    """--tp 1 --pp 2: the two degrees differ, so a swapped one shows (the layout test above has tp = pp)."""
+    proc = compile_trtllm(model_factory(), tmp_path, "--tp", "1", "--pp", "2", release=None)
+    assert proc.returncode == 0, proc.stderr
+    p = props(tmp_path / "out" / "serving.properties")
+    assert (p["option.tensor_parallel_degree"], p["option.pipeline_parallel_degree"]) == ("1", "2")
+    mapping = json.loads((tmp_path / "out" / "config.json").read_text())["pretrained_config"]["mapping"]
+    assert (mapping["tp_size"], mapping["pp_size"], mapping["world_size"]) == (1, 2, 2)
+
+
+def test_relative_trtllm_build_path_from_the_users_folder(model_factory, tmp_path):
+    """trtllm-build runs in its output folder: a relative --trtllm-build must reach it absolute."""
+    home = tmp_path / "home"
+    shutil.copytree(STANDIN.parent, home / "tools")
+    shutil.copytree(model_factory(), home / "tiny")
+    proc = run_cli("trtllm", "tiny", "--work-dir", "w", "--until", "build", "--trtllm-build",
+                   f"tools/{STANDIN.name}", cwd=home)
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stderr.splitlines() if "INFO build: " in ln)
+    assert line.split("INFO build: ", 1)[1].startswith(f"{home / 'tools' / STANDIN.name} --checkpoint_dir")
+
+
 def test_engine_dir_layout_tree(model_factory, tmp_path):
     model = model_factory(family="qwen2")
     proc = compile_trtllm(model, tmp_path, "--tp", "2", "--dtype", "bfloat16", release=None)  # 0.33: engine-dir

@@ -21,7 +21,33 @@ MODELS = {"llama2": dict(), "llama3.1": dict(rope_scaling=LLAMA3_ROPE), "mistral
 REFUSED = {("0.28", "qwen2"): "first LMI release that can is 0.29",
            ("0.28", "llama3.1"): "first LMI release that can is 0.30",
            ("0.29", "llama3.1"): "first LMI release that can is 0.30"}
-EXPECTED_ARCH = {("0.29", "qwen2"): "QWenForCausalLM"}
+# Each release's facts written out here, not read from configs/targets.json (a wrong row there must fail a test):
+# the TensorRT-LLM its container ships, the tree it loads, and the serving.properties lines that select its
+# engine (djl-serving at each tag; the table's rows cite the files).
+RELEASES = {
+    "0.28": ("0.9.0", "triton", {"engine": "MPI", "option.rolling_batch": "trtllm"}),
+    "0.29": ("0.11.0", "triton", {"engine": "MPI", "option.rolling_batch": "trtllm"}),
+    "0.30": ("0.12.0", "triton", {"engine": "MPI", "option.rolling_batch": "trtllm"}),
+    "0.31": ("0.12.0", "triton", {"engine": "MPI", "option.rolling_batch": "trtllm"}),
+    "0.32": ("0.12.0", "triton", {"engine": "Python", "option.rolling_batch": "trtllm", "option.mpi_mode": "true"}),
+    "0.33": ("0.21.0rc1", "engine-dir", {"engine": "Python", "option.rolling_batch": "disable",
+                                         "option.async_mode": "true",
+                                         "option.entryPoint": "djl_python.lmi_trtllm.trtllm_async_service"}),
+    "0.35": ("1.0.0", "engine-dir", {"engine": "Python", "option.rolling_batch": "disable",
+                                     "option.async_mode": "true",
+                                     "option.entryPoint": "djl_python.lmi_trtllm.trtllm_async_service"}),
+    "0.36": ("1.0.0", "engine-dir", {"engine": "Python", "option.rolling_batch": "disable",
+                                     "option.async_mode": "true",
+                                     "option.entryPoint": "djl_python.lmi_trtllm.trtllm_async_service"}),
+}
+# The TensorRT-LLM architecture each family's checkpoint names (its MODEL_MAP key at that version)
+ARCH = {"llama2": "LlamaForCausalLM", "llama3.1": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}
+EXPECTED_ARCH = {("0.29", "qwen2"): "QWenForCausalLM"}  # 0.11 has no Qwen2ForCausalLM: QWen with qwen_type
+
+
+def test_the_release_list_is_the_one_written_here():
+    assert list(releases("trtllm")) == list(RELEASES)
 
 
 def props(path: Path) -> dict:
@@ -44,7 +70,6 @@ def _first_release_of_each_toolchain() -> set[str]:
 def test_every_target_builds_with_its_own_standin(release, model_factory, tmp_path):
     """Every release builds Llama 2; every family is built once per TensorRT-LLM version (releases sharing a
     toolchain differ only in layout and properties, which the Llama 2 run covers)."""
-    target = resolve("trtllm", release)
     families = MODELS if release in _first_release_of_each_toolchain() else {"llama2": MODELS["llama2"]}
     for name, spec in families.items():
         run_dir = tmp_path / name
@@ -56,15 +81,18 @@ def test_every_target_builds_with_its_own_standin(release, model_factory, tmp_pa
             continue
         assert proc.returncode == 0, f"{name}: {proc.stderr[-1500:]}"
         out = run_dir / "out"
-        engine_cfg = json.loads((out / ("tensorrt_llm/1/config.json" if target["layout"] == "triton"
+        engine_cfg = json.loads((out / ("tensorrt_llm/1/config.json" if RELEASES[release][1] == "triton"
                                         else "config.json")).read_text())
-        assert engine_cfg["version"] == f"{target['tool']['version']}+lmi-compile-standin"
+        tool, layout, engine_lines = RELEASES[release]
+        assert engine_cfg["version"] == f"{tool}+lmi-compile-standin"
         arch = engine_cfg["pretrained_config"]["architecture"]
-        assert arch == EXPECTED_ARCH.get((release, name), arch), name
+        assert arch == EXPECTED_ARCH.get((release, name), ARCH[name]), name
         manifest = json.loads((out / "lmi-compile.json").read_text())
-        assert manifest["lmi_version"] == release and manifest["layout"] == target["layout"]
+        assert manifest["lmi_version"] == release and manifest["layout"] == layout
+        p = props(out / "serving.properties")
+        assert {k: p.get(k) for k in engine_lines} == engine_lines, (release, p)
         report = json.loads(run_cli("check", out, "--lmi-version", release, "--json").stdout)
-        assert report["layout"] == f"trtllm-{target['layout']}"
+        assert report["layout"] == f"trtllm-{layout}"
         assert [p for p in report["problems"] if "stand-in" not in p] == [], (name, report["problems"])
         assert any("stand-in" in p for p in report["problems"]) and report["loadable"] is False
 

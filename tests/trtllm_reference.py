@@ -66,7 +66,15 @@ def _moe_settings(cfg: dict) -> dict:
                 fc="mlp.experts_weight_1", proj="mlp.experts_weight_2")
 
 
+# TensorRT-LLM's ACT2FN names (layers/mlp.py) that a gated MLP of these families may carry
+ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "relu": torch.relu,
+               "gelu_new": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+               "gelu_pytorch_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh")}
+
+
 def _moe(h: torch.Tensor, stage: list[dict], pre: str, moe: dict) -> torch.Tensor:
+    # a gated expert ([w3 x; w1 x] in one fc) only under TensorRT-LLM's gated activation name
+    assert moe["act"] == "swiglu", f"SwiGLU experts need hidden_act swiglu; config.json says {moe['act']}"
     routers = [r[pre + "mlp.router.weight"] for r in stage]
     assert all(torch.equal(w, routers[0]) for w in routers), "the router is replicated"
     probs = torch.softmax(h.float() @ routers[0].float().T, dim=-1)
@@ -128,7 +136,9 @@ def reference_logits(ckpt: Path, input_ids: torch.Tensor) -> torch.Tensor:
                 if pre + "attention.qkv.bias" in r:
                     qkv = qkv + r[pre + "attention.qkv.bias"]
                 hq = H // tp
-                kvr = (qkv.shape[-1] // hd - hq) // 2
+                # from config.json, as the engine's Attention allocates them (a KV head per rank where tp > heads)
+                kvr = (cfg.get("num_key_value_heads", H) + tp - 1) // tp
+                assert qkv.shape[-1] == (hq + 2 * kvr) * hd, (pre, qkv.shape, hq, kvr, "config.json disagrees")
                 q, k, v = qkv.split([hq * hd, kvr * hd, kvr * hd], dim=-1)
                 q = _rope(q.view(*q.shape[:-1], hq, hd).transpose(-3, -2), cos, sin)
                 k = _rope(k.view(*k.shape[:-1], kvr, hd).transpose(-3, -2), cos, sin)
@@ -141,11 +151,12 @@ def reference_logits(ckpt: Path, input_ids: torch.Tensor) -> torch.Tensor:
             x = x + attn
             h = _rms(x, stage[0][pre + "post_layernorm.weight"], eps)
             if pre + "mlp.router.weight" in stage[0]:
-                x = x + _moe(h, stage, pre, _moe_settings(cfg))
+                x = x + _moe(h, stage, pre, {**_moe_settings(cfg), "act": cfg["hidden_act"]})
                 continue
             mlp = torch.zeros_like(x)
+            act = ACTIVATIONS[cfg["hidden_act"]]  # GatedMLP: act(fc(x)) * gate(x), act as config.json names it
             for r in stage:
-                inner = torch.nn.functional.silu(h @ r[pre + "mlp.fc.weight"].T) * (h @ r[pre + "mlp.gate.weight"].T)
+                inner = act(h @ r[pre + "mlp.fc.weight"].T) * (h @ r[pre + "mlp.gate.weight"].T)
                 mlp = mlp + inner @ r[pre + "mlp.proj.weight"].T
             x = x + mlp
     last = [ranks[(pp - 1) * tp + t] for t in range(tp)]
