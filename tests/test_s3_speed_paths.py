@@ -533,6 +533,47 @@ def test_no_keep_source_removes_each_shard_after_its_last_read(published4, model
     assert "is up to date, skipping" in again.stderr and not list(work.rglob("*.safetensors.tmp-*"))
 
 
+def test_no_keep_source_downloads_only_so_far_ahead_of_the_convert(s3_env, s3_prefix, model_factory, tmp_path,
+                                                                   monkeypatch):
+    """A consumed model's download starts a shard only while the shards started and not yet removed stay within the
+    lead (here 1 MiB, less than a shard: one at a time), or when a convert task waits on it: downloaded far ahead,
+    shards pass the kernel's writeback mark and are written to disk only to be deleted. Before, every shard
+    started at once."""
+    import lmi_compile.remote.s3 as s3
+    import lmi_compile.remote.streaming as streaming
+    from lmi_compile.cli import app
+
+    # four shards of 3-4 parts (5 MiB), a GET per part: a file's ranges after its first wait for the lead
+    model, prefix = publish(model_factory(shards=4, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2,
+                                          intermediate_size=2048, vocab_size=8000, dtype="bfloat16"), s3_prefix)
+    monkeypatch.setattr(s3, "RANGE_BYTES", 1)
+    monkeypatch.setenv("LMI_COMPILE_STREAM_LEAD_MIB", "1")
+    admissions = []
+    real_admit = streaming.ArrivingModel.admit
+
+    def recording_admit(self, rel, size, first):
+        with self._cv:
+            held = {r for r in self._admitted if r not in self.removed}
+            wanted = rel in self._wanted
+        ok = real_admit(self, rel, size, first)
+        if ok and rel.endswith(".safetensors") and rel not in held:
+            admissions.append((rel, held, wanted))
+        return ok
+
+    monkeypatch.setattr(streaming.ArrivingModel, "admit", recording_admit)
+    work = tmp_path / "w"
+    app(["trtllm", prefix, "--tp", "2", "--until", "convert", "--work-dir", str(work), "--no-keep-source"],
+        standalone_mode=False)
+    shards = sorted(p.name for p in model.glob("*.safetensors"))
+    assert sorted(rel for rel, _, _ in admissions) == shards
+    for rel, held, wanted in admissions:  # each started on an empty lead, or because the convert waited on it
+        assert not held or wanted, admissions
+    assert admissions[0][0] == shards[0]  # in order, save what the convert asked for
+    ref = tmp_path / "ref"
+    assert run_cli("trtllm", model, "--tp", "2", "--until", "convert", "--work-dir", ref).returncode == 0
+    assert same_tensors(rank_tensors(work / "checkpoint"), rank_tensors(ref / "checkpoint"))
+
+
 def test_neuron_splits_while_the_model_downloads(published4, model_factory, tmp_path, monkeypatch):
     """neuron s3://... --until split reads tensors as they land (a task waits for bytes still downloading); the
     split weights equal those of the local model's split, and the stage is recorded once the fetch is verified

@@ -484,8 +484,12 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
         order = {id(t): i for i, t in enumerate(targets)}
         tasks.sort(key=lambda task: (task[1] != 0, order[id(task[0])] // window, task[1], order[id(task[0])]))
         with ThreadPoolExecutor(concurrency or getters.processes, thread_name_prefix="get") as pool:
-            futures = [pool.submit(fetch_range, *task) for task in tasks]
+            futures: list = []
             try:
+                if getattr(listener, "admit", None) is None:
+                    futures += [pool.submit(fetch_range, *task) for task in tasks]
+                else:
+                    _submit_as_admitted(pool, fetch_range, tasks, listener, futures)
                 wait(futures, return_when=FIRST_EXCEPTION)
             except BaseException:  # interrupted: end the workers so the threads waiting on them return
                 getters.close()
@@ -502,6 +506,33 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
             getters.close()  # (a failure closed shared workers already: none writes a temporary removed below)
         for t in targets:  # anything unfinished: drop its temporary
             t.tmp.unlink(missing_ok=True)
+
+
+def _submit_as_admitted(pool, fetch_range, tasks: list, listener, futures: list) -> None:
+    """Submit `tasks` (in their order) as `listener.admit(rel, size, first)` lets each file start: the first ranges
+    (headers) at once, a file's others once admitted; `first`: the file is the first, in order, still waiting (only
+    it may start on room alone). A consumer that deletes shards as it converts them keeps the download only so far
+    ahead of it this way. Ranges of admitted files go ahead of later files that wait. Returns when all are
+    submitted, or early when one has failed (the caller raises it)."""
+    pending, admitted = list(tasks), set()
+    while pending:
+        check()
+        later, refused, first = [], set(), True
+        for task in pending:
+            t = task[0]
+            if task[1] != 0 and id(t) not in admitted:
+                if id(t) in refused or not listener.admit(t.rel, t.size, first=first):
+                    refused.add(id(t))
+                    first = False
+                    later.append(task)
+                    continue
+                admitted.add(id(t))
+            futures.append(pool.submit(fetch_range, *task))
+        if any(f.done() and f.exception() for f in futures):
+            return
+        pending = later
+        if pending:
+            listener.wait_for_room(0.2)
 
 
 def _get_parts(getters: Getters, uri: S3Uri, t: _Target, first: int, count: int, bar) -> None:

@@ -65,6 +65,10 @@ class ArrivingModel:
         self._doomed: queue.Queue = queue.Queue()
         self._remover: threading.Thread | None = None
         self._remove_error: Exception | None = None
+        self.lead: int | None = None  # consuming: bytes of weight files the download may hold ahead (lead_bytes)
+        self._admitted: dict[str, int] = {}  # weight files the download has started (rel -> size)
+        self._wanted: set[str] = set()  # files a convert task waits on that the download holds back
+        self.most_held = 0  # the most bytes of admitted, not yet removed files at once (for the tests)
 
     # --- heard from the fetch (download threads) ---
     def listed(self, sizes: dict[str, int], mtimes: dict[str, int]) -> None:
@@ -137,7 +141,16 @@ class ArrivingModel:
                 self._cv.wait(0.2)
 
     def wait_range(self, rel: str, start: int, end: int) -> None:
-        self._wait(lambda: any(s <= start and end <= e for s, e in self._ranges.get(rel, [])) or start >= end)
+        def landed() -> bool:
+            if any(s <= start and end <= e for s, e in self._ranges.get(rel, [])) or start >= end:
+                return True
+            held_back = rel not in self._admitted and rel not in self._wanted
+            if self.lead is not None and held_back and self._ranges.get(rel):
+                self._wanted.add(rel)  # its first range is in, not this one: held back, and needed now
+                self._cv.notify_all()
+            return False
+
+        self._wait(landed)
 
     def wait_weights(self) -> list[str]:
         """The weight files, once the small files are in and every weight file's safetensors header has landed."""
@@ -154,6 +167,38 @@ class ArrivingModel:
                 self.wait_range(rel, 0, _size(self.view / rel))  # pickles are read whole
         return self._weights
 
+
+    # --- asked by the fetch before it starts a weight file (consuming only: lead is set) ---
+    def admit(self, rel: str, size: int, first: bool) -> bool:
+        """May the download start `rel` (beyond its first range) now? Yes while the files started and not yet
+        removed stay within `lead` (for the first file still waiting, in order: `first`), when none is held, and
+        whenever a convert task waits on it. Downloaded far ahead, a consumed model's shards pass the kernel's
+        mark for background writeback before the convert reaches them, and are written to disk only to be
+        deleted: a 28-layer (14 GB) consumed convert wrote 19.7-21.7 GB where a local one wrote 15.4, and took
+        1.31x as long (16-core host, 128 GB)."""
+        self._check_cancelled()
+        with self._cv:
+            if self.lead is None or rel not in (self._weights or ()) or rel in self._admitted:
+                self._admitted.setdefault(rel, size)
+                return True
+            held = sum(n for r, n in self._admitted.items() if r not in self.removed)
+            if rel in self._wanted or (first and (held == 0 or held + size <= self.lead)):
+                self._admitted[rel] = size
+                self.most_held = max(self.most_held, held + size)
+                return True
+            return False
+
+    def wait_for_room(self, timeout: float) -> None:
+        """Until a shard is removed, a task waits on a held-back file, or `timeout` passes."""
+        self._check_cancelled()
+        with self._cv:
+            self._cv.wait(timeout)
+
+    def unleash(self) -> None:
+        """The convert is done reading: the rest of the download runs without a lead."""
+        with self._cv:
+            self.lead = None
+            self._cv.notify_all()
 
     # --- consumed (--no-keep-source) ---
     def plan_reads(self, rels: list[str]) -> None:
@@ -182,6 +227,7 @@ class ArrivingModel:
         """(under the lock) Hand a weight file to the remover thread (each remover has its own queue: one that is
         being stopped never takes another's files or stop mark)."""
         self.removed.append(rel)
+        self._cv.notify_all()  # room for the download (admit)
         if self._remover is None:
             self._remover = threading.Thread(target=self._removing, args=(self._doomed,), name="remove-shards",
                                              daemon=True)
@@ -239,6 +285,27 @@ class ArrivingModel:
         return weights
 
 
+def lead_bytes() -> int:
+    """How far a consumed download may run ahead of its convert: half the dirty memory at which the kernel starts
+    writing back in the background (vm.dirty_background_bytes, else dirty_background_ratio of the memory
+    available), so the shards in between are deleted before any is written; at least 256 MiB.
+    LMI_COMPILE_STREAM_LEAD_MIB sets it."""
+    from lmi_compile.remote.s3 import env_number
+
+    forced = env_number("LMI_COMPILE_STREAM_LEAD_MIB", 1, 1 << 30)
+    if forced is not None:
+        return forced << 20
+    try:
+        mark = int(Path("/proc/sys/vm/dirty_background_bytes").read_text())
+        if not mark:
+            ratio = int(Path("/proc/sys/vm/dirty_background_ratio").read_text())
+            meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+            mark = int(meminfo["MemAvailable"].split()[0]) * 1024 * ratio // 100
+    except (OSError, ValueError, KeyError):  # not Linux: a tenth of a GB-sized host's 10%
+        mark = 2 << 30
+    return max(256 << 20, mark // 2)
+
+
 def _size(path: Path) -> int:
     return path.stat().st_size
 
@@ -267,6 +334,8 @@ class StreamingFetch:
         shutil.rmtree(self.view, ignore_errors=True)
         self.view.mkdir(parents=True)
         self.arriving = ArrivingModel(self.view, self.staging)
+        if consume:
+            self.arriving.lead = lead_bytes()
         self.resolved: str | None = None
         self.streamed = None  # the model as the convert reads it
         self.result = None  # the recorded fetch, once settled
@@ -324,6 +393,7 @@ class StreamingFetch:
         return self.arriving.done and self.arriving.error is None
 
     def _wait_fetched(self) -> None:
+        self.arriving.unleash()
         self._thread.join()
         if self.arriving.error is not None:
             raise self.arriving.error
