@@ -85,27 +85,41 @@ def timed(cmd: list[str], env: dict, fresh: Path | None = None) -> tuple[float, 
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def disk_bytes_written() -> int:
+    """Bytes the machine's disks have written so far (/proc/diskstats, whole disks only; 0 where it is missing)."""
+    disks = {p.name for p in Path("/sys/block").glob("*") if not p.name.startswith(("loop", "ram", "zram"))}
+    try:
+        lines = Path("/proc/diskstats").read_text().splitlines()
+    except OSError:
+        return 0
+    return sum(int(f[9]) * 512 for f in map(str.split, lines) if len(f) > 9 and f[2] in disks)
+
+
 class DiskWatch:
     """The most disk a folder's files took while a command ran, sampled every 50 ms (with --no-keep-source the fetched
-    shards are deleted as they are converted: this shows whether the source on disk became a second copy)."""
+    shards are deleted as they are converted: this shows whether the source on disk became a second copy), and the
+    bytes the disks wrote meanwhile (a shard deleted after the kernel wrote it back was written for nothing)."""
 
     def __init__(self, folder: Path):
         import threading
 
         self.folder, self.peak, self._stop = folder, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self.written = 0
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):
             self.peak = max(self.peak, tree_bytes(self.folder, allocated=True) if self.folder.exists() else 0)
 
     def __enter__(self):
+        self._written_before = disk_bytes_written()
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self.written = disk_bytes_written() - self._written_before
 
 
 def median(runs: list[tuple[float, float]]) -> tuple[float, float]:
@@ -255,13 +269,16 @@ class Bench:
         work = self.work / "convert"
         args = ["--tp", str(tp), "--until", "convert", "--work-dir", str(work)]
         peaks: dict[str, list[int]] = {}
+        written: dict[str, list[int]] = {}
 
         def watched(name: str, cmd: list[str]):
             def run(i):
                 shutil.rmtree(work, ignore_errors=True)
+                os.sync()  # (timed syncs too: the deletion's writes are not this run's)
                 with DiskWatch(work) as w:
                     got = timed(cmd, self.env, fresh=work)
                 peaks.setdefault(name, []).append(w.peak)
+                written.setdefault(name, []).append(w.written)
                 return got
             return run
 
@@ -271,7 +288,8 @@ class Bench:
                                                   [*self.lmi, "trtllm", src, *args, "--no-keep-source"])}
         res = self.interleaved(conv)
         for name, p in peaks.items():
-            print(f"  peak disk of the work dir, {name}: {max(p) / 1e9:.2f} GB (model {mb / 1000:.2f} GB)", flush=True)
+            print(f"  peak disk of the work dir, {name}: {max(p) / 1e9:.2f} GB (model {mb / 1000:.2f} GB); the disks "
+                  f"wrote {statistics.median(written[name]) / 1e9:.1f} GB during it (median)", flush=True)
             short = {"convert, local model": "local", "fetch + convert from S3": "S3", "same, --no-keep-source":
                      "S3 no-keep"}[name]
             self.rows.append((f"convert tp{tp} ({shape})", f"peak disk GB, {short}", mb, float("nan"),
