@@ -112,7 +112,8 @@ def push(
     uri: Annotated[str, typer.Argument(help="s3://bucket/prefix/ to publish to.", show_default=False)],
     overwrite: Overwrite = False,
     delete_local: Annotated[bool, typer.Option("--delete-local", help=(
-        "After the upload is verified, delete the files it uploaded (hidden files, which push skips, stay)."))] = False,
+        "After the upload is verified, delete the files it uploaded and the folders they leave empty (hidden files, "
+        "which push skips, stay; lmi-compile's own records go)."))] = False,
     concurrency: Annotated[Optional[int], typer.Option(min=1, help=(
         "Parallel PUTs, one connection each (default: LMI_COMPILE_S3_CONNECTIONS, else two per core, 8 to 64)."),
                                                        show_default=False)] = None,

@@ -290,13 +290,14 @@ def test_delete_local_only_after_every_key_is_verified(s3_env, s3_prefix, tmp_pa
     # what push does not upload is the user's, and stays: hidden files (a .git, a .env); lmi-compile's own stage
     # record goes with the files it lists (else the folder would still claim to be laid out)
     tree3 = make_tree(tmp_path / "art3", big=1, big_mib=1, seed=7)
-    (tree3 / ".git").mkdir()
+    (tree3 / ".git" / "objects").mkdir(parents=True)  # empty, and part of the repository
     (tree3 / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     (tree3 / ".env").write_text("SECRET=1\n")
+    (tree3 / "notes").mkdir()  # an empty folder of the user's: push uploads files only
     (tree3 / ".lmi-compile-stage.json").write_text("{}")
     push(tree3, s3_prefix.rstrip("/") + "-3/", delete_local=True)
     left = sorted(p.relative_to(tree3).as_posix() for p in tree3.rglob("*"))
-    assert left == [".env", ".git", ".git/HEAD"], left
+    assert left == [".env", ".git", ".git/HEAD", ".git/objects", "notes"], left
 
     # a HEAD that does not confirm the checksum stops the push before anything local is deleted
     tree2 = make_tree(tmp_path / "art2", big=1, big_mib=1, seed=5)

@@ -574,6 +574,25 @@ def test_no_keep_source_downloads_only_so_far_ahead_of_the_convert(s3_env, s3_pr
     assert same_tensors(rank_tensors(work / "checkpoint"), rank_tensors(ref / "checkpoint"))
 
 
+def test_the_lead_holds_back_safetensors_shards_only(tmp_path):
+    """Pickled weights are deleted only at the end: held back they would only come one at a time, each when the
+    convert waits on it. A shard waits for room; none is held once the first is removed."""
+    from lmi_compile.remote.streaming import ArrivingModel
+
+    a = ArrivingModel(tmp_path)
+    a.lead = 100
+    a.weights(["a.bin", "b.bin", "s1.safetensors", "s2.safetensors"])
+    assert a.admit("a.bin", 10_000, first=False) and a.admit("b.bin", 10_000, first=True)
+    assert a.admit("s1.safetensors", 1_000, first=True)  # nothing held
+    assert not a.admit("s2.safetensors", 50, first=True)  # 1,050 bytes held would pass the lead
+    with a._cv:
+        a.reads = {}
+        a._verified.add("s1.safetensors")
+        a._release("s1.safetensors")  # converted and verified: removed
+    assert a.admit("s2.safetensors", 50, first=True)
+    a.removals_done(stop=True)
+
+
 def test_neuron_splits_while_the_model_downloads(published4, model_factory, tmp_path, monkeypatch):
     """neuron s3://... --until split reads tensors as they land (a task waits for bytes still downloading); the
     split weights equal those of the local model's split, and the stage is recorded once the fetch is verified

@@ -45,6 +45,16 @@ def test_a_work_dir_holding_the_users_files_or_model_is_refused(project, work_di
     assert not (project.parent / "out").exists()
 
 
+def test_a_work_dir_of_other_files_is_used_when_no_stage_would_replace_them(project):
+    """A scratch folder (a fresh filesystem's root holds lost+found) is a fine work dir: only names a stage replaces
+    stop it."""
+    (project.parent / "scratch" / "lost+found").mkdir(parents=True)
+    proc = run_cli("trtllm", "checkpoint", "--work-dir", "../scratch", "--until", "convert", cwd=project)
+    assert proc.returncode == 0, proc.stderr
+    assert (project.parent / "scratch" / "checkpoint" / "rank0.safetensors").is_file()
+    assert (project.parent / "scratch" / "lost+found").is_dir()
+
+
 def test_the_default_work_dir_never_lies_in_the_model(project):
     """Before: model `..` made the default work dir lmi-compile-work/.. = the current folder, and a user's
     engines/ there was replaced. Run from inside the model folder, the default work dir would lie in it."""
@@ -104,25 +114,35 @@ def test_build_args_paths_are_the_users_current_folders(project, tmp_path):
     assert f"--lora_dir {project / 'my-lora'} {tmp_path / 'other'} --max_beam_width 1" in line
 
 
-def test_two_runs_into_one_output_take_turns(project, tmp_path):
+@pytest.mark.parametrize("point,upload", [("stage-rename#3", False), ("push-file", True)],
+                         ids=["layout-into-a-new-folder", "upload"])
+def test_two_runs_into_one_output_take_turns(point, upload, project, tmp_path, request):
     """Before: a second run (another work dir) emptied the first's layout staging and renamed over its output;
-    the first then failed and left no output at all. Now the second waits for the first's layout, then replaces
-    its output as a rerun does."""
-    first_args = ("trtllm", "checkpoint", "--work-dir", "../wa", "--output", "out", "--trtllm-build", STANDIN)
+    the first then failed and left no output at all; nor did a lock on the output's nearest existing folder help
+    where the layout made its parent. Held at its upload, the first would have published the second's files. Now
+    the second waits for the first's layout and push, then replaces its output as a rerun does."""
+    out = "artifacts/out"  # its folder is new: the layout makes it
+    first_args = ["trtllm", "checkpoint", "--work-dir", "../wa", "--output", out, "--trtllm-build", str(STANDIN)]
+    if upload:
+        request.getfixturevalue("s3_env")
+        prefix = request.getfixturevalue("s3_prefix")
+        first_args += ["--upload", prefix]
     release = tmp_path / "release"
-    env = {**os.environ, "LMI_COMPILE_TEST_PAUSE_AT": "stage-rename#3", "LMI_COMPILE_TEST_PAUSE_READY":
-           str(tmp_path / "ready"), "LMI_COMPILE_TEST_PAUSE_RELEASE": str(release), "LMI_COMPILE_TEST_PAUSE_S": "120"}
+    env = {**os.environ, "LMI_COMPILE_TEST_PAUSE_AT": point, "LMI_COMPILE_TEST_PAUSE_READY": str(tmp_path / "ready"),
+           "LMI_COMPILE_TEST_PAUSE_RELEASE": str(release), "LMI_COMPILE_TEST_PAUSE_S": "120"}
+    b = None
     with open(tmp_path / "a.err", "w") as a_err, open(tmp_path / "b.err", "w") as b_err:
-        a = subprocess.Popen([sys.executable, "-m", "lmi_compile", *map(str, first_args)], cwd=project, env=env,
-                             stderr=a_err, stdout=subprocess.DEVNULL)
+        a = subprocess.Popen([sys.executable, "-m", "lmi_compile", *first_args], cwd=project, env=env, stderr=a_err,
+                             stdout=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 120
-            while not (tmp_path / "ready").exists():  # the first holds its layout, renaming it into place
+            while not (tmp_path / "ready").exists():  # the first holds its layout (or its push)
                 assert a.poll() is None and time.monotonic() < deadline, (tmp_path / "a.err").read_text()
                 time.sleep(0.05)
             b = subprocess.Popen([sys.executable, "-m", "lmi_compile", "trtllm", "checkpoint", "--tp", "2",
-                                  "--work-dir", "../wb", "--output", "out", "--trtllm-build", str(STANDIN)],
-                                 cwd=project, stderr=b_err, stdout=subprocess.DEVNULL)
+                                  "--work-dir", "../wb", "--output", out, "--trtllm-build", str(STANDIN)],
+                                 cwd=project, stderr=b_err, stdout=subprocess.DEVNULL,
+                                 env={k: v for k, v in os.environ.items() if not k.startswith("LMI_COMPILE_TEST")})
             while "waiting for another lmi-compile run" not in (tmp_path / "b.err").read_text():
                 assert b.poll() is None and time.monotonic() < deadline, (tmp_path / "b.err").read_text()
                 time.sleep(0.05)
@@ -130,12 +150,17 @@ def test_two_runs_into_one_output_take_turns(project, tmp_path):
             assert a.wait(timeout=120) == 0, (tmp_path / "a.err").read_text()
             assert b.wait(timeout=120) == 0, (tmp_path / "b.err").read_text()
         finally:
-            for p in (a, locals().get("b")):
-                if p is not None and p.poll() is None:
-                    p.kill()
-    record = json.loads((project / "out" / ".lmi-compile-stage.json").read_text())
+            for proc in (a, b):
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+    record = json.loads((project / out / ".lmi-compile-stage.json").read_text())
     assert record["made_with"]["--tp"] == 2  # the second's, replacing the first's as a rerun would
-    assert sorted(p.name for p in project.iterdir()) == ["checkpoint", "engines", "out"]  # nothing left aside
+    assert sorted(p.name for p in (project / "artifacts").iterdir()) == ["out"]  # nothing left aside
+    if upload:  # what the first published is the first's own artifact, whole
+        from lmi_compile.remote.s3 import list_objects, make_client, parse_s3_uri
+
+        keys = list_objects(make_client(), parse_s3_uri(prefix))
+        assert "rank0.engine" in keys and "rank1.engine" not in keys, sorted(keys)
 
 
 def test_a_bad_option_variable_is_named(project):

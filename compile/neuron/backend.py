@@ -224,15 +224,14 @@ def compile_stage(job: NeuronJob, calls: LoaderCalls, target, split: Path, split
 
 def layout_stage(job: NeuronJob, target, calls: LoaderCalls, model, split: Path, compiled: Path, facts: dict) -> Path:
     out = job.output
-    with output_held(out):
-        staging = fresh_layout_staging(out, overwrite=job.overwrite)
-        rec = stages.read_record(model.root) or {}
-        revision = rec.get("resolved") if job.source_kind == "hub" else None
-        manifest = {"tool": "lmi-compile", "tool_version": __version__, "backend": "neuron", "format": job.format,
-                    "model": job.model, "revision": revision, **facts}
-        write_layout(job, target, calls, staging, split, compiled, model.root, manifest, facts["versions"], revision)
-        return finish_layout(staging, out, stages.fingerprint(**manifest, upload=job.upload), job,
-                             stand_in=bool(facts.get("stand_in")), what="graphs")
+    staging = fresh_layout_staging(out, overwrite=job.overwrite)
+    rec = stages.read_record(model.root) or {}
+    revision = rec.get("resolved") if job.source_kind == "hub" else None
+    manifest = {"tool": "lmi-compile", "tool_version": __version__, "backend": "neuron", "format": job.format,
+                "model": job.model, "revision": revision, **facts}
+    write_layout(job, target, calls, staging, split, compiled, model.root, manifest, facts["versions"], revision)
+    return finish_layout(staging, out, stages.fingerprint(**manifest, upload=job.upload), job,
+                         stand_in=bool(facts.get("stand_in")), what="graphs")
 
 
 def run(job: NeuronJob, until: str = "layout") -> Path:
@@ -296,8 +295,9 @@ def _from_compile(job: NeuronJob, until: str, target, model, calls: LoaderCalls,
     if until == "compile":
         return compiled
     observe.stage("layout")
-    out = layout_stage(job, target, calls, model, split, compiled, facts)
-    if job.upload:
-        observe.stage("push")
-    push_stage(out, job.upload, overwrite=job.overwrite)
+    with output_held(job.output):  # the layout and its push: another run's layout into this folder waits
+        out = layout_stage(job, target, calls, model, split, compiled, facts)
+        if job.upload:
+            observe.stage("push")
+        push_stage(out, job.upload, overwrite=job.overwrite)
     return out

@@ -33,6 +33,7 @@ class WorkDir:
     root: Path
 
     LOCK = ".lmi-compile.lock"
+    STAGE_FOLDERS = ("source", "checkpoint", "engines", "split", "compiled", "logs")  # what stages replace or fill
 
     def __post_init__(self):
         # Absolute from the start: every stage folder derived from it is handed to subprocesses that may
@@ -122,17 +123,20 @@ def overlaps(a: Path, b: Path) -> bool:
 
 def preflight_work(work: Path, model: str | None) -> None:
     """The work dir is ours to fill: stages replace their folders in it whole. So it may not overlap a local model
-    (never modified), and an existing one must be empty or an lmi-compile work dir (its lock file, kept between
-    runs, says so): `--work-dir .` in a project folder would otherwise replace a `checkpoint/` or `engines/` of
-    the user's."""
+    (never modified), and an existing one that is not an lmi-compile work dir (its lock file, kept between runs,
+    says so) may not hold a folder of a stage's name: `--work-dir .` in a project folder would otherwise replace a
+    `checkpoint/` or `engines/` of the user's."""
     work = Path(work)
     local = Path(model).expanduser() if model else None
     if local is not None and local.is_dir() and overlaps(work, local):
         raise BadInput(f"{work}: the work dir overlaps the model folder {local.resolve()}, which is never modified; "
                        f"give --work-dir a folder outside it (or run from another folder)")
-    if work.is_dir() and not (work / WorkDir.LOCK).exists() and any(work.iterdir()):
-        raise BadInput(f"{work}: --work-dir is a folder of other files, not an lmi-compile work dir (its stages "
-                       f"replace folders in it); give an empty or new folder")
+    if work.is_dir() and not (work / WorkDir.LOCK).exists():
+        taken = sorted(p.name for p in work.iterdir() if p.name in WorkDir.STAGE_FOLDERS or
+                       re.fullmatch(r"\.(%s)\.(partial|arriving|old-\d+)" % "|".join(WorkDir.STAGE_FOLDERS), p.name))
+        if taken:
+            raise BadInput(f"{work / taken[0]}: --work-dir is not an lmi-compile work dir, and its stages would "
+                           f"replace this; give a folder without {', '.join(WorkDir.STAGE_FOLDERS)}")
 
 
 def preflight_output(out: Path | None, *, overwrite: bool, work: Path | None = None, model: str | None = None) -> None:
@@ -189,14 +193,18 @@ def finish_layout(staging: Path, out: Path, fp: str, job: "Job", *, stand_in: bo
 
 @contextlib.contextmanager
 def output_held(out: Path):
-    """One layout at a time into the folder that holds `out` (a lock on that folder, or its nearest existing
-    parent: nothing is written beside the user's output): two runs of other work dirs with one --output would
-    otherwise empty each other's staging and rename over each other's result. The second waits, then replaces
-    the first's output as a rerun does."""
-    from lmi_compile.pipeline import stages
+    """One layout and push at a time into the folder that holds `out` (a lock on that folder, made first if new: a
+    folder the layout never renames, and nothing written beside the user's output): two runs of other work dirs with
+    one --output would otherwise empty each other's staging, rename over each other's result, or publish a mix of
+    both. The second waits, then replaces the first's output as a rerun does."""
     from lmi_compile.pipeline.interrupts import check
 
-    fd = os.open(stages.existing_parent(out), os.O_RDONLY | os.O_DIRECTORY)
+    parent = Path(out).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"{out}: cannot create {parent} ({e.strerror}); choose another --output") from None
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         said = False
         while True:
@@ -205,7 +213,7 @@ def output_held(out: Path):
                 break
             except BlockingIOError:
                 if not said:
-                    log.info("layout: waiting for another lmi-compile run laying out into %s", Path(out).parent)
+                    log.info("layout: waiting for another lmi-compile run laying out into %s", parent)
                     said = True
                 check()  # Ctrl-C while waiting
                 time.sleep(0.2)

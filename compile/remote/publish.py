@@ -12,7 +12,6 @@
 import contextlib
 import json
 import logging
-import os
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -407,14 +406,16 @@ def _delete_local(root: Path, files: list[LocalFile], delete_local: bool) -> Non
     What push skipped (hidden files: a `.git`, a `.env`) is the user's and stays, and is named."""
     if not delete_local:
         return
-    for f in files:
-        (root / f.rel).unlink(missing_ok=True)  # a link inside root goes, not the file it names
-    for record in root.rglob(".lmi-compile*"):
-        if record.is_file() and not record.is_symlink():
-            record.unlink()
-    for top, dirs, names in sorted(os.walk(root), key=lambda w: -len(Path(w[0]).parts)):  # deepest first
+    gone = [root / f.rel for f in files]
+    gone += [p for p in root.rglob(".lmi-compile*") if p.is_file() and not p.is_symlink()]
+    for path in gone:
+        path.unlink(missing_ok=True)  # a link inside root goes, not the file it names
+    # the folders those files left empty, deepest first, root last: never a folder of the user's (an empty one in
+    # .git is part of the repository)
+    folders = {parent for path in gone for parent in path.parents if parent == root or root in parent.parents}
+    for folder in sorted(folders, key=lambda f: -len(f.parts)):
         with contextlib.suppress(OSError):  # only empty folders go
-            os.rmdir(top)
+            folder.rmdir()
     kept = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir() or p.is_symlink()) \
         if root.exists() else []
     if kept:

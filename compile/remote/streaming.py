@@ -49,7 +49,9 @@ class ArrivingModel:
 
     def __init__(self, view: Path, staging: Path | None = None):
         self.view, self.staging = view, staging
-        self._cv = threading.Condition()
+        lock = threading.RLock()
+        self._cv = threading.Condition(lock)  # bytes landed, files verified, the fetch ended
+        self._room = threading.Condition(lock)  # for the fetch's admit: a shard removed, a file wanted, no lead
         self._ranges: dict[str, list[tuple[int, int]]] = {}  # rel -> merged [start, end) ranges
         self._sizes: dict[str, int] = {}
         self._weights: list[str] | None = None
@@ -67,6 +69,7 @@ class ArrivingModel:
         self._remove_error: Exception | None = None
         self.lead: int | None = None  # consuming: bytes of weight files the download may hold ahead (lead_bytes)
         self._admitted: dict[str, int] = {}  # weight files the download has started (rel -> size)
+        self._held = 0  # bytes of admitted shards not yet removed
         self._wanted: set[str] = set()  # files a convert task waits on that the download holds back
         self.most_held = 0  # the most bytes of admitted, not yet removed files at once (for the tests)
 
@@ -147,7 +150,7 @@ class ArrivingModel:
             held_back = rel not in self._admitted and rel not in self._wanted
             if self.lead is not None and held_back and self._ranges.get(rel):
                 self._wanted.add(rel)  # its first range is in, not this one: held back, and needed now
-                self._cv.notify_all()
+                self._room.notify_all()
             return False
 
         self._wait(landed)
@@ -164,7 +167,8 @@ class ArrivingModel:
                     n = int.from_bytes(f.read(8), "little")
                 self.wait_range(rel, 0, min(8 + n, _size(self.view / rel)))
             else:
-                self.wait_range(rel, 0, _size(self.view / rel))  # pickles are read whole
+                self.wait_range(rel, 0, self.sizes[rel])  # pickles are read whole (the listing's size: the file
+                # may not be linked yet)
         return self._weights
 
 
@@ -178,27 +182,28 @@ class ArrivingModel:
         1.31x as long (16-core host, 128 GB)."""
         self._check_cancelled()
         with self._cv:
-            if self.lead is None or rel not in (self._weights or ()) or rel in self._admitted:
-                self._admitted.setdefault(rel, size)
+            # pickles (.bin) are deleted only at the end: held back, they would only come one at a time
+            if (self.lead is None or rel not in (self._weights or ()) or rel in self._admitted
+                    or not rel.endswith(".safetensors")):
                 return True
-            held = sum(n for r, n in self._admitted.items() if r not in self.removed)
-            if rel in self._wanted or (first and (held == 0 or held + size <= self.lead)):
-                self._admitted[rel] = size
-                self.most_held = max(self.most_held, held + size)
-                return True
-            return False
+            if rel not in self._wanted and not (first and (self._held == 0 or self._held + size <= self.lead)):
+                return False
+            self._admitted[rel] = size
+            self._held += size
+            self.most_held = max(self.most_held, self._held)
+            return True
 
     def wait_for_room(self, timeout: float) -> None:
-        """Until a shard is removed, a task waits on a held-back file, or `timeout` passes."""
+        """Until a shard is removed, a task waits on a held-back file, the lead is lifted, or `timeout` passes."""
         self._check_cancelled()
         with self._cv:
-            self._cv.wait(timeout)
+            self._room.wait(timeout)
 
     def unleash(self) -> None:
         """The convert is done reading: the rest of the download runs without a lead."""
         with self._cv:
             self.lead = None
-            self._cv.notify_all()
+            self._room.notify_all()
 
     # --- consumed (--no-keep-source) ---
     def plan_reads(self, rels: list[str]) -> None:
@@ -227,7 +232,9 @@ class ArrivingModel:
         """(under the lock) Hand a weight file to the remover thread (each remover has its own queue: one that is
         being stopped never takes another's files or stop mark)."""
         self.removed.append(rel)
-        self._cv.notify_all()  # room for the download (admit)
+        if rel in self._admitted:
+            self._held -= self._admitted[rel]
+            self._room.notify_all()  # room for the download (admit)
         if self._remover is None:
             self._remover = threading.Thread(target=self._removing, args=(self._doomed,), name="remove-shards",
                                              daemon=True)
@@ -300,10 +307,25 @@ def lead_bytes() -> int:
         if not mark:
             ratio = int(Path("/proc/sys/vm/dirty_background_ratio").read_text())
             meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-            mark = int(meminfo["MemAvailable"].split()[0]) * 1024 * ratio // 100
+            available = int(meminfo["MemAvailable"].split()[0]) * 1024
+            mark = min(available, _cgroup_room() or available) * ratio // 100
     except (OSError, ValueError, KeyError):  # not Linux: a tenth of a GB-sized host's 10%
         mark = 2 << 30
     return max(256 << 20, mark // 2)
+
+
+def _cgroup_room() -> int | None:
+    """What this process's memory cgroup (v2) still allows, where it sets a limit: the kernel scales its writeback
+    marks to it, and a container sees the host's /proc/meminfo."""
+    try:
+        rel = Path("/proc/self/cgroup").read_text().strip().split("::", 1)[1]
+        folder = Path("/sys/fs/cgroup") / rel.lstrip("/")
+        limit = (folder / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int((folder / "memory.current").read_text()))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _size(path: Path) -> int:

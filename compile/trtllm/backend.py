@@ -238,37 +238,36 @@ def build_stage(job: TrtllmJob, tool, ckpt: Path, ckpt_fp: str) -> tuple[Path, d
 def layout_stage(job: TrtllmJob, model, engines: Path, build: dict, dtype: str, converter: dict | None = None) -> Path:
     out = job.output
     layout = job.target["layout"]
-    with output_held(out):
-        staging = fresh_layout_staging(out, overwrite=job.overwrite)
-        if os.stat(engines).st_dev != os.stat(stages.existing_parent(out)).st_dev:  # hard links need one filesystem
-            ensure_room(out, tree_bytes(engines), "layout")
-        manifest = {
-            "tool": "lmi-compile", "tool_version": __version__, "backend": "tensorrt-llm", "layout": layout,
-            "container": job.target["container"],
-            "model": job.model, "revision": job.revision, "tensor_parallel_degree": job.tp,
-            "pipeline_parallel_degree": job.pp, "dtype": dtype,
-            "quantization": (read_json(engines / "config.json").get("pretrained_config") or {}).get("quantization"),
-            # who wrote the checkpoint: lmi-compile or TensorRT-LLM's convert_checkpoint.py (4-bit; in tests a stand-in)
-            "checkpoint_converter": converter or {"tool": "lmi-compile"},
-            **build,
-            # this layout's release, not the build record's: engines built for 0.30 are kept for 0.32 (one TensorRT-LLM)
-            "lmi_version": job.target.release,
-        }
-        props = serving_properties(job, build, dtype, job.upload, job.target)
-        pbtxt = None
-        if job.target["pbtxt"]:
-            window = model.config.raw.get("sliding_window")
-            seq = build["build_options"]["max_seq_len"]
-            pbtxt = render_pbtxt(job.target["pbtxt"], {
-                "triton_max_batch_size": build["build_options"]["max_batch_size"], "engine_dir": job.engine_path,
-                # a sliding window shorter than the sequence must reach the runtime, or attention sees too far back
-                "max_attention_window_size": window if window and window < seq else ""})
-        write_layout(layout, staging, engines, model.root, props, manifest, pbtxt=pbtxt)
-        job.dtype = dtype  # as the convert found it: the layout's record keeps it for a rerun's pre-flight
-        # the artifact's identity (push's content id): not where or with which executable it was built
-        shaping = {k: v for k, v in manifest.items() if k not in ("build_command", "trtllm_build")}
-        return finish_layout(staging, out, stages.fingerprint(**shaping, upload=job.upload), job,
-                             stand_in=bool(build.get("stand_in") or (converter or {}).get("stand_in")), what="engines")
+    staging = fresh_layout_staging(out, overwrite=job.overwrite)
+    if os.stat(engines).st_dev != os.stat(stages.existing_parent(out)).st_dev:  # hard links need one filesystem
+        ensure_room(out, tree_bytes(engines), "layout")
+    manifest = {
+        "tool": "lmi-compile", "tool_version": __version__, "backend": "tensorrt-llm", "layout": layout,
+        "container": job.target["container"],
+        "model": job.model, "revision": job.revision, "tensor_parallel_degree": job.tp,
+        "pipeline_parallel_degree": job.pp, "dtype": dtype,
+        "quantization": (read_json(engines / "config.json").get("pretrained_config") or {}).get("quantization"),
+        # who wrote the checkpoint: lmi-compile or TensorRT-LLM's convert_checkpoint.py (4-bit; in tests a stand-in)
+        "checkpoint_converter": converter or {"tool": "lmi-compile"},
+        **build,
+        # this layout's release, not the build record's: engines built for 0.30 are kept for 0.32 (one TensorRT-LLM)
+        "lmi_version": job.target.release,
+    }
+    props = serving_properties(job, build, dtype, job.upload, job.target)
+    pbtxt = None
+    if job.target["pbtxt"]:
+        window = model.config.raw.get("sliding_window")
+        seq = build["build_options"]["max_seq_len"]
+        pbtxt = render_pbtxt(job.target["pbtxt"], {
+            "triton_max_batch_size": build["build_options"]["max_batch_size"], "engine_dir": job.engine_path,
+            # a sliding window shorter than the sequence must reach the runtime, or attention sees too far back
+            "max_attention_window_size": window if window and window < seq else ""})
+    write_layout(layout, staging, engines, model.root, props, manifest, pbtxt=pbtxt)
+    job.dtype = dtype  # as the convert found it: the layout's record keeps it for a rerun's pre-flight
+    # the artifact's identity (push's content id): not where or with which executable it was built
+    shaping = {k: v for k, v in manifest.items() if k not in ("build_command", "trtllm_build")}
+    return finish_layout(staging, out, stages.fingerprint(**shaping, upload=job.upload), job,
+                         stand_in=bool(build.get("stand_in") or (converter or {}).get("stand_in")), what="engines")
 
 
 def run(job: TrtllmJob, until: str = "layout") -> Path:
@@ -376,8 +375,9 @@ def _from_build(job: TrtllmJob, until: str, tool, model, ckpt: Path, ckpt_fp: st
     record = stages.read_record(ckpt)
     dtype = record.get("dtype", job.dtype)
     observe.stage("layout")
-    out = layout_stage(job, model, engines, build, dtype, record.get("converter"))
-    if job.upload:
-        observe.stage("push")
-    push_stage(out, job.upload, overwrite=job.overwrite)
+    with output_held(job.output):  # the layout and its push: another run's layout into this folder waits
+        out = layout_stage(job, model, engines, build, dtype, record.get("converter"))
+        if job.upload:
+            observe.stage("push")
+        push_stage(out, job.upload, overwrite=job.overwrite)
     return out

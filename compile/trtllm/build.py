@@ -121,10 +121,11 @@ def read_gpus() -> list[dict]:
     return gpus
 
 
-# trtllm-build's flags whose values are paths (--lora_dir takes several), in every release of the target table
-# (tests/standins/trtllm_interfaces.json): trtllm-build runs in its output folder, so a relative one is made
-# absolute against the user's current folder here, at the edge
-PATH_FLAGS = ("--model_config", "--build_config", "--model_cls_file", "--input_timing_cache", "--lora_dir")
+# trtllm-build's flags whose values are paths (--lora_dir takes several; --visualize_network a folder from 1.0, a
+# switch before, which no value follows) in the releases of the target table (tests/standins/trtllm_interfaces.json):
+# trtllm-build runs in its output folder, so a relative one is made absolute against the user's current folder here
+PATH_FLAGS = ("--model_config", "--build_config", "--model_cls_file", "--input_timing_cache", "--lora_dir",
+              "--visualize_network")
 
 
 def parse_extra_args(text: str | None) -> tuple[str, ...]:
