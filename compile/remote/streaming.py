@@ -308,8 +308,9 @@ def lead_bytes() -> int:
             ratio = int(Path("/proc/sys/vm/dirty_background_ratio").read_text())
             meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
             available = int(meminfo["MemAvailable"].split()[0]) * 1024
-            mark = min(available, _cgroup_room() or available) * ratio // 100
-    except (OSError, ValueError, KeyError):  # not Linux: a tenth of a GB-sized host's 10%
+            room = _cgroup_room()
+            mark = min(available, available if room is None else room) * ratio // 100
+    except (OSError, ValueError, KeyError):  # not Linux: as 10% of 20 GB
         mark = 2 << 30
     return max(256 << 20, mark // 2)
 
