@@ -97,10 +97,16 @@ def fetch(
     overwrite: Overwrite = False,
 ):
     """Download a model (Hub or S3) and check it against the LMI artifact rules; local folders are only checked."""
+    import contextlib
+
+    from lmi_compile.pipeline.workdir import output_held
     from lmi_compile.remote.fetch import fetch as run_fetch, parse_source
 
     source = parse_source(model, revision)
-    validated = run_fetch(source, _abs(output), token=token, trust_remote_code=trust_remote_code, overwrite=overwrite)
+    # two fetches into one folder take turns: the second then finds the first's (or fetches what changed since)
+    with output_held(_abs(output)) if output is not None and source.kind != "local" else contextlib.nullcontext():
+        validated = run_fetch(source, _abs(output), token=token, trust_remote_code=trust_remote_code,
+                              overwrite=overwrite)
     ck = validated.checkpoint
     typer.echo(f"{validated.root}: {validated.config.architecture or 'unknown architecture'}, "
                f"{len(ck.tensors)} tensors in {len(ck.files)} {ck.format} file(s), {ck.total_bytes / 2**20:.1f} MiB")

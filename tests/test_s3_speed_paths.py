@@ -181,6 +181,37 @@ class CuttingProxy:
         self.sock.close()
 
 
+def test_two_fetches_into_one_folder_take_turns(published, tmp_path):
+    """Before: both downloaded into one staging folder and renamed over each other. Now the second waits, then finds
+    the first's fetch up to date."""
+    import subprocess
+    import sys
+    import time
+
+    model, prefix = published
+    out = tmp_path / "models" / "tiny"
+    first = PausedCli("fetch", prefix, "--output", out, point="fetch-range#2", tmp_path=tmp_path,
+                      env={"LMI_COMPILE_TEST_PAUSE_RELEASE": str(tmp_path / "release")})
+    with open(tmp_path / "second.err", "w") as err:
+        second = subprocess.Popen([sys.executable, "-m", "lmi_compile", "fetch", prefix, "--output", str(out)],
+                                  stderr=err, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while "waiting for another lmi-compile run" not in (tmp_path / "second.err").read_text():
+            assert second.poll() is None and time.monotonic() < deadline, (tmp_path / "second.err").read_text()
+            time.sleep(0.05)
+        (tmp_path / "release").touch()
+        assert first.proc.wait(timeout=120) == 0, first.stderr()
+        assert second.wait(timeout=120) == 0, (tmp_path / "second.err").read_text()
+    finally:
+        for proc in (first.proc, second):
+            if proc.poll() is None:
+                proc.kill()
+    assert "already in" in (tmp_path / "second.err").read_text()  # the first's, found up to date
+    assert digests(out) == digests(model)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"]
+
+
 def test_stream_that_drops_mid_range_is_retried(published, s3_env, tmp_path, monkeypatch):
     """A connection that ends mid-range (a real one, cut by a proxy): the range is fetched again through the
     fetch's worker processes and the file is still verified."""

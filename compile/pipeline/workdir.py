@@ -193,10 +193,10 @@ def finish_layout(staging: Path, out: Path, fp: str, job: "Job", *, stand_in: bo
 
 @contextlib.contextmanager
 def output_held(out: Path):
-    """One layout and push at a time into the folder that holds `out` (a lock on that folder, made first if new: a
-    folder the layout never renames, and nothing written beside the user's output): two runs of other work dirs with
-    one --output would otherwise empty each other's staging, rename over each other's result, or publish a mix of
-    both. The second waits, then replaces the first's output as a rerun does."""
+    """One layout and push (or `lmi-compile fetch`) at a time into the folder that holds `out` (a lock on that
+    folder, made first if new: a folder the layout never renames, and nothing written beside the user's output):
+    two runs of other work dirs with one --output would otherwise empty each other's staging, rename over each
+    other's result, or publish a mix of both. The second waits, then replaces the first's output as a rerun does."""
     from lmi_compile.pipeline.interrupts import check
 
     parent = Path(out).parent
@@ -213,7 +213,7 @@ def output_held(out: Path):
                 break
             except BlockingIOError:
                 if not said:
-                    log.info("layout: waiting for another lmi-compile run laying out into %s", parent)
+                    log.info("waiting for another lmi-compile run writing into %s", parent)
                     said = True
                 check()  # Ctrl-C while waiting
                 time.sleep(0.2)
