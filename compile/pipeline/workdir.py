@@ -197,9 +197,12 @@ def output_held(out: Path):
     folder, made first if new: a folder the layout never renames, and nothing written beside the user's output):
     two runs of other work dirs with one --output would otherwise empty each other's staging, rename over each
     other's result, or publish a mix of both. The second waits, then replaces the first's output as a rerun does."""
+    from lmi_compile.pipeline import stages
     from lmi_compile.pipeline.interrupts import check
 
     parent = Path(out).parent
+    if not stages.existing_parent(parent).is_dir():
+        raise BadInput(f"{out}: {stages.existing_parent(parent)} is a file, not a folder; choose another path")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
