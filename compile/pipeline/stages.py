@@ -4,7 +4,6 @@ A folder without its record is never taken as finished, so a crash at any moment
 looks complete; a rerun with the same fingerprint skips the stage.
 """
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -28,9 +27,9 @@ def fingerprint(**facts) -> str:
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
-def read_record(folder: Path) -> dict | None:
+def read_record(folder: Path, name: str = STAGE_RECORD) -> dict | None:
     try:
-        data = json.loads((Path(folder) / STAGE_RECORD).read_text())
+        data = json.loads((Path(folder) / name).read_text())
         return data if isinstance(data, dict) else None
     except (OSError, ValueError):
         return None
@@ -64,6 +63,14 @@ def existing_parent(path: Path) -> Path:
     return p
 
 
+def folder_of(path: Path) -> Path:
+    """The nearest existing folder on `path`; a file there (where a folder of the path should be) is bad input."""
+    parent = existing_parent(path)
+    if not parent.is_dir():
+        raise BadInput(f"{path}: {parent} is a file, not a folder; choose another path")
+    return parent
+
+
 def staging_dir(final: Path) -> Path:
     """Where a stage builds its folder before the rename; stable so an interrupted run can resume."""
     final = Path(final)
@@ -77,11 +84,9 @@ def open_staging(final: Path, fp: str, *, durable: bool = True) -> Path:
     """The staging folder for `final`, emptied first when it holds work for other inputs or options,
     so an interrupted run resumes and a changed run starts clean (durable: as for finish)."""
     staging = staging_dir(final)
-    same = False
     # the partial record, or the stage's own when a run ended between recording the stage and its rename
-    for record in (PARTIAL_RECORD, STAGE_RECORD):
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            same = same or json.loads((staging / record).read_text()).get("fingerprint") == fp
+    same = any((read_record(staging, record) or {}).get("fingerprint") == fp
+               for record in (PARTIAL_RECORD, STAGE_RECORD))
     log.debug("staging %s: %s", staging, "resuming" if same else "starting clean")
     if not same:
         shutil.rmtree(staging, ignore_errors=True)
@@ -99,10 +104,8 @@ def claim_output(final: Path, stage: str, *, overwrite: bool) -> None:
     final = Path(final)
     if final.is_symlink():  # the stage's rename would replace the link, not fill the folder it names
         raise BadInput(f"{final}: is a symbolic link (to {os.readlink(final)}); give the folder's own path instead")
-    parent = existing_parent(final)
     if not final.exists():
-        if not parent.is_dir():
-            raise BadInput(f"{final}: {parent} is a file, not a folder; choose another path")
+        folder_of(final)
         return
     if not final.is_dir():
         raise BadInput(f"{final}: exists and is not a folder; choose another path or remove it")

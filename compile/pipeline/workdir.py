@@ -201,8 +201,8 @@ def output_held(out: Path):
     from lmi_compile.pipeline.interrupts import check
 
     parent = Path(out).parent
-    if not stages.existing_parent(parent).is_dir():
-        raise BadInput(f"{out}: {stages.existing_parent(parent)} is a file, not a folder; choose another path")
+    if not Path(out).exists():
+        stages.folder_of(out)  # a file on the path: named as the pre-flight names it
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -71,7 +71,6 @@ class ArrivingModel:
         self._admitted: dict[str, int] = {}  # weight files the download has started (rel -> size)
         self._held = 0  # bytes of admitted shards not yet removed
         self._wanted: set[str] = set()  # files a convert task waits on that the download holds back
-        self.most_held = 0  # the most bytes of admitted, not yet removed files at once (for the tests)
 
     # --- heard from the fetch (download threads) ---
     def listed(self, sizes: dict[str, int], mtimes: dict[str, int]) -> None:
@@ -190,7 +189,6 @@ class ArrivingModel:
                 return False
             self._admitted[rel] = size
             self._held += size
-            self.most_held = max(self.most_held, self._held)
             return True
 
     def wait_for_room(self, timeout: float) -> None:
