@@ -569,7 +569,8 @@ def test_no_keep_source_downloads_only_so_far_ahead_of_the_convert(s3_env, s3_pr
     """A consumed model's download starts a shard only while the shards started and not yet removed stay within the
     lead (here 1 MiB, less than a shard: one at a time), or when a convert task waits on it: downloaded far ahead,
     shards pass the kernel's writeback mark and are written to disk only to be deleted. Before, every shard
-    started at once."""
+    started at once. A held-back shard brings only its head (for its header), not its first range (a part, here 5
+    MiB; 64 MiB by default)."""
     import lmi_compile.remote.s3 as s3
     import lmi_compile.remote.streaming as streaming
     from lmi_compile.cli import app
@@ -591,12 +592,25 @@ def test_no_keep_source_downloads_only_so_far_ahead_of_the_convert(s3_env, s3_pr
             admissions.append((rel, held, wanted))
         return ok
 
+    early = []  # bytes of a shard that landed before it was admitted: its head only (the header), 1 MiB
+    real_arrived = streaming.ArrivingModel.arrived
+
+    def recording_arrived(self, rel, start, end):
+        with self._cv:
+            if rel.endswith(".safetensors") and rel not in self._admitted:
+                early.append((rel, start, end))
+        return real_arrived(self, rel, start, end)
+
     monkeypatch.setattr(streaming.ArrivingModel, "admit", recording_admit)
+    monkeypatch.setattr(streaming.ArrivingModel, "arrived", recording_arrived)
     work = tmp_path / "w"
     app(["trtllm", prefix, "--tp", "2", "--until", "convert", "--work-dir", str(work), "--no-keep-source"],
         standalone_mode=False)
     shards = sorted(p.name for p in model.glob("*.safetensors"))
     assert sorted(rel for rel, _, _ in admissions) == shards
+    # shards 2-4 were held back until shard 1 was converted, which needs every header: their heads came first
+    assert {rel for rel, _, _ in early} == set(shards[1:])
+    assert all(start == 0 and end == streaming.HEAD_BYTES for _, start, end in early), early
     for rel, held, wanted in admissions:  # each started on an empty lead, or because the convert waited on it
         assert not held or wanted, admissions
     assert admissions[0][0] == shards[0]  # in order, save what the convert asked for
@@ -905,7 +919,10 @@ def test_workers_of_a_fetch_read_as_it_lands_yield_the_cores_to_the_reader(publi
 
     monkeypatch.setattr(s3.Getters, "__init__", record)
 
-    class Listener:
+    class Listener:  # hears everything, holds nothing back
+        def admit(self, *a, **k):
+            return True
+
         def __getattr__(self, name):
             return lambda *a, **k: None
 

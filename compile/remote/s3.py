@@ -403,7 +403,8 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
     file takes its object's LastModified from `mtimes` as its mtime, so a refetch of the same objects keeps
     the fingerprints of the stages built from them.
 
-    Each file's first range (a safetensors header) is fetched before any other range. `listener`, when given,
+    Each file's first range (a safetensors header) is fetched before any other range (or, for a file a listener
+    with `admit` holds back, its head: _submit_as_admitted). `listener`, when given,
     hears `kept(rel, path)` for a file already present, `opened(rel, temporary)` before a file's first GET and
     `arrived(rel, start, end)` once those bytes are written (unverified until the file is finished) and
     `verified(rel, path)` once the file is checked and named: what a convert that runs while the model
@@ -456,6 +457,13 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
             if listener:
                 listener.verified(t.rel, t.target)
 
+    def fetch_head(t: _Target, n: int) -> None:
+        """A held-back shard's first `n` bytes, unhashed: its header (its first range brings them again, hashed)."""
+        check()
+        end = min(t.size, n)
+        _get(getters, uri, t, [(0, end)], None)
+        listener.arrived(t.rel, 0, end)
+
     try:
         tasks = []
         for t in targets:
@@ -489,7 +497,7 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
                 if getattr(listener, "admit", None) is None:
                     futures += [pool.submit(fetch_range, *task) for task in tasks]
                 else:
-                    _submit_as_admitted(pool, fetch_range, tasks, listener, futures)
+                    _submit_as_admitted(pool, fetch_range, fetch_head, tasks, listener, futures)
                 wait(futures, return_when=FIRST_EXCEPTION)
             except BaseException:  # interrupted: end the workers so the threads waiting on them return
                 getters.close()
@@ -508,23 +516,28 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
             t.tmp.unlink(missing_ok=True)
 
 
-def _submit_as_admitted(pool, fetch_range, tasks: list, listener, futures: list) -> None:
-    """Submit `tasks` (in their order) as `listener.admit(rel, size, first)` lets each file start: the first ranges
-    (headers) at once, a file's others once admitted; `first`: the file is the first, in order, still waiting (only
-    it may start on room alone). A consumer that deletes shards as it converts them keeps the download only so far
-    ahead of it this way. Ranges of admitted files go ahead of later files that wait. Returns when all are
-    submitted, or early when one has failed (the caller raises it)."""
-    pending, admitted = list(tasks), set()
+def _submit_as_admitted(pool, fetch_range, fetch_head, tasks: list, listener, futures: list) -> None:
+    """Submit `tasks` (in their order) as `listener.admit(rel, size, first)` lets each file start; `first`: the file
+    is the first, in order, still waiting (only it may start on room alone). A file held back gets only its head
+    now (`listener.head_bytes`, unhashed: a safetensors header, which the consumer reads from every shard before
+    it starts), its ranges once admitted. A consumer that deletes shards as it converts them keeps the download
+    only so far ahead of it this way: a whole first range (64 MiB) of each of a 405B model's 191 shards would be
+    12 GB held. Ranges of admitted files go ahead of later files that wait. Returns when all are submitted, or
+    early when one has failed (the caller raises it)."""
+    pending, admitted, headed = list(tasks), set(), set()
     while pending:
         check()
         later, refused, first = [], set(), True
         for task in pending:
             t = task[0]
-            if task[1] != 0 and id(t) not in admitted:
+            if id(t) not in admitted:
                 if id(t) in refused or not listener.admit(t.rel, t.size, first=first):
                     refused.add(id(t))
                     first = False
                     later.append(task)
+                    if id(t) not in headed:
+                        headed.add(id(t))
+                        futures.append(pool.submit(fetch_head, t, listener.head_bytes))
                     continue
                 admitted.add(id(t))
             futures.append(pool.submit(fetch_range, *task))
@@ -540,8 +553,15 @@ def _get_parts(getters: Getters, uri: S3Uri, t: _Target, first: int, count: int,
     every chunk; retried (on a fresh URL) when the connection drops or the server is busy."""
     start = t.parts[first][0]
     end = t.parts[first + count - 1][0] + t.parts[first + count - 1][1]
-    task = {"path": str(t.tmp), "size": t.size, "parts": t.parts[first:first + count],
-            "algorithm": t.algorithm if t.expect else None}
+    digests = _get(getters, uri, t, t.parts[first:first + count], t.algorithm if t.expect else None)
+    t.digests[first:first + count] = [bytes.fromhex(d) for d in digests]
+    bar.update(end - start)
+
+
+def _get(getters: Getters, uri: S3Uri, t: _Target, parts: list, algorithm: str | None) -> list[str]:
+    """GET the consecutive `parts` of `t` as one range into its temporary; each part's digest (hex, "" unhashed)."""
+    start, end = parts[0][0], parts[-1][0] + parts[-1][1]
+    task = {"path": str(t.tmp), "size": t.size, "parts": parts, "algorithm": algorithm}
     for attempt in range(RANGE_ATTEMPTS):
         if STOP.is_set():
             raise Interrupted(received())
@@ -557,8 +577,7 @@ def _get_parts(getters: Getters, uri: S3Uri, t: _Target, first: int, count: int,
         if reply["kind"] == "http" and reply["status"] == -1:
             raise LmiCompileError(f"{uri}{t.rel}: {reply['body']}; the object changed during the download, rerun")
         failed(reply, f"{uri}{t.rel}", f"bytes {start}-{end - 1}", attempt, "rerun (finished files are kept)")
-    t.digests[first:first + count] = [bytes.fromhex(d) for d in reply["digests"]]
-    bar.update(end - start)
+    return reply["digests"]
 
 
 def failed(reply: dict, where: str, what: str, attempt: int, fix: str) -> None:

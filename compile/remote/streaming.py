@@ -40,6 +40,11 @@ from lmi_compile.pipeline.interrupts import STOP, import_held, received
 log = logging.getLogger("lmi_compile")
 
 
+# A held-back shard's head, fetched up front for its safetensors header (tens of KB even for a 405B model's shards;
+# a larger header makes the convert wait on the shard, which admits it).
+HEAD_BYTES = 1024 * 1024
+
+
 class Cancelled(Exception):
     """The run that started this fetch gave up (it failed or was interrupted): stop downloading."""
 
@@ -71,6 +76,7 @@ class ArrivingModel:
         self._admitted: dict[str, int] = {}  # weight files the download has started (rel -> size)
         self._held = 0  # bytes of admitted shards not yet removed
         self._wanted: set[str] = set()  # files a convert task waits on that the download holds back
+        self.head_bytes = HEAD_BYTES  # what the download brings of a held-back shard: its header
 
     # --- heard from the fetch (download threads) ---
     def listed(self, sizes: dict[str, int], mtimes: dict[str, int]) -> None:
@@ -148,7 +154,7 @@ class ArrivingModel:
                 return True
             held_back = rel not in self._admitted and rel not in self._wanted
             if self.lead is not None and held_back and self._ranges.get(rel):
-                self._wanted.add(rel)  # its first range is in, not this one: held back, and needed now
+                self._wanted.add(rel)  # its head is in, not this range: held back, and needed now
                 self._room.notify_all()
             return False
 
@@ -173,7 +179,7 @@ class ArrivingModel:
 
     # --- asked by the fetch before it starts a weight file (consuming only: lead is set) ---
     def admit(self, rel: str, size: int, first: bool) -> bool:
-        """May the download start `rel` (beyond its first range) now? Yes while the files started and not yet
+        """May the download start `rel` now (else it brings only its head, `head_bytes`)? Yes while the files started and not yet
         removed stay within `lead` (for the first file still waiting, in order: `first`), when none is held, and
         whenever a convert task waits on it. Downloaded far ahead, a consumed model's shards pass the kernel's
         mark for background writeback before the convert reaches them, and are written to disk only to be
