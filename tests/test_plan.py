@@ -71,6 +71,23 @@ def test_llama2_70b_on_g5_48xlarge_depends_on_batch(tmp_path):
     assert p.fits is True and p.fitting_tp == [4, 8]  # tp=2: 64.5 GiB weights + 20 GiB KV per GPU > 80
 
 
+def test_neuron_tp_choices_pad_heads_and_skip_non_core_counts(tmp_path):
+    """Neuron sizes over NeuronCore counts (tp 3, 5, 6... never; 16 and 24 though 40 heads do not divide by them),
+    each rank's KV heads rounded up, as transformers-neuronx pads them."""
+    from lmi_compile.neuron.backend import VALID_TP
+
+    cfg = ModelConfig.load(write_config(tmp_path, "llama-2-13b") / "config.json")
+    p = make_plan(cfg, tp=2, instance="ml.inf2.48xlarge", max_batch_size=4, max_seq_len=4096, tp_choices=VALID_TP)
+    weights = (163_840_000 + 40 * 317_204_480 // 2 + 5120 + 16_000 * 5120) * 2  # as for llama-2-7b above
+    kv = 2 * 40 * 20 * 128 * 2 * 4 * 4096
+    assert p.weight_bytes_per_rank == weights
+    assert p.needed_per_accelerator == int((weights + kv) * 1.1) + GiB > 16 * GiB
+    assert p.fits is False and p.fitting_tp == [4, 8, 16, 24]
+    p = make_plan(cfg, tp=16, instance="ml.inf2.48xlarge", max_batch_size=4, max_seq_len=4096, tp_choices=VALID_TP)
+    assert p.kv_bytes_per_token_per_rank == 2 * 40 * 3 * 128 * 2  # 40 heads padded to 48: 3 a rank
+    assert p.fits is True and any("pads" in w for w in p.warnings)
+
+
 def test_kv_replication_and_divisibility_warnings(tmp_path):
     cfg = ModelConfig.load(write_config(tmp_path, "llama-3-8b") / "config.json")
     p = make_plan(cfg, tp=16)
@@ -116,7 +133,9 @@ def test_cli_plan_for_neuron_from_the_instance_or_the_release(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["max_batch_size"] == 4 and out["max_seq_len"] == 4096
-    assert out["fitting_tp"] and set(out["fitting_tp"]) <= {1, 2, 4, 8, 16, 24}
+    # NeuronCore counts up to the 24 cores, of 16 GiB each; tp=2 needs 23.0 GB (by hand in
+    # test_neuron_tp_choices_pad_heads_and_skip_non_core_counts).
+    assert out["fitting_tp"] == [4, 8, 16, 24]
     assert any("pads them to 48" in w for w in out["warnings"]) and not any("refuse" in w for w in out["warnings"])
     proc = run_cli("plan", model, "--tp", "3", "--lmi-version", "0.26", "--json")  # 0.26: a Neuron release only
     assert proc.returncode == 0, proc.stderr

@@ -285,8 +285,9 @@ def rank_weight_bytes(c: dict, d, tp: int, pp: int, b: int) -> int:
 
 
 def rank_kv_bytes_per_token(d, tp: int, pp: int, b: int) -> int:
-    """K and V of one token on one rank: its layers, its share of kv heads (at least one, repeated)."""
-    return 2 * -(-d.num_layers // pp) * max(1, d.num_kv_heads // tp) * d.head_dim * b
+    """K and V of one token on one rank: its layers, its share of kv heads, rounded up: at least one (repeated
+    when tp exceeds them), and a padded share where transformers-neuronx pads heads that tp does not divide."""
+    return 2 * -(-d.num_layers // pp) * -(-d.num_kv_heads // tp) * d.head_dim * b
 
 
 def needed_per_accelerator(weights: int, kv: int) -> int:

@@ -10,14 +10,12 @@ pads them. It writes placeholder .neff files named by a hash of the calls, as th
 by hash, and a versions file whose compiler version says standin.
 """
 
+import argparse
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from lmi_compile.neuron.entry import parse  # noqa: E402  (the shared contract)
 
 REAL_CLASSES = {"transformers_neuronx.llama.model.LlamaForSampling",
                 "transformers_neuronx.mistral.model.MistralForSampling",
@@ -30,6 +28,22 @@ MARK = b"LMI-COMPILE STAND-IN NEFF - NOT A COMPILED GRAPH\n"
 def fail(msg: str) -> None:
     print(f"STAND-IN neuron compile: {msg}", file=sys.stderr)
     sys.exit(1)
+
+
+def parse(argv=None):
+    """The contract of lmi_compile/neuron/entry.py's docstring, written out here rather than imported, so a
+    change to the code under test cannot change what the stand-in accepts."""
+    p = argparse.ArgumentParser(prog="neuron_compile_standin")
+    p.add_argument("--check-sdk", action="store_true")
+    for flag in ("--split-dir", "--output", "--calls", "--versions-file"):
+        p.add_argument(flag)
+    args = p.parse_args(argv)
+    if not args.check_sdk:
+        for flag in ("--split-dir", "--output", "--calls", "--versions-file"):
+            value = getattr(args, flag[2:].replace("-", "_"))
+            if not value or not os.path.isabs(value):
+                fail(f"{flag} must be given as an absolute path (got {value!r})")
+    return args
 
 
 def main() -> None:
