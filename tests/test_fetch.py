@@ -208,3 +208,80 @@ def test_config_styles_4x_and_5x(model_copy):
     assert v4.rope_theta == v5.rope_theta == 500000.0
     assert v4.rope_scaling == v5.rope_scaling and v4.rope_scaling["type"] == "llama3"
     assert (v4.dtype, v5.dtype) == ("float32", "bfloat16")
+
+
+def hub_downloaders(endpoint: str) -> list[int]:
+    """Processes downloading from the Hub at `endpoint` (lmi-compile's Hub download child)."""
+    from pathlib import Path
+
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (b"lmi_compile.remote.hub" in (proc / "cmdline").read_bytes()
+                    and f"HF_ENDPOINT={endpoint}".encode() in (proc / "environ").read_bytes().split(b"\0")):
+                pids.append(int(proc.name))
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill"])
+def test_a_hub_download_stops_at_once_when_interrupted_and_a_rerun_finishes(model_factory, tmp_path, how):
+    """Ctrl-C (SIGINT to the terminal's process group) or a batch job's stop (SIGTERM) during a Hub download
+    ends the command within seconds, though the weight files in flight cannot finish (the server holds them);
+    before, it waited for every file in flight (huggingface_hub's download threads run to their end). The
+    partial files stay for huggingface_hub to resume; nothing looks complete, and a rerun fetches the model
+    whole. Killed outright (SIGKILL), the command leaves no download running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from servers.hub import HubServer
+
+    model = model_factory(shards=2)
+    server = HubServer(stall_after=1024).start()
+    try:
+        server.add("org/held", model)
+        env = {**os.environ, "HF_ENDPOINT": server.endpoint, "HF_HUB_DOWNLOAD_TIMEOUT": "100"}
+        with open(tmp_path / "err", "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "lmi_compile", "fetch", "org/held", "--output", "out"],
+                                    cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                    start_new_session=True)
+        try:
+            assert server.stalled.wait(60), (tmp_path / "err").read_text()
+            assert hub_downloaders(server.endpoint)
+            if how == "ctrl-c":
+                os.killpg(proc.pid, signal.SIGINT)
+            else:
+                proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+            try:
+                rc = proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                raise AssertionError("still running 15 s after the signal: waiting for downloads in flight")
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        err = (tmp_path / "err").read_text()
+        assert rc == {"ctrl-c": 130, "sigterm": 143, "sigkill": -9}[how], err
+        if how != "sigkill":
+            assert "interrupted by" in err and "Traceback" not in err, err
+        deadline = time.monotonic() + 10
+        while hub_downloaders(server.endpoint) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not hub_downloaders(server.endpoint)
+        assert not (tmp_path / "out").exists()
+        assert list((tmp_path / ".out.partial").rglob("*.incomplete"))  # kept for the rerun to resume
+    finally:
+        server.release.set()
+        server.stop()
+    server = HubServer().start()
+    try:
+        server.add("org/held", model)
+        again = run_cli("fetch", "org/held", "--output", "out", cwd=tmp_path, env={"HF_ENDPOINT": server.endpoint})
+    finally:
+        server.stop()
+    assert again.returncode == 0, again.stderr
+    assert digest_tree(tmp_path / "out") == digest_tree(model)

@@ -1,12 +1,27 @@
-"""Fetch from the HuggingFace Hub (or any server behind HF_ENDPOINT) through huggingface_hub's own client."""
+"""Fetch from the HuggingFace Hub (or any server behind HF_ENDPOINT) through huggingface_hub's own client.
 
+The download runs in a child process (`python -m lmi_compile.remote.hub`): huggingface_hub's download threads
+run each file to its end and nothing stops them from outside, so Ctrl-C or a batch job's SIGTERM would wait for
+every file in flight (up to 8, GBs each). The parent ends the child instead; huggingface_hub resumes its partial
+files (.cache/huggingface/download/*.incomplete) on the rerun.
+"""
+
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
-from lmi_compile.pipeline.diskspace import ensure_room
+from lmi_compile import errors
 from lmi_compile.errors import BadInput, LmiCompileError
 from lmi_compile.model.config import read_json
 from lmi_compile.model.files import preferred_index, small_files, weight_files
+from lmi_compile.pipeline.diskspace import ensure_room
+from lmi_compile.pipeline.interrupts import check
 from lmi_compile.pipeline.progress import Progress
 
 log = logging.getLogger("lmi_compile")
@@ -44,12 +59,48 @@ def translate_error(e: Exception, repo_id: str, revision: str | None) -> LmiComp
 
 def fetch_hub(repo_id: str, dest: Path, *, revision: str | None, token: str | None,
               trust_remote_code: bool) -> str:
-    """Download the needed files of `repo_id` into `dest`; return the resolved commit sha."""
+    """Download the needed files of `repo_id` into `dest` (in a child process, ended at once when this run is
+    interrupted); return the resolved commit sha."""
+    env = dict(os.environ)
+    if token:
+        env["HF_TOKEN"] = token  # not on the command line, where ps would show it
+    request = json.dumps({"repo_id": repo_id, "dest": str(Path(dest).absolute()), "revision": revision,
+                          "trust_remote_code": trust_remote_code,
+                          "verbose": log.getEffectiveLevel() <= logging.DEBUG}).encode()
+    proc = subprocess.Popen([sys.executable, "-m", "lmi_compile.remote.hub"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env)
+    try:
+        while True:
+            try:
+                out, _ = proc.communicate(request, timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                request = None
+                check()  # a stop recorded without raising (a batch node's deferred handler)
+    except BaseException:  # interrupted: the files in flight end now, kept partial for the rerun to resume
+        proc.kill()
+        proc.wait()
+        raise
+    try:
+        reply = json.loads(out.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise LmiCompileError(f"{repo_id}: the Hub download process failed (exit {proc.returncode}, "
+                                     f"its error is above); rerun to resume") from None
+    if "error" in reply:
+        cls = getattr(errors, reply["class"], LmiCompileError)
+        if not (isinstance(cls, type) and issubclass(cls, LmiCompileError)):
+            cls = LmiCompileError
+        raise cls(reply["error"], exit_code=reply["exit_code"])
+    return reply["sha"]
+
+
+def _fetch_here(repo_id: str, dest: Path, *, revision: str | None, trust_remote_code: bool) -> str:
+    """fetch_hub's work, in the child (the token, if given, is in HF_TOKEN)."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.hf_api import RepoFile
 
     check_repo_id(repo_id)
-    api = HfApi(token=token)
+    api = HfApi()  # the token: huggingface_hub's own lookup, HF_TOKEN (set from --token), then the stored login
     source = f"{repo_id}@{revision or 'main'}"
     try:
         info = api.repo_info(repo_id, revision=revision)
@@ -61,8 +112,8 @@ def fetch_hub(repo_id: str, dest: Path, *, revision: str | None, token: str | No
 
     def download(patterns: list[str]) -> None:
         try:
-            snapshot_download(repo_id, revision=sha, local_dir=dest, allow_patterns=patterns, token=token,
-                              tqdm_class=Progress, max_workers=8)
+            snapshot_download(repo_id, revision=sha, local_dir=dest, allow_patterns=patterns, tqdm_class=Progress,
+                              max_workers=8)
         except Exception as e:
             raise translate_error(e, repo_id, revision) from None
 
@@ -76,3 +127,34 @@ def fetch_hub(repo_id: str, dest: Path, *, revision: str | None, token: str | No
     log.info("fetching %d weight file(s), %.1f MiB, from %s", len(weights), needed / 2**20, source)
     download(weights)
     return sha
+
+
+def _child() -> None:
+    """The child's side: one request (JSON) on stdin, one reply line ({"sha"} or {"error", "class",
+    "exit_code"}) on the stdout it was given; anything else printed goes to stderr."""
+    from lmi_compile.pipeline.progress import setup_logging
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent too, which ends this process
+    reply = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    parent = os.getppid()
+
+    def orphaned() -> None:  # the parent was killed (SIGKILL): stop downloading for nobody
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=orphaned, daemon=True).start()
+    req = json.loads(sys.stdin.read())
+    setup_logging(req["verbose"])
+    try:
+        out = {"sha": _fetch_here(req["repo_id"], Path(req["dest"]), revision=req["revision"],
+                                  trust_remote_code=req["trust_remote_code"])}
+    except LmiCompileError as e:
+        out = {"error": str(e), "class": type(e).__name__, "exit_code": e.exit_code}
+    reply.write(json.dumps(out) + "\n")
+    reply.close()
+
+
+if __name__ == "__main__":
+    _child()

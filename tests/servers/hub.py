@@ -48,9 +48,12 @@ def _oids(path: Path) -> tuple[str, str]:
 
 
 class HubServer:
-    def __init__(self):
+    def __init__(self, stall_after: int | None = None):
         self.repos: dict[str, HubRepo] = {}
         self.requests: list[tuple[str, str]] = []
+        # stall_after: a weight file's GET sends that many bytes, then waits for `release` (a download in flight
+        # that cannot finish on its own); `stalled` is set once one waits
+        self.stall_after, self.release, self.stalled = stall_after, threading.Event(), threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -204,4 +207,20 @@ class HubServer:
         if head:
             headers["Content-Length"] = str(size)
             return self._send(h, 200, b"", headers, head=True)
+        if self.stall_after is not None and fname.endswith(LFS_SUFFIXES):
+            return self._send_stalled(h, p.read_bytes(), headers, start)
         return self._send(h, 200, p.read_bytes(), headers)
+
+    def _send_stalled(self, h, data: bytes, headers: dict, start: int) -> None:
+        body = data[start:]
+        if start:
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        h.send_response(206 if start else 200)
+        for k, v in {**headers, "Content-Length": str(len(body))}.items():
+            h.send_header(k, v)
+        h.end_headers()
+        h.wfile.write(body[:self.stall_after])
+        h.wfile.flush()
+        self.stalled.set()
+        self.release.wait(120)
+        h.wfile.write(body[self.stall_after:])
