@@ -124,7 +124,7 @@ def push(
         "Parallel PUTs, one connection each (default: LMI_COMPILE_S3_CONNECTIONS, else two per core, 8 to 64)."),
                                                        show_default=False)] = None,
     part_size_mb: Annotated[Optional[int], typer.Option("--part-size-mb", min=5, help="Multipart part size in MiB "
-                                                        "(default 32).", show_default=False)] = None,
+                                                        "(default 64).", show_default=False)] = None,
 ):
     """Publish FOLDER to S3: checksummed, verified with HEAD, resumable, manifest written last."""
     from lmi_compile.remote.publish import push as run_push

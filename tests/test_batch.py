@@ -196,10 +196,10 @@ def test_ctrl_c_or_sigterm_cancels_the_running_tasks_and_leaves_nothing_half_pub
         signum, cluster, model_factory, s3_env, s3_prefix, s3_client, tmp_path):
     """The job is held (pipeline/testhooks.py) while its hand-over push has a multipart upload open; the batch is
     then signalled: the task is cancelled, its command stops at that boundary, the upload is aborted."""
-    model = model_factory(vocab_size=17000, hidden_size=256, num_layers=1)
+    model = model_factory(vocab_size=17000, hidden_size=512, num_layers=1)
     jobs = write_jobs(tmp_path / "jobs.yaml", model, s3_prefix, bad=False)
     data = json.loads(jobs.read_text())
-    data["jobs"] = [dict(data["jobs"][0], dtype="float32")]  # a 34 MiB rank file: a multipart upload
+    data["jobs"] = [dict(data["jobs"][0], dtype="float32")]  # a 67 MiB rank file: a multipart upload (64 MiB parts)
     jobs.write_text(json.dumps(data))
     ready = tmp_path / "paused"
     hold = {"LMI_COMPILE_TEST_JOB_PAUSE_AT": "push-part", "LMI_COMPILE_TEST_JOB_PAUSE_READY": str(ready),
