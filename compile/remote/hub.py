@@ -84,8 +84,8 @@ def fetch_hub(repo_id: str, dest: Path, *, revision: str | None, token: str | No
     try:
         reply = json.loads(out.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
-        raise LmiCompileError(f"{repo_id}: the Hub download process failed (exit {proc.returncode}, "
-                                     f"its error is above); rerun to resume") from None
+        raise LmiCompileError(f"{repo_id}: the Hub download process failed (exit {proc.returncode}, its error is "
+                              f"above); rerun to resume") from None
     if "error" in reply:
         cls = getattr(errors, reply["class"], LmiCompileError)
         if not (isinstance(cls, type) and issubclass(cls, LmiCompileError)):
