@@ -103,6 +103,9 @@ def fetch(
     from lmi_compile.remote.fetch import fetch as run_fetch, parse_source
 
     source = parse_source(model, revision)
+    if output is not None and source.kind == "local":
+        log.warning("fetch: %s is a local folder, checked in place; --output %s is not used (nothing is copied)",
+                    model, output)
     # two fetches into one folder take turns: the second then finds the first's (or fetches what changed since)
     with output_held(_abs(output)) if output is not None and source.kind != "local" else contextlib.nullcontext():
         validated = run_fetch(source, _abs(output), token=token, trust_remote_code=trust_remote_code,

@@ -24,6 +24,13 @@ def test_local_folder_is_validated_in_place(model_factory, fmt, shards):
     assert {p.name: p.stat().st_mtime_ns for p in model.iterdir()} == before  # untouched, not copied
 
 
+def test_fetch_of_a_local_folder_says_output_is_not_used(model_factory, tmp_path):
+    model = model_factory()
+    proc = run_cli("fetch", model, "--output", "copy", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "--output copy is not used" in proc.stderr and not (tmp_path / "copy").exists()
+
+
 def test_hub_fetch_downloads_one_weight_format(hub_env, model_factory, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(model_factory(shards=2), repo)
