@@ -151,6 +151,27 @@ def test_a_changed_remote_model_is_fetched_again(hub_env, s3_client, s3_prefix, 
     assert json.loads(Path("hubout", "config.json").read_text())["model_type"] == "qwen2"
 
 
+def test_a_prefix_republished_with_objects_of_the_same_sizes_is_fetched_again(s3_client, s3_prefix, model_factory,
+                                                                               tmp_path):
+    """A fine-tune of the same architecture has the same names and sizes: the objects' LastModified tells it from
+    the copy fetched before, and the rerun brings the new weights instead of keeping the old."""
+    import time
+
+    first, other = model_factory(seed=0), model_factory(seed=1)
+    second = shutil.copytree(first, tmp_path / "second")
+    for w in other.glob("*.safetensors"):
+        shutil.copy(w, second / w.name)
+    assert {p.name: p.stat().st_size for p in first.iterdir()} == {p.name: p.stat().st_size for p in second.iterdir()}
+    assert digest_tree(first) != digest_tree(second)
+    upload_folder(s3_client, first, s3_prefix)
+    assert run_cli("fetch", s3_prefix, "--output", tmp_path / "o").returncode == 0
+    time.sleep(1.1)  # LastModified has whole seconds
+    upload_folder(s3_client, second, s3_prefix)
+    proc = run_cli("fetch", s3_prefix, "--output", tmp_path / "o")
+    assert proc.returncode == 0 and "changed on S3" in proc.stderr, proc.stderr
+    assert digest_tree(tmp_path / "o") == digest_tree(second)
+
+
 def test_a_huggingface_cache_snapshot_is_a_model_folder(model_factory, tmp_path):
     """huggingface_hub's cache keeps a snapshot's files as links into the repo's blobs/: such a folder converts;
     a link anywhere else is still refused, with the fix in the message."""

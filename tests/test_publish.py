@@ -461,3 +461,50 @@ def test_a_stored_checksum_is_compared_on_the_algorithm_both_carry(head, entry, 
     from lmi_compile.remote.manifest import stored_difference
 
     assert stored_difference(head, entry) == differs
+
+
+def test_an_object_of_exactly_one_part_fetches_verified(s3_env, s3_prefix, tmp_path):
+    """A file of exactly the part size is one PUT whose checksum is the plain one, not a composite: fetch checks it
+    as such (a composite for it would refuse an intact file)."""
+    import os
+
+    from lmi_compile.remote.fetch import manifest_objects
+    from lmi_compile.remote.s3 import download_files, list_objects, make_client
+
+    tree = tmp_path / "art"
+    tree.mkdir()
+    (tree / "exact.bin").write_bytes(os.urandom(5 * MIB))
+    (tree / "serving.properties").write_text("option.rolling_batch=trtllm\n")
+    assert run_cli("push", tree, s3_prefix, "--part-size-mb", "5").returncode == 0
+    client, u = make_client(), parse_s3_uri(s3_prefix)
+    objs = {k: v for k, v in list_objects(client, u).items() if k != MANIFEST_KEY}
+    download_files(client, u, sorted(objs), tmp_path / "d", objs, desc="d", expect=manifest_objects(client, u))
+    assert (tmp_path / "d" / "exact.bin").read_bytes() == (tree / "exact.bin").read_bytes()
+
+
+def test_another_folders_interrupted_upload_is_not_taken_over(s3_env, s3_client, s3_prefix, tmp_path):
+    """A prefix holding another folder's interrupted upload (its marker names other content) is occupied: a push
+    without --overwrite refuses it, as it refuses a finished one."""
+    a, b = make_tree(tmp_path / "a", big_mib=6, seed=1), make_tree(tmp_path / "b", big_mib=6, seed=2)
+    PausedCli("push", a, s3_prefix, "--concurrency", "1", "--part-size-mb", "5", point="push-part#3",
+              tmp_path=tmp_path).signal(signal.SIGKILL)
+    u = parse_s3_uri(s3_prefix)
+    keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=u.bucket, Prefix=u.prefix).get("Contents", [])}
+    assert u.key(MARKER_KEY) in keys and any(k.endswith(".engine") for k in keys)  # partly uploaded
+    proc = run_cli("push", b, s3_prefix, "--part-size-mb", "5")
+    assert proc.returncode == 2 and "--overwrite" in error_line(proc), proc.stderr
+
+
+def test_a_prefix_being_replaced_reads_incomplete_until_its_new_manifest(s3_env, s3_client, s3_prefix, tmp_path):
+    """push --overwrite of a published prefix removes the old manifest before it changes anything: killed midway,
+    the prefix reads as an incomplete upload (check, fetch, batch), never as the old one finished."""
+    a = make_tree(tmp_path / "a", big_mib=6, seed=1)
+    assert run_cli("push", a, s3_prefix, "--part-size-mb", "5").returncode == 0
+    (a / "serving.properties").write_text("option.rolling_batch=trtllX\n")  # an edit of the same size
+    PausedCli("push", a, s3_prefix, "--overwrite", "--concurrency", "1", "--part-size-mb", "5",
+              point="push-file#1", tmp_path=tmp_path).signal(signal.SIGKILL)
+    u = parse_s3_uri(s3_prefix)
+    keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=u.bucket, Prefix=u.prefix).get("Contents", [])}
+    assert u.key(MARKER_KEY) in keys and u.key(MANIFEST_KEY) not in keys
+    proc = run_cli("check", s3_prefix)
+    assert "upload: INCOMPLETE" in proc.stdout, proc.stdout

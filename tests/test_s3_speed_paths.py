@@ -54,7 +54,8 @@ def test_fetch_verifies_every_byte_against_the_manifest(published, s3_client, tm
     line = error_line(proc)
     assert shard in line and "do not match the upload manifest's checksum" in line
     assert "crc32" in line  # the cheaper checksum, where the manifest carries it
-    assert not bad.exists() or not (bad / shard).exists()
+    assert not bad.exists() and (tmp_path / ".bad.partial").is_dir()  # the staging folder stays, to resume
+    assert not (tmp_path / ".bad.partial" / shard).exists()  # never named, even there
     assert not list(tmp_path.rglob(f".{shard}.tmp-*")), "a file that failed its checksum must not remain"
     # A manifest written before CRC32 was recorded (SHA256 only, what S3 verified then) is checked with SHA256,
     # here written as S3 computes it (not by lmi-compile's code): the digest of each part's digest, "-<parts>".
@@ -80,6 +81,21 @@ def test_fetch_verifies_every_byte_against_the_manifest(published, s3_client, tm
     proc = run_cli("fetch", prefix, "--output", tmp_path / "good-old")
     assert proc.returncode == 0, proc.stderr
     assert digests(tmp_path / "good-old") == digests(model)
+
+
+def test_a_changed_object_of_one_part_is_refused_too(published, s3_client, tmp_path):
+    """A small object (config, tokenizer: a single PUT, a plain checksum, no part count) is checked as a multipart
+    one is: same size, other bytes, refused."""
+    model, prefix = published
+    u = parse_s3_uri(prefix)
+    body = (model / "config.json").read_bytes()
+    i = body.index(b": ") + 1
+    other = body[:i] + b"\t" + body[i + 1:]  # same size, still JSON
+    assert len(other) == len(body) and other != body
+    s3_client.put_object(Bucket=u.bucket, Key=u.key("config.json"), Body=other)
+    proc = run_cli("fetch", prefix, "--output", tmp_path / "out")
+    assert proc.returncode == 1, proc.stderr
+    assert "config.json" in error_line(proc) and "checksum" in error_line(proc)
 
 
 def test_a_finished_fetch_is_recorded_without_fsync(published, tmp_path, synced_paths):
@@ -125,9 +141,10 @@ def test_interrupted_fetch_resumes_and_rechecks_kept_files(published, tmp_path):
 
 class CuttingProxy:
     """A TCP proxy in front of the S3 server that cuts the first `cuts` responses running past `after` bytes:
-    a connection dropped mid-body, as a real network drops it."""
+    a connection dropped mid-body, as a real network drops it; and answers the first `slowdowns` presigned GETs
+    of a .safetensors key itself, with S3's throttling reply (503 SlowDown)."""
 
-    def __init__(self, upstream: str, cuts: int, after: int):
+    def __init__(self, upstream: str, cuts: int = 0, after: int = 0, slowdowns: int = 0):
         import socket
         import threading
         from urllib.parse import urlsplit
@@ -135,6 +152,7 @@ class CuttingProxy:
         u = urlsplit(upstream)
         self.upstream = (u.hostname, u.port)
         self.cuts, self.after, self.cut = cuts, after, 0
+        self.slowdowns, self.slowed = slowdowns, 0
         self.lock = threading.Lock()
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -151,7 +169,22 @@ class CuttingProxy:
                 down, _ = self.sock.accept()
             except OSError:
                 return
+            first = b""
+            if self.slowed < self.slowdowns:
+                first = down.recv(65536)
+                line = first.split(b"\r\n", 1)[0]
+                with self.lock:
+                    slow = (line.startswith(b"GET") and b".safetensors" in line and b"X-Amz-Signature" in line
+                            and self.slowed < self.slowdowns)
+                    self.slowed += slow
+                if slow:
+                    body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    down.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                    down.close()
+                    continue
             up = socket.create_connection(self.upstream)
+            up.sendall(first)
             threading.Thread(target=self._pipe, args=(down, up, False), daemon=True).start()
             threading.Thread(target=self._pipe, args=(up, down, True), daemon=True).start()
 
@@ -231,6 +264,25 @@ def test_stream_that_drops_mid_range_is_retried(published, s3_env, tmp_path, mon
     assert proxy.cut == 2
     assert digests(tmp_path / "d") == {k: v for k, v in digests(model).items() if k in weights}
     assert not list((tmp_path / "d").glob(".*.tmp-*"))
+
+
+def test_a_throttled_get_is_retried(published, s3_env, tmp_path, monkeypatch):
+    """S3's throttling answer (503 SlowDown) is waited out and retried, not a failed fetch."""
+    from lmi_compile.remote.fetch import manifest_objects
+    from lmi_compile.remote.s3 import download_files, list_objects, make_client
+
+    model, prefix = published
+    proxy = CuttingProxy(s3_env.endpoint, slowdowns=1)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+    try:
+        client, u = make_client(), parse_s3_uri(prefix)
+        objects = list_objects(client, u)
+        weights = sorted(k for k in objects if k.endswith(".safetensors"))
+        download_files(client, u, weights, tmp_path / "d", objects, desc="d", expect=manifest_objects(client, u))
+    finally:
+        proxy.close()
+    assert proxy.slowed == 1
+    assert digests(tmp_path / "d") == {k: v for k, v in digests(model).items() if k in weights}
 
 
 def test_ranged_gets_run_in_worker_processes(published, s3_env, tmp_path):
@@ -636,6 +688,93 @@ def test_the_lead_holds_back_safetensors_shards_only(tmp_path):
         a._release("s1.safetensors")  # converted and verified: removed
     assert a.admit("s2.safetensors", 50, first=True)
     a.removals_done(stop=True)
+
+
+def test_room_alone_admits_only_the_first_shard_still_waiting(tmp_path):
+    """Shards start in order: a later, smaller one that would fit must not jump ahead of the first still waiting
+    (it would hold lead room until the convert reaches it)."""
+    from lmi_compile.remote.streaming import ArrivingModel
+
+    a = ArrivingModel(tmp_path)
+    a.lead = 100
+    a.weights(["s1.safetensors", "s2.safetensors", "s3.safetensors"])
+    assert a.admit("s1.safetensors", 60, first=True)
+    assert not a.admit("s2.safetensors", 60, first=True)
+    assert not a.admit("s3.safetensors", 30, first=False)  # fits, but s2 waits before it
+
+
+def test_a_consumed_shard_frees_its_blocks_while_a_reader_still_holds_it(tmp_path):
+    """The convert's reader keeps each shard open to the end: the shard is truncated, not only unlinked, or its
+    blocks stay taken and the disk holds the whole model at the peak."""
+    from lmi_compile.remote.streaming import ArrivingModel
+
+    view, staging = tmp_path / "view", tmp_path / "staging"
+    staging.mkdir()
+    view.mkdir()
+    (staging / "a.safetensors").write_bytes(b"x" * 65536)
+    os.link(staging / "a.safetensors", view / "a.safetensors")
+    reader = os.open(view / "a.safetensors", os.O_RDONLY)
+    try:
+        a = ArrivingModel(view, staging)
+        a.weights(["a.safetensors"])
+        a.plan_reads(["a.safetensors"])
+        a.verified("a.safetensors", staging / "a.safetensors")
+        a.read_done("a.safetensors")
+        a.removals_done(stop=True)
+        assert not (staging / "a.safetensors").exists() and not (view / "a.safetensors").exists()
+        assert os.fstat(reader).st_size == 0
+    finally:
+        os.close(reader)
+
+
+def test_a_consumed_shard_goes_only_once_verified(tmp_path):
+    """Read to its end is not enough: a shard is deleted once the fetch has also checked it (deleted before, the
+    download would go on writing into a truncated temporary and name it)."""
+    from lmi_compile.remote.streaming import ArrivingModel
+
+    view, staging = tmp_path / "view", tmp_path / "staging"
+    staging.mkdir()
+    tmp = staging / ".a.safetensors.tmp-1"
+    tmp.write_bytes(b"x" * 4096)
+    a = ArrivingModel(view, staging)
+    a.weights(["a.safetensors"])
+    a.plan_reads(["a.safetensors"])
+    a.opened("a.safetensors", tmp)
+    a.arrived("a.safetensors", 0, 4096)
+    a.read_done("a.safetensors")
+    a.removals_done()
+    assert a.removed == [] and tmp.stat().st_size == 4096
+    tmp.rename(staging / "a.safetensors")
+    a.verified("a.safetensors", staging / "a.safetensors")
+    a.removals_done(stop=True)
+    assert a.removed == ["a.safetensors"] and not (staging / "a.safetensors").exists()
+
+
+def test_a_pickled_model_of_several_ranges_converts_while_it_downloads(s3_env, s3_prefix, model_factory, tmp_path,
+                                                                        monkeypatch):
+    """Pickles are read whole (torch's loader): the convert waits for a .bin file's every byte, not its first
+    range. Rank files equal a local convert's."""
+    import time
+
+    import lmi_compile.remote.s3 as s3
+    from lmi_compile.cli import app
+
+    model, prefix = publish(model_factory(fmt="bin", shards=2, **MULTIPART), s3_prefix)
+    assert all(p.stat().st_size > 5 << 20 for p in model.glob("*.bin"))  # several ranges each
+    monkeypatch.setattr(s3, "RANGE_BYTES", 5 << 20)
+    real_get = s3._get_parts
+
+    def later_ranges_slow(getters, uri, t, first, count, bar):
+        if first:
+            time.sleep(0.3)
+        return real_get(getters, uri, t, first, count, bar)
+
+    monkeypatch.setattr(s3, "_get_parts", later_ranges_slow)
+    ref = tmp_path / "ref"
+    assert run_cli("trtllm", model, "--tp", "2", "--until", "convert", "--work-dir", ref).returncode == 0
+    work = tmp_path / "w"
+    app(["trtllm", prefix, "--tp", "2", "--until", "convert", "--work-dir", str(work)], standalone_mode=False)
+    assert same_tensors(rank_tensors(work / "checkpoint"), rank_tensors(ref / "checkpoint"))
 
 
 def test_neuron_splits_while_the_model_downloads(published4, model_factory, tmp_path, monkeypatch):
