@@ -405,18 +405,25 @@ def test_trtllm_converts_while_the_model_downloads(published, reference_ranks, t
     waited = []
     real_wait = streaming.ArrivingModel.wait_range
 
+    arriving = []
+
     def counting_wait(self, rel, start, end):
         with self._cv:
             there = any(s <= start and end <= e for s, e in self._ranges.get(rel, []))
-        waited.append(not there)
-        return real_wait(self, rel, start, end)
+        arriving.append(self)
+        real_wait(self, rel, start, end)
+        waited.append((not there, self.done))
 
     monkeypatch.setattr(streaming.ArrivingModel, "wait_range", counting_wait)
     work, out = tmp_path / "w", tmp_path / "out"
     args = ["trtllm", prefix, "--tp", "2", "--work-dir", str(work), "--output", str(out), "--trtllm-build",
             str(Path(__file__).parent / "standins" / "trtllm-build")]
     app(args, standalone_mode=False)
-    assert any(waited), "no convert task had to wait: the convert did not overlap the download"
+    assert any(w for w, _ in waited), "no convert task had to wait: the convert did not overlap the download"
+    # and a wait ended on its bytes landing, not on the whole fetch ending (ranges reported wrong: no overlap)
+    assert any(w and not done for w, done in waited), waited
+    a = arriving[0]  # every byte was reported as it landed: each file's ranges merge into the whole file
+    assert a._ranges and all(r == [(0, a.sizes[rel])] for rel, r in a._ranges.items()), a._ranges
     assert same_tensors(rank_tensors(work / "checkpoint"), reference_ranks)
     assert not (work / ".source.arriving").exists() and (work / "source" / "config.json").is_file()
     assert (out / "tokenizer.json").read_bytes() == (work / "source" / "tokenizer.json").read_bytes()
