@@ -68,7 +68,10 @@ def test_hub_fetch_revision_and_token(hub_env, model_factory, tmp_path):
     assert (out / "pytorch_model.bin").is_file() and not list(out.glob("*.safetensors"))
     assert "hf_secret_token_123" not in proc.stdout + proc.stderr
     out2 = tmp_path / "out2"
-    proc = run_cli("fetch", "org/private", "--token", "hf_secret_token_123", "--output", out2)
+    # --token is sent as given, also where huggingface_hub sends no implicit token (it reaches the download child
+    # in a variable of ours, not as HF_TOKEN, which that setting would leave unsent)
+    proc = run_cli("fetch", "org/private", "--token", "hf_secret_token_123", "--output", out2,
+                   env={"HF_HUB_DISABLE_IMPLICIT_TOKEN": "1"})
     assert proc.returncode == 0, proc.stderr
     assert (out2 / "model.safetensors").is_file()
     # `--token "$HF_TOKEN"` where that variable is unset in the shell: no token given, so HF_TOKEN's applies

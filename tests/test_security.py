@@ -1,6 +1,7 @@
 """Secrets never leak; no path from an index, manifest or S3 key escapes its root; pickles never run code."""
 
 import json
+import subprocess
 from pathlib import Path
 
 from conftest import error_line, run_cli, upload_folder
@@ -66,3 +67,20 @@ def test_remote_code_never_runs_without_trust(hub_env, model_copy, tmp_path):
         proc = run_cli(*args)
         assert proc.returncode == 2 and "--trust-remote-code" in error_line(proc)
     assert not marker.exists()
+
+
+def test_a_hub_fetch_runs_no_module_of_the_current_folder(hub_env, model_factory, tmp_path):
+    """The Hub download runs in a child Python: `python -m` would put the current folder first on its sys.path,
+    so a json.py (a cloned repository, a trusted model's code) there would run as the user. The installed
+    command, from such a folder, runs none."""
+    import sys
+
+    command = Path(sys.executable).parent / "lmi-compile"
+    hub_env.add("org/plain", model_factory())
+    ran = tmp_path / "ran"
+    for name in ("json", "signal", "threading"):
+        (tmp_path / f"{name}.py").write_text(f"open({str(ran)!r}, 'a').write({name!r})\n")
+    proc = subprocess.run([str(command), "fetch", "org/plain", "--output", "out"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert not ran.exists(), ran.read_text()

@@ -1,6 +1,6 @@
 """Fetch from the HuggingFace Hub (or any server behind HF_ENDPOINT) through huggingface_hub's own client.
 
-The download runs in a child process (`python -m lmi_compile.remote.hub`): huggingface_hub's download threads
+The download runs in a child process (`python -c` running `_child`): huggingface_hub's download threads
 run each file to its end and nothing stops them from outside, so Ctrl-C or a batch job's SIGTERM would wait for
 every file in flight (up to 8, GBs each). The parent ends the child instead; huggingface_hub resumes its partial
 files (.cache/huggingface/download/*.incomplete) on the rerun.
@@ -21,10 +21,12 @@ from lmi_compile.errors import BadInput, LmiCompileError
 from lmi_compile.model.config import read_json
 from lmi_compile.model.files import preferred_index, small_files, weight_files
 from lmi_compile.pipeline.diskspace import ensure_room
-from lmi_compile.pipeline.interrupts import check
+from lmi_compile.pipeline.interrupts import check, held
 from lmi_compile.pipeline.progress import Progress
 
 log = logging.getLogger("lmi_compile")
+
+TOKEN_VAR = "LMI_COMPILE_HF_TOKEN"  # --token, handed to the download child (its environment, not its argv)
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -63,13 +65,16 @@ def fetch_hub(repo_id: str, dest: Path, *, revision: str | None, token: str | No
     interrupted); return the resolved commit sha."""
     env = dict(os.environ)
     if token:
-        env["HF_TOKEN"] = token  # not on the command line, where ps would show it
+        env[TOKEN_VAR] = token  # not on the command line, where ps would show it
     request = json.dumps({"repo_id": repo_id, "dest": str(Path(dest).absolute()), "revision": revision,
-                          "trust_remote_code": trust_remote_code,
+                          "trust_remote_code": trust_remote_code, "parent": os.getpid(),
                           "verbose": log.getEffectiveLevel() <= logging.DEBUG}).encode()
-    proc = subprocess.Popen([sys.executable, "-m", "lmi_compile.remote.hub"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, env=env)
+    proc = None
     try:
+        with held():  # a signal during the fork is raised once proc is set, so the child is ended too
+            # -c, not -m: -m puts the current folder first on sys.path, where a json.py of the user's would run
+            proc = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    env=env)
         while True:
             try:
                 out, _ = proc.communicate(request, timeout=0.2)
@@ -78,8 +83,9 @@ def fetch_hub(repo_id: str, dest: Path, *, revision: str | None, token: str | No
                 request = None
                 check()  # a stop recorded without raising (a batch node's deferred handler)
     except BaseException:  # interrupted: the files in flight end now, kept partial for the rerun to resume
-        proc.kill()
-        proc.wait()
+        if proc is not None:
+            proc.kill()
+            proc.wait()
         raise
     try:
         reply = json.loads(out.decode().strip().splitlines()[-1])
@@ -95,12 +101,13 @@ def fetch_hub(repo_id: str, dest: Path, *, revision: str | None, token: str | No
 
 
 def _fetch_here(repo_id: str, dest: Path, *, revision: str | None, trust_remote_code: bool) -> str:
-    """fetch_hub's work, in the child (the token, if given, is in HF_TOKEN)."""
+    """fetch_hub's work, in the child (--token, if given, in TOKEN_VAR)."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.hf_api import RepoFile
 
     check_repo_id(repo_id)
-    api = HfApi()  # the token: huggingface_hub's own lookup, HF_TOKEN (set from --token), then the stored login
+    token = os.environ.pop(TOKEN_VAR, None)  # --token; else huggingface_hub's own lookup (HF_TOKEN, the login)
+    api = HfApi(token=token)
     source = f"{repo_id}@{revision or 'main'}"
     try:
         info = api.repo_info(repo_id, revision=revision)
@@ -112,8 +119,8 @@ def _fetch_here(repo_id: str, dest: Path, *, revision: str | None, trust_remote_
 
     def download(patterns: list[str]) -> None:
         try:
-            snapshot_download(repo_id, revision=sha, local_dir=dest, allow_patterns=patterns, tqdm_class=Progress,
-                              max_workers=8)
+            snapshot_download(repo_id, revision=sha, local_dir=dest, allow_patterns=patterns, token=token,
+                              tqdm_class=Progress, max_workers=8)
         except Exception as e:
             raise translate_error(e, repo_id, revision) from None
 
@@ -131,30 +138,41 @@ def _fetch_here(repo_id: str, dest: Path, *, revision: str | None, trust_remote_
 
 def _child() -> None:
     """The child's side: one request (JSON) on stdin, one reply line ({"sha"} or {"error", "class",
-    "exit_code"}) on the stdout it was given; anything else printed goes to stderr."""
+    "exit_code"}, every failure as one line) on the stdout it was given; anything else printed goes to stderr."""
     from lmi_compile.pipeline.progress import setup_logging
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent too, which ends this process
     reply = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    parent = os.getppid()
+    text = sys.stdin.read()
+    if not text:  # the parent ended before it asked
+        return
+    req = json.loads(text)
 
     def orphaned() -> None:  # the parent was killed (SIGKILL): stop downloading for nobody
-        while os.getppid() == parent:
+        while os.getppid() == req["parent"]:
             time.sleep(0.5)
         os._exit(1)
 
     threading.Thread(target=orphaned, daemon=True).start()
-    req = json.loads(sys.stdin.read())
     setup_logging(req["verbose"])
     try:
         out = {"sha": _fetch_here(req["repo_id"], Path(req["dest"]), revision=req["revision"],
                                   trust_remote_code=req["trust_remote_code"])}
     except LmiCompileError as e:
         out = {"error": str(e), "class": type(e).__name__, "exit_code": e.exit_code}
+    except OSError as e:  # disk full, permissions: named, one line, as the CLI reports them
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        out = {"error": f"{where}{e.strerror or e}", "class": "LmiCompileError", "exit_code": 1}
+    except Exception as e:
+        if req["verbose"]:
+            log.exception("Hub download")
+        first = str(e).splitlines()[0][:300] if str(e) else ""
+        out = {"error": f"unexpected {type(e).__name__} in the Hub download: {first} (a bug in lmi-compile; rerun "
+                        f"with --verbose for the traceback and report it)", "class": "LmiCompileError", "exit_code": 1}
     reply.write(json.dumps(out) + "\n")
     reply.close()
 
 
-if __name__ == "__main__":
-    _child()
+# The child's command line (python -c: sys.path without the current folder)
+CHILD = "import sys; del sys.path[0]; from lmi_compile.remote.hub import _child; _child()"

@@ -461,7 +461,12 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
         """A held-back shard's first `n` bytes, unhashed: its header (its first range brings them again, hashed)."""
         check()
         end = min(t.size, n)
-        _get(getters, uri, t, [(0, end)], None)
+        try:
+            _get(getters, uri, t, [(0, end)], None)
+        except Interrupted:
+            if STOP.is_set() or t.tmp.exists():
+                raise
+            return  # a late head (a stalled GET retried): the file was admitted and finished meanwhile
         listener.arrived(t.rel, 0, end)
 
     try:
