@@ -70,9 +70,9 @@ def test_remote_code_never_runs_without_trust(hub_env, model_copy, tmp_path):
 
 
 def test_a_hub_fetch_runs_no_module_of_the_current_folder(hub_env, model_factory, tmp_path):
-    """The Hub download runs in a child Python: `python -m` would put the current folder first on its sys.path,
-    so a json.py (a cloned repository, a trusted model's code) there would run as the user. The installed
-    command, from such a folder, runs none."""
+    """The Hub download and the Neuron compile entry point run in child Pythons: `python -m` would put the current
+    folder first on their sys.path, so a json.py (a cloned repository, a trusted model's code) there would run as
+    the user. The installed command, from such a folder, runs none."""
     import sys
 
     command = Path(sys.executable).parent / "lmi-compile"
@@ -83,4 +83,9 @@ def test_a_hub_fetch_runs_no_module_of_the_current_folder(hub_env, model_factory
     proc = subprocess.run([str(command), "fetch", "org/plain", "--output", "out"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    assert not ran.exists(), ran.read_text()
+    # the Neuron compile entry point is started the same way (here it finds no Neuron SDK, and says so)
+    proc = subprocess.run([str(command), "neuron", "out", "--work-dir", "w", "--output", "o"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Neuron compile unavailable" in error_line(proc), proc.stderr
     assert not ran.exists(), ran.read_text()

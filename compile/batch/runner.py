@@ -13,10 +13,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
+
+from lmi_compile.pipeline.tool import python_module
 
 WORK_ENV = "LMI_COMPILE_BATCH_WORK"
 POLL_S = 0.25
@@ -59,7 +60,7 @@ def _run_job(spec: dict, board) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     stage_log, cli_log = root / f"stages-{phase}.jsonl", root / f"lmi-compile-{phase}.log"
     stage_log.write_text("")
-    argv = [sys.executable, "-m", "lmi_compile", spec["backend"], spec["source"], *spec["argv"],
+    argv = [*python_module("lmi_compile"), spec["backend"], spec["source"], *spec["argv"],
             *spec.get("phase_argv", []), "--work-dir", str(root / "work")]
     output = spec["options"].get("output")
     if phase == "cpu":

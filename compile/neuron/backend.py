@@ -11,7 +11,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from lmi_compile.neuron.layout import FORMATS, write_layout
 from lmi_compile.model.limits import check_sequence_length
 from lmi_compile.pipeline import observe, stages
 from lmi_compile.pipeline.diskspace import ensure_room
+from lmi_compile.pipeline.tool import python_module
 from lmi_compile.pipeline.workdir import (RUN_ONLY, Job, check_until, finish_layout, fresh_layout_staging,
                                           output_held, preflight_output)
 from lmi_compile.remote import streaming
@@ -113,7 +113,7 @@ def check_dense(config) -> None:
 def entry_prefix(job: NeuronJob) -> list[str]:
     """The compile entry command; a relative script path in it is made absolute (it must not depend on a cwd)."""
     if not job.compile_entry:
-        return [sys.executable, "-m", "lmi_compile.neuron_entry"]
+        return python_module("lmi_compile.neuron_entry")
     out = []
     for tok in shlex.split(job.compile_entry):
         p = Path(tok)

@@ -3,10 +3,18 @@ log file, progress from the files it writes, and stopped with us on Ctrl-C / SIG
 
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from lmi_compile.pipeline.progress import Progress
+
+
+def python_module(module: str) -> list[str]:
+    """`python -m module` without the current folder on sys.path: -m puts it first, so a json.py of the user's (a
+    cloned repository, a model's code) in the folder a command runs from would run as the user (3.10 has no -P)."""
+    return [sys.executable, "-c", f"import runpy, sys; del sys.path[0]; runpy.run_module({module!r}, "
+                                  f"run_name='__main__', alter_sys=True)"]
 
 
 def run_watched(cmd: list[str], *, cwd: Path, log_path: Path, total: int, desc: str, unit: str, pattern: str,

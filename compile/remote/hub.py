@@ -1,9 +1,9 @@
 """Fetch from the HuggingFace Hub (or any server behind HF_ENDPOINT) through huggingface_hub's own client.
 
-The download runs in a child process (`python -c` running `_child`): huggingface_hub's download threads
-run each file to its end and nothing stops them from outside, so Ctrl-C or a batch job's SIGTERM would wait for
-every file in flight (up to 8, GBs each). The parent ends the child instead; huggingface_hub resumes its partial
-files (.cache/huggingface/download/*.incomplete) on the rerun.
+The download runs in a child process (`python -m lmi_compile.remote.hub`, the current folder off sys.path):
+huggingface_hub's download threads run each file to its end and nothing stops them from outside, so Ctrl-C or a
+batch job's SIGTERM would wait for every file in flight (up to 8, GBs each). The parent ends the child instead;
+huggingface_hub resumes its partial files (.cache/huggingface/download/*.incomplete) on the rerun.
 """
 
 import json
@@ -23,6 +23,7 @@ from lmi_compile.model.files import preferred_index, small_files, weight_files
 from lmi_compile.pipeline.diskspace import ensure_room
 from lmi_compile.pipeline.interrupts import check, held
 from lmi_compile.pipeline.progress import Progress
+from lmi_compile.pipeline.tool import python_module
 
 log = logging.getLogger("lmi_compile")
 
@@ -72,9 +73,8 @@ def fetch_hub(repo_id: str, dest: Path, *, revision: str | None, token: str | No
     proc = None
     try:
         with held():  # a signal during the fork is raised once proc is set, so the child is ended too
-            # -c, not -m: -m puts the current folder first on sys.path, where a json.py of the user's would run
-            proc = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    env=env)
+            proc = subprocess.Popen(python_module("lmi_compile.remote.hub"), stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, env=env)
         while True:
             try:
                 out, _ = proc.communicate(request, timeout=0.2)
@@ -174,5 +174,6 @@ def _child() -> None:
     reply.close()
 
 
-# The child's command line (python -c: sys.path without the current folder)
-CHILD = "import sys; del sys.path[0]; from lmi_compile.remote.hub import _child; _child()"
+
+if __name__ == "__main__":
+    _child()
