@@ -245,14 +245,16 @@ def test_two_fetches_into_one_folder_take_turns(published, tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"]
 
 
-def test_stream_that_drops_mid_range_is_retried(published, s3_env, tmp_path, monkeypatch):
-    """A connection that ends mid-range (a real one, cut by a proxy): the range is fetched again through the
-    fetch's worker processes and the file is still verified."""
+@pytest.mark.parametrize("fault", ["cut", "throttled"])
+def test_a_range_dropped_or_throttled_is_retried(fault, published, s3_env, tmp_path, monkeypatch):
+    """A connection that ends mid-range (a real one, cut by a proxy), or S3's throttling answer (503 SlowDown):
+    the range is fetched again through the fetch's worker processes and the file is still verified."""
     from lmi_compile.remote.fetch import manifest_objects
     from lmi_compile.remote.s3 import download_files, list_objects, make_client
 
     model, prefix = published
-    proxy = CuttingProxy(s3_env.endpoint, cuts=2, after=1 << 20)
+    proxy = CuttingProxy(s3_env.endpoint, cuts=2, after=1 << 20) if fault == "cut" else \
+        CuttingProxy(s3_env.endpoint, slowdowns=1)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
     try:
         client, u = make_client(), parse_s3_uri(prefix)
@@ -261,28 +263,9 @@ def test_stream_that_drops_mid_range_is_retried(published, s3_env, tmp_path, mon
         download_files(client, u, weights, tmp_path / "d", objects, desc="d", expect=manifest_objects(client, u))
     finally:
         proxy.close()
-    assert proxy.cut == 2
+    assert (proxy.cut, proxy.slowed) == ((2, 0) if fault == "cut" else (0, 1))
     assert digests(tmp_path / "d") == {k: v for k, v in digests(model).items() if k in weights}
     assert not list((tmp_path / "d").glob(".*.tmp-*"))
-
-
-def test_a_throttled_get_is_retried(published, s3_env, tmp_path, monkeypatch):
-    """S3's throttling answer (503 SlowDown) is waited out and retried, not a failed fetch."""
-    from lmi_compile.remote.fetch import manifest_objects
-    from lmi_compile.remote.s3 import download_files, list_objects, make_client
-
-    model, prefix = published
-    proxy = CuttingProxy(s3_env.endpoint, slowdowns=1)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
-    try:
-        client, u = make_client(), parse_s3_uri(prefix)
-        objects = list_objects(client, u)
-        weights = sorted(k for k in objects if k.endswith(".safetensors"))
-        download_files(client, u, weights, tmp_path / "d", objects, desc="d", expect=manifest_objects(client, u))
-    finally:
-        proxy.close()
-    assert proxy.slowed == 1
-    assert digests(tmp_path / "d") == {k: v for k, v in digests(model).items() if k in weights}
 
 
 def test_ranged_gets_run_in_worker_processes(published, s3_env, tmp_path):
@@ -382,26 +365,33 @@ def reference_ranks(model_factory, tmp_path_factory):
     return rank_tensors(work / "checkpoint")
 
 
+def later_ranges_slowed(monkeypatch, seconds: float) -> None:
+    """GETs of 5 MiB (a part each), every range after a file's first `seconds` late: the convert must wait for them."""
+    import time
+
+    import lmi_compile.remote.s3 as s3
+
+    monkeypatch.setattr(s3, "RANGE_BYTES", 5 << 20)
+    real_get = s3._get_parts
+
+    def slow_get(getters, uri, t, first, count, bar):
+        if first:
+            time.sleep(seconds)
+        return real_get(getters, uri, t, first, count, bar)
+
+    monkeypatch.setattr(s3, "_get_parts", slow_get)
+
+
 def test_trtllm_converts_while_the_model_downloads(published, reference_ranks, tmp_path, monkeypatch):
     """Ranges of 5 MiB, the later ones slowed down: convert tasks start on the headers and wait for their
     tensors' bytes; the rank files equal a convert of the local model, the later stages (stand-in build,
     layout) use the verified source folder, and a rerun finds every stage done."""
-    import time
 
-    import lmi_compile.remote.s3 as s3
     import lmi_compile.remote.streaming as streaming
     from lmi_compile.cli import app
 
     _, prefix = published
-    monkeypatch.setattr(s3, "RANGE_BYTES", 5 * 1024 * 1024)
-    real_get = s3._get_parts
-
-    def slow_get(client, uri, t, first, count, bar):
-        if first:
-            time.sleep(0.15)
-        return real_get(client, uri, t, first, count, bar)
-
-    monkeypatch.setattr(s3, "_get_parts", slow_get)
+    later_ranges_slowed(monkeypatch, 0.15)
     waited = []
     real_wait = streaming.ArrivingModel.wait_range
 
@@ -761,22 +751,12 @@ def test_a_pickled_model_of_several_ranges_converts_while_it_downloads(s3_env, s
                                                                         monkeypatch):
     """Pickles are read whole (torch's loader): the convert waits for a .bin file's every byte, not its first
     range. Rank files equal a local convert's."""
-    import time
 
-    import lmi_compile.remote.s3 as s3
     from lmi_compile.cli import app
 
     model, prefix = publish(model_factory(fmt="bin", shards=2, **MULTIPART), s3_prefix)
     assert all(p.stat().st_size > 5 << 20 for p in model.glob("*.bin"))  # several ranges each
-    monkeypatch.setattr(s3, "RANGE_BYTES", 5 << 20)
-    real_get = s3._get_parts
-
-    def later_ranges_slow(getters, uri, t, first, count, bar):
-        if first:
-            time.sleep(0.3)
-        return real_get(getters, uri, t, first, count, bar)
-
-    monkeypatch.setattr(s3, "_get_parts", later_ranges_slow)
+    later_ranges_slowed(monkeypatch, 0.3)
     ref = tmp_path / "ref"
     assert run_cli("trtllm", model, "--tp", "2", "--until", "convert", "--work-dir", ref).returncode == 0
     work = tmp_path / "w"
