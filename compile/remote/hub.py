@@ -174,6 +174,5 @@ def _child() -> None:
     reply.close()
 
 
-
 if __name__ == "__main__":
     _child()
