@@ -97,6 +97,21 @@ def test_every_target_builds_with_its_own_standin(release, model_factory, tmp_pa
         assert any("stand-in" in p for p in report["problems"]) and report["loadable"] is False
 
 
+@pytest.mark.parametrize("release", ["0.28", "0.29", "0.30", "0.33", "0.35"])  # one per TensorRT-LLM version
+def test_attention_and_moe_plugins_run_in_the_models_dtype(release, model_factory, tmp_path):
+    """TensorRT-LLM 0.9 runs the attention and MoE plugins in float16 unless the build names a dtype
+    (plugin/plugin.py PluginConfig at v0.9.0; only the nccl plugin follows the model); 0.11 on default them to
+    'auto'. A bf16 Mixtral's engine must not run them in float16."""
+    assert build(model_factory(family="mixtral", dtype="bfloat16"), tmp_path, release).returncode == 0
+    tool, layout, _ = RELEASES[release]
+    engine_cfg = json.loads((tmp_path / "out" / ("tensorrt_llm/1/config.json" if layout == "triton"
+                                                  else "config.json")).read_text())
+    plugins = engine_cfg["build_config"]["plugin_config"]
+    want = "bfloat16" if tool == "0.9.0" else "auto"
+    assert {k: plugins[k] for k in ("gpt_attention_plugin", "moe_plugin", "gemm_plugin")} == dict.fromkeys(
+        ("gpt_attention_plugin", "moe_plugin", "gemm_plugin"), want)
+
+
 def test_release_flags_properties_and_defaults(model_factory, tmp_path):
     model = model_factory()
     # 0.28 = TensorRT-LLM 0.9: --max_output_len (no --max_seq_len), gemm plugin by dtype (no 'auto')
