@@ -53,8 +53,11 @@ def check_neuron_target(loc, report, target) -> None:
                             f"0.27 fails, 0.28+ skip it and recompile); use a local absolute path or the optimum "
                             f"layout")
         elif graph and not graph.startswith("/") and not any(graph in p for p in problems):
-            problems.append(f"option.compiled_graph_path={graph} is relative: LMI checks it after os.chdir('/tmp') and "
-                            f"skips it; use an absolute path")
+            # tnx_properties.py compiled_path_validator (v0.26.0-0.34.0-dlc): a local path that is not a folder in
+            # LMI's working directory stops the model; model_loader.py looks again after os.chdir('/tmp')
+            problems.append(f"option.compiled_graph_path={graph} is relative: LMI fails to start unless that folder "
+                            f"is in its working directory, and then looks for it again under /tmp; use an absolute "
+                            f"path")
     manifest = loc.json(LAYOUT_MANIFEST, []) or {}
     built_for = manifest.get("lmi_version")
     if built_for and built_for != target.release:
