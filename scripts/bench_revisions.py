@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_common import SHAPES, compile_package, make_model  # noqa: E402
+from bench_common import SHAPES, make_model  # noqa: E402
 from bench_push import make_tree, on_loopback, timed  # noqa: E402
 from servers.seaweedfs import BUCKET  # noqa: E402
 
@@ -85,7 +85,6 @@ def compare(a, work: Path, server, endpoint: str) -> None:
                                                          env.get("PYTHONPATH") if env.get("PYTHONPATH") !=
                                                          base.get("PYTHONPATH") else None,
                                                          os.environ.get("PYTHONPATH")]))
-        compile_package(env)
         revs[label] = env
     own = list(revs.values())[-1]  # the model's upload and the local convert: the last revision's code
     sys.path.insert(0, own["PYTHONPATH"].split(os.pathsep)[0])  # and the test model writer's (make_model)
