@@ -53,6 +53,20 @@ def test_standin_output_is_never_called_loadable(triton_out):
     assert any("stand-in" in p for p in r["problems"])
 
 
+def test_plugins_in_another_dtype_than_the_model_are_noted(model_factory, tmp_path):
+    """TensorRT-LLM 0.9's attention plugin runs in float16 unless trtllm-build names the dtype: an engine built that
+    way from a bf16 model loads, and check says what it runs in. lmi-compile's own build names it."""
+    model = model_factory(dtype="bfloat16")
+    for name, extra in (("own", ()), ("fp16", ("--trtllm-build-args", "--gpt_attention_plugin float16"))):
+        proc = run_cli("trtllm", model, "--lmi-version", "0.28", "--work-dir", tmp_path / name / "w", "--output",
+                       tmp_path / name / "out", "--trtllm-build", trtllm_standin("0.28"), *extra)
+        assert proc.returncode == 0, proc.stderr
+    assert not [n for n in check_json(tmp_path / "own" / "out")["notes"] if "plugin" in n]
+    notes = [n for n in check_json(tmp_path / "fp16" / "out")["notes"] if "plugin" in n]
+    assert notes == ["tensorrt_llm/1/config.json: gpt_attention_plugin runs in float16 on a bfloat16 model "
+                     "(trtllm-build --gpt_attention_plugin bfloat16 builds it in the model's dtype)"]
+
+
 def test_triton_repository_rules(triton_out):
     as_if_compiled_by(triton_out / "tensorrt_llm" / "1" / "config.json", "0.12.0")
     r = check_json(triton_out)

@@ -162,6 +162,14 @@ def _check_engines(loc: Location, folder: str, report: Report, container: str | 
         report.problems.append(f"{pre}: rank{extra[0]}.engine is beyond the engine config's {world} ranks")
     q = cfg.get("pretrained_config", {}).get("quantization") or {}
     report.quantization = {k: q.get(k) for k in ("quant_algo", "kv_cache_quant_algo")}
+    # TensorRT-LLM 0.9 runs these plugins in float16 unless trtllm-build names a dtype (plugin/plugin.py at v0.9.0)
+    dtype = cfg.get("pretrained_config", {}).get("dtype")
+    plugins = cfg["build_config"].get("plugin_config") or {}
+    for name in ("gpt_attention_plugin", "moe_plugin", "gemm_plugin"):
+        have = plugins.get(name)
+        if dtype in ("float16", "bfloat16") and have in ("float16", "bfloat16", "float32") and have != dtype:
+            report.notes.append(f"{pre}config.json: {name} runs in {have} on a {dtype} model (trtllm-build "
+                                f"--{name} {dtype} builds it in the model's dtype)")
     version = str(cfg.get("version", "unknown"))
     report.versions["tensorrt_llm"] = version
     if STANDIN_MARK in version:
