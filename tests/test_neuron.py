@@ -156,6 +156,21 @@ def test_an_incomplete_checkpoint_is_refused_before_the_split(model_copy, tmp_pa
     assert not (tmp_path / "work" / "split").exists() and not (tmp_path / "out").exists()
 
 
+def test_a_tensor_the_layout_does_not_know_is_refused_before_the_split(model_copy, tmp_path):
+    """A weight the architecture's layout has no place for would be left out of pytorch_model.bin without a word
+    (transformers-neuronx then builds the model without it)."""
+    from safetensors.torch import load_file, save_file
+
+    model = model_copy()
+    f = model / "model.safetensors"
+    tensors = load_file(f)
+    tensors["model.layers.1.mlp.down_proj.bias"] = torch.zeros(64)
+    save_file(tensors, f, metadata={"format": "pt"})
+    proc = compile_neuron(model, tmp_path, "--until", "split")
+    assert proc.returncode == 2 and "model.layers.1.mlp.down_proj.bias" in error_line(proc), proc.stderr
+    assert not (tmp_path / "work" / "split").exists()
+
+
 def test_context_buckets_from_the_environment_and_unused_options_are_said(model_factory, tmp_path):
     env = {"OPTION_CONTEXT_LENGTH_ESTIMATE": "64,128", "OPTION_ROLLING_BATCH_STRATEGY": "naive_rolling_batch"}
     proc = compile_neuron(model_factory(), tmp_path, "--n-positions", "256", env=env)
