@@ -179,6 +179,22 @@ def test_pass_through_cannot_override_managed_flags(model_factory, tmp_path):
     assert proc.returncode == 2 and "--output_dir is set by lmi-compile" in error_line(proc)
 
 
+def test_no_flag_lmi_compile_sets_can_be_passed_through():
+    """Each flag of the trtllm-build command lmi-compile writes, for every TensorRT-LLM of the target table, is
+    refused in --trtllm-build-args: a second value would build engines that serving.properties misdescribes."""
+    from lmi_compile.errors import LmiCompileError
+    from lmi_compile.lmi.targets import toolchains
+    from lmi_compile.trtllm.build import BuildOptions, Toolchain, build_command, parse_extra_args
+
+    opts = BuildOptions(max_batch_size=8, max_input_len=16, max_seq_len=32, max_num_tokens=64)
+    for version, facts in toolchains("trtllm").items():
+        cmd = build_command(Toolchain(Path("/t/trtllm-build")), Path("/ckpt"), Path("/eng"), opts, 2, facts, "float16")
+        for flag in [a for a in cmd[1:] if a.startswith("--")]:
+            for passed in (f"{flag} 7", f"{flag}=7"):
+                with pytest.raises(LmiCompileError, match=f"{flag} is set by lmi-compile"):
+                    parse_extra_args(passed)
+
+
 def test_standin_rejects_flags_the_real_tool_lacks(model_factory, tmp_path):
     proc = compile_trtllm(model_factory(), tmp_path, "--trtllm-build-args", "--no_such_flag 1")
     assert proc.returncode == 1
