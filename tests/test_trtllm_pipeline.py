@@ -150,8 +150,10 @@ def test_rerun_skips_and_option_change_invalidates_only_later_stages(model_facto
 def test_settings_from_serving_properties_and_env(model_factory, tmp_path):
     model = model_factory()
     sp = tmp_path / "serving.properties"
-    sp.write_text(f"engine=MPI\noption.model_id={model}\noption.tensor_parallel_degree=4\n"
-                  "option.max_rolling_batch_size=16\noption.dtype=bf16\n")
+    # LMI reads the file with java.util.Properties.load (djl-serving@0.33.0-dlc:wlm/src/main/java/ai/djl/serving/
+    # wlm/ModelInfo.java loadServingProperties): ':' separates as '=' does, with or without spaces around it
+    sp.write_text(f"engine=MPI\noption.model_id={model}\noption.tensor_parallel_degree: 4\n"
+                  "option.max_rolling_batch_size=16\noption.dtype = bf16\n")
     proc = run_cli("trtllm", "--properties", sp, "--work-dir", tmp_path / "work", "--output", tmp_path / "out",
                    "--trtllm-build", STANDIN, env={"OPTION_MAX_INPUT_LEN": "1536", "OPTION_MAX_SEQ_LEN": "2000"})
     assert proc.returncode == 0, proc.stderr
