@@ -71,6 +71,27 @@ def test_split_casts_to_amp(model_factory, tmp_path):
         assert loaded[k].dtype == torch.bfloat16 and torch.equal(loaded[k], v.bfloat16()), k
 
 
+def test_a_request_above_the_byte_budget_runs_alone():
+    """The split holds at most max(largest tensor, 512 MiB) in flight, and a cast holds a tensor twice: a request above
+    that limit (a Llama 3 embedding cast to bf16) waits for the others, then runs alone; it never waits forever."""
+    import threading
+
+    from lmi_compile.converters.tensor_reader import ByteBudget
+
+    budget, done = ByteBudget(100), threading.Event()
+
+    def big():
+        with budget.hold(250):
+            done.set()
+
+    with budget.hold(60):
+        worker = threading.Thread(target=big, daemon=True)
+        worker.start()
+        assert not done.wait(0.2)  # 60 are held: the large request waits
+    assert done.wait(10), "a request above the limit waited forever"
+    worker.join()
+
+
 def compile_neuron(model, tmp_path, *args, env=None):
     return run_cli("neuron", model, "--work-dir", tmp_path / "work", "--output", tmp_path / "out",
                    "--compile-entry", STANDIN, *args, env=env)

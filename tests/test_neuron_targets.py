@@ -213,6 +213,8 @@ def test_compiled_graphs_are_the_ones_lmi_loads(model_factory, tmp_path, tnx_dou
             assert neffs == sorted(lmi_model.graph_names()), (family, b)
             # compiled on the CPU where transformers-neuronx has cpu_compile (0.13: LMI 0.32+)
             assert compiled[1]["call"] == ("cpu_compile" if LMI[release]["tnx"].startswith("0.13") else "to_neuron")
+            if layout == "split":  # its weights are pytorch_model.bin/ alone: compiled/ holds graphs, not a copy
+                assert not list((out / "compiled").glob("*.safetensors")), release
 
 
 def test_table_agrees_with_the_loader_notes():
