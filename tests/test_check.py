@@ -23,6 +23,13 @@ def as_if_compiled_by(path: Path, version: str) -> None:
     reseal(path)
 
 
+def rewrite(path: Path, text: str) -> None:
+    """Replace a laid-out file (never through a hard link into the work dir), its size resealed."""
+    path.unlink()
+    path.write_text(text)
+    reseal(path)
+
+
 def reseal(path: Path) -> None:
     """The file's size in its layout's lmi-compile.json as the real toolchain's tree would have it recorded."""
     root = next(p for p in path.parents if (p / "lmi-compile.json").is_file())
@@ -74,9 +81,10 @@ def test_triton_repository_rules(triton_out):
     assert r["properties"]["option.tensor_parallel_degree"] == "2" and r["properties"]["engine"] == "MPI"
     assert check_json(triton_out, "--container-trtllm", "0.13.0")["problems"] == [
         "engines were built with TensorRT-LLM 0.12.0, the container has 0.13.0: rebuild them in the serving container"]
-    (triton_out / "tensorrt_llm" / "1" / "rank1.engine").unlink()
+    (triton_out / "tensorrt_llm" / "1" / "rank1.engine").rename(triton_out / "tensorrt_llm" / "1" / "rank2.engine")
     r = check_json(triton_out)
     assert r["loadable"] is False and any("rank1.engine is missing" in p for p in r["problems"])
+    assert any("rank2.engine is beyond the engine config's 2 ranks" in p for p in r["problems"]), r["problems"]
 
 
 def test_unfilled_pbtxt_and_missing_tokenizer(triton_out):
@@ -84,8 +92,10 @@ def test_unfilled_pbtxt_and_missing_tokenizer(triton_out):
     pbtxt = triton_out / "tensorrt_llm" / "config.pbtxt"
     text = pbtxt.read_text().replace("max_batch_size: 256", "max_batch_size: ${triton_max_batch_size}")
     pbtxt.unlink()
-    pbtxt.write_text(text)
-    assert any("unfilled template" in p for p in check_json(triton_out)["problems"])
+    pbtxt.write_text(text.replace('backend: "tensorrtllm"', 'backend: "python"'))
+    problems = check_json(triton_out)["problems"]
+    assert any("unfilled template" in p for p in problems)
+    assert any("config.pbtxt: backend is not tensorrtllm" in p for p in problems), problems
     (triton_out / "tensorrt_llm" / "tokenizer_config.json").unlink()
     r = check_json(triton_out)  # without the tokenizer LMI no longer sees a triton repository at all
     assert r["layout"] != "trtllm-triton" and r["loadable"] is False
@@ -112,11 +122,26 @@ def test_neuron_optimum_rules(model_factory, tmp_path):
     assert "2.12.54.0" in check_json(out, "--container-neuronx-cc", "2.12.54.0")["problems"][0]
     props = (out / "serving.properties").read_text().replace("option.n_positions=256", "option.n_positions=512")
     (out / "serving.properties").unlink()
-    (out / "serving.properties").write_text(props)
-    assert any("option.n_positions=512" in p for p in check_json(out)["problems"])
+    (out / "serving.properties").write_text(props.replace("option.tensor_parallel_degree=2",
+                                                          "option.tensor_parallel_degree=8"))
+    problems = check_json(out)["problems"]
+    assert any("option.n_positions=512" in p for p in problems)
+    assert any("option.tensor_parallel_degree=8 but the graphs were compiled with num_cores=2" in p for p in problems)
     victim = next((out / "checkpoint" / "pytorch_model.bin").glob("p3.*"))
     victim.unlink()
-    assert any("tensor file(s) named by key_to_filename.json are missing" in p for p in check_json(out)["problems"])
+    # a neuron section without task (optimum-neuron requires it), a split without lm_head.weight
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["neuron"]["task"]
+    rewrite(out / "config.json", json.dumps(cfg))
+    k2f = out / "checkpoint" / "pytorch_model.bin" / "key_to_filename.json"
+    rewrite(k2f, json.dumps({k: v for k, v in json.loads(k2f.read_text()).items() if k != "lm_head.weight"}))
+    problems = check_json(out)["problems"]
+    for needle in ("tensor file(s) named by key_to_filename.json are missing", "the neuron section lacks task",
+                   "key_to_filename.json: no lm_head.weight"):
+        assert any(needle in p for p in problems), (needle, problems)
+    # weights at the top: LMI takes the folder as a HuggingFace model to compile, not as compiled graphs
+    (out / "model.safetensors").write_bytes(b"")
+    assert check_json(out)["layout"] == "hf-pretrained"
 
 
 def test_neuron_split_rules(model_factory, tmp_path):
@@ -128,8 +153,10 @@ def test_neuron_split_rules(model_factory, tmp_path):
     assert r["layout"] == "neuron-split" and any("stand-in" in p for p in r["problems"])
     props = (out / "serving.properties").read_text().replace("/opt/ml/model/compiled", "compiled")
     (out / "serving.properties").unlink()
-    (out / "serving.properties").write_text(props)
-    assert any("is relative" in p for p in check_json(out)["problems"])
+    (out / "serving.properties").write_text(props.replace("option.load_split_model=true\n", ""))
+    problems = check_json(out)["problems"]
+    assert any("is relative" in p for p in problems)
+    assert any("set option.load_split_model=true" in p for p in problems), problems
 
 
 def test_a_tree_is_held_to_what_its_layout_recorded(model_factory, tmp_path):
@@ -154,8 +181,13 @@ def test_a_tree_is_held_to_what_its_layout_recorded(model_factory, tmp_path):
         assert any(f"{key}={new.split('=')[1]}, but the artifact was compiled for {old}" in p
                    for p in check_json(out)["problems"]), check_json(out)["problems"]
     (out / "serving.properties").write_text(edited)
-    next((out / "compiled").glob("*.neff")).unlink()
-    assert any("missing, or another size than lmi-compile laid out" in p for p in check_json(out)["problems"])
+    gone, cut = sorted((out / "compiled").glob("*.neff"))[:2]  # one graph deleted, one cut short by a byte
+    gone.unlink()
+    data = cut.read_bytes()
+    cut.unlink()
+    cut.write_bytes(data[:-1])
+    assert any("missing, or another size than lmi-compile laid out (2 such file(s))" in p
+               for p in check_json(out)["problems"]), check_json(out)["problems"]
 
 
 def test_hf_pretrained(model_copy):

@@ -71,6 +71,27 @@ def test_split_casts_to_amp(model_factory, tmp_path):
         assert loaded[k].dtype == torch.bfloat16 and torch.equal(loaded[k], v.bfloat16()), k
 
 
+def test_a_request_above_the_byte_budget_runs_alone():
+    """The split holds at most max(largest tensor, 512 MiB) in flight, and a cast holds a tensor twice: a request above
+    that limit (a Llama 3 embedding cast to bf16) waits for the others, then runs alone; it never waits forever."""
+    import threading
+
+    from lmi_compile.converters.tensor_reader import ByteBudget
+
+    budget, done = ByteBudget(100), threading.Event()
+
+    def big():
+        with budget.hold(250):
+            done.set()
+
+    with budget.hold(60):
+        worker = threading.Thread(target=big, daemon=True)
+        worker.start()
+        assert not done.wait(0.2)  # 60 are held: the large request waits
+    assert done.wait(10), "a request above the limit waited forever"
+    worker.join()
+
+
 def compile_neuron(model, tmp_path, *args, env=None):
     return run_cli("neuron", model, "--work-dir", tmp_path / "work", "--output", tmp_path / "out",
                    "--compile-entry", STANDIN, *args, env=env)
@@ -78,8 +99,9 @@ def compile_neuron(model, tmp_path, *args, env=None):
 
 def test_optimum_layout(model_factory, tmp_path):
     model = model_factory(shards=2)
+    # a context bucket as long as n_positions is allowed (the only one LMI 0.26-0.28 accept with continuous batching)
     proc = compile_neuron(model, tmp_path, "--n-positions", "256", "--tp", "2", "--batch-size", "4",
-                          "--amp", "f16", "--context-length-estimate", "64,128", "--lmi-version", "0.29")
+                          "--amp", "f16", "--context-length-estimate", "64,256", "--lmi-version", "0.29")
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
     files = tree(out)
@@ -101,7 +123,7 @@ def test_optimum_layout(model_factory, tmp_path):
     assert props(out / "serving.properties") == {
         "option.tensor_parallel_degree": "2", "option.n_positions": "256", "option.max_rolling_batch_size": "4",
         "option.dtype": "fp16", "option.rolling_batch": "tnx", "option.model_loader": "tnx",
-        "option.rolling_batch_strategy": "continuous_batching", "option.context_length_estimate": "64,128"}
+        "option.rolling_batch_strategy": "continuous_batching", "option.context_length_estimate": "64,256"}
     manifest = json.loads((out / "lmi-compile.json").read_text())
     assert manifest["stand_in"] is True and manifest["settings"]["n_positions"] == 256
     assert "STAND-IN" in proc.stderr
@@ -154,6 +176,21 @@ def test_an_incomplete_checkpoint_is_refused_before_the_split(model_copy, tmp_pa
     proc = compile_neuron(model, tmp_path)
     assert proc.returncode == 2 and "'model.layers.1.mlp.down_proj.weight' is missing" in error_line(proc)
     assert not (tmp_path / "work" / "split").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_tensor_the_layout_does_not_know_is_refused_before_the_split(model_copy, tmp_path):
+    """A weight the architecture's layout has no place for would be left out of pytorch_model.bin without a word
+    (transformers-neuronx then builds the model without it)."""
+    from safetensors.torch import load_file, save_file
+
+    model = model_copy()
+    f = model / "model.safetensors"
+    tensors = load_file(f)
+    tensors["model.layers.1.mlp.down_proj.bias"] = torch.zeros(64)
+    save_file(tensors, f, metadata={"format": "pt"})
+    proc = compile_neuron(model, tmp_path, "--until", "split")
+    assert proc.returncode == 2 and "model.layers.1.mlp.down_proj.bias" in error_line(proc), proc.stderr
+    assert not (tmp_path / "work" / "split").exists()
 
 
 def test_context_buckets_from_the_environment_and_unused_options_are_said(model_factory, tmp_path):
@@ -254,6 +291,21 @@ def test_compile_failure_leaves_no_output(model_factory, tmp_path):
     assert proc.returncode == 1
     line = error_line(proc)
     assert "exit code 70" in line and "neuron-compile.log" in line and "internal compiler error" in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work" / "compiled").exists()
+
+
+def test_graphs_without_presharded_weights_are_refused_for_030_and_later(model_factory, tmp_path):
+    """LMI 0.30+ build the model from compiled/ (what save(dir, sharded_weights=True) writes beside the graphs): an
+    entry point that exits 0 with graphs alone would lay out a tree those releases cannot load."""
+    entry = tmp_path / "graphs_only.py"
+    entry.write_text("import json, sys\n"
+                     "if '--check-sdk' in sys.argv: print(json.dumps({'transformers_neuronx': '0.13.380'})); sys.exit(0)\n"
+                     "a = dict(zip(sys.argv[1::2], sys.argv[2::2]))\n"
+                     "open(a['--output'] + '/0123456789abcdef0123.neff', 'wb').write(b'graph')\n"
+                     "open(a['--versions-file'], 'w').write(json.dumps({'neuronx_cc': '2.16.372.0'}))\n")
+    proc = run_cli("neuron", model_factory(), "--lmi-version", "0.34", "--n-positions", "128", "--work-dir",
+                   tmp_path / "work", "--output", tmp_path / "out", "--compile-entry", f"{sys.executable} {entry}")
+    assert proc.returncode == 1 and "wrote no presharded weights" in error_line(proc), proc.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "work" / "compiled").exists()
 
 

@@ -213,6 +213,8 @@ def test_compiled_graphs_are_the_ones_lmi_loads(model_factory, tmp_path, tnx_dou
             assert neffs == sorted(lmi_model.graph_names()), (family, b)
             # compiled on the CPU where transformers-neuronx has cpu_compile (0.13: LMI 0.32+)
             assert compiled[1]["call"] == ("cpu_compile" if LMI[release]["tnx"].startswith("0.13") else "to_neuron")
+            if layout == "split":  # its weights are pytorch_model.bin/ alone: compiled/ holds graphs, not a copy
+                assert not list((out / "compiled").glob("*.safetensors")), release
 
 
 def test_table_agrees_with_the_loader_notes():
@@ -233,10 +235,29 @@ def test_optimum_tree_for_030_and_later(model_factory, tmp_path, tnx_double):
     assert not any(f.startswith("checkpoint/") or (f.endswith(".safetensors") and "/" not in f) for f in files)
     assert {"compiled/config.json", "compiled/DecoderLMHead.safetensors", "compiled/VERSION"} <= set(files)
     assert json.loads((out / "compiled" / "config.json").read_text())["is_presharded_checkpoint"] is True
+    # VERSION names the compiler, as LMI's own partition writes it (neuron_utils/model_loader.py compile_and_save)
+    versions = json.loads((out / "lmi-compile.json").read_text())["versions"]
+    assert versions["neuronx_cc"] != versions["transformers_neuronx"]
+    assert (out / "compiled" / "VERSION").read_text() == f"{versions['neuronx_cc']}\n"
     assert "neuron" in json.loads((out / "config.json").read_text())
     p = read_props(out / "serving.properties")
     assert p["on_device_embedding"] == "true" and p["rolling_batch"] == "tnx" and p["n_positions"] == "256"
     assert p["context_length_estimate"] == "128,256"  # 0.30+ buckets, stated so no env default can change them
+
+
+def test_default_context_buckets_at_and_between_the_bucket_bounds():
+    """LMI 0.30+'s default context buckets (build_context_length_estimates; the note's worked examples) at the
+    lengths where a bound taken one off would add, drop or repeat a bucket; n_positions 256 above shows none."""
+    from lmi_compile.lmi.targets import resolve
+    from lmi_compile.neuron.calls import loader_calls
+
+    want = {100: [100], 128: [128], 512: [128, 512], 1024: [128, 1024], 2048: [128, 1024, 2048],
+            3000: [128, 1024, 2048, 3000], 4096: [128, 1024, 2048, 4096]}
+    for n, buckets in want.items():
+        assert context_buckets(n) == buckets, n  # the loader model above agrees with the note
+        calls = loader_calls(resolve("neuron", "0.34"), "LlamaForCausalLM", batch_size=4, tp=2, n_positions=n,
+                             amp="f16", context_length_estimate=[], layout="optimum")
+        assert calls.kwargs["context_length_estimate"] == buckets, n
 
 
 def test_qwen2_is_refused_naming_why(model_factory, tmp_path):
@@ -302,6 +323,17 @@ def test_check_for_a_release(model_factory, tmp_path, tnx_double):
     problems = _check(out, "0.34")
     assert any("compiled/config.json: missing" in p for p in problems)
     assert any("option.dtype=bf16 but the graphs were compiled with auto_cast_type fp16" in p for p in problems)
+    # no presharded weights, on-device embedding turned off, graphs of another transformers-neuronx
+    for f in (out / "compiled").glob("*.safetensors"):
+        f.unlink()
+    props.write_text(props.read_text().replace("option.on_device_embedding=true", "option.on_device_embedding=false"))
+    manifest = json.loads((out / "lmi-compile.json").read_text())
+    (out / "lmi-compile.json").write_text(json.dumps({**manifest, "versions": {**manifest["versions"],
+                                                                              "transformers_neuronx": "0.12.313"}}))
+    problems = _check(out, "0.34")
+    for needle in ("compiled/: no presharded weights", "option.on_device_embedding=false: presharded weights need",
+                   "graphs were made with transformers-neuronx 0.12.313; LMI 0.34"):
+        assert any(needle in p for p in problems), (needle, problems)
 
     tnx_double.setenv("TNX_DOUBLE_VERSION", "0.11.351")
     split = compile_for(model_factory(), tmp_path, release="0.29", layout="split", batch_size=4, family="split")

@@ -47,13 +47,50 @@ def test_parameters_and_kv_cache(tmp_path, name):
 
 
 def test_llama2_7b_tp2_on_g5_12xlarge_by_hand(tmp_path):
-    p = make_plan(ModelConfig.load(write_config(tmp_path, "llama-2-7b") / "config.json"), tp=2,
-                  instance="ml.g5.12xlarge")
+    cfg = ModelConfig.load(write_config(tmp_path, "llama-2-7b") / "config.json")
+    p = make_plan(cfg, tp=2, instance="ml.g5.12xlarge")
     # embedding 32000*4096 (replicated) + 32 layers * 202,383,360 / 2 + norm 4096 + lm_head 16000*4096, x 2 bytes
     assert p.weight_bytes_per_rank == (131_072_000 + 32 * 202_383_360 // 2 + 4096 + 16_000 * 4096) * 2
     assert p.kv_bytes_per_token_per_rank == 2 * 32 * 16 * 128 * 2
     assert p.fits is True and p.fitting_tp == [2, 4]  # tp=1 needs 12.6 GiB weights + 24 GiB KV > 24 GiB
     assert p.memory_per_accelerator == 24 * GiB
+    p = make_plan(cfg, tp=8, instance="ml.g5.12xlarge")  # each rank's memory would fit; 8 ranks on 4 GPUs do not
+    assert p.needed_per_accelerator <= p.memory_per_accelerator
+    assert p.fits is False and any("exceeds the 4 accelerators" in w for w in p.warnings)
+
+
+def test_padded_vocab_and_the_larger_pipeline_stage_by_hand(tmp_path):
+    """The lm_head's vocab padded to a multiple of tp (rows per rank rounded up, as the converter writes them); with
+    pp the largest rank is the larger stage (first: embedding; last: norm and lm_head); each stage caches only the
+    K and V of its own layers. The tiny model of tests/tiny_models.py, whose vocab 250 no tp above 2 divides."""
+    d = tmp_path / "tiny"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 250, "torch_dtype": "float16",
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu"}))
+    cfg = ModelConfig.load(d / "config.json")
+    # a layer: q 64x64, k and v 64x16 (2 kv heads of 8), o 64x64, gate, up and down 64x128, two norms of 64
+    layer = 4096 + 2 * 1024 + 4096 + 3 * 8192 + 2 * 64
+    assert make_plan(cfg).parameters == 250 * 64 + 4 * layer + 64 + 250 * 64
+    # tp=4: 250 rows padded to 252, 63 a rank
+    assert make_plan(cfg, tp=4).weight_bytes_per_rank == (250 * 64 + 64 + 63 * 64 + 4 * layer // 4) * 2
+    p = make_plan(cfg, pp=2)  # 2 layers a stage; the last stage (norm 64 more) is the larger
+    assert p.weight_bytes_per_rank == (2 * layer + 64 + 250 * 64) * 2 > (250 * 64 + 2 * layer) * 2
+    assert p.kv_bytes_per_token_per_rank == 2 * 2 * 2 * 8 * 2  # K and V, 2 layers, 2 kv heads of 8, 2 bytes
+
+
+def test_plan_takes_the_releases_default_lengths(tmp_path):
+    """Without --max-seq-len the KV cache is sized for the target release's own lengths: LMI 0.28-0.32 build 1024
+    input + 512 output tokens by default, 0.33+ leave max_seq_len to TensorRT-LLM (the model's 4096 positions)."""
+    from lmi_compile.lmi.plan import plan_for
+
+    cfg = ModelConfig.load(write_config(tmp_path, "llama-2-7b") / "config.json")
+    for release, seq, batch in (("0.30", 1536, 256), ("0.33", 4096, 32)):
+        p = plan_for("trtllm", cfg, None, tp=1, pp=1, dtype="auto", instance=None, lmi_version=release,
+                     max_batch_size=None, max_seq_len=None)
+        assert (p.max_seq_len, p.max_batch_size) == (seq, batch), release
+        assert p.kv_bytes_for_batch == KV_PER_TOKEN["llama-2-7b"] * batch * seq
 
 
 def test_llama2_70b_on_g5_48xlarge_depends_on_batch(tmp_path):

@@ -17,6 +17,7 @@ from test_fp8 import build, fake_gpu
 
 from lmi_compile.converters.trtllm_checkpoint import ConvertOptions, RowwiseLayout, convert
 from lmi_compile.errors import BadInput
+from lmi_compile.lmi.check import check
 from lmi_compile.model.architectures import resolve
 from lmi_compile.model.validate import validate_model_dir
 
@@ -201,6 +202,9 @@ def test_per_channel_through_the_release_standin(models, tmp_path, case):
     report = json.loads(run_cli("check", tmp_path / "out", "--lmi-version", release, "--json").stdout)
     assert report["quantization"] == {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN", "kv_cache_quant_algo": "FP8"}
     assert [p for p in report["problems"] if "stand-in" not in p] == []
+    # LMI 0.29's TensorRT-LLM 0.11 has no FP8_PER_CHANNEL_PER_TOKEN (test_fp8.py refuses the compile for it)
+    assert "quant_algo FP8_PER_CHANNEL_PER_TOKEN is not one TensorRT-LLM 0.11.0 has" in \
+        check(str(tmp_path / "out"), lmi_version="0.29").problems
     # the same checkpoint under the other layout's keys fails this version's stand-in, as its TensorRT-LLM would
     other = tmp_path / "other"
     shutil.copytree(tmp_path / "work" / "checkpoint", other)

@@ -222,6 +222,24 @@ def test_enospc_mid_write_leaves_no_file(small_fs):
     assert list(small_fs.iterdir()) == []  # neither the file nor its temporary remains
 
 
+def test_enospc_mid_split_leaves_no_tensor_file_under_its_final_name(model_factory, small_fs):
+    """The Neuron split writes each tensor file under a temporary name and renames it when whole: when the disk
+    fills in the middle of one, every file under a final name loads, so a rerun (which keeps those) keeps no torn one."""
+    import torch
+
+    from lmi_compile.converters.neuron_split import SPLIT_DIR, write_split
+    from lmi_compile.model.architectures import resolve
+    from lmi_compile.model.validate import validate_model_dir
+
+    m = validate_model_dir(model_factory(hidden_size=128, vocab_size=8000))  # a 4 MB embedding first, then the rest
+    with pytest.raises((OSError, RuntimeError)):  # torch.save's zip writer reports ENOSPC as a RuntimeError
+        write_split(resolve(m.config), m.checkpoint, small_fs, amp=None, workers=1)
+    kept = [p for p in (small_fs / SPLIT_DIR).iterdir() if not p.name.startswith(".")]
+    assert kept, "the disk filled before any file was whole: the test no longer splits across the limit"
+    for p in kept:
+        torch.load(p, weights_only=True)
+
+
 def test_kill_between_stage_record_and_rename(model_factory, tmp_path):
     """SIGKILL after the stage record is written, before the folder is renamed: the staging folder already
     holds the complete record (so the record can never be missing from a renamed folder), nothing sits

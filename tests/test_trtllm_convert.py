@@ -85,6 +85,8 @@ def test_rank_file_layout_and_config(model_factory, tmp_path):
     assert cfg["mapping"] == {"world_size": 8, "tp_size": 4, "pp_size": 2}
     assert cfg["rotary_base"] == 1000000.0 and cfg["norm_epsilon"] == 1e-6
     for r in range(8):
+        # tensor data starts 8-byte aligned, as the safetensors library writes it (readers that map the file rely on it)
+        assert (8 + int.from_bytes((ck / f"rank{r}.safetensors").read_bytes()[:8], "little")) % 8 == 0
         with safe_open(str(ck / f"rank{r}.safetensors"), "pt") as f:
             names = set(f.keys())
             first, last = r < 4, r >= 4
@@ -138,10 +140,41 @@ def test_each_tensor_goes_to_disk_before_the_rank_file_is_closed(model_factory, 
 def test_dtype_cast_per_tensor(model_factory, tmp_path):
     model = model_factory()
     ck = run_convert(model, tmp_path / "ckpt", tp=2, dtype="bfloat16")
-    assert json.loads((ck / "config.json").read_text())["dtype"] == "bfloat16"
+    cfg = json.loads((ck / "config.json").read_text())
+    # logits in float32 whatever the weights' dtype, as TensorRT-LLM's own conversion writes them
+    # (NVIDIA/TensorRT-LLM@v0.10.0 examples/llama/convert_checkpoint.py l.281)
+    assert cfg["dtype"] == "bfloat16" and cfg["logits_dtype"] == "float32"
     with safe_open(str(ck / "rank0.safetensors"), "pt") as f, safe_open(str(model / "model.safetensors"), "pt") as src:
         assert f.get_tensor("transformer.ln_f.weight").dtype == torch.bfloat16
         assert torch.equal(f.get_tensor("transformer.ln_f.weight"), src.get_tensor("model.norm.weight").bfloat16())
+
+
+def test_rank_files_of_another_plan_are_rewritten(model_factory, tmp_path):
+    """convert() keeps a rank file already in its folder only when the file's header records the same plan: the
+    tp=2 rank0 and rank1 there are rewritten for tp=1 pp=2, whose ranks have the same names."""
+    model = model_factory(shards=2)
+    ck = run_convert(model, tmp_path / "ckpt", tp=2)
+    run_convert(model, ck, pp=2)
+    assert_close(reference_logits(ck, INPUT), hf_cached(model))
+
+
+def test_writer_refuses_a_tensor_of_another_size_and_a_file_with_one_missing(tmp_path):
+    """A tensor whose pieces do not add up to its planned bytes, or a file closed with a planned tensor never
+    written, is an error: neither may leave a rank file that loads with misplaced or zero-filled weights."""
+    import torch
+
+    from lmi_compile.converters.safetensors_writer import SafetensorsWriter
+
+    (tmp_path / "ckpt").mkdir()
+    path = tmp_path / "ckpt" / "rank0.safetensors"
+    w = SafetensorsWriter(path, [("a", "float32", (4,)), ("b", "float32", (2,))])
+    with pytest.raises(ValueError, match="tensor a got 12 bytes, planned 16"):
+        w.write_pieces_at(0, [torch.zeros(3)], None)
+    w.write_pieces_at(0, [torch.ones(4)], None)
+    with pytest.raises(ValueError, match="1 planned tensors were not written"):
+        w.close()
+    w.abort()
+    assert list(path.parent.iterdir()) == []
 
 
 def test_cli_convert_and_resume(model_factory, tmp_path):
@@ -168,15 +201,21 @@ def test_cli_convert_and_resume(model_factory, tmp_path):
         assert "transformer.layers.3.attention.qkv.weight" in f.keys() and "lm_head.weight" in f.keys()
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--tp", "3"], "not divisible by --tp 3"),
-    (["--tp", "16"], "larger than num_attention_heads"),
-    (["--pp", "8"], "larger than num_hidden_layers"),
-    (["--pp", "3"], "not divisible by --pp 3"),
-    (["--dtype", "int8"], "--dtype 'int8' is not supported"),
+# 12 heads, 4 kv heads: tp 3 divides the heads but not the kv heads, tp 12 the heads and kv heads but not the MLP
+ODD = dict(hidden_size=96, num_heads=12, num_kv_heads=4, intermediate_size=100)
+
+
+@pytest.mark.parametrize("args,needle,spec", [
+    (["--tp", "3"], "not divisible by --tp 3", {}),
+    (["--tp", "16"], "larger than num_attention_heads", {}),
+    (["--pp", "8"], "larger than num_hidden_layers", {}),
+    (["--pp", "3"], "not divisible by --pp 3", {}),
+    (["--dtype", "int8"], "--dtype 'int8' is not supported", {}),
+    (["--tp", "3"], "num_key_value_heads 4 and --tp 3 do not divide one another", ODD),
+    (["--tp", "12"], "intermediate_size 100 is not divisible by --tp 12", ODD),
 ])
-def test_bad_parallelism(model_factory, tmp_path, args, needle):
-    proc = run_cli("trtllm", model_factory(), *args, "--work-dir", tmp_path / "w", "--until", "convert")
+def test_bad_parallelism(model_factory, tmp_path, args, needle, spec):
+    proc = run_cli("trtllm", model_factory(**spec), *args, "--work-dir", tmp_path / "w", "--until", "convert")
     assert proc.returncode == 2, proc.stderr
     assert needle in error_line(proc)
     assert not (tmp_path / "w" / "checkpoint").exists()

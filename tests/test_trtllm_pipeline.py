@@ -150,8 +150,10 @@ def test_rerun_skips_and_option_change_invalidates_only_later_stages(model_facto
 def test_settings_from_serving_properties_and_env(model_factory, tmp_path):
     model = model_factory()
     sp = tmp_path / "serving.properties"
-    sp.write_text(f"engine=MPI\noption.model_id={model}\noption.tensor_parallel_degree=4\n"
-                  "option.max_rolling_batch_size=16\noption.dtype=bf16\n")
+    # LMI reads the file with java.util.Properties.load (djl-serving@0.33.0-dlc:wlm/src/main/java/ai/djl/serving/
+    # wlm/ModelInfo.java loadServingProperties): ':' separates as '=' does, with or without spaces around it
+    sp.write_text(f"engine=MPI\noption.model_id={model}\noption.tensor_parallel_degree: 4\n"
+                  "option.max_rolling_batch_size=16\noption.dtype = bf16\n")
     proc = run_cli("trtllm", "--properties", sp, "--work-dir", tmp_path / "work", "--output", tmp_path / "out",
                    "--trtllm-build", STANDIN, env={"OPTION_MAX_INPUT_LEN": "1536", "OPTION_MAX_SEQ_LEN": "2000"})
     assert proc.returncode == 0, proc.stderr
@@ -177,6 +179,22 @@ def test_pass_through_flags_reach_trtllm_build(model_factory, tmp_path):
 def test_pass_through_cannot_override_managed_flags(model_factory, tmp_path):
     proc = compile_trtllm(model_factory(), tmp_path, "--trtllm-build-args", "--output_dir /elsewhere")
     assert proc.returncode == 2 and "--output_dir is set by lmi-compile" in error_line(proc)
+
+
+def test_no_flag_lmi_compile_sets_can_be_passed_through():
+    """Each flag of the trtllm-build command lmi-compile writes, for every TensorRT-LLM of the target table, is
+    refused in --trtllm-build-args: a second value would build engines that serving.properties misdescribes."""
+    from lmi_compile.errors import LmiCompileError
+    from lmi_compile.lmi.targets import toolchains
+    from lmi_compile.trtllm.build import BuildOptions, Toolchain, build_command, parse_extra_args
+
+    opts = BuildOptions(max_batch_size=8, max_input_len=16, max_seq_len=32, max_num_tokens=64)
+    for version, facts in toolchains("trtllm").items():
+        cmd = build_command(Toolchain(Path("/t/trtllm-build")), Path("/ckpt"), Path("/eng"), opts, 2, facts, "float16")
+        for flag in [a for a in cmd[1:] if a.startswith("--")]:
+            for passed in (f"{flag} 7", f"{flag}=7"):
+                with pytest.raises(LmiCompileError, match=f"{flag} is set by lmi-compile"):
+                    parse_extra_args(passed)
 
 
 def test_standin_rejects_flags_the_real_tool_lacks(model_factory, tmp_path):

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import STANDINS, error_line, run_cli, trtllm_standin
 from lmi_compile.configs import load_json
+from lmi_compile.lmi.check import check
 from lmi_compile.lmi.targets import releases, resolve
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -44,6 +45,9 @@ RELEASES = {
 ARCH = {"llama2": "LlamaForCausalLM", "llama3.1": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
         "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}
 EXPECTED_ARCH = {("0.29", "qwen2"): "QWenForCausalLM"}  # 0.11 has no Qwen2ForCausalLM: QWen with qwen_type
+LAYOUT_TEXT = {"triton": "TensorRT-LLM triton repository", "engine-dir": "TensorRT-LLM engine directory"}
+# the length option each layout's releases write beyond max_input_len (0.30-0.32 read max_output_len as the sequence)
+LENGTH_OPTION = {"triton": "max_output_len", "engine-dir": "max_seq_len"}
 
 
 def test_the_release_list_is_the_one_written_here():
@@ -95,6 +99,18 @@ def test_every_target_builds_with_its_own_standin(release, model_factory, tmp_pa
         assert report["layout"] == f"trtllm-{layout}"
         assert [p for p in report["problems"] if "stand-in" not in p] == [], (name, report["problems"])
         assert any("stand-in" in p for p in report["problems"]) and report["loadable"] is False
+        # checked for a release of the other layout, each difference that stops that release loading it is named
+        other = "0.33" if layout == "triton" else "0.30"
+        o_tool, o_layout, o_lines = RELEASES[other]
+        got = check(str(out), lmi_version=other).problems
+        want = [f"loads the {LAYOUT_TEXT[o_layout]} (LMI",
+                f"engines were built with TensorRT-LLM {tool}; LMI {other}",
+                f"serving.properties: option.{LENGTH_OPTION[layout]} is ignored by LMI {other}",
+                *[f"serving.properties: {k}={p[k]}; LMI {other}" for k in o_lines if k in p and p[k] != o_lines[k]]]
+        assert [w for w in want if not any(w in g for g in got)] == [], (release, name, got)
+        if arch == "Qwen2ForCausalLM":  # LMI 0.29's TensorRT-LLM 0.11 knows Qwen2 as QWenForCausalLM
+            assert any("architecture Qwen2ForCausalLM is not one TensorRT-LLM 0.11.0 knows" in g
+                       for g in check(str(out), lmi_version="0.29").problems), (release, name)
 
 
 @pytest.mark.parametrize("release", ["0.28", "0.29", "0.30", "0.33", "0.35"])  # one per TensorRT-LLM version
@@ -156,6 +172,10 @@ def test_config_pbtxt_has_every_field_of_the_backend_template(release, backend, 
                  "generation_logits"):
         assert f'name: "{name}"' in text  # what LMI's TensorRT-LLM rolling batch sends and reads
     assert "${" not in text and "decoupled: True" in text and 'backend: "tensorrtllm"' in text
+    # LMI returns the generated tokens alone, one beam (djl-serving@v0.29.0:serving/docs/lmi/tutorials/
+    # trtllm_manual_convert_tutorial.md, its table of settings: exclude_input_in_output True, max_beam_width 1)
+    for key, value in (("exclude_input_in_output", "true"), ("max_beam_width", "1")):
+        assert f'key: "{key}"\n  value: {{\n    string_value: "{value}"' in text, key
     assert 'string_value: "inflight_fused_batching"' in text and "max_batch_size: 256" in text
     # the sliding window (256 < 1536) reaches the runtime
     assert 'key: "max_attention_window_size"\n  value: {\n    string_value: "256"' in text
@@ -206,6 +226,10 @@ def test_a_standin_of_another_version_is_refused(model_factory, tmp_path, s3_cli
     line = error_line(proc)
     assert "looks like TensorRT-LLM 0.12.0 (LMI 0.30, 0.31, 0.32)" in line and "needs TensorRT-LLM 0.9.0" in line
     assert not (tmp_path / "a" / "work").exists()
+    # 0.11 still takes 0.9's --max_output_len (deprecated); its --max_seq_len, which 0.9 lacks, tells them apart
+    proc = build(model, tmp_path / "c", "0.28", standin=STANDINS / "trtllm-build-0.11.0")
+    assert proc.returncode == 2 and "looks like TensorRT-LLM 0.11.0 (LMI 0.29)" in error_line(proc)
+    assert not (tmp_path / "c" / "work").exists()
     # same flags (0.21.0rc1 and 1.0.0): the engine config's version refuses it before layout and push
     proc = build(model, tmp_path / "b", "0.33", "--upload", s3_prefix, standin=STANDINS / "trtllm-build-1.0.0")
     assert proc.returncode == 1

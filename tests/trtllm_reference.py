@@ -108,6 +108,8 @@ def dequantized(rank: dict) -> dict:
 
 def reference_logits(ckpt: Path, input_ids: torch.Tensor) -> torch.Tensor:
     cfg = json.loads((Path(ckpt) / "config.json").read_text())
+    # _rope rotates halves (GPT-NeoX's rope, which TRT-LLM's llama family uses); rope_gptj rotates interleaved pairs
+    assert cfg["position_embedding_type"] == "rope_gpt_neox", cfg["position_embedding_type"]
     tp, pp = cfg["mapping"]["tp_size"], cfg["mapping"]["pp_size"]
     ranks = {r: dequantized(load_file(str(Path(ckpt) / f"rank{r}.safetensors"))) for r in range(tp * pp)}
     H, hd, eps, V = cfg["num_attention_heads"], cfg["head_size"], cfg["norm_epsilon"], cfg["vocab_size"]
