@@ -17,7 +17,7 @@ import torch
 
 from lmi_compile.model.architectures import Architecture
 from lmi_compile.model.checkpoint import Checkpoint
-from lmi_compile.errors import BadInput
+from lmi_compile.errors import BadInput, LmiCompileError
 from lmi_compile.pipeline.interrupts import check
 from lmi_compile.pipeline.progress import bytes_bar
 
@@ -116,7 +116,19 @@ def write_split(arch: Architecture, ck: Checkpoint, out: Path, amp: str | None, 
             if target and str(t.dtype) != f"torch.{target}":
                 t = t.to(getattr(torch, target))
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            torch.save(t, tmp)
+            try:
+                with open(tmp, "wb") as f:  # our file: a full disk is an OSError (torch's own says "unexpected pos")
+                    torch.save(t, f)
+            except BaseException as e:
+                tmp.unlink(missing_ok=True)
+                # torch's zip writer turns the OSError of a write into "unexpected pos" as it closes: find it
+                cause = e if isinstance(e, Exception) else None
+                while cause is not None and not isinstance(cause, OSError):
+                    cause = cause.__context__
+                if cause is None:
+                    raise
+                raise LmiCompileError(f"{path}: cannot write ({cause.strerror or cause}); free disk space or choose "
+                                      f"another --work-dir, then rerun (finished files are kept)") from None
             os.replace(tmp, path)
             del t
         if feed:

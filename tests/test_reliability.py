@@ -231,9 +231,14 @@ def test_enospc_mid_split_leaves_no_tensor_file_under_its_final_name(model_facto
     from lmi_compile.model.architectures import resolve
     from lmi_compile.model.validate import validate_model_dir
 
+    from lmi_compile.errors import LmiCompileError
+
     m = validate_model_dir(model_factory(hidden_size=128, vocab_size=8000))  # a 4 MB embedding first, then the rest
-    with pytest.raises((OSError, RuntimeError)):  # torch.save's zip writer reports ENOSPC as a RuntimeError
+    with pytest.raises(LmiCompileError) as e:  # one line naming the file and the fix, not torch's "unexpected pos"
         write_split(resolve(m.config), m.checkpoint, small_fs, amp=None, workers=1)
+    assert str(small_fs / SPLIT_DIR) in str(e.value) and "No space left on device" in str(e.value)
+    assert "free disk space" in str(e.value)
+    assert not [p for p in (small_fs / SPLIT_DIR).iterdir() if p.name.startswith(".")]  # no temporary left behind
     kept = [p for p in (small_fs / SPLIT_DIR).iterdir() if not p.name.startswith(".")]
     assert kept, "the disk filled before any file was whole: the test no longer splits across the limit"
     for p in kept:
