@@ -55,7 +55,8 @@ def bad_properties(m: Path):
 
 
 def junk_properties(m: Path):
-    (m.parent / "junk.properties").write_text("this line has no separator\n")
+    # Properties.load reads any line as a key and a value; a \u escape without four hex digits it refuses
+    (m.parent / "junk.properties").write_text("option.model_id=/models/\\u00zz\n")
 
 
 CASES = [

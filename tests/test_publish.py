@@ -377,6 +377,23 @@ def test_trtllm_upload_end_to_end(s3_env, s3_client, s3_prefix, model_factory, t
     assert f"option.model_id={s3_prefix}".encode() in props
 
 
+def test_a_prefix_outside_ascii_reaches_lmi_as_written(s3_env, s3_client, s3_prefix, model_factory, tmp_path):
+    """LMI reads serving.properties with java.util.Properties.load of its bytes, that is as ISO-8859-1: a UTF-8
+    'è' in option.model_id would reach it as 'Ã¨', another prefix. It is written as Java escapes it."""
+    from lmi_compile.lmi.check import check
+    from lmi_compile.lmi.properties import parse
+
+    standin = Path(__file__).parent / "standins" / "trtllm-build"
+    prefix = f"{s3_prefix}modèle/"
+    proc = run_cli("trtllm", model_factory(), "--work-dir", tmp_path / "w", "--output", tmp_path / "out",
+                   "--trtllm-build", standin, "--upload", prefix)
+    assert proc.returncode == 0, proc.stderr
+    props = s3_client.get_object(Bucket="models", Key=parse_s3_uri(prefix).key("serving.properties"))["Body"].read()
+    assert props.isascii() and f"option.model_id={s3_prefix}mod\\u00e8le/".encode() in props
+    assert parse(props, "serving.properties")["option.model_id"] == prefix
+    assert check(prefix).properties["option.model_id"] == prefix
+
+
 def test_upload_preflight_fails_before_heavy_work(s3_env, model_factory, tmp_path):
     standin = Path(__file__).parent / "standins" / "trtllm-build"
     proc = run_cli("trtllm", model_factory(), "--work-dir", tmp_path / "w", "--output", tmp_path / "out",

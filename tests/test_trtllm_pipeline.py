@@ -1,5 +1,6 @@
 """The whole `lmi-compile trtllm` pipeline, through the trtllm-build STAND-IN (and the real one where installed)."""
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -151,9 +152,12 @@ def test_settings_from_serving_properties_and_env(model_factory, tmp_path):
     model = model_factory()
     sp = tmp_path / "serving.properties"
     # LMI reads the file with java.util.Properties.load (djl-serving@0.33.0-dlc:wlm/src/main/java/ai/djl/serving/
-    # wlm/ModelInfo.java loadServingProperties): ':' separates as '=' does, with or without spaces around it
-    sp.write_text(f"engine=MPI\noption.model_id={model}\noption.tensor_parallel_degree: 4\n"
-                  "option.max_rolling_batch_size=16\noption.dtype = bf16\n")
+    # wlm/ModelInfo.java loadServingProperties): ':' separates as '=' does, with or without spaces around it, and so
+    # do blanks alone; a backslash at the end goes on to the next line; the bytes are ISO-8859-1 (a UTF-8 editor's
+    # 'é' in a comment is no error)
+    sp.write_bytes(f"# mod\xe8le\nengine=MPI\noption.model_id={model}\noption.tensor_parallel_degree: 4\n"
+                   "option.max_rolling_batch_size 16\noption.dtype = \\\n    bf16\n".encode("latin-1")
+                   + "# café\n".encode())
     proc = run_cli("trtllm", "--properties", sp, "--work-dir", tmp_path / "work", "--output", tmp_path / "out",
                    "--trtllm-build", STANDIN, env={"OPTION_MAX_INPUT_LEN": "1536", "OPTION_MAX_SEQ_LEN": "2000"})
     assert proc.returncode == 0, proc.stderr
@@ -191,10 +195,17 @@ def test_no_flag_lmi_compile_sets_can_be_passed_through():
     opts = BuildOptions(max_batch_size=8, max_input_len=16, max_seq_len=32, max_num_tokens=64)
     for version, facts in toolchains("trtllm").items():
         cmd = build_command(Toolchain(Path("/t/trtllm-build")), Path("/ckpt"), Path("/eng"), opts, 2, facts, "float16")
-        for flag in [a for a in cmd[1:] if a.startswith("--")]:
+        defaults = facts["dtype_plugins"]["flags"]  # a plugin's dtype: lmi-compile's default, the user's to change
+        for flag in [a for a in cmd[1:] if a.startswith("--") and a not in defaults]:
             for passed in (f"{flag} 7", f"{flag}=7"):
                 with pytest.raises(LmiCompileError, match=f"{flag} is set by lmi-compile"):
                     parse_extra_args(passed)
+        for flag in defaults:
+            for passed in (f"{flag} float32", f"{flag}=float32"):
+                mine = dataclasses.replace(opts, extra_args=parse_extra_args(passed))
+                cmd = build_command(Toolchain(Path("/t/trtllm-build")), Path("/ckpt"), Path("/eng"), mine, 2, facts,
+                                    "float16")
+                assert [a for a in cmd if a.startswith(flag)] == [passed.split()[0]] and cmd[-1].endswith("float32")
 
 
 def test_standin_rejects_flags_the_real_tool_lacks(model_factory, tmp_path):

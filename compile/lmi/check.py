@@ -97,7 +97,7 @@ def seal_layout(folder: Path) -> None:
     path = folder / LAYOUT_MANIFEST
     manifest = json.loads(path.read_text())
     props = folder / "serving.properties"
-    options = parse_properties(props.read_text(), "serving.properties") if props.is_file() else {}
+    options = parse_properties(props.read_bytes(), "serving.properties") if props.is_file() else {}
     manifest["serving_options"] = {k: v for k, v in options.items() if k not in USER_OPTIONS}
     manifest["files"] = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
                          if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
@@ -293,7 +293,7 @@ def check(text: str, *, container_trtllm: str | None = None, container_neuronx_c
                                        f"push (e.g. {rel}: {why}); push the folder again")
     props_rel = "serving.properties"
     if props_rel in loc.files:
-        report.properties.update(parse_properties(loc.read(props_rel).decode("utf-8", "replace"), props_rel))
+        report.properties.update(parse_properties(loc.read(props_rel), props_rel))
     if LAYOUT_MANIFEST in loc.files:
         _check_sealed(loc, report)
     layout, folder = detect(loc)

@@ -30,18 +30,54 @@ LMI_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "auto": 
 TO_LMI_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
-def parse(text: str, where: str) -> dict[str, str]:
-    """key=value lines (Java properties subset: # and ! comments, = or : separators)."""
-    out = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
+def parse(data: bytes | str, where: str) -> dict[str, str]:
+    """The settings of a serving.properties as LMI reads them: java.util.Properties.load of the file's bytes
+    (djl-serving@0.33.0-dlc:wlm/src/main/java/ai/djl/serving/wlm/ModelInfo.java l.844-845), so ISO-8859-1; '#' and
+    '!' comment lines; a key ends at the first unescaped '=', ':' or blank, and blanks with one '=' or ':' among them
+    separate it from the value; a line ending in an odd number of backslashes goes on to the next; \\uXXXX, \\t,
+    \\n, \\r, \\f escape. (Values lose trailing blanks here; Java keeps them.)"""
+    text = data.decode("latin-1") if isinstance(data, bytes) else data
+    lines = re.split(r"\r\n|\r|\n", text)  # Java's line ends only (str.splitlines also splits at \x85 and \f)
+    out, i = {}, 0
+    while i < len(lines):
+        n, line = i + 1, lines[i].lstrip(" \t\f")
+        i += 1
         if not line or line[0] in "#!":
             continue
-        m = re.match(r"^([^=:\s]+)\s*[=:]\s*(.*)$", line)
-        if not m:
-            raise BadInput(f"{where}:{n}: cannot parse {line[:60]!r}; expected option.name=value")
-        out[m.group(1)] = m.group(2).strip()
+        while (len(line) - len(line.rstrip("\\"))) % 2 and i < len(lines):
+            line, i = line[:-1] + lines[i].lstrip(" \t\f"), i + 1
+        end = re.match(r"(?:[^\\=: \t\f]|\\.)*", line).end()
+        value = re.sub(r"^[ \t\f]*[=:]?[ \t\f]*", "", line[end:], count=1)
+        try:
+            out[_unescape(line[:end])] = _unescape(value).rstrip()
+        except ValueError:
+            raise BadInput(f"{where}:{n}: cannot parse {line[:60]!r}: \\u must be followed by four hex digits "
+                           f"(LMI's Properties.load refuses the file too)") from None
     return out
+
+
+def _unescape(s: str) -> str:
+    def one(m):
+        c = m.group(1)
+        if c == "u":
+            raise ValueError(m.group(0))
+        return chr(int(c[1:], 16)) if len(c) == 5 else {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}.get(c, c)
+
+    # a character beyond U+FFFF comes as two \\u escapes (Java strings are UTF-16): joined here
+    return re.sub(r"\\(u[0-9a-fA-F]{4}|u|.)", one, s).encode("utf-16-le", "surrogatepass").decode("utf-16-le",
+                                                                                                 "surrogatepass")
+
+
+def _escape(value: str) -> str:
+    """`value` as Properties.load reads it back (Properties.store's escapes): backslashes doubled, a leading blank
+    and every character outside printable ASCII as \\uXXXX, so an S3 prefix or path in any script survives LMI's
+    ISO-8859-1 reading."""
+    def one(m):
+        b = m.group().encode("utf-16-be")
+        return "".join(f"\\u{int.from_bytes(b[i:i + 2], 'big'):04x}" for i in range(0, len(b), 2))
+
+    out = re.sub(r"[^\x20-\x7e]", one, value.replace("\\", "\\\\"))
+    return "\\u0020" + out[1:] if out.startswith(" ") else out
 
 
 def lmi_settings(properties: Path | None, environ=os.environ) -> dict:
@@ -50,7 +86,7 @@ def lmi_settings(properties: Path | None, environ=os.environ) -> dict:
     source: dict[str, str] = {}
     if properties is not None:
         try:
-            text = Path(properties).read_text()
+            text = Path(properties).read_bytes()
         except OSError as e:
             raise BadInput(f"{properties}: cannot read ({e.strerror})") from None
         for k, v in parse(text, str(properties)).items():
@@ -109,5 +145,5 @@ def render(options: dict, *, engine: str | None = None, comments: list[str] = ()
             continue
         if isinstance(v, bool):
             v = str(v).lower()
-        lines.append(f"option.{k}={v}")
+        lines.append(f"option.{k}={_escape(str(v))}")
     return "\n".join(lines) + "\n"

@@ -162,9 +162,10 @@ def build_command(tool: Toolchain, ckpt: Path, out: Path, opts: BuildOptions, wo
         lengths = ["--max_seq_len", str(opts.seq_len)]
     # 'auto' (the model's dtype) arrived in 0.11; older versions take the dtype by name.
     gemm = dtype if opts.gemm_plugin == "auto" and not facts["gemm_plugin_auto"] else opts.gemm_plugin
-    # Plugins whose default is float16 whatever the model (0.9) run in the model's dtype only when named;
-    # --trtllm-build-args come last, so a user's own choice still wins.
-    plugins = [x for flag in facts["dtype_plugins"]["flags"] for x in (flag, dtype)]
+    # Plugins whose default is float16 whatever the model (0.9) run in the model's dtype only when named; a
+    # dtype of the user's own in --trtllm-build-args is theirs to choose (serving.properties does not describe it).
+    given = {a.partition("=")[0] for a in opts.extra_args}
+    plugins = [x for flag in facts["dtype_plugins"]["flags"] if flag not in given for x in (flag, dtype)]
     return [str(tool.executable), "--checkpoint_dir", str(ckpt), "--output_dir", str(out),
             "--max_batch_size", str(opts.max_batch_size), "--max_input_len", str(opts.max_input_len), *lengths,
             "--max_num_tokens", str(opts.max_num_tokens), "--gemm_plugin", gemm, *plugins, "--workers",
