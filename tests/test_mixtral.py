@@ -91,8 +91,8 @@ def test_plan_mixtral_8x7b_by_hand(tmp_path):
     assert active == 12_879_925_248
     p = make_plan(mixtral_8x7b(tmp_path), tp=8)
     assert (p.parameters, p.active_parameters, p.weight_bytes) == (total, active, total * 2)
-    # tp=8, any moe_tp x moe_ep: 1/8 of attention and experts; router whole in float32; embedding whole,
-    # lm_head 32000/8 rows; bf16
-    assert p.weight_bytes_per_rank == (32 * (layer - router) // 8 * 2 + 32 * router * 4
+    # tp=8, any moe_tp x moe_ep: 1/8 of attention and experts; router whole in float32, the two norms whole in
+    # bf16; embedding whole, lm_head 32000/8 rows; bf16
+    assert p.weight_bytes_per_rank == (32 * (layer - router - 8192) // 8 * 2 + 32 * router * 4 + 32 * 8192 * 2
                                        + (32000 * 4096 + 4096 + 4000 * 4096) * 2)
     assert p.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2

@@ -49,8 +49,10 @@ def test_parameters_and_kv_cache(tmp_path, name):
 def test_llama2_7b_tp2_on_g5_12xlarge_by_hand(tmp_path):
     cfg = ModelConfig.load(write_config(tmp_path, "llama-2-7b") / "config.json")
     p = make_plan(cfg, tp=2, instance="ml.g5.12xlarge")
-    # embedding 32000*4096 (replicated) + 32 layers * 202,383,360 / 2 + norm 4096 + lm_head 16000*4096, x 2 bytes
-    assert p.weight_bytes_per_rank == (131_072_000 + 32 * 202_383_360 // 2 + 4096 + 16_000 * 4096) * 2
+    # embedding 32000*4096 (replicated) + 32 layers of 202,383,360, split in 2 but for their two norms of 4096
+    # (whole on each rank) + norm 4096 + lm_head 16000*4096, x 2 bytes
+    assert p.weight_bytes_per_rank == (131_072_000 + 32 * ((202_383_360 - 8192) // 2 + 8192) + 4096 +
+                                       16_000 * 4096) * 2
     assert p.kv_bytes_per_token_per_rank == 2 * 32 * 16 * 128 * 2
     assert p.fits is True and p.fitting_tp == [2, 4]  # tp=1 needs 12.6 GiB weights + 24 GiB KV > 24 GiB
     assert p.memory_per_accelerator == 24 * GiB
@@ -73,8 +75,10 @@ def test_padded_vocab_and_the_larger_pipeline_stage_by_hand(tmp_path):
     # a layer: q 64x64, k and v 64x16 (2 kv heads of 8), o 64x64, gate, up and down 64x128, two norms of 64
     layer = 4096 + 2 * 1024 + 4096 + 3 * 8192 + 2 * 64
     assert make_plan(cfg).parameters == 250 * 64 + 4 * layer + 64 + 250 * 64
-    # tp=4: 250 rows padded to 252, 63 a rank
-    assert make_plan(cfg, tp=4).weight_bytes_per_rank == (250 * 64 + 64 + 63 * 64 + 4 * layer // 4) * 2
+    # tp=4: 250 rows padded to 252, 63 a rank; a layer split in 4 but for its two norms (whole on each rank) and
+    # its k and v (2 kv heads over 4 ranks: one head of 8 each, repeated)
+    rank_layer = (layer - 2 * 64 - 2 * 1024) // 4 + 2 * 64 + 2 * 8 * 64
+    assert make_plan(cfg, tp=4).weight_bytes_per_rank == (250 * 64 + 64 + 63 * 64 + 4 * rank_layer) * 2
     p = make_plan(cfg, pp=2)  # 2 layers a stage; the last stage (norm 64 more) is the larger
     assert p.weight_bytes_per_rank == (2 * layer + 64 + 250 * 64) * 2 > (250 * 64 + 2 * layer) * 2
     assert p.kv_bytes_per_token_per_rank == 2 * 2 * 2 * 8 * 2  # K and V, 2 layers, 2 kv heads of 8, 2 bytes
@@ -95,8 +99,9 @@ def test_plan_takes_the_releases_default_lengths(tmp_path):
 
 def test_llama2_70b_on_g5_48xlarge_depends_on_batch(tmp_path):
     cfg = ModelConfig.load(write_config(tmp_path, "llama-2-70b") / "config.json")
-    # per rank: (embedding 262,144,000 + 80 * 855,654,400 / 8 + norm 8192 + lm_head 4000 * 8192) * 2 bytes
-    weights = (262_144_000 + 80 * 855_654_400 // 8 + 8192 + 4000 * 8192) * 2
+    # per rank: (embedding 262,144,000 + 80 layers of 855,654,400 / 8 but for their two norms of 8192 + norm 8192 +
+    # lm_head 4000 * 8192) * 2 bytes
+    weights = (262_144_000 + 80 * ((855_654_400 - 16_384) // 8 + 16_384) + 8192 + 4000 * 8192) * 2
     kv_token = 2 * 80 * 1 * 128 * 2  # 8 kv heads over 8 ranks: one each
     p = make_plan(cfg, tp=8, instance="ml.g5.48xlarge", max_batch_size=8, max_seq_len=4096)
     assert p.weight_bytes_per_rank == weights
@@ -115,7 +120,7 @@ def test_neuron_tp_choices_pad_heads_and_skip_non_core_counts(tmp_path):
 
     cfg = ModelConfig.load(write_config(tmp_path, "llama-2-13b") / "config.json")
     p = make_plan(cfg, tp=2, instance="ml.inf2.48xlarge", max_batch_size=4, max_seq_len=4096, tp_choices=VALID_TP)
-    weights = (163_840_000 + 40 * 317_204_480 // 2 + 5120 + 16_000 * 5120) * 2  # as for llama-2-7b above
+    weights = (163_840_000 + 40 * ((317_204_480 - 10_240) // 2 + 10_240) + 5120 + 16_000 * 5120) * 2  # as 7b above
     kv = 2 * 40 * 20 * 128 * 2 * 4 * 4096
     assert p.weight_bytes_per_rank == weights
     assert p.needed_per_accelerator == int((weights + kv) * 1.1) + GiB > 16 * GiB

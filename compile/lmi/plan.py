@@ -57,12 +57,14 @@ def param_counts(arch: Architecture) -> dict[str, int]:
     layer_experts: the part of a layer that is expert weights; layer_fixed / layer_fixed_bytes: the part
     stored in a dtype of its own whatever the model's (the MoE router: float32, replicated on every rank);
     layer_linear / layer_linears: the parameters and the number of the Linears a quantized checkpoint stores in
-    FP8 (each with two float32 scales on every rank).
+    FP8 (each with two float32 scales on every rank); layer_whole: the norms, whole on every rank;
+    layer_kv_linear / layer_kv_other: the K and V parts of the fused QKV weight / bias, whose heads repeat on every
+    rank when tp exceeds them.
     """
     d = arch.dims
     sym = arch.shape_symbols()
     c = dict.fromkeys(("embedding", "layer", "norm", "lm_head", "layer_experts", "layer_fixed", "layer_fixed_bytes",
-                       "layer_linear", "layer_linears"), 0)
+                       "layer_linear", "layer_linears", "layer_whole", "layer_kv_linear", "layer_kv_other"), 0)
     tied = arch.tied_sources()
     for section, e in arch.tensor_entries():
         if e.get("optional") and not arch.entry.get(e["optional"]):
@@ -84,6 +86,10 @@ def param_counts(arch: Architecture) -> dict[str, int]:
             if e.get("dtype"):
                 c["layer_fixed"] += n
                 c["layer_fixed_bytes"] += n * DTYPE_BYTES[e["dtype"]]
+            elif e.get("rule") == "replicate":
+                c["layer_whole"] += n
+            kv = sum(math.prod(sym[w] for w in spec) for spec in specs if spec[0] == "kv")
+            c["layer_kv_linear" if e.get("linear") else "layer_kv_other"] += kv
             c["layer"] += n
     return c
 
@@ -271,13 +277,20 @@ def fp8_counts(c: dict) -> dict:
 
 def rank_weight_bytes(c: dict, d, tp: int, pp: int, b: int) -> int:
     """Weights on the largest rank: the first stage has the embedding, the last the norm and lm_head
-    (written even when tied, its vocab padded to a multiple of tp). Layers are split over tp; under expert
+    (written even when tied, its vocab padded to a multiple of tp). Layers are split over tp, but for their norms
+    (whole on every rank) and their K and V heads (at least one a rank, repeated when tp exceeds them); under expert
     parallelism a rank holds num_experts / moe_ep whole experts, under MoE tensor parallelism a 1 / moe_tp
     slice of each, so expert bytes per rank are 1 / tp of them either way. The router is whole on every rank."""
     layers = -(-d.num_layers // pp)
     fp8 = c.get("fp8_linear", 0)  # FP8 Linears: one byte per parameter, split over tp, and their scales on every rank
     share = layers * (c["layer"] - c["layer_fixed"] - fp8) // tp * b + layers * c["layer_fixed_bytes"] + \
         (layers * (fp8 // tp * DTYPE_BYTES[FP8] + c["layer_linears"] * FP8_SCALE_BYTES) if fp8 else 0)
+
+    def repeated(n: int) -> int:  # what a rank holds beyond n / tp: its kv heads, at least one, repeated
+        return n // d.num_kv_heads * -(-d.num_kv_heads // tp) - n // tp
+
+    share += layers * (repeated(c["layer_kv_linear"]) * (DTYPE_BYTES[FP8] if fp8 else b) +
+                       repeated(c["layer_kv_other"]) * b + (c["layer_whole"] - c["layer_whole"] // tp) * b)
     lm_head = -(-d.vocab_size // tp) * d.hidden_size
     if pp == 1:
         return (c["embedding"] + c["norm"] + lm_head) * b + share
