@@ -86,10 +86,10 @@ def lmi_settings(properties: Path | None, environ=os.environ) -> dict:
     source: dict[str, str] = {}
     if properties is not None:
         try:
-            text = Path(properties).read_bytes()
+            data = Path(properties).read_bytes()
         except OSError as e:
             raise BadInput(f"{properties}: cannot read ({e.strerror})") from None
-        for k, v in parse(text, str(properties)).items():
+        for k, v in parse(data, str(properties)).items():
             if k.startswith("option."):
                 raw[k[len("option."):]], source[k[len("option."):]] = v, str(properties)
     for k, v in environ.items():
