@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from lmi_compile import __version__
-from lmi_compile.errors import EXIT_SIGINT, Interrupted, LmiCompileError
+from lmi_compile.errors import EXIT_SIGINT, Interrupted, LmiCompileError, os_error_text
 
 log = logging.getLogger("lmi_compile")
 
@@ -483,9 +483,7 @@ def main() -> None:
         print(f"error: {e}", file=sys.stderr)
         code = e.exit_code
     except OSError as e:
-        # Disk full, permissions, vanished files: name the file, keep it to one line.
-        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"error: {where}{e.strerror or e}; finished stages are kept, rerun to resume", file=sys.stderr)
+        print(f"error: {os_error_text(e)}; finished stages are kept, rerun to resume", file=sys.stderr)
         code = 1
     except Exception as e:
         code = _usage(e) if _usage_error(e) else _unexpected(e)

@@ -33,6 +33,12 @@ class BadSetting(BadInput):
     partial download) stays."""
 
 
+def os_error_text(e: OSError) -> str:
+    """An OSError as users read it (disk full, permissions, vanished files): the file it names, then its reason."""
+    where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+    return f"{where}{e.strerror or e}"
+
+
 class Interrupted(BaseException):
     """SIGINT/SIGTERM arrived; the stage stopped at a tensor, file or part boundary.
 

@@ -162,8 +162,7 @@ def _child() -> None:
     except LmiCompileError as e:
         out = {"error": str(e), "class": type(e).__name__, "exit_code": e.exit_code}
     except OSError as e:  # disk full, permissions: named, one line, as the CLI reports them
-        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        out = {"error": f"{where}{e.strerror or e}", "class": "LmiCompileError", "exit_code": 1}
+        out = {"error": errors.os_error_text(e), "class": "LmiCompileError", "exit_code": 1}
     except Exception as e:
         if req["verbose"]:
             log.exception("Hub download")

@@ -178,12 +178,12 @@ class ArrivingModel:
 
     # --- asked by the fetch before it starts a weight file (consuming only: lead is set) ---
     def admit(self, rel: str, size: int, first: bool) -> bool:
-        """May the download start `rel` now (else it brings only its head, `head_bytes`)? Yes while the files
-        started and not yet removed stay within `lead` (for the first file still waiting, in order: `first`), when
-        none is held, and whenever a convert task waits on it. Downloaded far ahead, a consumed model's shards pass the kernel's
-        mark for background writeback before the convert reaches them, and are written to disk only to be
-        deleted: a 28-layer (14 GB) consumed convert wrote 19.7-21.7 GB where a local one wrote 15.4, and took
-        1.31x as long (16-core host, 128 GB)."""
+        """May the download start `rel` now (else it brings only its head, `head_bytes`)? Yes while the files started
+        and not yet removed stay within `lead` (for the first file still waiting, in order: `first`), when none is held,
+        and whenever a convert task waits on it. Downloaded far ahead, a consumed model's shards pass the kernel's mark
+        for background writeback before the convert reaches them, and are written to disk only to be deleted: a 28-layer
+        (14 GB) consumed convert wrote 19.7-21.7 GB where a local one wrote 15.4, and took 1.31x as long (16-core host,
+        128 GB)."""
         self._check_cancelled()
         with self._cv:
             # pickles (.bin) are deleted only at the end: held back, they would only come one at a time
