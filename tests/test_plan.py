@@ -128,6 +128,11 @@ def test_neuron_tp_choices_pad_heads_and_skip_non_core_counts(tmp_path):
     p = make_plan(cfg, tp=16, instance="ml.inf2.48xlarge", max_batch_size=4, max_seq_len=4096, tp_choices=VALID_TP)
     assert p.kv_bytes_per_token_per_rank == 2 * 40 * 3 * 128 * 2  # 40 heads padded to 48: 3 a rank
     assert p.fits is True and any("pads" in w for w in p.warnings)
+    # and 3 query heads a core, not 2.5: q_proj's rows and o_proj's columns of half a head more, in each of 40 layers
+    tensorrt_like = make_plan(cfg, tp=16, max_batch_size=4, max_seq_len=4096)
+    assert p.weight_bytes_per_rank - tensorrt_like.weight_bytes_per_rank == 40 * 2 * (3 - 2.5) * 128 * 5120 * 2
+    p = make_plan(cfg, tp=8, instance="ml.inf2.48xlarge", max_batch_size=4, max_seq_len=4096, tp_choices=VALID_TP)
+    assert p.weight_bytes_per_rank == make_plan(cfg, tp=8, max_batch_size=4, max_seq_len=4096).weight_bytes_per_rank
 
 
 def test_kv_replication_and_divisibility_warnings(tmp_path):

@@ -218,7 +218,7 @@ def make_plan(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: str = "au
         # The index's total_size is exact (at the checkpoint's dtype); rescale it to the target dtype.
         src_b = DTYPE_BYTES.get(config.dtype or "", b)
         weight_bytes = index_total * b // src_b if index_total else params * b
-    per_rank = rank_weight_bytes(c, d, tp, pp, b)
+    per_rank = rank_weight_bytes(c, d, tp, pp, b, pads_heads=tp_choices is not None)
     kv_token = 2 * d.num_layers * d.num_kv_heads * d.head_dim * b
     kv_token_rank = rank_kv_bytes_per_token(d, tp, pp, b)
     plan = Plan(architecture=arch.name, dtype=dtype, parameters=params, active_parameters=active_params(arch),
@@ -275,12 +275,17 @@ def fp8_counts(c: dict) -> dict:
     return {**c, "fp8_linear": c["layer_linear"]}
 
 
-def rank_weight_bytes(c: dict, d, tp: int, pp: int, b: int) -> int:
+def rank_weight_bytes(c: dict, d, tp: int, pp: int, b: int, pads_heads: bool = False) -> int:
     """Weights on the largest rank: the first stage has the embedding, the last the norm and lm_head
     (written even when tied, its vocab padded to a multiple of tp). Layers are split over tp, but for their norms
     (whole on every rank) and their K and V heads (at least one a rank, repeated when tp exceeds them); under expert
     parallelism a rank holds num_experts / moe_ep whole experts, under MoE tensor parallelism a 1 / moe_tp
-    slice of each, so expert bytes per rank are 1 / tp of them either way. The router is whole on every rank."""
+    slice of each, so expert bytes per rank are 1 / tp of them either way. The router is whole on every rank.
+    `pads_heads` (Neuron): transformers-neuronx pads the query heads to a multiple of tp with zeros, in q_proj's
+    rows and o_proj's columns alike (utils.py `get_qkv_padding`, decoder.py `to_neuron`, transformers-neuronx
+    release-2.20 and release-2.21), so
+    a core holds ceil(heads / tp) of them; its padding of the MLP to a multiple of tp is at most a row a matrix,
+    not counted."""
     layers = -(-d.num_layers // pp)
     fp8 = c.get("fp8_linear", 0)  # FP8 Linears: one byte per parameter, split over tp, and their scales on every rank
     share = layers * (c["layer"] - c["layer_fixed"] - fp8) // tp * b + layers * c["layer_fixed_bytes"] + \
@@ -291,6 +296,9 @@ def rank_weight_bytes(c: dict, d, tp: int, pp: int, b: int) -> int:
 
     share += layers * (repeated(c["layer_kv_linear"]) * (DTYPE_BYTES[FP8] if fp8 else b) +
                        repeated(c["layer_kv_other"]) * b + (c["layer_whole"] - c["layer_whole"] // tp) * b)
+    if pads_heads:
+        q = d.head_dim * d.hidden_size  # one head's q_proj rows, as many o_proj columns
+        share += layers * 2 * (-(-d.num_heads // tp) * q - d.num_heads * q // tp) * (DTYPE_BYTES[FP8] if fp8 else b)
     lm_head = -(-d.vocab_size // tp) * d.hidden_size
     if pp == 1:
         return (c["embedding"] + c["norm"] + lm_head) * b + share
@@ -330,7 +338,7 @@ def fit_instance(plan: Plan, instance: str, d, counts: dict, tp_choices: tuple[i
         if (tp not in tp_choices) if tp_choices else d.num_heads % tp:
             continue
         b = DTYPE_BYTES[plan.dtype]
-        w = rank_weight_bytes(counts, d, tp, plan.pp, b)
+        w = rank_weight_bytes(counts, d, tp, plan.pp, b, pads_heads=tp_choices is not None)
         kv = rank_kv_bytes_per_token(d, tp, plan.pp, b) * plan.max_batch_size * plan.max_seq_len
         if needed_per_accelerator(w, kv) <= mem:
             fitting.append(tp)
