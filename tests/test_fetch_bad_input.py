@@ -209,3 +209,22 @@ def test_custom_code_via_auto_map(model_copy):
     cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
     (m / "config.json").write_text(json.dumps(cfg))
     assert_bad(run_cli("fetch", m), "auto_map", "--trust-remote-code")
+
+
+def test_pickles_that_hold_no_state_dict_or_nothing(model_copy):
+    """A .bin of other things than named tensors, and a zero-byte one (a download that failed): one line each."""
+    import torch
+
+    from lmi_compile.errors import BadInput
+    from lmi_compile.model.validate import validate_model_dir
+
+    m = model_copy(fmt="bin")
+    f = m / "pytorch_model.bin"
+    for write, words in ((lambda: torch.save([torch.zeros(2)], f), "expected a state dict of tensors, found list"),
+                         (lambda: torch.save({"model.norm.weight": 3}, f), "entry 'model.norm.weight' is not a tensor"),
+                         (lambda: f.write_bytes(b""), "cannot read PyTorch checkpoint")):
+        write()
+        with pytest.raises(BadInput) as e:
+            validate_model_dir(m)
+        assert str(e.value).startswith(f"{f}: ") and words in str(e.value), str(e.value)
+
