@@ -128,3 +128,52 @@ def test_bad_input(case, model_copy, tmp_path):
     for stage in ("checkpoint", "engines", "split", "compiled"):
         assert not (tmp_path / "work" / stage).exists()
     assert not (tmp_path / "out").exists() and not (m.parent / "out").exists()
+
+
+# config.json contradictions, checked in process (model/architectures.py reads them before any weight): family, config
+# changes, words of the refusal
+BAD_CONFIGS = [
+    ("zero-heads", "llama", dict(num_attention_heads=0), ["'num_attention_heads' must be a positive integer"]),
+    ("zero-layers", "llama", dict(num_hidden_layers=0), ["'num_hidden_layers' must be a positive integer"]),
+    ("heads-as-a-bool", "llama", dict(num_key_value_heads=True), ["'num_key_value_heads' must be a positive"]),
+    ("heads-not-dividing-hidden", "llama", dict(hidden_size=60),
+     ["hidden_size 60 is not divisible by num_attention_heads 8"]),
+    ("moe-without-experts", "mixtral", dict(num_local_experts=0), ["mixture of experts", "'num_local_experts'"]),
+    ("moe-negative-experts", "mixtral", dict(num_local_experts=-4), ["'num_local_experts' must be a non-negative"]),
+    ("moe-top-k-above-experts", "mixtral", dict(num_experts_per_tok=5),
+     ["'num_experts_per_tok' 5 is larger than 'num_local_experts' 4"]),
+]
+
+
+def config_file(tmp_path: Path, family: str, **changes):
+    from tiny_models import TinySpec, hf_config
+
+    from lmi_compile.model.config import ModelConfig
+
+    (tmp_path / "config.json").write_text(json.dumps({**hf_config(TinySpec(family=family)), **changes}))
+    return ModelConfig.load(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config(case, tmp_path):
+    from lmi_compile.errors import BadInput
+    from lmi_compile.model.architectures import resolve
+
+    _, family, changes, words = case
+    with pytest.raises(BadInput) as e:
+        resolve(config_file(tmp_path, family, **changes))
+    assert str(e.value).startswith(f"{tmp_path / 'config.json'}: ")
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_head_dim_given_apart_from_hidden_size(tmp_path):
+    """Mistral-Nemo and Qwen3 give head_dim apart from hidden_size / heads (5120 / 32 heads of 128): the weights are
+    checked against it."""
+    from lmi_compile.model.architectures import resolve
+
+    arch = resolve(config_file(tmp_path, "llama", head_dim=16))  # hidden 64, 8 heads (2 kv heads) of 16
+    shapes = arch.source_shapes()
+    assert shapes["model.layers.0.self_attn.q_proj.weight"] == (8 * 16, 64)
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (2 * 16, 64)
+    assert shapes["model.layers.0.self_attn.o_proj.weight"] == (64, 8 * 16)

@@ -239,6 +239,16 @@ def test_config_styles_4x_and_5x(model_copy):
     assert v4.rope_theta == v5.rope_theta == 500000.0
     assert v4.rope_scaling == v5.rope_scaling and v4.rope_scaling["type"] == "llama3"
     assert (v4.dtype, v5.dtype) == ("float32", "bfloat16")
+    # 5.x writes rope_parameters for every model: the default rope is no scaling (--allow-longer has none to stretch)
+    cfg5["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    cfg5["dtype"] = "torch.float16"  # as some exports write it
+    (model / "config.json").write_text(json.dumps(cfg5))
+    plain = ModelConfig.load(model / "config.json")
+    assert (plain.rope_theta, plain.rope_scaling, plain.dtype) == (10000.0, None, "float16")
+    cfg5["rope_parameters"] = {"type": "linear", "factor": 2.0}  # the older key alone: both are written
+    (model / "config.json").write_text(json.dumps(cfg5))
+    linear = ModelConfig.load(model / "config.json").rope_scaling
+    assert linear == {"type": "linear", "rope_type": "linear", "factor": 2.0}
 
 
 def hub_downloaders(endpoint: str) -> list[int]:
@@ -316,3 +326,30 @@ def test_a_hub_download_stops_at_once_when_interrupted_and_a_rerun_finishes(mode
         server.stop()
     assert again.returncode == 0, again.stderr
     assert digest_tree(tmp_path / "out") == digest_tree(model)
+
+
+def test_one_weight_format_is_chosen_safetensors_first(tmp_path):
+    """A folder or a repository holding both formats (many Hub repos keep pytorch_model.bin beside safetensors):
+    the safetensors are read or fetched, never the pickles; stray .safetensors (a LoRA adapter) are no weights, and
+    files in sub-folders (original/, scripts/) are never what LMI loads. Custom code is refused from the listing,
+    before any weight is downloaded."""
+    from lmi_compile.errors import BadInput
+    from lmi_compile.model.checkpoint import find_weight_set
+    from lmi_compile.model.files import preferred_index, small_files, weight_files
+
+    both = ["config.json", "tokenizer_config.json", "model.safetensors", "pytorch_model.bin"]
+    assert weight_files(both, None, None, source="repo") == ["model.safetensors"]
+    assert preferred_index([*both, "pytorch_model.bin.index.json"]) is None
+    assert small_files([*both, "scripts/convert.py"], trust_remote_code=False, source="repo") == [
+        "config.json", "tokenizer_config.json"]
+    with pytest.raises(BadInput, match="repo: holds custom code"):
+        small_files([*both, "modeling_custom.py"], trust_remote_code=False, source="repo")
+    for name in both:
+        (tmp_path / name).write_bytes(b"")
+    assert find_weight_set(tmp_path) == ("safetensors", None, ["model.safetensors"])
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    (adapter / "pytorch_model.bin").mkdir()  # a Neuron split folder of that name is no weight file either
+    with pytest.raises(BadInput, match="no weights found"):
+        find_weight_set(adapter)

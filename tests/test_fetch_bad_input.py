@@ -209,3 +209,88 @@ def test_custom_code_via_auto_map(model_copy):
     cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
     (m / "config.json").write_text(json.dumps(cfg))
     assert_bad(run_cli("fetch", m), "auto_map", "--trust-remote-code")
+
+
+def safetensors_file(path: Path, header, data_bytes: int, *, length: int | None = None) -> Path:
+    """A safetensors file with this header (its length field `length` when given) and `data_bytes` zero bytes."""
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob) if length is None else length) + blob + b"\0" * data_bytes)
+    return path
+
+
+def entry(dtype: str, shape: list, begin: int, end: int) -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+# header, data bytes, header length field (None: the real one), words of the refusal. Each header lies in one way
+# that a reader trusting it would turn into wrong weights or a crash: checked in process, the header alone.
+LYING_HEADERS = {
+    "not-an-object": ([1, 2], 0, None, ["not a JSON object"]),
+    "unknown-dtype": ({"w": entry("Q4_K", [2], 0, 1)}, 1, None, ["unsupported dtype 'Q4_K'"]),
+    "negative-dimension": ({"w": entry("F32", [0, -1], 0, 0)}, 0, None, ["negative dimension"]),
+    "span-shorter-than-shape": ({"w": entry("F32", [2], 0, 4)}, 8, None, ["do not match its shape [2]"]),
+    "negative-offset": ({"w": entry("F32", [1], -4, 0)}, 4, None, ["offsets -4..0"]),
+    "one-byte-short": ({"w": entry("F32", [2], 0, 8)}, 7, None, ["ends at byte 8", "holds 7 data bytes"]),
+    "one-byte-overlap": ({"a": entry("U8", [2], 0, 2), "b": entry("U8", [2], 1, 3)}, 3, None, ["overlap"]),
+    "length-past-the-end": ({"w": entry("U8", [1], 0, 1)}, 0, 32, ["header length 32 overruns"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LYING_HEADERS))
+def test_a_lying_safetensors_header_is_refused(tmp_path, case):
+    from lmi_compile.errors import BadInput
+    from lmi_compile.model.checkpoint import read_safetensors_header
+
+    header, data_bytes, length, words = LYING_HEADERS[case]
+    if length is not None:  # the length field says 8 bytes more than the file holds after it
+        length = len(json.dumps(header).encode()) + 1
+        words = [f"header length {length} overruns"]
+    f = safetensors_file(tmp_path / "model.safetensors", header, data_bytes, length=length)
+    with pytest.raises(BadInput) as e:
+        read_safetensors_header(f)
+    assert str(e.value).startswith(f"{f}: ")
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("weight_map,words", [({}, ["no weight_map"]),
+                                              ({"model.norm.weight": 3}, ["'model.norm.weight' is not a file name"])])
+def test_an_index_without_usable_weight_map(model_copy, weight_map, words):
+    from lmi_compile.errors import BadInput
+    from lmi_compile.model.validate import validate_model_dir
+
+    m = model_copy(shards=2)
+    (m / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(BadInput) as e:
+        validate_model_dir(m)
+    assert str(e.value).startswith(f"{m / 'model.safetensors.index.json'}: ")
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_pickles_that_hold_no_state_dict_or_nothing(model_copy):
+    """A .bin of other things than named tensors, and a zero-byte one (a download that failed): one line each."""
+    import torch
+
+    from lmi_compile.errors import BadInput
+    from lmi_compile.model.validate import validate_model_dir
+
+    m = model_copy(fmt="bin")
+    f = m / "pytorch_model.bin"
+    for write, words in ((lambda: torch.save([torch.zeros(2)], f), "expected a state dict of tensors, found list"),
+                         (lambda: torch.save({"model.norm.weight": 3}, f), "entry 'model.norm.weight' is not a tensor"),
+                         (lambda: f.write_bytes(b""), "cannot read PyTorch checkpoint")):
+        write()
+        with pytest.raises(BadInput) as e:
+            validate_model_dir(m)
+        assert str(e.value).startswith(f"{f}: ") and words in str(e.value), str(e.value)
+
+
+def test_a_checkpoint_without_tensors(model_copy):
+    from lmi_compile.errors import BadInput
+    from lmi_compile.model.validate import validate_model_dir
+
+    m = model_copy()
+    safetensors_file(m / "model.safetensors", {"__metadata__": {"format": "pt"}}, 0)
+    with pytest.raises(BadInput, match="model.safetensors: holds no tensors"):
+        validate_model_dir(m)

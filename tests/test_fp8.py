@@ -128,6 +128,7 @@ REFUSED = {
                                                                              "desc_act false"]),
     "gptq-8bit": ({"quant_method": "gptq", "bits": 8, "desc_act": False}, ["GPTQ 8-bit", "int4_gptq"]),
     "gptq-per-channel": ({"quant_method": "gptq", "bits": 4, "group_size": -1}, ["group_size -1", "group-wise"]),
+    "gptq-group-0": ({"quant_method": "gptq", "bits": 4, "group_size": 0}, ["group_size 0", "group-wise"]),
     "awq-gemv": ({"quant_method": "awq", "bits": 4, "version": "gemv"}, ["AWQ version 'gemv'", "GEMM"]),
     "ct-int4": ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {
         "weights": {"num_bits": 4, "type": "int", "strategy": "group"}}}}, ["4-bit int weights"]),
@@ -135,12 +136,46 @@ REFUSED = {
         "weights": CT_FP8, "input_activations": {**CT_FP8, "dynamic": True, "strategy": "token"}}}},
         ["dynamic activation scales", "static"]),
     "fp8-block": ({"quant_method": "fp8", "weight_block_size": [128, 128]}, ["block-scaled FP8"]),
+    # transformers' "fp8" without activation_scheme is dynamic (FineGrainedFP8Config's default)
+    "fp8-no-activation-scheme": ({"quant_method": "fp8"}, ["dynamic activation scales"]),
+    "ct-sparse-24": ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": CT_FP8,
+                      "input_activations": CT_FP8}}, "sparsity_config": {"format": "sparse-24-bitmask"}},
+                     ["sparsity format 'sparse-24-bitmask'"]),
+    # llm-compressor's NVFP4: 4-bit floats, one scale per 16 (compressed-tensors nvfp4-pack-quantized)
+    "ct-nvfp4": ({"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "config_groups": {"g": {
+        "weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16},
+        "input_activations": {"num_bits": 4, "type": "float", "strategy": "tensor_group", "dynamic": "local"}}}},
+        ["4-bit float weights"]),
     "ct-int8-kv": ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": CT_FP8,
                     "input_activations": CT_FP8}}, "kv_cache_scheme": {"num_bits": 8, "type": "int"}},
                    ["calibrated from activations"]),
     "bnb": ({"quant_method": "bitsandbytes", "load_in_4bit": True}, ["'bitsandbytes' is not converted"]),
     "ct-channel-static": ({"quant_method": "compressed-tensors", "config_groups": {"g": {
         "weights": {**CT_FP8, "strategy": "channel"}, "input_activations": CT_FP8}}}, ["channel strategy and static"]),
+    "ct-fp8-block": ({"quant_method": "compressed-tensors", "config_groups": {"g": {
+        "weights": {**CT_FP8, "strategy": "block", "block_structure": [128, 128]},
+        "input_activations": {**CT_FP8, "dynamic": True, "strategy": "group", "group_size": 128}}}},
+        ["FP8 with block strategy"]),
+    "ct-int8-activations": ({"quant_method": "compressed-tensors", "config_groups": {"g": {
+        "weights": CT_FP8, "input_activations": {**CT_FP8, "type": "int"}}}}, ["FP8 weight-only", "static scale"]),
+    "ct-static-per-token": ({"quant_method": "compressed-tensors", "config_groups": {"g": {
+        "weights": CT_FP8, "input_activations": {**CT_FP8, "strategy": "token"}}}}, ["static per-tensor input scale"]),
+    "ct-tensor-and-channel": ({"quant_method": "compressed-tensors", "config_groups": {
+        "a": {"weights": CT_FP8, "input_activations": CT_FP8},
+        "b": {"weights": {**CT_FP8, "strategy": "channel"}, "input_activations": {**CT_FP8, "dynamic": True,
+                                                                                   "strategy": "token"}}}},
+        ["mix per-tensor and per-channel FP8"]),
+    "ct-dynamic-kv": ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": CT_FP8,
+                       "input_activations": CT_FP8}}, "kv_cache_scheme": {**CT_FP8, "dynamic": True}},
+                      ["KV-cache scheme with dynamic or per-head scales"]),
+    "modelopt-int8-kv": ({"quant_method": "modelopt", "quant_algo": "FP8", "kv_cache_quant_algo": "INT8"},
+                         ["kv_cache_quant_algo INT8 is not converted", "calibrated from activations"]),
+    "modelopt-awq": ({"quant_method": "modelopt", "quant_algo": "W4A16_AWQ"},
+                     ["ModelOpt W4A16_AWQ is not converted: 4-bit weights"]),
+    "modelopt-int8-sq": ({"quant_method": "modelopt", "quant_algo": "INT8_SQ"},
+                         ["ModelOpt quant_algo INT8_SQ is not converted"]),
+    "fbgemm-zero-bound": ({"quant_method": "fbgemm_fp8", "activation_scale_ub": 0},
+                          ["activation_scale_ub 0 is not a positive number"]),
     "modelopt-rowwise": ({"quant_method": "modelopt", "quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"},
                          ["ModelOpt FP8_PER_CHANNEL_PER_TOKEN is not converted", "fbgemm_fp8"]),
 }

@@ -101,6 +101,30 @@ def test_sequence_longer_than_the_model_is_refused_or_warned(user_folder, model_
     assert "warning: --max-seq-len 4608 exceeds max_position_embeddings 2048" in plan.stdout
 
 
+def test_sequence_limits_at_their_edges(tmp_path):
+    """The CLI test above, at each edge (checked in process): the model's own length is allowed; a longer one needs
+    --allow-longer and rope scaling, and goes as far as the scaling stretches the trained length (llama3 names it
+    original_max_position_embeddings, below max_position_embeddings)."""
+    from tiny_models import TinySpec, hf_config
+
+    from lmi_compile.model.architectures import read_dims
+    from lmi_compile.model.config import ModelConfig
+    from lmi_compile.model.limits import sequence_problem
+
+    def problem(seq_len, allow_longer, **config):
+        (tmp_path / "config.json").write_text(json.dumps({**hf_config(TinySpec()), **config}))
+        cfg = ModelConfig.load(tmp_path / "config.json")
+        found = sequence_problem(cfg, read_dims(cfg), seq_len, allow_longer=allow_longer, flag="--max-seq-len")
+        return found and found[0]
+
+    assert problem(2048, False) is None and problem(2049, True) == "error"
+    linear = {"rope_scaling": {"type": "linear", "factor": 4.0}}
+    assert problem(2049, False, **linear) == "error"  # rope scaling alone permits nothing
+    assert problem(8192, True, **linear) == "warning" and problem(8193, True, **linear) == "error"
+    llama3 = {"max_position_embeddings": 131072, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}}
+    assert problem(131072, True, **llama3) is None and problem(131073, True, **llama3) == "error"
+
 def test_mistyped_relative_path_says_so_at_once(user_folder):
     proc = run_cli("plan", "models/tiny-lama", cwd=user_folder)
     assert proc.returncode == 2
@@ -119,6 +143,13 @@ def test_plan_refuses_non_positive_sizes(user_folder, args, needle):
     assert needle in line and "greater than or equal to 1" in line
     assert proc.stderr.count("\n") == 1  # one line, not click's usage block
 
+
+def test_a_value_above_an_options_maximum_is_refused(user_folder):
+    """argvalues takes plainly valid values itself: one past a maximum goes to typer's refusal too."""
+    proc = run_cli("trtllm", "models/tiny", "--embedding-sharding-dim", "2", "--until", "convert", cwd=user_folder)
+    assert proc.returncode == 2
+    assert "--embedding-sharding-dim" in error_line(proc) and "less than or equal to 1" in error_line(proc)
+    assert not (user_folder / "lmi-compile-work").exists()
 
 def test_failed_build_and_fetch_leave_nothing_behind(user_folder, hub_env):
     failing = user_folder / "failing-build"

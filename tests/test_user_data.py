@@ -55,6 +55,32 @@ def test_a_work_dir_of_other_files_is_used_when_no_stage_would_replace_them(proj
     assert (project.parent / "scratch" / "lost+found").is_dir()
 
 
+def test_a_work_dir_holding_a_stage_folder_is_refused_with_the_model_elsewhere(project, model_factory):
+    """The model apart from the work dir: what stops `--work-dir .` is the user's checkpoint/ and engines/ alone (a
+    stage would replace them whole)."""
+    before = snapshot(project)
+    proc = run_cli("trtllm", model_factory(), "--work-dir", ".", "--until", "convert", cwd=project)
+    assert proc.returncode == 2, proc.stderr
+    assert error_line(proc).startswith(f"error: {project / 'checkpoint'}: --work-dir is not an lmi-compile work dir")
+    assert snapshot(project) == before
+
+
+def test_work_dir_folders_the_user_made_or_links_to(tmp_path):
+    """Checked in process: an empty folder the user made for --work-dir stays after a run that failed before any
+    stage (one the run made goes); a path through a link to the model folder lies in the model folder."""
+    from lmi_compile.pipeline.workdir import WorkDir, overlaps
+
+    (tmp_path / "mine").mkdir()
+    for folder in (tmp_path / "mine", tmp_path / "new" / "w"):
+        with pytest.raises(RuntimeError):
+            with WorkDir(folder).locked():
+                raise RuntimeError("the fetch failed")
+    assert (tmp_path / "mine").is_dir() and not (tmp_path / "new").exists()
+    model = tmp_path / "model"
+    model.mkdir()
+    os.symlink(model, tmp_path / "link")
+    assert overlaps(tmp_path / "link" / "work", model) and overlaps(model, tmp_path / "link")
+
 def test_the_default_work_dir_never_lies_in_the_model(project):
     """Before: model `..` made the default work dir lmi-compile-work/.. = the current folder, and a user's
     engines/ there was replaced. Run from inside the model folder, the default work dir would lie in it."""

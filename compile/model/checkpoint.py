@@ -159,7 +159,9 @@ def load_pickle(path: Path):
         raise BadInput(f"{path}: refused to load: the pickle holds more than tensors ({first[:160]}); "
                        f"only weights_only pickles are accepted, convert the checkpoint to safetensors") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise BadInput(f"{path}: cannot read PyTorch checkpoint ({str(e).splitlines()[0][:160]}); "
+        # a zero-byte file (a failed download) raises EOFError with no message
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise BadInput(f"{path}: cannot read PyTorch checkpoint ({why}); "
                        f"the file is corrupt or truncated, download it again") from None
 
 
