@@ -200,6 +200,14 @@ def test_modelopt_file_and_dense(tmp_path):
     assert read_quantization(qc(tmp_path / "d", None)).quant_algo is None
 
 
+def test_autofp8_declares_its_kv_cache_scales(tmp_path):
+    """AutoFP8 marks a checkpoint with FP8 KV-cache scales by "kv_cache_scheme": "static" (its save_quantized_model)."""
+    autofp8 = {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]}
+    q = read_quantization(qc(tmp_path, {**autofp8, "kv_cache_scheme": "static"}))
+    assert (q.quant_algo, q.kv_cache) == ("FP8", "FP8") and "FP8 KV-cache scales" in q.describe()
+    assert read_quantization(qc(tmp_path / "d", autofp8)).kv_cache is None
+
+
 def build(model, tmp_path, release, *args, env=None):
     return run_cli("trtllm", model, "--lmi-version", release, "--work-dir", tmp_path / "work", "--output",
                    tmp_path / "out", "--trtllm-build", trtllm_standin(release), *args, env=env)

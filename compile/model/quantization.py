@@ -197,7 +197,10 @@ def _autofp8(qc: dict, where: str) -> Quantization:
                        f"TensorRT-LLM's FP8 (per tensor) has one scale per weight; {RECALIBRATE}")
     if str(qc.get("activation_scheme", "dynamic")).lower() != "static":
         raise _dynamic(where)
-    return Quantization(source="fp8", quant_algo="FP8", kv_cache="FP8" if qc.get("kv_cache_quant_method") else None)
+    # AutoFP8 with kv_cache_quant_targets writes "kv_cache_scheme": "static" and the scales as self_attn.k_scale /
+    # v_scale (neuralmagic/AutoFP8 auto_fp8/quantize.py, save_quantized_model and quantize_activations)
+    kv = str(qc.get("kv_cache_scheme")).lower() == "static" or qc.get("kv_cache_quant_method")
+    return Quantization(source="fp8", quant_algo="FP8", kv_cache="FP8" if kv else None)
 
 
 def _dynamic(where: str) -> BadInput:
