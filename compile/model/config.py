@@ -76,15 +76,6 @@ class ModelConfig:
     def get(self, key, default=None):
         return self.raw.get(key, default)
 
-    def require_int(self, key: str, *, positive: bool = True) -> int:
-        value = self.raw.get(key)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise BadInput(f"{self.path}: field {key!r} is missing or not an integer (found {value!r}); "
-                           f"fix config.json")
-        if positive and value <= 0:
-            raise BadInput(f"{self.path}: field {key!r} must be positive (found {value})")
-        return value
-
     @property
     def uses_custom_code(self) -> bool:
         return bool(self.raw.get("auto_map"))
