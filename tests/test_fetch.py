@@ -175,6 +175,32 @@ def test_a_prefix_republished_with_objects_of_the_same_sizes_is_fetched_again(s3
     assert digest_tree(tmp_path / "o") == digest_tree(second)
 
 
+def test_a_file_kept_from_an_interrupted_fetch_is_the_object_listed_now(s3_client, s3_prefix, model_factory,
+                                                                        tmp_path):
+    """An interrupted fetch keeps its finished files for the rerun. Where no manifest has their checksums, one
+    is kept only if it is the object the rerun lists (LastModified, which a fetched file carries as its mtime, not
+    its size alone): the user who stopped the fetch of the base model and fetches the instruct variant of the same
+    shapes into that output got the base model's first shard beside the instruct model's second, exit 0."""
+    import time
+
+    from lmi_compile.remote.s3 import download_files, list_objects, make_client, parse_s3_uri
+
+    base, instruct = model_factory(shards=2, seed=0), model_factory(shards=2, seed=1)
+    shards = sorted(p.name for p in base.glob("*.safetensors"))
+    client, staging = make_client(), tmp_path / ".out.partial"
+    for model, prefix in ((base, "base/"), (instruct, "instruct/")):
+        u, mtimes = parse_s3_uri(s3_prefix + prefix), {}
+        for name in shards:
+            s3_client.put_object(Bucket=u.bucket, Key=u.key(name), Body=(model / name).read_bytes())
+        objects = list_objects(client, u, mtimes)
+        assert sorted(objects) == shards
+        # the base model's fetch is stopped after its first shard; the instruct one's gets both
+        download_files(client, u, shards[:1] if model is base else shards, staging, objects, desc="d", mtimes=mtimes)
+        if model is base:
+            time.sleep(1.1)  # LastModified has whole seconds
+    assert digest_tree(staging) == digest_tree(instruct, shards)
+
+
 def test_a_huggingface_cache_snapshot_is_a_model_folder(model_factory, tmp_path):
     """huggingface_hub's cache keeps a snapshot's files as links into the repo's blobs/: such a folder converts;
     a link anywhere else is still refused, with the fix in the message."""

@@ -399,7 +399,8 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
     `expect` maps a key to its manifest entry (size, part_size, checksum_crc32 and/or checksum_sha256): such a
     file appears under its name only once every byte matches the checksum the upload recorded (CRC32 where the
     entry has it); others are checked for size.
-    Files already present are kept (an interrupted fetch resumes), after the same check from disk. A finished
+    Files already present are kept (an interrupted fetch resumes), after the same check from disk (without a
+    manifest entry: their size, and their mtime against the object's LastModified when `mtimes` has it). A finished
     file takes its object's LastModified from `mtimes` as its mtime, so a refetch of the same objects keeps
     the fingerprints of the stages built from them.
 
@@ -430,7 +431,9 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
                         listener.kept(rel, t.target)
                     continue
                 t.target.unlink()
-            else:
+            elif t.mtime is None or t.target.stat().st_mtime_ns == t.mtime:
+                # no checksum to check it by: kept when it is the object listed now (its LastModified, which a
+                # fetched file carries as its mtime), not another of its size (a republished or other model)
                 if listener:
                     listener.kept(rel, t.target)
                 continue
