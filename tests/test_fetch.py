@@ -149,6 +149,8 @@ def test_a_changed_remote_model_is_fetched_again(hub_env, s3_client, s3_prefix, 
     assert run_cli("fetch", "org/moving", "--output", "hubout").returncode == 0
     assert "skipping" in run_cli("fetch", "org/moving", "--output", "hubout").stderr
     hub_env.add("org/moving", second)  # main moves to a new commit
+    offline = run_cli("fetch", "org/moving", "--output", "hubout", env={"HF_HUB_OFFLINE": "1"})
+    assert offline.returncode == 0 and "skipping" in offline.stderr, offline.stderr  # offline: nothing is asked
     proc = run_cli("fetch", "org/moving", "--output", "hubout")
     assert proc.returncode == 0 and "moved to commit" in proc.stderr, proc.stderr
     assert json.loads(Path("hubout", "config.json").read_text())["model_type"] == "qwen2"
@@ -173,6 +175,50 @@ def test_a_prefix_republished_with_objects_of_the_same_sizes_is_fetched_again(s3
     proc = run_cli("fetch", s3_prefix, "--output", tmp_path / "o")
     assert proc.returncode == 0 and "changed on S3" in proc.stderr, proc.stderr
     assert digest_tree(tmp_path / "o") == digest_tree(second)
+
+
+def test_no_keep_source_removes_only_the_weights_it_fetched(s3_client, s3_prefix, model_factory, tmp_path):
+    """--no-keep-source deletes the weights of the copy fetched into the work dir, never those of a folder given
+    as the model (one an earlier `lmi-compile fetch` made included); a later run that needs them fetches them
+    again instead of trusting a folder that lacks them."""
+    from lmi_compile.remote.fetch import fetch, parse_source, remove_weights
+
+    model = model_factory()
+    upload_folder(s3_client, model, s3_prefix)
+    source = parse_source(s3_prefix)
+    fetched = fetch(source, tmp_path / "fetched")
+    remove_weights(fetched, tmp_path / "w" / "source")  # `trtllm fetched/ --no-keep-source`: the user's folder
+    assert digest_tree(tmp_path / "fetched") == digest_tree(model)
+    fetched.checkpoint.close()
+    remove_weights(fetch(source, tmp_path / "fetched"), tmp_path / "fetched")  # the work dir's own copy
+    assert not list((tmp_path / "fetched").glob("*.safetensors"))
+    assert digest_tree(fetch(source, tmp_path / "fetched").root) == digest_tree(model)
+
+
+def test_a_file_kept_from_an_interrupted_fetch_is_the_object_listed_now(s3_client, s3_prefix, model_factory,
+                                                                        tmp_path):
+    """An interrupted fetch keeps its finished files for the rerun. Where no manifest has their checksums, one
+    is kept only if it is the object the rerun lists (LastModified, which a fetched file carries as its mtime, not
+    its size alone): the user who stopped the fetch of the base model and fetches the instruct variant of the same
+    shapes into that output got the base model's first shard beside the instruct model's second, exit 0."""
+    import time
+
+    from lmi_compile.remote.s3 import download_files, list_objects, make_client, parse_s3_uri
+
+    base, instruct = model_factory(shards=2, seed=0), model_factory(shards=2, seed=1)
+    shards = sorted(p.name for p in base.glob("*.safetensors"))
+    client, staging = make_client(), tmp_path / ".out.partial"
+    for model, prefix in ((base, "base/"), (instruct, "instruct/")):
+        u, mtimes = parse_s3_uri(s3_prefix + prefix), {}
+        for name in shards:
+            s3_client.put_object(Bucket=u.bucket, Key=u.key(name), Body=(model / name).read_bytes())
+        objects = list_objects(client, u, mtimes)
+        assert sorted(objects) == shards
+        # the base model's fetch is stopped after its first shard; the instruct one's gets both
+        download_files(client, u, shards[:1] if model is base else shards, staging, objects, desc="d", mtimes=mtimes)
+        if model is base:
+            time.sleep(1.1)  # LastModified has whole seconds
+    assert digest_tree(staging) == digest_tree(instruct, shards)
 
 
 def test_a_huggingface_cache_snapshot_is_a_model_folder(model_factory, tmp_path):

@@ -155,10 +155,19 @@ def test_s3_no_credentials(s3_server, tmp_path, monkeypatch):
 
 
 def test_s3_bad_credentials(s3_env, s3_client, s3_prefix, model_factory, tmp_path, monkeypatch):
+    """Rejected credentials are one line, and the rerun that fixes them resumes: what an interrupted fetch had
+    downloaded stays (it was deleted: a rerun with an expired session token lost hours of download)."""
+    from lmi_compile.remote.s3 import download_files, list_objects, make_client, parse_s3_uri
+
     upload_folder(s3_client, model_factory(), s3_prefix)
+    client, u, mtimes = make_client(), parse_s3_uri(s3_prefix), {}
+    objects = list_objects(client, u, mtimes)
+    staging = tmp_path / ".o.partial"  # as an interrupted fetch leaves it: its finished files named
+    download_files(client, u, ["config.json"], staging, objects, desc="d", mtimes=mtimes)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     line = assert_bad(run_cli("fetch", s3_prefix, "--output", tmp_path / "o"), "credentials were rejected")
     assert "not-the-secret" not in line
+    assert (staging / "config.json").is_file() and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("uri,needle", [

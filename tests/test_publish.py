@@ -480,6 +480,19 @@ def test_a_stored_checksum_is_compared_on_the_algorithm_both_carry(head, entry, 
     assert stored_difference(head, entry) == differs
 
 
+@pytest.mark.parametrize("size, part, expected", [
+    (10000 * 5 * MIB, 5 * MIB, 5 * MIB),  # exactly S3's 10,000 parts: kept
+    (10000 * 5 * MIB + 1, 5 * MIB, 6 * MIB),  # a byte more: grown a MiB
+    (10000 * 6 * MIB + 1, 5 * MIB, 7 * MIB),  # rounded up, never to 10,001 parts
+])
+def test_a_big_file_goes_up_in_at_most_10000_parts(size, part, expected):
+    """S3 refuses part 10,001: a 60 GB engine pushed with --part-size-mb 5 gets bigger parts, whole MiB."""
+    from lmi_compile.remote.publish import MAX_PARTS, part_size_for
+
+    got = part_size_for(size, part)
+    assert got == expected and -(-size // got) <= MAX_PARTS
+
+
 def test_an_object_of_exactly_one_part_fetches_verified(s3_env, s3_prefix, tmp_path):
     """A file of exactly the part size is one PUT whose checksum is the plain one, not a composite: fetch checks it
     as such (a composite for it would refuse an intact file)."""
@@ -510,6 +523,12 @@ def test_another_folders_interrupted_upload_is_not_taken_over(s3_env, s3_client,
     assert u.key(MARKER_KEY) in keys and any(k.endswith(".engine") for k in keys)  # partly uploaded
     proc = run_cli("push", b, s3_prefix, "--part-size-mb", "5")
     assert proc.returncode == 2 and "--overwrite" in error_line(proc), proc.stderr
+    # replaced with --overwrite: the killed run's open multipart upload (a's second engine) goes too, not left billed
+    assert open_uploads(s3_client, s3_prefix)
+    proc = run_cli("push", b, s3_prefix, "--part-size-mb", "5", "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert open_uploads(s3_client, s3_prefix) == []
+    assert {k: v for k, v in remote_tree(s3_client, s3_prefix).items() if k != MANIFEST_KEY} == local_tree(b)
 
 
 def test_a_prefix_being_replaced_reads_incomplete_until_its_new_manifest(s3_env, s3_client, s3_prefix, tmp_path):

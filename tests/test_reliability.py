@@ -209,6 +209,18 @@ def test_disk_preflight_refuses_with_numbers(model_factory, small_fs):
     assert not (small_fs / "w" / "checkpoint").exists()
 
 
+def test_an_s3_fetch_too_big_for_the_disk_is_refused_before_its_weights(s3_client, s3_prefix, model_factory,
+                                                                         small_fs):
+    from conftest import upload_folder
+
+    upload_folder(s3_client, model_factory(), s3_prefix)
+    proc = run_cli("fetch", s3_prefix, "--output", small_fs / "m")
+    assert proc.returncode == 1
+    line = error_line(proc)
+    assert "fetch stage needs about" in line and "GiB free" in line and "--output" in line
+    assert not list(small_fs.rglob("*.safetensors")) and not list(small_fs.rglob(".*.tmp-*"))
+
+
 def test_enospc_mid_write_leaves_no_file(small_fs):
     import torch
 

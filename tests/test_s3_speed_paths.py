@@ -141,10 +141,11 @@ def test_interrupted_fetch_resumes_and_rechecks_kept_files(published, tmp_path):
 
 class CuttingProxy:
     """A TCP proxy in front of the S3 server that cuts the first `cuts` responses running past `after` bytes:
-    a connection dropped mid-body, as a real network drops it; and answers the first `slowdowns` presigned GETs
-    of a .safetensors key itself, with S3's throttling reply (503 SlowDown)."""
+    a connection dropped mid-body, as a real network drops it; and answers the first `slowdowns` presigned
+    requests of `method` for a key holding `key` itself, with S3's throttling reply (503 SlowDown)."""
 
-    def __init__(self, upstream: str, cuts: int = 0, after: int = 0, slowdowns: int = 0):
+    def __init__(self, upstream: str, cuts: int = 0, after: int = 0, slowdowns: int = 0, method: bytes = b"GET",
+                 key: bytes = b".safetensors"):
         import socket
         import threading
         from urllib.parse import urlsplit
@@ -153,6 +154,7 @@ class CuttingProxy:
         self.upstream = (u.hostname, u.port)
         self.cuts, self.after, self.cut = cuts, after, 0
         self.slowdowns, self.slowed = slowdowns, 0
+        self.method, self.key = method, key
         self.lock = threading.Lock()
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -174,7 +176,7 @@ class CuttingProxy:
                 first = down.recv(65536)
                 line = first.split(b"\r\n", 1)[0]
                 with self.lock:
-                    slow = (line.startswith(b"GET") and b".safetensors" in line and b"X-Amz-Signature" in line
+                    slow = (line.startswith(self.method) and self.key in line and b"X-Amz-Signature" in line
                             and self.slowed < self.slowdowns)
                     self.slowed += slow
                 if slow:
@@ -266,6 +268,37 @@ def test_a_range_dropped_or_throttled_is_retried(fault, published, s3_env, tmp_p
     assert (proxy.cut, proxy.slowed) == ((2, 0) if fault == "cut" else (0, 1))
     assert digests(tmp_path / "d") == {k: v for k, v in digests(model).items() if k in weights}
     assert not list((tmp_path / "d").glob(".*.tmp-*"))
+
+
+def test_a_throttled_put_is_sent_again_and_one_refused_every_time_is_named(s3_env, s3_prefix, tmp_path,
+                                                                           monkeypatch):
+    """S3 answers PUTs to a busy prefix with 503 SlowDown: push signs and sends the part again, waiting longer each
+    time, and once every attempt was refused says which object and what to do, in one line."""
+    import types
+
+    import lmi_compile.remote.s3 as s3
+    from lmi_compile.errors import LmiCompileError
+    from lmi_compile.remote.publish import push
+
+    tree = tmp_path / "art"
+    tree.mkdir()
+    (tree / "rank0.engine").write_bytes(os.urandom(4096))
+    waits = []
+    monkeypatch.setattr(s3, "time", types.SimpleNamespace(sleep=waits.append))  # the back-off, not slept here
+    for slowdowns, prefix in ((1, s3_prefix + "once/"), (s3.RANGE_ATTEMPTS, s3_prefix + "always/")):
+        proxy = CuttingProxy(s3_env.endpoint, slowdowns=slowdowns, method=b"PUT", key=b"rank0.engine")
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+        try:
+            if slowdowns == 1:
+                assert push(tree, prefix).uploaded == 1
+            else:
+                with pytest.raises(LmiCompileError, match=r"rank0\.engine: the PUT of bytes 0-4095 failed 5 times "
+                                                          r"\(HTTP 503\); check the network and rerun to resume"):
+                    push(tree, prefix)
+        finally:
+            proxy.close()
+        assert proxy.slowed == slowdowns
+    assert waits == [0.2, 0.2, 0.4, 0.8, 1.6]
 
 
 def test_ranged_gets_run_in_worker_processes(published, s3_env, tmp_path):

@@ -102,11 +102,13 @@ def translate(e: Exception, where: str) -> LmiCompileError:
     from botocore.exceptions import (ClientError, EndpointConnectionError, NoCredentialsError,
                                      PartialCredentialsError, SSLError)
 
+    # The settings of the environment (credentials, CA bundle) are BadSetting: fixed, a rerun resumes what an
+    # interrupted fetch downloaded instead of starting again
     if isinstance(e, SSLError):  # before EndpointConnectionError: the endpoint answered, its certificate failed
-        return BadInput(f"{where}: the S3 endpoint's TLS certificate is not trusted ({_tls_reason(e)}); set "
+        return BadSetting(f"{where}: the S3 endpoint's TLS certificate is not trusted ({_tls_reason(e)}); set "
                         f"AWS_CA_BUNDLE to the CA bundle that signed it")
     if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
-        return BadInput(f"{where}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+        return BadSetting(f"{where}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                         f"AWS_PROFILE, or run with an instance/task role")
     if isinstance(e, EndpointConnectionError):
         return LmiCompileError(f"{where}: cannot reach the S3 endpoint ({e.kwargs.get('endpoint_url', '?')}); "
@@ -120,10 +122,10 @@ def translate(e: Exception, where: str) -> LmiCompileError:
             return BadInput(f"{where}: no such object; check the S3 prefix (the model's folder, e.g. "
                             f"s3://bucket/models/llama/)")
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
-            return BadInput(f"{where}: AWS credentials were rejected ({code}); check the access key, "
+            return BadSetting(f"{where}: AWS credentials were rejected ({code}); check the access key, "
                             f"secret and session token")
         if code in ("AccessDenied", "403") or status == 403:
-            return BadInput(f"{where}: access denied; the credentials lack s3:GetObject/ListBucket/PutObject "
+            return BadSetting(f"{where}: access denied; the credentials lack s3:GetObject/ListBucket/PutObject "
                             f"on this prefix")
         return LmiCompileError(f"{where}: S3 request failed ({code or status}: "
                                f"{e.response.get('Error', {}).get('Message', '')})")
@@ -399,7 +401,8 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
     `expect` maps a key to its manifest entry (size, part_size, checksum_crc32 and/or checksum_sha256): such a
     file appears under its name only once every byte matches the checksum the upload recorded (CRC32 where the
     entry has it); others are checked for size.
-    Files already present are kept (an interrupted fetch resumes), after the same check from disk. A finished
+    Files already present are kept (an interrupted fetch resumes), after the same check from disk (without a
+    manifest entry: their size, and their mtime against the object's LastModified when `mtimes` has it). A finished
     file takes its object's LastModified from `mtimes` as its mtime, so a refetch of the same objects keeps
     the fingerprints of the stages built from them.
 
@@ -430,7 +433,9 @@ def download_files(client, uri: S3Uri, rels: list[str], dest: Path, sizes: dict[
                         listener.kept(rel, t.target)
                     continue
                 t.target.unlink()
-            else:
+            elif t.mtime is None or t.target.stat().st_mtime_ns == t.mtime:
+                # no checksum to check it by: kept when it is the object listed now (its LastModified, which a
+                # fetched file carries as its mtime), not another of its size (a republished or other model)
                 if listener:
                     listener.kept(rel, t.target)
                 continue
