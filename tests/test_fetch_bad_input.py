@@ -127,8 +127,13 @@ def test_hub_404_and_401(hub_env, model_factory, tmp_path):
     line = assert_bad(run_cli("fetch", "org/secret", "--token", "wrong-token", "--output", tmp_path / "o"),
                       "org/secret", "--token")
     assert "wrong-token" not in line
+    # an interrupted fetch of the gated model, rerun without access: what it downloaded stays for the rerun that
+    # has it (BadSetting), as with rejected S3 credentials
+    staging = tmp_path / ".o.partial"
+    staging.mkdir()
+    (staging / "config.json").write_text("{}")
     assert_bad(run_cli("fetch", "org/gated", "--output", tmp_path / "o"), "gated", "HF_TOKEN")
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and (staging / "config.json").is_file()
 
 
 def test_hub_index_names_missing_shard(hub_env, model_copy, tmp_path):

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from lmi_compile import errors
-from lmi_compile.errors import BadInput, LmiCompileError
+from lmi_compile.errors import BadInput, BadSetting, LmiCompileError
 from lmi_compile.model.config import read_json
 from lmi_compile.model.files import preferred_index, small_files, weight_files
 from lmi_compile.pipeline.diskspace import ensure_room
@@ -44,8 +44,11 @@ def translate_error(e: Exception, repo_id: str, revision: str | None) -> LmiComp
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
+    # A token refused or lacking access is a setting (BadSetting): a rerun with it fixed resumes what an interrupted
+    # fetch downloaded. A repository the Hub says is not there stays bad input: the Hub answers so for a private
+    # repository without a valid token too, but that cannot be told from a mistyped id.
     if isinstance(e, GatedRepoError):
-        return BadInput(f"{repo_id}: gated repository; accept its terms on the Hub and pass --token or set HF_TOKEN")
+        return BadSetting(f"{repo_id}: gated repository; accept its terms on the Hub and pass --token or set HF_TOKEN")
     if isinstance(e, RevisionNotFoundError):
         return BadInput(f"{repo_id}: revision {revision!r} does not exist; check --revision")
     if isinstance(e, RepositoryNotFoundError):
@@ -55,7 +58,7 @@ def translate_error(e: Exception, repo_id: str, revision: str | None) -> LmiComp
     if isinstance(e, HfHubHTTPError):
         status = getattr(getattr(e, "response", None), "status_code", "?")
         if status in (401, 403):
-            return BadInput(f"{repo_id}: the Hub refused access (HTTP {status}); pass a valid --token or set HF_TOKEN")
+            return BadSetting(f"{repo_id}: the Hub refused access (HTTP {status}); pass a valid --token or set HF_TOKEN")
         return LmiCompileError(f"{repo_id}: the Hub answered HTTP {status}; retry later")
     return LmiCompileError(f"{repo_id}: cannot reach the Hub ({type(e).__name__}); check network access and HF_ENDPOINT")
 
