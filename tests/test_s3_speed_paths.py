@@ -96,6 +96,13 @@ def test_a_changed_object_of_one_part_is_refused_too(published, s3_client, tmp_p
     proc = run_cli("fetch", prefix, "--output", tmp_path / "out")
     assert proc.returncode == 1, proc.stderr
     assert "config.json" in error_line(proc) and "checksum" in error_line(proc)
+    # another size than the manifest's: refused from the listing, before a byte of the weights comes
+    s3_client.put_object(Bucket=u.bucket, Key=u.key("config.json"), Body=body + b" ")
+    proc = run_cli("fetch", prefix, "--output", tmp_path / "sized")
+    assert proc.returncode == 1, proc.stderr
+    assert f"{len(body) + 1} bytes in S3 but {len(body)} in the upload manifest" in error_line(proc)
+    assert "push it again" in error_line(proc)
+    assert not list(tmp_path.glob(".sized.partial/*.safetensors"))
 
 
 def test_a_finished_fetch_is_recorded_without_fsync(published, tmp_path, synced_paths):
