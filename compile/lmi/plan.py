@@ -283,9 +283,8 @@ def rank_weight_bytes(c: dict, d, tp: int, pp: int, b: int, pads_heads: bool = F
     slice of each, so expert bytes per rank are 1 / tp of them either way. The router is whole on every rank.
     `pads_heads` (Neuron): transformers-neuronx pads the query heads to a multiple of tp with zeros, in q_proj's
     rows and o_proj's columns alike (utils.py `get_qkv_padding`, decoder.py `to_neuron`, transformers-neuronx
-    release-2.20 and release-2.21), so
-    a core holds ceil(heads / tp) of them; its padding of the MLP to a multiple of tp is at most a row a matrix,
-    not counted."""
+    release-2.20 and release-2.21), so a core holds ceil(heads / tp) of them; its padding of the MLP to a multiple
+    of tp is at most a row a matrix, not counted."""
     layers = -(-d.num_layers // pp)
     fp8 = c.get("fp8_linear", 0)  # FP8 Linears: one byte per parameter, split over tp, and their scales on every rank
     share = layers * (c["layer"] - c["layer_fixed"] - fp8) // tp * b + layers * c["layer_fixed_bytes"] + \

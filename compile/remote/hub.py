@@ -58,7 +58,8 @@ def translate_error(e: Exception, repo_id: str, revision: str | None) -> LmiComp
     if isinstance(e, HfHubHTTPError):
         status = getattr(getattr(e, "response", None), "status_code", "?")
         if status in (401, 403):
-            return BadSetting(f"{repo_id}: the Hub refused access (HTTP {status}); pass a valid --token or set HF_TOKEN")
+            return BadSetting(f"{repo_id}: the Hub refused access (HTTP {status}); pass a valid --token or set "
+                              f"HF_TOKEN")
         return LmiCompileError(f"{repo_id}: the Hub answered HTTP {status}; retry later")
     return LmiCompileError(f"{repo_id}: cannot reach the Hub ({type(e).__name__}); check network access and HF_ENDPOINT")
 

@@ -106,10 +106,10 @@ def translate(e: Exception, where: str) -> LmiCompileError:
     # interrupted fetch downloaded instead of starting again
     if isinstance(e, SSLError):  # before EndpointConnectionError: the endpoint answered, its certificate failed
         return BadSetting(f"{where}: the S3 endpoint's TLS certificate is not trusted ({_tls_reason(e)}); set "
-                        f"AWS_CA_BUNDLE to the CA bundle that signed it")
+                          f"AWS_CA_BUNDLE to the CA bundle that signed it")
     if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
         return BadSetting(f"{where}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                        f"AWS_PROFILE, or run with an instance/task role")
+                          f"AWS_PROFILE, or run with an instance/task role")
     if isinstance(e, EndpointConnectionError):
         return LmiCompileError(f"{where}: cannot reach the S3 endpoint ({e.kwargs.get('endpoint_url', '?')}); "
                                f"check network access and AWS_ENDPOINT_URL")
@@ -123,10 +123,10 @@ def translate(e: Exception, where: str) -> LmiCompileError:
                             f"s3://bucket/models/llama/)")
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
             return BadSetting(f"{where}: AWS credentials were rejected ({code}); check the access key, "
-                            f"secret and session token")
+                              f"secret and session token")
         if code in ("AccessDenied", "403") or status == 403:
             return BadSetting(f"{where}: access denied; the credentials lack s3:GetObject/ListBucket/PutObject "
-                            f"on this prefix")
+                              f"on this prefix")
         return LmiCompileError(f"{where}: S3 request failed ({code or status}: "
                                f"{e.response.get('Error', {}).get('Message', '')})")
     return LmiCompileError(f"{where}: S3 request failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
