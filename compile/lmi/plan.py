@@ -293,11 +293,12 @@ def rank_weight_bytes(c: dict, d, tp: int, pp: int, b: int, pads_heads: bool = F
     def repeated(n: int) -> int:  # what a rank holds beyond n / tp: its kv heads, at least one, repeated
         return n // d.num_kv_heads * -(-d.num_kv_heads // tp) - n // tp
 
-    share += layers * (repeated(c["layer_kv_linear"]) * (DTYPE_BYTES[FP8] if fp8 else b) +
+    linear_b = DTYPE_BYTES[FP8] if fp8 else b  # bytes per parameter of a Linear
+    share += layers * (repeated(c["layer_kv_linear"]) * linear_b +
                        repeated(c["layer_kv_other"]) * b + (c["layer_whole"] - c["layer_whole"] // tp) * b)
     if pads_heads:
         q = d.head_dim * d.hidden_size  # one head's q_proj rows, as many o_proj columns
-        share += layers * 2 * (-(-d.num_heads // tp) * q - d.num_heads * q // tp) * (DTYPE_BYTES[FP8] if fp8 else b)
+        share += layers * 2 * (-(-d.num_heads // tp) * q - d.num_heads * q // tp) * linear_b
     lm_head = -(-d.vocab_size // tp) * d.hidden_size
     if pp == 1:
         return (c["embedding"] + c["norm"] + lm_head) * b + share

@@ -30,13 +30,13 @@ LMI_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "auto": 
 TO_LMI_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
-def parse(data: bytes | str, where: str) -> dict[str, str]:
+def parse(data: bytes, where: str) -> dict[str, str]:
     """The settings of a serving.properties as LMI reads them: java.util.Properties.load of the file's bytes
     (djl-serving@0.33.0-dlc:wlm/src/main/java/ai/djl/serving/wlm/ModelInfo.java l.844-845), so ISO-8859-1; '#' and
     '!' comment lines; a key ends at the first unescaped '=', ':' or blank, and blanks with one '=' or ':' among them
     separate it from the value; a line ending in an odd number of backslashes goes on to the next; \\uXXXX, \\t,
     \\n, \\r, \\f escape. (Values lose trailing blanks here; Java keeps them.)"""
-    text = data.decode("latin-1") if isinstance(data, bytes) else data
+    text = data.decode("latin-1")
     lines = re.split(r"\r\n|\r|\n", text)  # Java's line ends only (str.splitlines also splits at \x85 and \f)
     out, i = {}, 0
     while i < len(lines):
